@@ -1,0 +1,17 @@
+"""Errors that speak to the user: the CLI prints their message and exits non-zero."""
+
+
+class NormdinoError(Exception):
+    """Base class of every error whose message is meant for the user."""
+
+
+class InputError(NormdinoError, ValueError):
+    """Bad input data: a missing path, an unreadable image, a batch of the wrong shape."""
+
+
+class ModelFileError(NormdinoError, ValueError):
+    """A saved model that is not one, is truncated, or comes from an incompatible version."""
+
+
+class WeightsNotFoundError(NormdinoError, OSError):
+    """Backbone weights that are neither cached locally nor reachable on the hub."""
