@@ -1,0 +1,409 @@
+"""The anomaly detector: backbone tokens + Dirichlet process mixture + calibrated thresholds, in one model file."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__, scoring
+from .errors import InputError, ModelFileError
+from .files import atomic_path
+
+log = logging.getLogger(__name__)
+
+ImageLike = Union[str, Path, np.ndarray]
+
+MODEL_FORMAT = "normdino-model"
+MODEL_FORMAT_VERSION = (1, 0)
+DEFAULT_FPRS = (0.01, 0.05, 0.10)
+# Calibration keeps the healthy score quantiles on this grid of FPRs, so any FPR can be asked for at predict time.
+_FPR_GRID = np.unique(np.concatenate([np.geomspace(1e-4, 0.5, 240), DEFAULT_FPRS]))
+_MAX_CALIBRATION_PIXELS = 50_000_000
+_RANDOM_BACKBONE = "random"
+
+
+@dataclass
+class Prediction:
+    """What the detector says about one image."""
+
+    patch_map: np.ndarray  # (h, w) anomaly score of each patch token
+    pixel_map: np.ndarray  # (H, W) anomaly map at the image's own size
+    score: float  # image score: mean of the top pixel scores
+    fpr: float  # the false-positive rate the mask and the verdict were thresholded at
+    threshold: float  # pixel threshold giving ``fpr`` on healthy validation pixels
+    mask: np.ndarray  # (H, W) bool, pixel_map > threshold
+    is_anomalous: bool  # image score above the image threshold giving ``fpr`` on healthy validation images
+
+
+def image_shape(image: ImageLike) -> tuple[int, int]:
+    """(H, W) of an image array or file, reading only the file header."""
+    if isinstance(image, np.ndarray):
+        return int(image.shape[0]), int(image.shape[1])
+    try:
+        with Image.open(image) as im:
+            return im.height, im.width
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read image {image}: {err}") from None
+
+
+def _quantile_table(scores: np.ndarray, fprs: np.ndarray) -> np.ndarray:
+    """Thresholds at each FPR of ``fprs``: the (1 - fpr) quantiles of the healthy scores."""
+    return np.quantile(scores.astype(np.float64), 1.0 - fprs).astype(np.float64)
+
+
+def _threshold_from_table(fprs: np.ndarray, thresholds: np.ndarray, fpr: float) -> float:
+    """Threshold at ``fpr``, interpolated in log-FPR between the calibrated grid points."""
+    if not 0.0 < fpr < 1.0:
+        raise InputError(f"the false-positive rate must lie strictly between 0 and 1, got {fpr}")
+    if fpr < fprs[0] or fpr > fprs[-1]:
+        raise InputError(f"FPR {fpr} is outside the calibrated range {fprs[0]:g}..{fprs[-1]:g}")
+    return float(np.interp(np.log(fpr), np.log(fprs), thresholds))
+
+
+class AnomalyDetector:
+    """Fit a normative model of DINO patch tokens on healthy images; predict anomaly maps, scores and masks.
+
+    Hyper-parameters follow the paper (Schulthess & Konukoglu, MICCAI 2025): DINOv2 ViT-S/14 at 448 px,
+    L2-normalised last-layer tokens, a diagonal DP mixture with K=500, 40 epochs of 12-image batches,
+    score = 1 - max cosine to the active component means.
+    """
+
+    def __init__(
+        self,
+        backbone="dinov2_vits14",
+        image_size: int = 448,
+        layer: int = -1,
+        normalize: bool = True,
+        n_components: int = 500,
+        covariance_type: str = "diag",
+        epochs: int = 40,
+        batch_images: int = 12,
+        update_rate: float = 0.2,
+        alpha: float = 2.0,
+        score: str = "cosine",
+        sigma: float = 0.0,
+        fprs: Sequence[float] = DEFAULT_FPRS,
+        default_fpr: float = 0.05,
+        top_fraction: float = 0.01,
+        val_fraction: float = 0.1,
+        cache_dir: str | Path | None = None,
+        device: str = "cpu",
+        batch_size: int = 8,
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        self.backbone = backbone
+        self.image_size = image_size
+        self.layer = layer
+        self.normalize = normalize
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.epochs = epochs
+        self.batch_images = batch_images
+        self.update_rate = update_rate
+        self.alpha = alpha
+        self.score = score
+        self.sigma = sigma
+        self.fprs = fprs
+        self.default_fpr = default_fpr
+        self.top_fraction = top_fraction
+        self.val_fraction = val_fraction
+        self.cache_dir = cache_dir
+        self.device = device
+        self.batch_size = batch_size
+        self.seed = seed
+        self.progress = progress
+
+    # ------------------------------------------------------------------ parameters
+
+    _PARAMS = (
+        "image_size", "layer", "normalize", "n_components", "covariance_type", "epochs", "batch_images",
+        "update_rate", "alpha", "score", "sigma", "fprs", "default_fpr", "top_fraction", "val_fraction", "seed",
+    )
+
+    def get_params(self) -> dict:
+        """The JSON-able hyper-parameters saved with the model (the backbone is saved separately)."""
+        params = {name: getattr(self, name) for name in self._PARAMS}
+        params["fprs"] = [float(f) for f in self.fprs]
+        return params
+
+    # ------------------------------------------------------------------ backbone and tokens
+
+    def _build_backbone(self):
+        from .backbone import Backbone
+
+        if isinstance(self.backbone, Backbone):
+            return self.backbone
+        name = str(self.backbone)
+        if name == _RANDOM_BACKBONE or name.startswith(_RANDOM_BACKBONE + ":"):
+            arch = name.partition(":")[2] or "dinov2_vits14"
+            return Backbone.random(arch, seed=self.seed, image_size=self.image_size,
+                                   layers=(self.layer,), normalize=self.normalize, device=self.device)
+        return Backbone.from_pretrained(name, image_size=self.image_size, layers=(self.layer,),
+                                        normalize=self.normalize, device=self.device)
+
+    def _backbone_spec(self, backbone) -> dict:
+        """How to rebuild the backbone when the model file is loaded."""
+        name = self.backbone if isinstance(self.backbone, (str, Path)) else backbone.name
+        return {"name": str(name), "identifier": backbone.identifier, "is_random": bool(backbone.is_random),
+                "patch_size": backbone.patch_size, "embed_dim": backbone.embed_dim,
+                "image_size": backbone.image_size, "layers": list(backbone.layers)}
+
+    def _tokens(self, backbone, images: Sequence[ImageLike]) -> np.ndarray:
+        """(N, h, w, D) float16 tokens; files go through the token cache, arrays straight through the backbone."""
+        from .cache import extract_tokens
+
+        if all(not isinstance(im, np.ndarray) for im in images):
+            cache_dir = Path(self.cache_dir) if self.cache_dir is not None else None
+            return extract_tokens(backbone, [Path(p) for p in images], cache_dir=cache_dir,
+                                  batch_size=self.batch_size, progress=self.progress)
+        tokens = backbone.embed_images(list(images), batch_size=self.batch_size, progress=self.progress)
+        return tokens.to(torch.float16).numpy()
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, normal_images: Sequence[ImageLike], val_normal_images: Sequence[ImageLike] | None = None):
+        """Learn the normative model from healthy images and calibrate thresholds on healthy validation images.
+
+        Without validation images, a seeded ``val_fraction`` of the training images is held out for
+        model selection and calibration (calibrating on training images would understate false positives).
+        """
+        from .mixture import DirichletProcessMixture
+
+        normal_images = list(normal_images)
+        if not normal_images:
+            raise InputError("no training images were given")
+        for fpr in self.fprs:
+            if not 0.0 < float(fpr) < 1.0:
+                raise InputError(f"false-positive rates must lie strictly between 0 and 1, got {fpr}")
+        if self.score not in scoring.SCORE_METHODS:
+            raise InputError(f"unknown score {self.score!r}; choose one of {', '.join(scoring.SCORE_METHODS)}")
+        train, val = normal_images, list(val_normal_images) if val_normal_images is not None else []
+        if not val and self.val_fraction > 0 and len(normal_images) >= 4:
+            order = np.random.default_rng(self.seed).permutation(len(normal_images))
+            n_val = max(1, int(round(self.val_fraction * len(normal_images))))
+            val = [normal_images[i] for i in sorted(order[:n_val])]
+            train = [normal_images[i] for i in sorted(order[n_val:])]
+            log.info("no validation images given: holding out %d of %d training images for calibration",
+                     n_val, len(normal_images))
+        if not val:
+            log.warning("calibrating thresholds on the training images: false-positive rates will be optimistic")
+            val = train
+
+        started = time.perf_counter()
+        backbone = self._build_backbone()
+        tokens = self._tokens(backbone, train)
+        val_tokens = self._tokens(backbone, val) if val is not train else tokens
+        extraction_s = time.perf_counter() - started
+
+        n, h, w, d = tokens.shape
+        mixture = DirichletProcessMixture(
+            n_components=self.n_components, covariance_type=self.covariance_type,
+            update_rate=self.update_rate, alpha=self.alpha, seed=self.seed)
+        val_flat = torch.from_numpy(np.ascontiguousarray(val_tokens.reshape(-1, d)))
+        history: list[float] = []
+        best: dict = {}
+
+        def keep_best(epoch: int, model) -> bool:
+            loglik = _mean_log_likelihood(model, val_flat)
+            history.append(loglik)
+            log.info("epoch %d: mean validation log-likelihood %.4f", epoch + 1, loglik)
+            if not best or loglik > best["loglik"]:
+                best.update(loglik=loglik, epoch=epoch, model=copy.deepcopy(model))
+            return False
+
+        started = time.perf_counter()
+        mixture.fit(tokens.reshape(-1, d), epochs=self.epochs, batch_size=self.batch_images * h * w,
+                    shuffle=True, callback=keep_best)
+        em_s = time.perf_counter() - started
+
+        self.backbone_ = backbone
+        self.mixture_ = best.get("model", mixture)
+        self.prototypes_ = self.mixture_.prototypes().float()
+        self.grid_shape_ = (h, w)
+        self.history_ = history
+        self.best_epoch_ = int(best.get("epoch", self.epochs - 1))
+        self._calibrate(val_tokens, [image_shape(im) for im in val])
+        self.training_summary_ = {
+            "n_train_images": len(train), "n_val_images": len(val) if val is not train else 0,
+            "n_train_tokens": int(n * h * w), "grid_shape": [h, w], "token_dim": d,
+            "n_prototypes": int(self.prototypes_.shape[0]), "best_epoch": self.best_epoch_ + 1,
+            "val_log_likelihood": history, "extraction_seconds": round(extraction_s, 3),
+            "em_seconds": round(em_s, 3),
+        }
+        log.info("fitted: %d prototypes (best epoch %d), extraction %.1f s, EM %.1f s",
+                 self.prototypes_.shape[0], self.best_epoch_ + 1, extraction_s, em_s)
+        return self
+
+    def _calibrate(self, val_tokens: np.ndarray, val_shapes: list[tuple[int, int]]) -> None:
+        """Thresholds at every grid FPR from the pixel and image scores of healthy validation images."""
+        rng = np.random.default_rng(self.seed)
+        total = sum(hh * ww for hh, ww in val_shapes)
+        keep = min(1.0, _MAX_CALIBRATION_PIXELS / total)
+        pixel_samples, image_scores = [], []
+        for maps in self._pixel_maps(val_tokens, val_shapes):
+            image_scores.append(scoring.image_score(maps, self.top_fraction))
+            flat = maps.ravel()
+            pixel_samples.append(flat if keep >= 1.0 else rng.choice(flat, int(np.ceil(keep * flat.size)), replace=False))
+        fprs = np.unique(np.concatenate([_FPR_GRID, np.asarray(self.fprs, dtype=np.float64)]))
+        self.calibration_fprs_ = fprs
+        self.pixel_thresholds_ = _quantile_table(np.concatenate(pixel_samples), fprs)
+        self.image_thresholds_ = _quantile_table(np.asarray(image_scores), fprs)
+
+    # ------------------------------------------------------------------ predict
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "mixture_"):
+            raise InputError("this AnomalyDetector is not fitted yet: call fit() or AnomalyDetector.load()")
+
+    def pixel_threshold(self, fpr: float) -> float:
+        """Pixel threshold giving ``fpr`` false positives on the healthy validation pixels."""
+        self._check_fitted()
+        return _threshold_from_table(self.calibration_fprs_, self.pixel_thresholds_, fpr)
+
+    def image_threshold(self, fpr: float) -> float:
+        """Image-score threshold giving ``fpr`` false positives on the healthy validation images."""
+        self._check_fitted()
+        return _threshold_from_table(self.calibration_fprs_, self.image_thresholds_, fpr)
+
+    def patch_maps(self, tokens: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(N, h, w) patch anomaly maps of (N, h, w, D) tokens."""
+        return scoring.patch_scores(torch.as_tensor(tokens), self.score, self.prototypes_, self.mixture_)
+
+    def _pixel_maps(self, tokens, shapes: list[tuple[int, int]], chunk: int = 64):
+        """Yield the pixel map of each image, scoring ``chunk`` images' tokens at a time."""
+        for start in range(0, len(shapes), chunk):
+            maps = self.patch_maps(torch.from_numpy(np.asarray(tokens[start:start + chunk], dtype=np.float32)))
+            for patch_map, shape in zip(maps, shapes[start:start + chunk]):
+                yield scoring.pixel_map(patch_map, shape, self.sigma)
+
+    def predict_one(self, image: np.ndarray, fpr: float | None = None) -> Prediction:
+        """Predict a single image array (H, W) or (H, W, 3) in [0, 1]."""
+        return self.predict([image], fpr=fpr)[0]
+
+    def predict(self, images: Sequence[ImageLike], fpr: float | None = None) -> list[Prediction]:
+        """Anomaly maps, scores and masks at ``fpr`` (default: ``default_fpr``) for files or arrays."""
+        return list(self.iter_predict(images, fpr=fpr))
+
+    def iter_predict(self, images: Sequence[ImageLike], fpr: float | None = None):
+        """Like :meth:`predict`, yielding one :class:`Prediction` at a time in input order (bounded memory)."""
+        from .reading import read_image
+
+        self._check_fitted()
+        fpr = self.default_fpr if fpr is None else fpr
+        pixel_threshold, image_threshold = self.pixel_threshold(fpr), self.image_threshold(fpr)
+        images = list(images)
+        for start in range(0, len(images), self.batch_size):
+            arrays = [im if isinstance(im, np.ndarray) else read_image(im) for im in images[start:start + self.batch_size]]
+            batch = torch.stack([self.backbone_.preprocess(a) for a in arrays])
+            with torch.inference_mode():
+                tokens = self.backbone_(batch)
+            for patch_map, array in zip(self.patch_maps(tokens), arrays):
+                pixels = scoring.pixel_map(patch_map, array.shape[:2], self.sigma)
+                score = scoring.image_score(pixels, self.top_fraction)
+                yield Prediction(patch_map=patch_map.numpy(), pixel_map=pixels, score=score, fpr=fpr,
+                                 threshold=pixel_threshold, mask=pixels > pixel_threshold,
+                                 is_anomalous=bool(score > image_threshold))
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | Path) -> Path:
+        """Write one ``.normdino`` file: safetensors tensors plus a JSON header; nothing executable."""
+        self._check_fitted()
+        tensors = {f"mixture.{k}": v.contiguous() for k, v in self.mixture_.to_tensors().items()}
+        tensors["prototypes"] = self.prototypes_.contiguous()
+        tensors["calibration.fprs"] = torch.from_numpy(self.calibration_fprs_)
+        tensors["calibration.pixel_thresholds"] = torch.from_numpy(self.pixel_thresholds_)
+        tensors["calibration.image_thresholds"] = torch.from_numpy(self.image_thresholds_)
+        header = {
+            "format": MODEL_FORMAT,
+            "format_version": "%d.%d" % MODEL_FORMAT_VERSION,
+            "normdino_version": __version__,
+            "backbone": self._backbone_spec(self.backbone_),
+            "detector": self.get_params(),
+            "mixture": self.mixture_.get_config(),
+            "training": self.training_summary_,
+        }
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"normdino": json.dumps(header)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, backbone=None, cache_dir: str | Path | None = None,
+             device: str = "cpu", progress: bool = True) -> "AnomalyDetector":
+        """Load a model file written by :meth:`save`; ``backbone`` overrides where the backbone weights come from."""
+        from .mixture import DirichletProcessMixture
+
+        header, tensors = read_model_file(path)
+        spec = header["backbone"]
+        params = header["detector"]
+        detector = cls(backbone=backbone if backbone is not None else spec["name"], cache_dir=cache_dir,
+                       device=device, progress=progress, **params)
+        mixture_tensors = {k.removeprefix("mixture."): v for k, v in tensors.items() if k.startswith("mixture.")}
+        detector.mixture_ = DirichletProcessMixture.from_tensors(mixture_tensors, header["mixture"])
+        detector.prototypes_ = tensors["prototypes"]
+        detector.calibration_fprs_ = tensors["calibration.fprs"].numpy()
+        detector.pixel_thresholds_ = tensors["calibration.pixel_thresholds"].numpy()
+        detector.image_thresholds_ = tensors["calibration.image_thresholds"].numpy()
+        detector.training_summary_ = header.get("training", {})
+        detector.grid_shape_ = tuple(detector.training_summary_.get("grid_shape", ()))
+        detector.backbone_ = detector._build_backbone()
+        if detector.backbone_.identifier != spec["identifier"]:
+            message = (f"{path} was fitted with backbone {spec['name']} ({spec['identifier']}), but the backbone "
+                       f"loaded now is {detector.backbone_.identifier}")
+            if backbone is None:
+                raise ModelFileError(message + "; pass the same weights with --backbone")
+            log.warning(message)
+        return detector
+
+
+def _mean_log_likelihood(mixture, tokens: torch.Tensor, chunk: int = 65536) -> float:
+    """Mean mixture log-likelihood of float16/32 tokens (N, D), scored in chunks."""
+    total = 0.0
+    for start in range(0, tokens.shape[0], chunk):
+        total += float(mixture.score_samples(tokens[start:start + chunk].float()).double().sum())
+    return total / max(1, tokens.shape[0])
+
+
+def read_model_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Header and tensors of a ``.normdino`` file, with one clear error for anything that is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ModelFileError(f"{path} is not a normdino model file, or it is truncated ({err})") from None
+    try:
+        header = json.loads(metadata["normdino"])
+    except (KeyError, json.JSONDecodeError):
+        raise ModelFileError(f"{path} is a safetensors file but not a normdino model (no normdino header)") from None
+    if header.get("format") != MODEL_FORMAT:
+        raise ModelFileError(f"{path} is not a normdino model file (format {header.get('format')!r})")
+    major = int(str(header.get("format_version", "0")).split(".")[0])
+    if major != MODEL_FORMAT_VERSION[0]:
+        raise ModelFileError(
+            f"{path} was written by normdino {header.get('normdino_version', '?')} in model format "
+            f"{header.get('format_version')}; this normdino ({__version__}) reads format {MODEL_FORMAT_VERSION[0]}.x: "
+            "upgrade normdino or refit the model")
+    required = ("prototypes", "calibration.fprs", "calibration.pixel_thresholds", "calibration.image_thresholds")
+    missing = [k for k in required if k not in tensors]
+    if missing or not all(k in header for k in ("backbone", "detector", "mixture")):
+        raise ModelFileError(f"{path} is an incomplete normdino model file (missing {', '.join(missing) or 'header fields'})")
+    return header, tensors
