@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -160,51 +161,67 @@ class AnomalyDetector:
                 "patch_size": backbone.patch_size, "embed_dim": backbone.embed_dim,
                 "image_size": backbone.image_size, "layers": list(backbone.layers)}
 
-    def _tokens(self, backbone, images: Sequence[ImageLike]) -> np.ndarray:
-        """(N, h, w, D) float16 tokens; files go through the token cache, arrays straight through the backbone."""
+    def _tokens(self, images: Iterable[ImageLike]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """(N, h, w, D) float16 tokens and the (H, W) of each image.
+
+        A list of files goes through the token cache; anything else (arrays, a generator of volume slices)
+        is streamed through the backbone in batches, so it is never all in memory as images.
+        """
         from .cache import extract_tokens
 
-        if all(not isinstance(im, np.ndarray) for im in images):
+        if isinstance(images, (list, tuple)) and images and all(isinstance(im, (str, Path)) for im in images):
+            paths = [Path(p) for p in images]
             cache_dir = Path(self.cache_dir) if self.cache_dir is not None else None
-            return extract_tokens(backbone, [Path(p) for p in images], cache_dir=cache_dir,
-                                  batch_size=self.batch_size, progress=self.progress)
-        tokens = backbone.embed_images(list(images), batch_size=self.batch_size, progress=self.progress)
-        return tokens.to(torch.float16).numpy()
+            tokens = extract_tokens(self.backbone_, paths, cache_dir=cache_dir, batch_size=self.batch_size,
+                                    progress=self.progress)
+            return tokens, [image_shape(p) for p in paths]
+        chunks, shapes = [], []
+        for arrays in _batches(_as_arrays(images), self.batch_size):
+            shapes.extend(a.shape[:2] for a in arrays)
+            chunks.append(self._embed(arrays).to(torch.float16).numpy())
+        if not chunks:
+            raise InputError("no training images were given")
+        return np.concatenate(chunks), shapes
+
+    def _embed(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """(B, h, w, D) tokens of a batch of image arrays."""
+        batch = torch.stack([self.backbone_.preprocess(a) for a in arrays])
+        with torch.inference_mode():
+            return self.backbone_(batch)
 
     # ------------------------------------------------------------------ fit
 
-    def fit(self, normal_images: Sequence[ImageLike], val_normal_images: Sequence[ImageLike] | None = None):
+    def fit(self, normal_images: Iterable[ImageLike], val_normal_images: Iterable[ImageLike] | None = None):
         """Learn the normative model from healthy images and calibrate thresholds on healthy validation images.
 
-        Without validation images, a seeded ``val_fraction`` of the training images is held out for
-        model selection and calibration (calibrating on training images would understate false positives).
+        Images are files, arrays, or any iterable of them (e.g. a generator of volume slices). Without
+        validation images, a seeded ``val_fraction`` of the training images is held out for model selection
+        and calibration (calibrating on training images would understate the false-positive rate).
         """
         from .mixture import DirichletProcessMixture
 
-        normal_images = list(normal_images)
-        if not normal_images:
-            raise InputError("no training images were given")
         for fpr in self.fprs:
             if not 0.0 < float(fpr) < 1.0:
                 raise InputError(f"false-positive rates must lie strictly between 0 and 1, got {fpr}")
         if self.score not in scoring.SCORE_METHODS:
             raise InputError(f"unknown score {self.score!r}; choose one of {', '.join(scoring.SCORE_METHODS)}")
-        train, val = normal_images, list(val_normal_images) if val_normal_images is not None else []
-        if not val and self.val_fraction > 0 and len(normal_images) >= 4:
-            order = np.random.default_rng(self.seed).permutation(len(normal_images))
-            n_val = max(1, int(round(self.val_fraction * len(normal_images))))
-            val = [normal_images[i] for i in sorted(order[:n_val])]
-            train = [normal_images[i] for i in sorted(order[n_val:])]
-            log.info("no validation images given: holding out %d of %d training images for calibration",
-                     n_val, len(normal_images))
-        if not val:
-            log.warning("calibrating thresholds on the training images: false-positive rates will be optimistic")
-            val = train
 
         started = time.perf_counter()
-        backbone = self._build_backbone()
-        tokens = self._tokens(backbone, train)
-        val_tokens = self._tokens(backbone, val) if val is not train else tokens
+        self.backbone_ = self._build_backbone()
+        tokens, shapes = self._tokens(normal_images)
+        if val_normal_images is not None:
+            val_tokens, val_shapes = self._tokens(val_normal_images)
+        elif self.val_fraction > 0 and len(shapes) >= 4:
+            order = np.random.default_rng(self.seed).permutation(len(shapes))
+            n_val = max(1, int(round(self.val_fraction * len(shapes))))
+            val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+            val_tokens, val_shapes = tokens[val_idx], [shapes[i] for i in val_idx]
+            tokens, shapes = tokens[train_idx], [shapes[i] for i in train_idx]
+            log.info("no validation images given: holding out %d of %d training images for calibration",
+                     n_val, n_val + len(train_idx))
+        else:
+            log.warning("calibrating thresholds on the training images: false-positive rates will be optimistic")
+            val_tokens, val_shapes = tokens, shapes
         extraction_s = time.perf_counter() - started
 
         n, h, w, d = tokens.shape
@@ -228,16 +245,16 @@ class AnomalyDetector:
                     shuffle=True, callback=keep_best)
         em_s = time.perf_counter() - started
 
-        self.backbone_ = backbone
         self.mixture_ = best.get("model", mixture)
         self.prototypes_ = self.mixture_.prototypes().float()
         self.grid_shape_ = (h, w)
         self.history_ = history
         self.best_epoch_ = int(best.get("epoch", self.epochs - 1))
-        self._calibrate(val_tokens, [image_shape(im) for im in val])
+        self._calibrate(val_tokens, val_shapes)
         self.training_summary_ = {
-            "n_train_images": len(train), "n_val_images": len(val) if val is not train else 0,
+            "n_train_images": int(n), "n_val_images": len(val_shapes), "val_held_out": val_normal_images is None,
             "n_train_tokens": int(n * h * w), "grid_shape": [h, w], "token_dim": d,
+            "image_shapes": sorted({f"{hh}x{ww}" for hh, ww in shapes}),
             "n_prototypes": int(self.prototypes_.shape[0]), "best_epoch": self.best_epoch_ + 1,
             "val_log_likelihood": history, "extraction_seconds": round(extraction_s, 3),
             "em_seconds": round(em_s, 3),
@@ -292,24 +309,17 @@ class AnomalyDetector:
         """Predict a single image array (H, W) or (H, W, 3) in [0, 1]."""
         return self.predict([image], fpr=fpr)[0]
 
-    def predict(self, images: Sequence[ImageLike], fpr: float | None = None) -> list[Prediction]:
+    def predict(self, images: Iterable[ImageLike], fpr: float | None = None) -> list[Prediction]:
         """Anomaly maps, scores and masks at ``fpr`` (default: ``default_fpr``) for files or arrays."""
         return list(self.iter_predict(images, fpr=fpr))
 
-    def iter_predict(self, images: Sequence[ImageLike], fpr: float | None = None):
+    def iter_predict(self, images: Iterable[ImageLike], fpr: float | None = None) -> Iterator[Prediction]:
         """Like :meth:`predict`, yielding one :class:`Prediction` at a time in input order (bounded memory)."""
-        from .reading import read_image
-
         self._check_fitted()
         fpr = self.default_fpr if fpr is None else fpr
         pixel_threshold, image_threshold = self.pixel_threshold(fpr), self.image_threshold(fpr)
-        images = list(images)
-        for start in range(0, len(images), self.batch_size):
-            arrays = [im if isinstance(im, np.ndarray) else read_image(im) for im in images[start:start + self.batch_size]]
-            batch = torch.stack([self.backbone_.preprocess(a) for a in arrays])
-            with torch.inference_mode():
-                tokens = self.backbone_(batch)
-            for patch_map, array in zip(self.patch_maps(tokens), arrays):
+        for arrays in _batches(_as_arrays(images), self.batch_size):
+            for patch_map, array in zip(self.patch_maps(self._embed(arrays)), arrays):
                 pixels = scoring.pixel_map(patch_map, array.shape[:2], self.sigma)
                 score = scoring.image_score(pixels, self.top_fraction)
                 yield Prediction(patch_map=patch_map.numpy(), pixel_map=pixels, score=score, fpr=fpr,
@@ -367,6 +377,21 @@ class AnomalyDetector:
                 raise ModelFileError(message + "; pass the same weights with --backbone")
             log.warning(message)
         return detector
+
+
+def _as_arrays(images: Iterable[ImageLike]) -> Iterator[np.ndarray]:
+    """Image arrays from files or arrays, read lazily one at a time."""
+    from .reading import read_image
+
+    for image in images:
+        yield image if isinstance(image, np.ndarray) else read_image(image)
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of ``size`` items (the last may be shorter)."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
 
 
 def _mean_log_likelihood(mixture, tokens: torch.Tensor, chunk: int = 65536) -> float:
