@@ -1,0 +1,245 @@
+"""The ``normdino`` command line: fit, predict, info, evaluate, bench, demo.
+
+Every user error ends in one readable line on stderr and exit code 1; usage errors exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import NormdinoError
+
+log = logging.getLogger("normdino")
+
+DEFAULT_CACHE = Path.home() / ".cache" / "normdino" / "tokens"
+
+
+# ---------------------------------------------------------------------- argument parsing
+
+
+def _fpr(text: str) -> float:
+    """An FPR given as 0.05 or 5%."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a false-positive rate: {text!r} (use 0.05 or 5%)") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"a false-positive rate must lie strictly between 0 and 1, got {text}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log messages, only errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_volume_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("volumes (NIfTI / DICOM)")
+    group.add_argument("--axis", default="axial", help="slicing axis: axial, coronal, sagittal, or an array axis 0/1/2 (default axial)")
+    group.add_argument("--slices", default=None, help="slice range along the axis, e.g. 60:100")
+    group.add_argument("--min-foreground", type=float, default=0.0, help="skip slices whose foreground fraction is below this (0..1)")
+    group.add_argument("--window", default=None, help="CT window in HU as LOW,HIGH, e.g. -200,250 (default: percentile clipping)")
+    group.add_argument("--percentiles", default="0.5,99.5", help="MRI intensity clipping percentiles (default 0.5,99.5)")
+    group.add_argument("--volume-index", type=int, default=None, help="which volume of a 4D NIfTI to use")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="normdino",
+        description="Anomaly detection and segmentation in medical images with a normative model of DINO patch embeddings.")
+    parser.add_argument("--version", action="version", version=f"normdino {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = sub.add_parser("fit", help="learn a normative model from healthy images or volumes")
+    fit.add_argument("normal", nargs="+", help="healthy training images: folders, globs, files, NIfTI/DICOM volumes")
+    fit.add_argument("-o", "--output", required=True, help="model file to write (e.g. model.normdino)")
+    fit.add_argument("--val", nargs="+", default=None, help="healthy validation images for model selection and thresholds (default: hold out 10%% of the training images)")
+    fit.add_argument("--backbone", default="dinov2_vits14", help="hub name, alias (dinov2_vits14, dinov3_vits16, ...), local directory, or 'random' (meaningless quality, for trying things out)")
+    fit.add_argument("--image-size", type=int, default=448, help="backbone input side in pixels (default 448)")
+    fit.add_argument("--layer", type=int, default=-1, help="transformer layer of the tokens (default -1: last, after the final norm)")
+    fit.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the tokens (ablation)")
+    fit.add_argument("--epochs", type=int, default=40, help="EM epochs (default 40)")
+    fit.add_argument("--components", type=int, default=500, help="truncation level K of the mixture (default 500)")
+    fit.add_argument("--covariance", choices=("diag", "spherical", "full"), default="diag", help="covariance type (default diag)")
+    fit.add_argument("--score", choices=("cosine", "euclidean", "likelihood"), default="cosine", help="anomaly score (default cosine, the paper's)")
+    fit.add_argument("--sigma", type=float, default=0.0, help="Gaussian smoothing of the pixel maps, in pixels (default 0)")
+    fit.add_argument("--fpr", type=_fpr, nargs="+", default=[0.01, 0.05, 0.10], help="false-positive rates to calibrate (default 0.01 0.05 0.10)")
+    fit.add_argument("--batch-size", type=int, default=8, help="images per backbone forward pass (default 8)")
+    fit.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help=f"token cache folder (default {DEFAULT_CACHE})")
+    fit.add_argument("--no-cache", action="store_true", help="do not cache tokens on disk")
+    fit.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
+    fit.add_argument("--seed", type=int, default=0)
+    _add_volume_options(fit)
+    _add_common(fit)
+
+    predict = sub.add_parser("predict", help="anomaly maps, masks, overlays and scores for images or volumes")
+    predict.add_argument("model", help="model file written by 'normdino fit'")
+    predict.add_argument("inputs", nargs="+", help="images or volumes: folders, globs, files")
+    predict.add_argument("-o", "--output", required=True, help="output folder")
+    predict.add_argument("--fpr", type=_fpr, default=None, help="false-positive rate of the masks (default: the model's, 0.05)")
+    predict.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
+    predict.add_argument("--backbone", default=None, help="where to load the backbone weights from, if not the name saved in the model")
+    predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--device", default="cpu")
+    _add_volume_options(predict)
+    _add_common(predict)
+
+    info = sub.add_parser("info", help="describe a model file")
+    info.add_argument("model")
+    info.add_argument("--json", action="store_true", help="print the full header as JSON")
+
+    demo = sub.add_parser("demo", help="fit and predict on generated phantoms; prints pixel AUROC and where the outputs are")
+    demo.add_argument("-o", "--output", default="normdino-demo", help="folder for the phantoms, model and outputs (default ./normdino-demo)")
+    demo.add_argument("--backbone", default="dinov2_vits14", help="backbone (default dinov2_vits14; 'random' runs without weights, quality meaningless)")
+    demo.add_argument("--image-size", type=int, default=448)
+    demo.add_argument("--epochs", type=int, default=10)
+    demo.add_argument("--components", type=int, default=200)
+    demo.add_argument("--seed", type=int, default=0)
+    _add_common(demo)
+
+    return parser
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def _slice_options(args):
+    from .volumes import SliceOptions, parse_slice_range
+
+    window = None
+    if args.window:
+        try:
+            low, high = (float(v) for v in args.window.split(","))
+        except ValueError:
+            raise NormdinoError(f"--window takes LOW,HIGH in HU, e.g. -200,250; got {args.window!r}") from None
+        window = (low, high)
+    try:
+        percentiles = tuple(float(v) for v in args.percentiles.split(","))
+    except ValueError:
+        raise NormdinoError(f"--percentiles takes LOW,HIGH, e.g. 0.5,99.5; got {args.percentiles!r}") from None
+    axis = int(args.axis) if str(args.axis).isdigit() else args.axis
+    return SliceOptions(
+        axis=axis, slices=parse_slice_range(args.slices) if args.slices else None,
+        min_foreground=args.min_foreground, normalization="window" if window else "percentile",
+        percentiles=percentiles, window=window, volume_index=args.volume_index)
+
+
+def cmd_fit(args) -> int:
+    from .detector import AnomalyDetector
+    from .inputs import resolve_inputs, training_images
+
+    train = resolve_inputs(args.normal)
+    val = resolve_inputs(args.val) if args.val else None
+    options = _slice_options(args) if train.volumes or (val and val.volumes) else None
+    detector = AnomalyDetector(
+        backbone=args.backbone, image_size=args.image_size, layer=args.layer, normalize=not args.no_normalize,
+        n_components=args.components, covariance_type=args.covariance, epochs=args.epochs, score=args.score,
+        sigma=args.sigma, fprs=sorted(set(args.fpr)), cache_dir=None if args.no_cache else args.cache_dir,
+        device=args.device, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    detector.fit(training_images(train, options), training_images(val, options) if val else None)
+    detector.save(args.output)
+    summary = detector.training_summary_
+    log.info("wrote %s: %d prototypes from %d training images (best epoch %d)", args.output,
+             summary["n_prototypes"], summary["n_train_images"], summary["best_epoch"])
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .detector import AnomalyDetector
+    from .inputs import resolve_inputs
+    from .writing import PredictionWriter
+
+    detector = AnomalyDetector.load(args.model, backbone=args.backbone, device=args.device, progress=not args.quiet)
+    detector.batch_size = args.batch_size
+    inputs = resolve_inputs(args.inputs)
+    options = _slice_options(args) if inputs.volumes else None
+    writer = PredictionWriter(detector, Path(args.output), fpr=args.fpr, overlays=not args.no_overlays,
+                              progress=not args.quiet)
+    writer.write_images(inputs.images)
+    for volume in inputs.volumes:
+        writer.write_volume(volume, options)
+    csv_path = writer.finish()
+    log.info("wrote maps for %d inputs and %s", writer.n_written, csv_path)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .detector import read_model_file
+
+    header, tensors = read_model_file(args.model)
+    if args.json:
+        print(json.dumps(header, indent=2))
+        return 0
+    backbone, params, training = header["backbone"], header["detector"], header.get("training", {})
+    lines = [
+        f"normdino model {args.model} (format {header['format_version']}, written by normdino {header['normdino_version']})",
+        f"  backbone      {backbone['name']}{'  [RANDOM WEIGHTS: quality meaningless]' if backbone['is_random'] else ''}",
+        f"                patch {backbone['patch_size']}, input {backbone['image_size']} px, layers {backbone['layers']}, dim {backbone['embed_dim']}",
+        f"  mixture       K={header['mixture'].get('n_components')}, {header['mixture'].get('covariance_type')} covariance, "
+        f"{tensors['prototypes'].shape[0]} active prototypes",
+        f"  score         {params['score']} (normalised tokens: {params['normalize']}, smoothing sigma {params['sigma']})",
+        f"  training      {training.get('n_train_images', '?')} images, {training.get('n_train_tokens', '?')} tokens, "
+        f"best epoch {training.get('best_epoch', '?')} of {params['epochs']}",
+        f"  calibration   {training.get('n_val_images', '?')} healthy validation images"
+        f"{' (held out from the training images)' if training.get('val_held_out') else ''}",
+    ]
+    from .detector import _threshold_from_table
+
+    fprs = tensors["calibration.fprs"].numpy()
+    for fpr in params["fprs"]:
+        pixel = _threshold_from_table(fprs, tensors["calibration.pixel_thresholds"].numpy(), fpr)
+        image = _threshold_from_table(fprs, tensors["calibration.image_thresholds"].numpy(), fpr)
+        lines.append(f"    FPR {fpr:>5.1%}   pixel threshold {pixel:.4f}   image threshold {image:.4f}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    result = run_demo(Path(args.output), backbone=args.backbone, image_size=args.image_size, epochs=args.epochs,
+                      n_components=args.components, seed=args.seed, progress=not args.quiet)
+    print(f"pixel AUROC on the test phantoms: {result.pixel_auroc:.3f}   Dice at {result.fpr:.0%} FPR: {result.dice_at_fpr:.3f}")
+    if result.random_backbone:
+        print("WARNING: random backbone weights - these numbers say nothing about DINOv2's quality.")
+    print(f"model:    {result.model}")
+    print(f"overlays: {result.predictions}/*_overlay.png   scores: {result.predictions}/scores.csv")
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "info": cmd_info, "demo": cmd_demo}
+
+
+def _configure_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("normdino").setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
+    handler = COMMANDS[args.command]
+    try:
+        return handler(args)
+    except NormdinoError as err:
+        print(f"normdino {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("normdino: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
