@@ -198,8 +198,6 @@ class AnomalyDetector:
         validation images, a seeded ``val_fraction`` of the training images is held out for model selection
         and calibration (calibrating on training images would understate the false-positive rate).
         """
-        from .mixture import DirichletProcessMixture
-
         for fpr in self.fprs:
             if not 0.0 < float(fpr) < 1.0:
                 raise InputError(f"false-positive rates must lie strictly between 0 and 1, got {fpr}")
@@ -223,7 +221,20 @@ class AnomalyDetector:
             log.warning("calibrating thresholds on the training images: false-positive rates will be optimistic")
             val_tokens, val_shapes = tokens, shapes
         extraction_s = time.perf_counter() - started
+        self.fit_tokens(tokens, shapes, val_tokens, val_shapes, held_out=val_normal_images is None)
+        self.training_summary_["extraction_seconds"] = round(extraction_s, 3)
+        return self
 
+    def fit_tokens(self, tokens: np.ndarray, shapes: list[tuple[int, int]], val_tokens: np.ndarray,
+                   val_shapes: list[tuple[int, int]], held_out: bool = False):
+        """Fit the mixture on precomputed (N, h, w, D) tokens, keep the best epoch, calibrate on the validation tokens.
+
+        The backbone that produced the tokens must be this detector's (``backbone_``, built if absent).
+        """
+        from .mixture import DirichletProcessMixture
+
+        if not hasattr(self, "backbone_"):
+            self.backbone_ = self._build_backbone()
         n, h, w, d = tokens.shape
         mixture = DirichletProcessMixture(
             n_components=self.n_components, covariance_type=self.covariance_type,
@@ -252,15 +263,13 @@ class AnomalyDetector:
         self.best_epoch_ = int(best.get("epoch", self.epochs - 1))
         self._calibrate(val_tokens, val_shapes)
         self.training_summary_ = {
-            "n_train_images": int(n), "n_val_images": len(val_shapes), "val_held_out": val_normal_images is None,
+            "n_train_images": int(n), "n_val_images": len(val_shapes), "val_held_out": held_out,
             "n_train_tokens": int(n * h * w), "grid_shape": [h, w], "token_dim": d,
             "image_shapes": sorted({f"{hh}x{ww}" for hh, ww in shapes}),
             "n_prototypes": int(self.prototypes_.shape[0]), "best_epoch": self.best_epoch_ + 1,
-            "val_log_likelihood": history, "extraction_seconds": round(extraction_s, 3),
-            "em_seconds": round(em_s, 3),
+            "val_log_likelihood": history, "em_seconds": round(em_s, 3),
         }
-        log.info("fitted: %d prototypes (best epoch %d), extraction %.1f s, EM %.1f s",
-                 self.prototypes_.shape[0], self.best_epoch_ + 1, extraction_s, em_s)
+        log.info("fitted: %d prototypes (best epoch %d), EM %.1f s", self.prototypes_.shape[0], self.best_epoch_ + 1, em_s)
         return self
 
     def _calibrate(self, val_tokens: np.ndarray, val_shapes: list[tuple[int, int]]) -> None:
