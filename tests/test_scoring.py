@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import cdist
+
+from normdino import scoring
+
+
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_cosine_distance_matches_brute_force():
+    rng = np.random.default_rng(0)
+    tokens, protos = _unit(rng, 300, 16), rng.standard_normal((7, 16)).astype(np.float32)
+    expected = cdist(tokens, protos, metric="cosine").min(axis=1)
+    got = scoring.cosine_distance(torch.from_numpy(tokens).reshape(3, 10, 10, 16), torch.from_numpy(protos))
+    assert got.shape == (3, 10, 10)
+    np.testing.assert_allclose(got.reshape(-1).numpy(), expected, atol=1e-5)
+
+
+def test_euclidean_distance_matches_brute_force():
+    rng = np.random.default_rng(1)
+    tokens, protos = rng.standard_normal((200, 8)).astype(np.float32), rng.standard_normal((5, 8)).astype(np.float32)
+    expected = cdist(tokens, protos).min(axis=1)
+    got = scoring.euclidean_distance(torch.from_numpy(tokens), torch.from_numpy(protos))
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-4)
+
+
+def test_unknown_score_method_is_rejected():
+    with pytest.raises(ValueError, match="unknown score method"):
+        scoring.patch_scores(torch.zeros(2, 3), "manhattan", torch.zeros(1, 3))
+
+
+def test_upsample_keeps_constant_maps_and_sizes():
+    up = scoring.upsample(np.full((4, 4), 0.25, dtype=np.float32), (37, 53))
+    assert up.shape == (37, 53) and up.dtype == np.float32
+    np.testing.assert_allclose(up, 0.25, rtol=1e-6)
+
+
+def test_upsample_is_bilinear_between_patch_centres():
+    patch = np.array([[0.0, 1.0]], dtype=np.float32)
+    up = scoring.upsample(patch, (1, 4))  # half-pixel centres: 0, 0.25, 0.75, 1
+    np.testing.assert_allclose(up[0], [0.0, 0.25, 0.75, 1.0], atol=1e-6)
+
+
+def test_smooth_preserves_mean_and_reduces_peaks():
+    img = np.zeros((31, 31), dtype=np.float32)
+    img[15, 15] = 1.0
+    out = scoring.smooth(img, 2.0)
+    assert out.max() < 0.1 and abs(out.sum() - 1.0) < 1e-3
+    assert scoring.smooth(img, 0) is img
+
+
+def test_image_score_is_mean_of_top_fraction():
+    values = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    assert scoring.image_score(values, 0.01) == pytest.approx(np.mean(np.arange(990, 1000)))
+    assert scoring.image_score(np.array([[3.0]]), 0.01) == 3.0
+
+
+def test_threshold_for_fpr_leaves_that_fraction_above():
+    scores = np.random.default_rng(2).random(100_000)
+    for fpr in (0.01, 0.05, 0.1):
+        assert abs((scores > scoring.threshold_for_fpr(scores, fpr)).mean() - fpr) < 1e-3
+    with pytest.raises(ValueError):
+        scoring.threshold_for_fpr(scores, 0.0)
