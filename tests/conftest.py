@@ -18,3 +18,29 @@ def lgg_flair() -> Path:
     if not (LGG_FLAIR / "train" / "good").is_dir():
         pytest.skip("../shared/data/lgg-flair is not present")
     return LGG_FLAIR
+
+
+# --- tiny random DINO backbones saved with save_pretrained (issue 4) ---------------------------
+def _saved_tiny_backbone(factory, arch: str) -> Path:
+    """Save a tiny seeded random model of ``arch`` once per session; load it with Backbone.from_pretrained."""
+    from normdino.backbone import save_random_backbone
+
+    return save_random_backbone(factory.mktemp("backbones") / arch, arch=arch, seed=0, tiny=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2_dir(tmp_path_factory) -> Path:
+    """Folder with a tiny random DINOv2 (patch 14, hidden 32, 2 blocks, 2 heads)."""
+    return _saved_tiny_backbone(tmp_path_factory, "dinov2_vits14")
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2_reg_dir(tmp_path_factory) -> Path:
+    """Folder with a tiny random DINOv2 with 4 registers (patch 14)."""
+    return _saved_tiny_backbone(tmp_path_factory, "dinov2_vits14_reg")
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov3_dir(tmp_path_factory) -> Path:
+    """Folder with a tiny random DINOv3 ViT-S/16 (4 registers, RoPE)."""
+    return _saved_tiny_backbone(tmp_path_factory, "dinov3_vits16")

@@ -1,0 +1,588 @@
+"""Frozen DINOv2 / DINOv3 backbones from Hugging Face ``transformers``: images -> grids of patch tokens.
+
+Layers are numbered like ``output_hidden_states``: 0 is the patch embedding, i (1..n) the output of
+block i, negative numbers count from the end (-1 = the last block). Every requested layer, the
+intermediate ones included, goes through the model's final LayerNorm (as DINOv2's
+``get_intermediate_layers(norm=True)``), so the last layer equals ``last_hidden_state``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from normdino.errors import InputError, ModelFileError, WeightsNotFoundError
+from normdino.reading import read_image
+
+logger = logging.getLogger(__name__)
+
+ALIASES: dict[str, str] = {
+    "dinov2_vits14": "facebook/dinov2-small",
+    "dinov2_vitb14": "facebook/dinov2-base",
+    "dinov2_vitl14": "facebook/dinov2-large",
+    "dinov2_vitg14": "facebook/dinov2-giant",
+    "dinov2_vits14_reg": "facebook/dinov2-with-registers-small",
+    "dinov2_vitb14_reg": "facebook/dinov2-with-registers-base",
+    "dinov2_vitl14_reg": "facebook/dinov2-with-registers-large",
+    "dinov2_vitg14_reg": "facebook/dinov2-with-registers-giant",
+    "dinov3_vits16": "facebook/dinov3-vits16-pretrain-lvd1689m",
+    "dinov3_vits16plus": "facebook/dinov3-vits16plus-pretrain-lvd1689m",
+    "dinov3_vitb16": "facebook/dinov3-vitb16-pretrain-lvd1689m",
+    "dinov3_vitl16": "facebook/dinov3-vitl16-pretrain-lvd1689m",
+    "dinov3_vith16plus": "facebook/dinov3-vith16plus-pretrain-lvd1689m",
+    "dinov3_vit7b16": "facebook/dinov3-vit7b16-pretrain-lvd1689m",
+}
+
+SUPPORTED_MODEL_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESSING_VERSION = "resize-bicubic-aa-clamp/imagenet-v1"
+RANDOM_MARKER = "normdino_random_weights"
+
+_DINOV2 = dict(
+    model_type="dinov2", patch_size=14, image_size=518, mlp_ratio=4, hidden_act="gelu", layer_norm_eps=1e-6,
+    layerscale_value=1.0, qkv_bias=True, use_swiglu_ffn=False, num_channels=3,
+)
+_DINOV3 = dict(
+    model_type="dinov3_vit", patch_size=16, image_size=224, hidden_act="gelu", layer_norm_eps=1e-5,
+    layerscale_value=1.0, num_register_tokens=4, rope_theta=100.0, query_bias=True, key_bias=False,
+    value_bias=True, proj_bias=True, mlp_bias=True, use_gated_mlp=False, pos_embed_rescale=2.0, num_channels=3,
+)
+_SIZES_V2 = {
+    "s": dict(hidden_size=384, num_attention_heads=6, num_hidden_layers=12),
+    "b": dict(hidden_size=768, num_attention_heads=12, num_hidden_layers=12),
+    "l": dict(hidden_size=1024, num_attention_heads=16, num_hidden_layers=24),
+    "g": dict(hidden_size=1536, num_attention_heads=24, num_hidden_layers=40, use_swiglu_ffn=True),
+}
+_GATED = dict(use_gated_mlp=True, hidden_act="silu")
+_SIZES_V3 = {
+    "s16": dict(hidden_size=384, intermediate_size=1536, num_attention_heads=6, num_hidden_layers=12),
+    "s16plus": dict(hidden_size=384, intermediate_size=1536, num_attention_heads=6, num_hidden_layers=12, **_GATED),
+    "b16": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12),
+    "l16": dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24),
+    "h16plus": dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, **_GATED),
+}
+# Architecture fields of the hub config.json of each alias (weights are not needed to build them).
+HUB_CONFIGS: dict[str, dict[str, Any]] = {
+    **{f"dinov2_vit{k}14": {**_DINOV2, **v} for k, v in _SIZES_V2.items()},
+    **{
+        f"dinov2_vit{k}14_reg": {**_DINOV2, "model_type": "dinov2_with_registers", "num_register_tokens": 4, **v}
+        for k, v in _SIZES_V2.items()
+    },
+    **{f"dinov3_vit{k}": {**_DINOV3, **v} for k, v in _SIZES_V3.items()},
+}
+_TINY = dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2)
+
+
+@dataclass
+class BackboneOutput:
+    """Tokens of one forward pass: patch grids (B, L, h, w, D) and CLS tokens (B, L, D) of the L requested layers."""
+
+    patch_tokens: torch.Tensor
+    cls_tokens: torch.Tensor
+
+
+def hub_config(arch: str, tiny: bool = False):
+    """A ``transformers`` config with the hub architecture of ``arch`` (an alias); ``tiny`` shrinks it for tests."""
+    from transformers import AutoConfig
+
+    if arch not in HUB_CONFIGS:
+        raise InputError(f"Unknown architecture {arch!r}; choose one of {', '.join(HUB_CONFIGS)}.")
+    fields = dict(HUB_CONFIGS[arch])
+    if tiny:
+        fields.update(_TINY)
+        if "intermediate_size" in fields:
+            fields["intermediate_size"] = 4 * _TINY["hidden_size"]
+    model_type = fields.pop("model_type")
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def preprocess_image(
+    image: np.ndarray, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
+    """(H, W) or (H, W, C) image in [0, 1] -> (3, size, size): whole image resized (bicubic, antialiased), normalised."""
+    array = np.asarray(image)
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / np.float32(255.0)
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
+        array = array.astype(np.float32)
+    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
+        array = array[..., 0] if array.shape[2] == 1 else array[..., :3]
+    if array.ndim not in (2, 3) or array.size == 0:
+        raise InputError(f"An image must be an (H, W) or (H, W, 3) array, got shape {array.shape}.")
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if not torch.isfinite(tensor).all():
+        raise InputError("The image contains NaN or infinite values; clean or rescale it to [0, 1] first.")
+    tensor = tensor[None, None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)[None]
+    resized = F.interpolate(tensor, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    resized = resized[0].clamp_(0.0, 1.0).expand(3, size, size)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (resized - mean_t) / std_t
+
+
+class _ImageDataset(Dataset):
+    """Images (paths or arrays) -> preprocessed tensors; picklable, so it works with DataLoader workers."""
+
+    def __init__(self, images: Sequence[Path | str | np.ndarray], size: int, mean, std) -> None:
+        self.images = list(images)
+        self.size, self.mean, self.std = size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        item = self.images[index]
+        array = item if isinstance(item, np.ndarray) else read_image(item)
+        return preprocess_image(array, self.size, self.mean, self.std)
+
+
+class Backbone:
+    """A frozen DINO ViT that turns preprocessed images into L2-normalised patch-token grids."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        name: str,
+        image_size: int = 448,
+        layers: Sequence[int] = (-1,),
+        normalize: bool = True,
+        device: str | torch.device = "cpu",
+        is_random: bool = False,
+    ) -> None:
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelFileError(
+                f"{name} is a {config.model_type!r} model; normdino supports {', '.join(SUPPORTED_MODEL_TYPES)}."
+            )
+        self.device = resolve_device(device)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.config = config
+        self.name = name
+        self.patch_size = int(config.patch_size)
+        self.embed_dim = int(config.hidden_size)
+        self.num_layers = int(config.num_hidden_layers)
+        self.num_prefix_tokens = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+        if int(image_size) < self.patch_size:
+            raise InputError(f"image_size={image_size} is smaller than the patch size {self.patch_size}.")
+        self.image_size = int(image_size) // self.patch_size * self.patch_size
+        self.layers = self._resolve_layers(layers)
+        self.normalize = bool(normalize)
+        self.is_random = bool(is_random)
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        self.identifier = self._make_identifier()
+        if self.is_random:
+            logger.warning(
+                "Backbone %s has RANDOM weights: its tokens are meaningless for detection quality; "
+                "use it only for tests and timing.", name,
+            )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        image_size: int = 448,
+        layers: Sequence[int] = (-1,),
+        normalize: bool = True,
+        device: str | torch.device = "cpu",
+    ) -> "Backbone":
+        """Load a hub name, an alias, a ``save_pretrained`` folder or a ``.safetensors`` file beside its config.json."""
+        model, name = load_model(name_or_path)
+        is_random = bool(getattr(model.config, RANDOM_MARKER, False))
+        return cls(model, name, image_size, layers, normalize, device, is_random=is_random)
+
+    @classmethod
+    def random(
+        cls, arch: str = "dinov2_vits14", seed: int = 0, tiny: bool = False, **kwargs: Any
+    ) -> "Backbone":
+        """The architecture of ``arch`` with seeded random weights, for tests and timing only."""
+        model = build_random_model(arch, seed, tiny)
+        name = f"random{'-tiny' if tiny else ''}-{arch}-seed{seed}"
+        return cls(model, name, is_random=True, **kwargs)
+
+    # ------------------------------------------------------------------ geometry and keys
+    def grid_shape(self) -> tuple[int, int]:
+        """(h, w) of the token grid for a preprocessed image."""
+        side = self.image_size // self.patch_size
+        return side, side
+
+    def _resolve_layers(self, layers: Sequence[int]) -> tuple[int, ...]:
+        """Map layer numbers (negative from the end) to indices 0..num_layers of hidden_states."""
+        if isinstance(layers, int):
+            layers = (layers,)
+        resolved = []
+        n = self.num_layers
+        for layer in layers:
+            if not isinstance(layer, (int, np.integer)) or not -(n + 1) <= layer <= n:
+                raise InputError(f"Layer {layer!r} does not exist in {self.name}: use -{n + 1}..{n} ({n} blocks).")
+            resolved.append(int(layer) % (n + 1))
+        if not resolved:
+            raise InputError("At least one layer must be requested.")
+        return tuple(resolved)
+
+    def _make_identifier(self) -> str:
+        """Stable key of everything that changes the tokens: weights, resolution, layers, normalisation, precision."""
+        layers = ",".join(map(str, self.layers))
+        return (
+            f"{self.name}|weights={weights_fingerprint(self.model)}|size={self.image_size}|layers={layers}"
+            f"|normalize={self.normalize}|precision={self.precision}|prep={PREPROCESSING_VERSION}"
+        )
+
+    # ------------------------------------------------------------------ computation
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W) or (H, W, 3) float image in [0, 1] -> (3, S, S) model input."""
+        return preprocess_image(image, self.image_size, self.mean, self.std)
+
+    def encode(self, pixel_values: torch.Tensor) -> BackboneOutput:
+        """One forward pass: patch tokens (B, L, h, w, D) and CLS tokens (B, L, D) of the requested layers."""
+        pixels = self._check_pixels(pixel_values)
+        batch, _, height, width = pixels.shape
+        grid_h, grid_w = height // self.patch_size, width // self.patch_size
+        need_hidden = any(layer != self.num_layers for layer in self.layers)
+        with torch.inference_mode(), self._autocast():
+            out = self.model(pixel_values=pixels, output_hidden_states=need_hidden)
+            final_norm = self._final_norm()
+            per_layer = [
+                out.last_hidden_state if layer == self.num_layers else final_norm(out.hidden_states[layer])
+                for layer in self.layers
+            ]
+            tokens = torch.stack(per_layer, dim=1).float()
+            cls_tokens = tokens[:, :, 0]
+            patches = tokens[:, :, self.num_prefix_tokens :].reshape(batch, len(self.layers), grid_h, grid_w, -1)
+            if self.normalize:
+                cls_tokens = F.normalize(cls_tokens, dim=-1)
+                patches = F.normalize(patches, dim=-1)
+        return BackboneOutput(patch_tokens=patches, cls_tokens=cls_tokens)
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, D) patch tokens of the last requested layer."""
+        return self.encode(pixel_values).patch_tokens[:, -1]
+
+    def iter_encoded(
+        self,
+        images: Sequence[Path | str | np.ndarray],
+        batch_size: int = 8,
+        progress: bool = True,
+        num_workers: int = 0,
+    ) -> Iterator[tuple[int, BackboneOutput]]:
+        """Yield (index of the first image, BackboneOutput on the CPU) batch by batch over a dataset."""
+        if int(batch_size) < 1:
+            raise InputError(f"batch_size must be at least 1, got {batch_size}.")
+        dataset = _ImageDataset(images, self.image_size, self.mean, self.std)
+        loader = DataLoader(
+            dataset, batch_size=int(batch_size), shuffle=False, num_workers=int(num_workers),
+            pin_memory=self.device.type == "cuda",
+        )
+        start = 0
+        with tqdm(total=len(dataset), unit="img", desc="DINO tokens", disable=not progress) as bar:
+            for batch in loader:
+                out = self.encode(batch)
+                yield start, BackboneOutput(out.patch_tokens.cpu(), out.cls_tokens.cpu())
+                start += len(batch)
+                bar.update(len(batch))
+
+    def embed_images(
+        self,
+        images: Sequence[Path | str | np.ndarray],
+        batch_size: int = 8,
+        progress: bool = True,
+        num_workers: int = 0,
+        all_layers: bool = False,
+    ) -> torch.Tensor:
+        """(N, h, w, D) float32 tokens of the last requested layer, or (N, L, h, w, D) with ``all_layers``."""
+        grid_h, grid_w = self.grid_shape()
+        n_layers = len(self.layers)
+        shape = (len(images), n_layers, grid_h, grid_w, self.embed_dim)
+        result = torch.empty(shape if all_layers else shape[:1] + shape[2:], dtype=torch.float32)
+        for start, out in self.iter_encoded(images, batch_size, progress, num_workers):
+            tokens = out.patch_tokens if all_layers else out.patch_tokens[:, -1]
+            result[start : start + len(tokens)] = tokens
+        return result
+
+    # ------------------------------------------------------------------ helpers
+    def _check_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Validate a (B, 3, H, W) batch (H, W multiples of the patch size) and move it to the device."""
+        if not isinstance(pixel_values, torch.Tensor):
+            raise InputError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
+        if pixel_values.ndim == 3:
+            pixel_values = pixel_values[None]
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise InputError(f"pixel_values must have shape (B, 3, H, W), got {tuple(pixel_values.shape)}.")
+        height, width = pixel_values.shape[-2:]
+        if height % self.patch_size or width % self.patch_size or height == 0 or width == 0:
+            raise InputError(
+                f"Input of {height}x{width} pixels is not a multiple of the patch size {self.patch_size}; "
+                "use Backbone.preprocess."
+            )
+        return pixel_values.to(self.device, torch.float32)
+
+    def _final_norm(self) -> torch.nn.Module:
+        """The model's final LayerNorm (``layernorm`` in DINOv2, ``norm`` in DINOv3)."""
+        norm = getattr(self.model, "layernorm", None)
+        if norm is None:
+            norm = getattr(self.model, "norm", None)
+        if not isinstance(norm, torch.nn.Module):
+            raise ModelFileError(f"{self.name} has no final LayerNorm; is it a DINOv2/DINOv3 ViT?")
+        return norm
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on CUDA (faster there); plain fp32 elsewhere."""
+        if self.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def __repr__(self) -> str:
+        return (
+            f"Backbone({self.name!r}, image_size={self.image_size}, layers={self.layers}, "
+            f"normalize={self.normalize}, device='{self.device}', random={self.is_random})"
+        )
+
+
+# ---------------------------------------------------------------------- loading
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'cpu', 'cuda[:i]', 'mps' or 'auto' -> torch.device, with a clear error when it is not available."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InputError(f"Unknown device {device!r}; use 'cpu', 'cuda', 'mps' or 'auto'.") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"Device {device!r} was requested but this torch build sees no CUDA GPU; use 'cpu'.")
+    if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError(f"Device {device!r} was requested but MPS is not available here; use 'cpu'.")
+    return resolved
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """Short hash of every tensor's name, shape, dtype and a strided sample of ~2k of its values (fast even for ViT-g)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 2048)
+        sample = flat[::step].to("cpu", torch.float32).contiguous().numpy()
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build_random_model(arch: str = "dinov2_vits14", seed: int = 0, tiny: bool = False) -> torch.nn.Module:
+    """A ``transformers`` model of ``arch`` with weights drawn from a seeded generator (global RNG untouched)."""
+    from transformers import AutoModel
+
+    config = hub_config(arch, tiny)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModel.from_config(config, dtype=torch.float32)
+    setattr(model.config, RANDOM_MARKER, True)
+    return model.eval()
+
+
+def save_random_backbone(
+    directory: str | os.PathLike, arch: str = "dinov2_vits14", seed: int = 0, tiny: bool = False
+) -> Path:
+    """Save a seeded random model of ``arch`` with ``save_pretrained`` (config.json + model.safetensors); return the folder."""
+    final = Path(directory)
+    if final.exists() and any(final.iterdir()):
+        raise InputError(f"{final} already exists and is not empty; choose a new folder for the random backbone.")
+    model = build_random_model(arch, seed, tiny)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        model.save_pretrained(tmp)
+        if final.exists():
+            final.rmdir()
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return final
+
+
+def load_model(name_or_path: str | os.PathLike) -> tuple[torch.nn.Module, str]:
+    """Resolve an alias, local folder, .safetensors file or hub name into an fp32 model and a display name."""
+    text = str(name_or_path)
+    name = ALIASES.get(text, text)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _load_local_dir(path), str(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ModelFileError(f"{path} is not a .safetensors file; pass a model folder, a .safetensors file or a hub name.")
+        return _load_safetensors(path), str(path)
+    if isinstance(name_or_path, os.PathLike) or _looks_like_path(text):
+        raise WeightsNotFoundError(f"Backbone weights {path} do not exist; pass an existing folder or .safetensors file.")
+    if "/" not in name:
+        raise WeightsNotFoundError(
+            f"Backbone {text!r} is neither a known alias ({', '.join(ALIASES)}), an existing path, "
+            "nor a hub repo id such as 'facebook/dinov2-small'."
+        )
+    return _load_from_hub(name), name
+
+
+def _looks_like_path(text: str) -> bool:
+    """True for strings that can only be file paths, never hub repo ids ('org/name')."""
+    return (
+        text.startswith((".", "/", "~", "\\")) or text.endswith(".safetensors") or text.count("/") > 1
+        or "\\" in text or (len(text) > 1 and text[1] == ":")
+    )
+
+
+def _check_config(config, source: str) -> None:
+    """Reject configs of models that are not DINOv2/DINOv3 ViTs."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelFileError(
+            f"{source} holds a {config.model_type!r} model; normdino supports DINOv2/DINOv3 ViTs "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)})."
+        )
+
+
+def _read_config(folder: Path):
+    """The transformers config in ``folder``, or a ModelFileError saying what is wrong with it."""
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        raise ModelFileError(f"{folder} has no config.json; save the backbone with save_pretrained or pass a hub name.")
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelFileError(f"{folder / 'config.json'} is not a valid transformers config ({err}).") from err
+    _check_config(config, str(folder))
+    return config
+
+
+def _load_local_dir(folder: Path) -> torch.nn.Module:
+    """A ``save_pretrained`` folder -> model."""
+    from transformers import AutoModel
+
+    config = _read_config(folder)
+    try:
+        return AutoModel.from_pretrained(folder, config=config, local_files_only=True, dtype=torch.float32)
+    except OSError as err:
+        raise WeightsNotFoundError(
+            f"{folder} has a config.json but no readable weights (model.safetensors); save the model again ({err})."
+        ) from err
+
+
+def _load_safetensors(file: Path) -> torch.nn.Module:
+    """A .safetensors state dict beside its config.json -> model (accepts a base-model prefix such as 'dinov2.')."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    config = _read_config(file.parent)
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelFileError(f"{file} is not a readable safetensors file ({err}).") from err
+    model = AutoModel.from_config(config, dtype=torch.float32)
+    prefix = f"{model.base_model_prefix}."
+    if state and all(key.startswith(prefix) for key in state):
+        state = {key[len(prefix) :]: value for key, value in state.items()}
+    state = {key: value.to(torch.float32) for key, value in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    missing = [key for key in result.missing_keys if not key.endswith("mask_token")]
+    if missing:
+        raise ModelFileError(
+            f"{file} does not hold the weights of the {config.model_type} model in its config.json "
+            f"({len(missing)} tensors missing, e.g. {missing[0]!r})."
+        )
+    return model.eval()
+
+
+def _offline() -> bool:
+    """True when the user has switched the Hugging Face hub off (read now, not at import time)."""
+    return any(
+        os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """A quick TCP connect to the hub endpoint, so an unreachable hub fails in seconds, not after 30 s of retries."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_from_hub(repo: str) -> torch.nn.Module:
+    """A hub repo id -> model, from the local cache first; one clear sentence when that is impossible."""
+    from transformers import AutoConfig, AutoModel
+
+    gated_hint = (
+        f" DINOv3 weights are gated: accept the licence at https://huggingface.co/{repo} and log in "
+        "(`hf auth login` or the HF_TOKEN variable)."
+        if "dinov3" in repo.lower() else ""
+    )
+    local_hint = "or pass a local folder saved with save_pretrained (or a .safetensors file beside its config.json)"
+    attempts = [True] if _offline() else [True, False]
+    for local_only in attempts:
+        if not local_only and not _hub_reachable():
+            break
+        try:
+            config = AutoConfig.from_pretrained(repo, local_files_only=local_only)
+            _check_config(config, repo)
+            return AutoModel.from_pretrained(repo, config=config, local_files_only=local_only, dtype=torch.float32)
+        except OSError as err:
+            if _is_gated(err):
+                raise WeightsNotFoundError(
+                    f"{repo} is a gated repository: accept its licence at https://huggingface.co/{repo} and provide "
+                    "a Hugging Face token (`hf auth login` or the HF_TOKEN variable)."
+                ) from err
+            if not local_only and not _is_connection_error(err):
+                raise WeightsNotFoundError(
+                    f"Backbone {repo!r} is neither an alias ({', '.join(ALIASES)}), a local path, nor a model on "
+                    f"the Hugging Face hub ({err})."
+                ) from err
+    reason = "offline mode is on (HF_HUB_OFFLINE)" if _offline() else "the Hugging Face hub is unreachable"
+    raise WeightsNotFoundError(
+        f"Weights of {repo!r} are not in the local Hugging Face cache and {reason}: download them once on a machine "
+        f"with internet, {local_hint}.{gated_hint}"
+    )
+
+
+def _error_chain(err: BaseException) -> Iterator[BaseException]:
+    """The error and its causes/contexts."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _is_gated(err: BaseException) -> bool:
+    """True when the hub refused a gated repository."""
+    return any(type(e).__name__ == "GatedRepoError" or "gated repo" in str(e).lower() for e in _error_chain(err))
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    """True when the hub could not be reached (as opposed to a wrong repository name)."""
+    names = {"LocalEntryNotFoundError", "ConnectionError", "ConnectTimeout", "ReadTimeout", "ConnectError"}
+    return any(
+        type(e).__name__ in names or "couldn't connect" in str(e).lower() for e in _error_chain(err)
+    )
