@@ -114,7 +114,9 @@ def _healthy_slice(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.
     # Smooth multiplicative bias field (coil sensitivity) and Rician-like noise.
     bias = 1.0 + rng.uniform(0.04, 0.12) * _smooth_field(rng, size, scale=size / 4)
     sigma = rng.uniform(0.012, 0.03)
-    noisy = np.hypot(image * bias + sigma * rng.standard_normal((size, size)), sigma * rng.standard_normal((size, size)))
+    noisy = np.hypot(
+        image * bias + sigma * rng.standard_normal((size, size)), sigma * rng.standard_normal((size, size))
+    )
     parenchyma = brain & ~(sulcus | ventricles | falx) & (rho_brain < 0.97)
     parenchyma = ndimage.binary_erosion(parenchyma)  # away from the blurred CSF edges
     return np.clip(noisy, 0.0, 1.0), parenchyma, wm & ~ventricles
@@ -205,7 +207,12 @@ def write_phantom_dataset(
     child of ``SeedSequence(seed)``, so the files depend only on the seed and the counts of that split.
     """
     root = Path(root)
-    counts = {"n_train": n_train, "n_valid": n_valid, "n_test_normal": n_test_normal, "n_test_anomalous": n_test_anomalous}
+    counts = {
+        "n_train": n_train,
+        "n_valid": n_valid,
+        "n_test_normal": n_test_normal,
+        "n_test_anomalous": n_test_anomalous,
+    }
     for name, value in counts.items():
         if value < 0:
             raise InputError(f"write_phantom_dataset: {name}={value} must be >= 0.")
@@ -217,7 +224,7 @@ def write_phantom_dataset(
         ("test_ungood", root / "test" / "Ungood" / "img", root / "test" / "Ungood" / "label", n_test_anomalous, True),
     ]
     children = np.random.SeedSequence(seed).spawn(len(plan))
-    for (split, img_dir, label_dir, count, anomalous), child in zip(plan, children):
+    for (split, img_dir, label_dir, count, anomalous), child in zip(plan, children, strict=True):
         rng = np.random.default_rng(child)
         img_dir.mkdir(parents=True, exist_ok=True)
         if label_dir is not None:

@@ -1,0 +1,241 @@
+"""Visual outputs: colour map, overlays, PNG writers, SVG charts and HTML reports."""
+
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from normdino.errors import InputError
+from normdino.report import (
+    PREDICTED_COLOR,
+    TRUTH_COLOR,
+    colorize,
+    colormap_lut,
+    html_report,
+    html_table,
+    image_grid_html,
+    mask_contour,
+    overlay_image,
+    overlay_layout,
+    png_data_uri,
+    read_map_png16,
+    save_map_png16,
+    save_png,
+    svg_curve,
+    svg_histograms,
+)
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    return rgb.astype(np.float64) @ np.array([0.2126, 0.7152, 0.0722])
+
+
+def test_colorize_ends_monotonic_clipping_and_nan():
+    lut = colormap_lut()
+    assert lut.shape == (256, 3) and lut.dtype == np.uint8
+    assert np.all(np.diff(_luminance(lut)) > 0)
+    ramp = colorize(np.linspace(-1.0, 3.0, 401), 0.0, 2.0)
+    assert ramp.shape == (401, 3) and ramp.dtype == np.uint8
+    assert np.all(np.diff(_luminance(ramp)) >= 0)
+    np.testing.assert_array_equal(ramp[0], lut[0])  # below vmin clips to the low end
+    np.testing.assert_array_equal(ramp[-1], lut[-1])  # above vmax clips to the high end
+    np.testing.assert_array_equal(colorize(np.array([0.0, 2.0]), 0.0, 2.0), lut[[0, -1]])
+    assert _luminance(lut[:1])[0] < 10 and _luminance(lut[-1:])[0] > 230
+    np.testing.assert_array_equal(colorize(np.array([np.nan]), 0.0, 1.0)[0], lut[0])
+    assert colorize(np.zeros((5, 7)), 0.0, 1.0).shape == (5, 7, 3)
+    with pytest.raises(InputError, match="vmax > vmin"):
+        colorize(np.zeros(3), 1.0, 1.0)
+
+
+def test_mask_contour_is_the_inner_boundary():
+    mask = np.zeros((9, 9), dtype=bool)
+    mask[2:7, 3:8] = True
+    contour = mask_contour(mask)
+    expected = mask.copy()
+    expected[3:6, 4:7] = False
+    np.testing.assert_array_equal(contour, expected)
+    # Touching the border: border pixels are contour too.
+    full = np.ones((4, 4), dtype=bool)
+    assert mask_contour(full).sum() == 12
+    assert mask_contour(np.zeros((4, 4))).sum() == 0
+
+
+def _scene(size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.random((size, size)).astype(np.float32) * 0.5
+    yy, xx = np.mgrid[:size, :size]
+    pred = (yy - 20) ** 2 + (xx - 30) ** 2 < 100
+    truth = (yy - 40) ** 2 + (xx - 40) ** 2 < 64
+    scores = np.exp(-((yy - 20) ** 2 + (xx - 30) ** 2) / 200.0)
+    return image, scores, pred, truth
+
+
+def test_overlay_shape_panels_and_predicted_contour_on_mask_boundary():
+    image, scores, pred, _ = _scene(size=256)  # scale 1: panel pixels map one to one
+    out = overlay_image(image, scores, pred, 0.0, 1.0)
+    layout = overlay_layout(image.shape, 3)
+    assert layout.scale == 1
+    assert out.shape == layout.shape and out.dtype == np.uint8
+    top, left = layout.panels[0]
+    gray = np.rint(np.asarray(image, np.float64) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(out[top : top + 256, left : left + 256, 0], gray)
+    top, left = layout.panels[2]
+    panel = out[top : top + 256, left : left + 256]
+    red = np.all(panel == PREDICTED_COLOR, axis=2)
+    np.testing.assert_array_equal(red, mask_contour(pred))
+    # Outside the contour, the third panel is the plain image.
+    np.testing.assert_array_equal(panel[~red, 0], gray[~red])
+    # The heat-map panel is a blend: where the score is high it is warmer than the gray image.
+    top, left = layout.panels[1]
+    heat = out[top : top + 256, left : left + 256].astype(int)
+    assert heat[20, 30, 0] > gray[20, 30] + 40
+
+
+def test_overlay_upscales_small_images_and_draws_truth_in_its_own_colour():
+    image, scores, pred, truth = _scene(size=64)
+    out = overlay_image(image, scores[::4, ::4], pred, 0.0, 1.0, true_mask=truth)  # patch-sized map is resized
+    layout = overlay_layout(image.shape, 3)
+    assert layout.scale == 4 and out.shape == layout.shape
+    top, left = layout.panels[2]
+    ph, pw = layout.panel_shape
+    panel = out[top : top + ph, left : left + pw]
+    big_pred = np.kron(pred, np.ones((4, 4), dtype=bool))
+    big_truth = np.kron(truth, np.ones((4, 4), dtype=bool))
+    red = np.all(panel == PREDICTED_COLOR, axis=2)
+    cyan = np.all(panel == TRUTH_COLOR, axis=2)
+    assert red.any() and cyan.any()
+    np.testing.assert_array_equal(red, mask_contour(big_pred, thickness=2))
+    np.testing.assert_array_equal(cyan, mask_contour(big_truth, thickness=2))  # the masks do not touch
+    # Without any mask: two panels only.
+    two = overlay_image(image, scores, None, 0.0, 1.0)
+    assert two.shape == overlay_layout(image.shape, 2).shape
+
+
+def test_overlay_accepts_rgb_and_uint8_and_rejects_bad_input():
+    image, scores, pred, _ = _scene(size=32)
+    rgb = np.repeat((image * 255).astype(np.uint8)[:, :, None], 3, axis=2)
+    assert overlay_image(rgb, scores, pred, 0.0, 1.0).ndim == 3
+    with pytest.raises(InputError, match="mask"):
+        overlay_image(image, scores, pred[:10], 0.0, 1.0)
+    with pytest.raises(InputError, match="alpha"):
+        overlay_image(image, scores, pred, 0.0, 1.0, alpha=2.0)
+    with pytest.raises(InputError, match="vmax"):
+        overlay_image(image, scores, pred, 1.0, 0.0)
+
+
+def test_save_png_round_trip_and_atomic(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    save_png(tmp_path / "sub" / "a.png", rgb)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "sub" / "a.png")), rgb)
+    save_png(tmp_path / "m.png", np.eye(4, dtype=bool))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "m.png")), np.eye(4, dtype=np.uint8) * 255)
+    with pytest.raises(InputError):
+        save_png(tmp_path / "bad.png", np.zeros((2, 2, 2, 2), dtype=np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png", "sub"]
+
+
+def test_map_png16_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    scores = rng.uniform(0.1, 0.6, (20, 30))
+    scores[0, 0], scores[0, 1] = -5.0, 9.0  # clipped to the range
+    path = tmp_path / "map.png"
+    save_map_png16(path, scores, 0.1, 0.6)
+    with Image.open(path) as im:
+        assert im.mode == "I;16" and im.size == (30, 20)
+        raw = np.asarray(im)
+    expected = np.rint(np.clip((scores - 0.1) / 0.5, 0, 1) * 65535).astype(np.uint16)
+    np.testing.assert_array_equal(raw, expected)
+    assert raw[0, 0] == 0 and raw[0, 1] == 65535
+    back, vmin, vmax = read_map_png16(path)
+    assert (vmin, vmax) == (0.1, 0.6)
+    inner = np.ones_like(scores, dtype=bool)
+    inner[0, :2] = False
+    assert np.abs(back[inner] - scores[inner]).max() <= 0.5 / 65535 * 0.5 + 1e-7
+    save_png(tmp_path / "plain.png", np.zeros((2, 2), np.uint8))
+    with pytest.raises(InputError, match="save_map_png16"):
+        read_map_png16(tmp_path / "plain.png")
+
+
+def _parse_svg(text: str) -> ET.Element:
+    root = ET.fromstring(text)
+    assert root.tag == SVG + "svg"
+    return root
+
+
+def test_svg_curve_is_well_formed_with_legend_and_points_inside_frame():
+    x = np.linspace(0, 1, 500)
+    svg = svg_curve(
+        x,
+        x**0.3,
+        "ROC <pixels> & more",
+        "false positive rate",
+        "true positive rate",
+        diagonal=True,
+        label="dpmm",
+        series=[("memory bank", x, x**0.5)],
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
+    root = _parse_svg(svg)
+    texts = [t.text for t in root.iter(SVG + "text")]
+    assert "ROC <pixels> & more" in texts and "dpmm" in texts and "memory bank" in texts
+    paths = [p for p in root.iter(SVG + "path")]
+    assert len(paths) == 2
+    frame = next(r for r in root.iter(SVG + "rect") if r.get("fill") == "none")
+    x0, y0 = float(frame.get("x")), float(frame.get("y"))
+    x1, y1 = x0 + float(frame.get("width")), y0 + float(frame.get("height"))
+    for p in paths:
+        coords = np.array([[float(v) for v in pt.split(",")] for pt in p.get("d")[1:].split(" L")])
+        assert coords[:, 0].min() >= x0 - 0.05 and coords[:, 0].max() <= x1 + 0.05
+        assert coords[:, 1].min() >= y0 - 0.05 and coords[:, 1].max() <= y1 + 0.05
+        assert coords[0, 0] == pytest.approx(x0, abs=0.06) and coords[0, 1] == pytest.approx(y1, abs=0.06)
+    # Non-finite points are dropped, an empty chart still renders.
+    _parse_svg(svg_curve([0, np.nan, 1], [0, 1, np.inf], "t", "x", "y"))
+    _parse_svg(svg_curve(None, None, "empty", "x", "y"))
+    with pytest.raises(InputError, match="same length"):
+        svg_curve([0, 1], [0], "t", "x", "y")
+
+
+def test_svg_histograms_well_formed():
+    edges = np.linspace(0, 1, 11)
+    root = _parse_svg(svg_histograms(np.arange(10), np.arange(10)[::-1], edges, "scores"))
+    texts = [t.text for t in root.iter(SVG + "text")]
+    assert "normal pixels (n=45)" in texts and "anomalous pixels (n=45)" in texts
+    assert len(list(root.iter(SVG + "path"))) == 2
+    with pytest.raises(InputError, match="bin edges"):
+        svg_histograms(np.ones(3), np.ones(3), edges, "bad")
+
+
+def test_html_table_formats_escapes_and_aligns():
+    rows = [{"method": "dpmm<1>", "auroc": 0.91234, "n": 137}, {"method": "bank", "auroc": None, "n": 43008}]
+    table = html_table(rows, ["method", "auroc", "n"], {"auroc": ".3f"})
+    assert "0.912" in table and "dpmm&lt;1&gt;" in table and "&mdash;" in table
+    assert '<td class="num">43008</td>' in table and "<td>bank</td>" in table
+    ET.fromstring(table.replace("&mdash;", "-"))
+
+
+def test_html_report_contains_sections_warning_images_and_is_atomic(tmp_path):
+    thumb = np.zeros((8, 8, 3), dtype=np.uint8)
+    grid = image_grid_html([("case <1>", thumb)])
+    assert png_data_uri(thumb) in grid and "case &lt;1&gt;" in grid
+    chart = svg_curve([0, 1], [0, 1], "curve", "x", "y")
+    path = tmp_path / "out" / "report.html"
+    html_report(
+        path,
+        "Bench & co",
+        [("Results", "<p>table</p>"), ("Curves", chart), ("Cases", grid)],
+        warning="random backbone weights: quality numbers are meaningless",
+    )
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and "<title>Bench &amp; co</title>" in text
+    assert "random backbone weights: quality numbers are meaningless" in text and 'class="warning"' in text
+    for heading in ("Results", "Curves", "Cases"):
+        assert f"<h2>{heading}</h2>" in text
+    assert "<svg" in text and "data:image/png;base64," in text
+    assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")  # self-contained
+    html_report(tmp_path / "plain.html", "t", [("Only", "<p>x</p>")])
+    assert 'class="warning"' not in (tmp_path / "plain.html").read_text()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html"]
