@@ -1,0 +1,928 @@
+"""Medical volumes in, maps out: NIfTI files and DICOM series read as normalised 2D slices,
+and per-slice maps written back as NIfTI in exactly the input's voxel grid.
+
+Conventions
+-----------
+* A volume is a 3D array ``vol[i, j, k]`` with a 4x4 affine mapping voxel (i, j, k) to world
+  millimetres in the NIfTI RAS+ convention.  NIfTI: the file's own array axes and affine
+  (what ``nibabel.load(path).affine`` gives).  DICOM series: ``i`` = row, ``j`` = column of
+  each file's pixel array, ``k`` = slice position along the slice normal, ascending; the
+  affine comes from ImagePositionPatient / ImageOrientationPatient / PixelSpacing (LPS),
+  flipped to RAS.
+* Slice ``k`` along array axis ``a`` is ``vol[(slice(None),) * a + (k,)]``: the two other
+  array axes, in increasing order, as rows and columns (no transposition or flip to make it
+  display upright).  :class:`VolumeWriter` puts a map back with the same indexing, so map
+  pixel (r, c) of slice k lands on the voxel the input pixel (r, c) came from.
+* Named axes are resolved from the affine with ``nibabel.aff2axcodes`` (closest world axis
+  of each array axis, oblique affines included): "axial" is the array axis pointing S/I,
+  "coronal" A/P, "sagittal" L/R.
+* Memory: slices are read a slab (<= 32 MB) at a time along the file's slowest array axis
+  (the third), never the whole volume.  Other axes use a memory map of an uncompressed
+  .nii, or, for .nii.gz and DICOM, a memory-mapped scratch copy in the temp directory.
+  Maps are written plane by plane while they arrive when slicing along the third axis.
+
+nibabel and pydicom are optional (``pip install "normdino[medical]"``) and imported lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import logging
+import math
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from .errors import InputError
+from .files import atomic_path
+
+logger = logging.getLogger(__name__)
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm")
+AXIS_NAMES = ("axial", "coronal", "sagittal")
+NORMALIZATIONS = ("percentile", "window", "dtype", "none")
+
+_MEDICAL_HINT = 'pip install "normdino[medical]"'
+_AXIS_CODES = {"axial": ("S", "I"), "coronal": ("A", "P"), "sagittal": ("L", "R")}
+_SLAB_BYTES = 32 * 2**20
+_MAX_STAT_SAMPLES = 2_000_000
+_IN_MEMORY_OUTPUT_BYTES = 64 * 2**20
+_DICOM_MAGIC_OFFSET = 128
+_DICOM_PROBE_FILES = 32
+_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+_READ_ERRORS = (OSError, EOFError, zlib.error, ValueError)
+
+
+def _nibabel() -> Any:
+    """Import nibabel, or say how to install it."""
+    try:
+        import nibabel
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise InputError(f"Reading and writing NIfTI volumes needs nibabel: {_MEDICAL_HINT}.") from err
+    return nibabel
+
+
+def _pydicom() -> Any:
+    """Import pydicom, or say how to install it."""
+    try:
+        import pydicom
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise InputError(f"Reading DICOM series needs pydicom: {_MEDICAL_HINT}.") from err
+    return pydicom
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _is_nifti_name(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """A .dcm suffix or the 'DICM' magic after the 128-byte preamble (DICOMDIR excluded)."""
+    if path.name.upper() == "DICOMDIR":
+        return False
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(_DICOM_MAGIC_OFFSET)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _dicom_files(folder: Path, limit: int | None = None) -> list[Path]:
+    """DICOM files directly in ``folder`` (sorted by name); probe at most ``limit`` files."""
+    found = []
+    for probed, entry in enumerate(sorted(folder.iterdir())):
+        if limit is not None and probed >= limit:
+            break
+        if entry.is_file() and _looks_like_dicom(entry):
+            found.append(entry)
+            if limit is not None:
+                break
+    return found
+
+
+def is_volume(path: str | os.PathLike) -> bool:
+    """True for a .nii/.nii.gz file or a folder holding DICOM files (checked cheaply)."""
+    path = Path(path)
+    if path.is_file():
+        return _is_nifti_name(path)
+    if path.is_dir():
+        try:
+            return bool(_dicom_files(path, limit=_DICOM_PROBE_FILES))
+        except OSError:
+            return False
+    return False
+
+
+def list_volumes(path: str | os.PathLike) -> list[Path]:
+    """The volume ``path`` itself, or the volumes directly inside the folder ``path``, sorted."""
+    path = Path(path)
+    if is_volume(path):
+        return [path]
+    if not path.is_dir():
+        raise InputError(f"{path} is neither a NIfTI file, a DICOM folder nor a folder of volumes.")
+    found = [child for child in sorted(path.iterdir()) if is_volume(child)]
+    if not found:
+        raise InputError(f"No NIfTI (.nii, .nii.gz) or DICOM series found in {path}.")
+    return found
+
+
+def volume_stem(path: str | os.PathLike) -> str:
+    """Name of a volume without its suffix, for output names: scan.nii.gz -> scan, a DICOM folder -> its name."""
+    path = Path(path)
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+# --------------------------------------------------------------------------- options
+
+
+def parse_slice_range(text: str) -> slice:
+    """Parse a slice range such as "60:100", ":100", "60:" or "60:100:2" (Python slice rules)."""
+    parts = str(text).strip().split(":")
+    if len(parts) not in (2, 3):
+        raise InputError(f"--slices {text!r} is not a range: write START:STOP, e.g. 60:100.")
+    try:
+        values = [int(p) if p.strip() else None for p in parts]
+    except ValueError as err:
+        raise InputError(f"--slices {text!r} is not a range of integers: write START:STOP, e.g. 60:100.") from err
+    if len(values) == 3 and values[2] == 0:
+        raise InputError(f"--slices {text!r} has a step of 0: use a positive step.")
+    return slice(*values)
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    """Parse an intensity window "LOW,HIGH" (e.g. "-200,250" Hounsfield units)."""
+    parts = str(text).replace(" ", "").split(",")
+    try:
+        low, high = (float(p) for p in parts)
+    except ValueError as err:
+        raise InputError(f"--window {text!r} is not LOW,HIGH: write two numbers, e.g. -200,250.") from err
+    if not low < high:
+        raise InputError(f"--window {text!r} needs LOW < HIGH, e.g. -200,250.")
+    return low, high
+
+
+@dataclass
+class SliceOptions:
+    """How a volume becomes 2D slices: axis, slice range, foreground rule, intensity normalisation.
+
+    normalization: "percentile" clips to the volume's ``percentiles`` and scales to [0, 1] (MRI);
+    "window" clips to ``window`` (e.g. HU for CT) and scales to [0, 1]; "dtype" divides by the
+    largest value of an unsigned integer data type (uint8 -> /255, same values as 8-bit PNG
+    slices); "none" keeps raw values.  Default: "window" when ``window`` is set, else "percentile".
+    A pixel is foreground when its normalised value exceeds ``foreground_threshold`` ("none":
+    that fraction of the volume's min..max range); slices with a smaller foreground fraction than
+    ``min_foreground`` are skipped.  ``eight_bit`` rounds to multiples of 1/255 like an 8-bit export.
+    """
+
+    axis: str | int = "axial"
+    slices: slice | None = None
+    min_foreground: float = 0.0
+    normalization: str | None = None
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    window: tuple[float, float] | None = None
+    volume_index: int | None = None
+    foreground_threshold: float = 0.05
+    eight_bit: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.slices, str):
+            self.slices = parse_slice_range(self.slices)
+        if isinstance(self.window, str):
+            self.window = parse_window(self.window)
+        if self.normalization is None:
+            self.normalization = "window" if self.window is not None else "percentile"
+        if self.normalization not in NORMALIZATIONS:
+            raise InputError(f"Unknown normalization {self.normalization!r}: use one of {', '.join(NORMALIZATIONS)}.")
+        if self.normalization == "window":
+            if self.window is None:
+                raise InputError("normalization 'window' needs a window, e.g. --window -200,250.")
+            low, high = (float(v) for v in self.window)
+            if not low < high:
+                raise InputError(f"--window {self.window} needs LOW < HIGH, e.g. -200,250.")
+            self.window = (low, high)
+        elif self.window is not None:
+            raise InputError(f"A window was given but normalization is {self.normalization!r}: drop one of them.")
+        low_p, high_p = (float(p) for p in self.percentiles)
+        if not 0.0 <= low_p < high_p <= 100.0:
+            raise InputError(f"percentiles {self.percentiles} must satisfy 0 <= low < high <= 100.")
+        self.percentiles = (low_p, high_p)
+        if not 0.0 <= self.min_foreground <= 1.0:
+            raise InputError(f"min_foreground {self.min_foreground} must be a fraction between 0 and 1.")
+        if not 0.0 <= self.foreground_threshold < 1.0:
+            raise InputError(f"foreground_threshold {self.foreground_threshold} must be in [0, 1).")
+        if self.volume_index is not None and self.volume_index < 0:
+            raise InputError(f"--volume-index {self.volume_index} must be 0 or more.")
+        if self.slices is not None and self.slices.step is not None and self.slices.step <= 0:
+            raise InputError(f"--slices step {self.slices.step} must be positive.")
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _read_exact(f: BinaryIO, nbytes: int, path: Path) -> bytes:
+    """Read exactly ``nbytes`` or raise an InputError saying the file is truncated or corrupt."""
+    try:
+        data = f.read(nbytes)
+    except _READ_ERRORS as err:
+        raise InputError(f"{path} is truncated or corrupt ({err}); export or download it again.") from err
+    if len(data) != nbytes:
+        raise InputError(f"{path} is truncated: its image data ends early; export or download it again.")
+    return data
+
+
+def _runs(indices: Iterable[int], max_len: int) -> Iterator[tuple[int, int]]:
+    """Group sorted indices into [start, stop) runs of consecutive values, each at most ``max_len`` long."""
+    start = stop = None
+    for k in indices:
+        if start is not None and k == stop and stop - start < max_len:
+            stop += 1
+            continue
+        if start is not None:
+            yield start, stop
+        start, stop = k, k + 1
+    if start is not None:
+        yield start, stop
+
+
+class _NiftiSource:
+    """Raw voxel planes of one 3D volume in a .nii or .nii.gz file, read with plain seeks and reads."""
+
+    def __init__(self, path: Path, shape4: tuple[int, ...], dtype: np.dtype, offset: int,
+                 slope: float, inter: float, time_index: int) -> None:
+        self.path = path
+        self.shape4 = shape4
+        self.raw_dtype = dtype
+        self.offset = offset
+        self.slope = float(slope)
+        self.inter = float(inter)
+        self.time_index = time_index
+        self.compressed = path.name.lower().endswith(".gz")
+
+    @property
+    def plane_bytes(self) -> int:
+        return self.shape4[0] * self.shape4[1] * self.raw_dtype.itemsize
+
+    def scale(self, raw: np.ndarray) -> np.ndarray:
+        """Stored values -> real values as float32 (NIfTI scl_slope / scl_inter)."""
+        out = np.asarray(raw, dtype=np.float32)
+        if self.slope != 1.0 or self.inter != 0.0:
+            out = out * np.float32(self.slope) + np.float32(self.inter)
+        return out
+
+    def _open(self) -> BinaryIO:
+        try:
+            return gzip.open(self.path, "rb") if self.compressed else open(self.path, "rb")
+        except OSError as err:
+            raise InputError(f"Cannot read {self.path}: {err}.") from err
+
+    def iter_raw_planes(self, indices: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """(k, stored plane k along the third axis) for sorted ``indices``, one slab read at a time."""
+        nx, ny, nz = self.shape4[:3]
+        base = self.offset + self.time_index * nz * self.plane_bytes
+        slab = max(1, _SLAB_BYTES // max(1, self.plane_bytes))
+        with self._open() as f:
+            for start, stop in _runs(indices, slab):
+                try:
+                    f.seek(base + start * self.plane_bytes)
+                except _READ_ERRORS as err:
+                    raise InputError(f"{self.path} is truncated or corrupt ({err}); export or download it again.") from err
+                data = _read_exact(f, (stop - start) * self.plane_bytes, self.path)
+                block = np.frombuffer(data, dtype=self.raw_dtype).reshape((nx, ny, stop - start), order="F")
+                for offset_in_block in range(stop - start):
+                    yield start + offset_in_block, block[:, :, offset_in_block]
+
+    def memmap(self) -> np.ndarray | None:
+        """The stored 3D array as a read-only memory map (uncompressed files only)."""
+        if self.compressed:
+            return None
+        full = np.memmap(self.path, dtype=self.raw_dtype, mode="r", offset=self.offset, shape=self.shape4, order="F")
+        return full[..., self.time_index]
+
+    def check_complete(self) -> None:
+        """Refuse a file too short for its header's data (cheap: file size, or the gzip ISIZE trailer)."""
+        expected = self.offset + int(np.prod(self.shape4)) * self.raw_dtype.itemsize
+        if not self.compressed:
+            if self.path.stat().st_size < expected:
+                raise InputError(f"{self.path} is truncated: its header promises more image data than the file holds.")
+            return
+        with open(self.path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            isize = int.from_bytes(f.read(4), "little")
+        if isize == expected % 2**32:
+            return
+        # Trailer disagrees (truncated file, or a multi-member / padded gzip): decompress once to be sure.
+        total = 0
+        with self._open() as f:
+            while True:
+                try:
+                    chunk = f.read(16 * 2**20)
+                except _READ_ERRORS as err:
+                    raise InputError(f"{self.path} is truncated or corrupt ({err}); export or download it again.") from err
+                if not chunk:
+                    break
+                total += len(chunk)
+        if total < expected:
+            raise InputError(f"{self.path} is truncated: its header promises more image data than the file holds.")
+
+
+class _DicomSource:
+    """Planes of a DICOM series, one file per plane, rescaled to real values (e.g. HU)."""
+
+    def __init__(self, files: list[Path], rescale: list[tuple[float, float]], shape: tuple[int, int, int],
+                 raw_dtype: np.dtype) -> None:
+        self.files = files
+        self.rescale = rescale
+        self.shape = shape
+        self.raw_dtype = raw_dtype
+
+    def scale(self, raw: np.ndarray) -> np.ndarray:
+        return np.asarray(raw, dtype=np.float32)
+
+    def read_plane(self, k: int) -> np.ndarray:
+        """Pixel array of file k with its own RescaleSlope / RescaleIntercept applied."""
+        pydicom = _pydicom()
+        path = self.files[k]
+        try:
+            ds = pydicom.dcmread(path)
+            pixels = ds.pixel_array
+        except Exception as err:  # pydicom raises many types for bad pixel data
+            raise InputError(f"Cannot read the pixel data of {path} ({err}); the file may be truncated, "
+                             f"or compressed with a codec that needs extra packages (pylibjpeg, gdcm).") from err
+        if pixels.shape != self.shape[:2]:
+            raise InputError(f"{path} has pixel array shape {pixels.shape}, expected {self.shape[:2]} "
+                             f"like the rest of its series.")
+        slope, inter = self.rescale[k]
+        out = pixels.astype(np.float32)
+        if slope != 1.0 or inter != 0.0:
+            out = out * np.float32(slope) + np.float32(inter)
+        return out
+
+    def iter_raw_planes(self, indices: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
+        for k in indices:
+            yield k, self.read_plane(k)
+
+    def memmap(self) -> None:
+        return None
+
+
+def _dicom_affine(position: np.ndarray, orientation: np.ndarray, spacing: np.ndarray,
+                  slice_step: np.ndarray) -> np.ndarray:
+    """RAS affine of array (row, column, slice) from DICOM LPS geometry."""
+    row_cosine, column_cosine = orientation[:3], orientation[3:]
+    lps = np.eye(4)
+    lps[:3, 0] = column_cosine * spacing[0]  # moving down a row: along the column direction, row spacing
+    lps[:3, 1] = row_cosine * spacing[1]     # moving along a row: column spacing
+    lps[:3, 2] = slice_step
+    lps[:3, 3] = position
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def _open_dicom_series(folder: Path) -> tuple[_DicomSource, np.ndarray]:
+    """Read the headers of a DICOM folder, check it is one series, sort slices along the normal."""
+    pydicom = _pydicom()
+    files = _dicom_files(folder)
+    if not files:
+        raise InputError(f"No DICOM files in {folder}.")
+    records = []
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as err:
+            raise InputError(f"{path} is not a readable DICOM file ({err}); remove it from {folder} or re-export.") from err
+        if str(ds.get("SOPClassUID", "")) == _DICOMDIR_SOP_CLASS:
+            continue
+        missing = [key for key in ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient",
+                                   "PixelSpacing") if key not in ds]
+        if missing:
+            raise InputError(f"{path} lacks {', '.join(missing)}: it is not an image slice of a 3D series.")
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise InputError(f"{path} is a multi-frame DICOM, which is not supported: convert it to NIfTI "
+                             f"(e.g. with dcm2niix).")
+        if int(ds.get("SamplesPerPixel", 1)) != 1:
+            raise InputError(f"{path} is a colour image; only grayscale DICOM series are supported.")
+        records.append({
+            "path": path,
+            "series": str(ds.get("SeriesInstanceUID", "")),
+            "size": (int(ds.Rows), int(ds.Columns)),
+            "position": np.array([float(v) for v in ds.ImagePositionPatient]),
+            "orientation": np.array([float(v) for v in ds.ImageOrientationPatient]),
+            "spacing": np.array([float(v) for v in ds.PixelSpacing]),
+            "rescale": (float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0)),
+            "signed": int(ds.get("PixelRepresentation", 0)) == 1,
+            "bits": int(ds.get("BitsAllocated", 16)),
+            "thickness": float(ds.get("SpacingBetweenSlices", ds.get("SliceThickness", 1.0)) or 1.0),
+        })
+    if not records:
+        raise InputError(f"No DICOM image slices in {folder}.")
+    series = sorted({r["series"] for r in records})
+    if len(series) > 1:
+        raise InputError(f"{folder} mixes {len(series)} DICOM series (SeriesInstanceUID {', '.join(series[:3])}"
+                         f"{', ...' if len(series) > 3 else ''}): put each series in its own folder.")
+    first = records[0]
+    for r in records[1:]:
+        if r["size"] != first["size"]:
+            raise InputError(f"{r['path']} is {r['size'][0]}x{r['size'][1]} pixels but {first['path']} is "
+                             f"{first['size'][0]}x{first['size'][1]}: one folder must hold one series of equal-sized slices.")
+        if not np.allclose(r["orientation"], first["orientation"], atol=1e-4):
+            raise InputError(f"{r['path']} has another ImageOrientationPatient than {first['path']}: "
+                             f"one folder must hold one series.")
+        if not np.allclose(r["spacing"], first["spacing"], atol=1e-4):
+            raise InputError(f"{r['path']} has another PixelSpacing than {first['path']}: one folder must hold one series.")
+    orientation = first["orientation"]
+    normal = np.cross(orientation[:3], orientation[3:])
+    records.sort(key=lambda r: float(r["position"] @ normal))
+    first = records[0]
+    depths = np.array([r["position"] @ normal for r in records])
+    if len(records) > 1:
+        gaps = np.diff(depths)
+        if np.any(gaps < 1e-4 * max(1.0, float(np.abs(gaps).max()))):
+            k = int(np.argmin(gaps))
+            raise InputError(f"{records[k]['path']} and {records[k + 1]['path']} lie at the same position: "
+                             f"{folder} holds several echoes or time points; put each in its own folder.")
+        slice_step = (records[-1]["position"] - records[0]["position"]) / (len(records) - 1)
+        if gaps.max() - gaps.min() > 0.01 * gaps.mean():
+            logger.warning("%s: slice spacing varies from %.3g to %.3g mm (missing slices?); the written "
+                           "maps use the mean spacing.", folder, gaps.min(), gaps.max())
+    else:
+        slice_step = normal * first["thickness"]
+    affine = _dicom_affine(first["position"], orientation, first["spacing"], slice_step)
+    rescale = [r["rescale"] for r in records]
+    if all(s == 1.0 and float(i).is_integer() for s, i in rescale) and first["bits"] in (8, 16):
+        raw_dtype = np.dtype(f"{'i' if first['signed'] else 'u'}{first['bits'] // 8}")
+        if any(i != 0.0 for _, i in rescale):
+            raw_dtype = np.dtype(np.float32)
+    else:
+        raw_dtype = np.dtype(np.float32)
+    shape = (first["size"][0], first["size"][1], len(records))
+    return _DicomSource([r["path"] for r in records], rescale, shape, raw_dtype), affine
+
+
+# --------------------------------------------------------------------------- volume
+
+
+def _normalise(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Clip to [low, high] and scale to [0, 1] in float32 (all zeros when high <= low); NaN -> 0."""
+    if not high > low:
+        return np.zeros(values.shape, dtype=np.float32)
+    out = (values.astype(np.float32, copy=False) - np.float32(low)) * np.float32(1.0 / (high - low))
+    np.clip(out, 0.0, 1.0, out=out)
+    if out.dtype.kind == "f":
+        np.nan_to_num(out, copy=False, nan=0.0)
+    return out
+
+
+class Volume:
+    """A lazily read 3D volume: geometry at hand, voxels read slice by slice on demand.
+
+    Attributes: ``path``, ``kind`` ("nifti" or "dicom"), ``shape`` (3D), ``affine`` (4x4, RAS mm),
+    ``dtype`` (stored data type), ``header`` (nibabel header for NIfTI, else None), ``files``
+    (DICOM files sorted by slice position), ``volume_index`` (the 4D volume used, NIfTI).
+    """
+
+    def __init__(self, path: Path, kind: str, shape: tuple[int, int, int], affine: np.ndarray, source: Any,
+                 *, header: Any = None, files: tuple[Path, ...] = (), volume_index: int | None = None) -> None:
+        self.path = path
+        self.kind = kind
+        self.shape = shape
+        self.affine = affine
+        self.header = header
+        self.files = files
+        self.volume_index = volume_index
+        self.dtype = source.raw_dtype
+        self._source = source
+        self._scratch: np.ndarray | None = None
+        self._scratch_file: Any = None
+        self._stats: dict[tuple[float, float], dict[str, float]] = {}
+        self._foreground: dict[tuple, dict[int, float]] = {}
+
+    # ---- opening
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, volume_index: int | None = None) -> "Volume":
+        """Open a .nii/.nii.gz file or a DICOM series folder; headers only, no voxel data yet."""
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"{path} does not exist.")
+        if path.is_dir():
+            if volume_index not in (None, 0):
+                raise InputError(f"--volume-index {volume_index} was given but {path} is a DICOM series with one volume.")
+            source, affine = _open_dicom_series(path)
+            return cls(path, "dicom", source.shape, affine, source, files=tuple(source.files))
+        if _is_nifti_name(path):
+            return cls._open_nifti(path, volume_index)
+        if path.suffix.lower() == ".dcm" or _looks_like_dicom(path):
+            raise InputError(f"{path} is a single DICOM file: pass the folder that holds its series.")
+        raise InputError(f"{path} is not a volume: use a .nii or .nii.gz file or a folder of DICOM files.")
+
+    @classmethod
+    def _open_nifti(cls, path: Path, volume_index: int | None) -> "Volume":
+        nib = _nibabel()
+        try:
+            image = nib.load(path)
+            header = image.header
+            shape = tuple(int(s) for s in image.shape)
+            dtype = np.dtype(image.dataobj.dtype)
+            offset = int(image.dataobj.offset)  # image.header's vox_offset is reset by nibabel
+            slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
+            affine = np.array(image.affine, dtype=np.float64)
+        except InputError:
+            raise
+        except Exception as err:  # nibabel raises many types for a bad header or gzip stream
+            raise InputError(f"{path} is not a readable NIfTI file ({err}); it may be truncated or corrupt.") from err
+        if not isinstance(header, (nib.Nifti1Header, nib.Nifti2Header)) or not getattr(header, "is_single", True):
+            raise InputError(f"{path} is not a single-file NIfTI image.")
+        while len(shape) > 4 and shape[-1] == 1:
+            shape = shape[:-1]
+        if len(shape) > 4:
+            raise InputError(f"{path} has {len(shape)} dimensions {shape}: only 3D and 4D volumes are supported.")
+        if len(shape) < 3:
+            shape = shape + (1,) * (3 - len(shape))
+        n_volumes = shape[3] if len(shape) == 4 else 1
+        if n_volumes > 1 and volume_index is None:
+            raise InputError(f"{path} is 4D with {n_volumes} volumes (e.g. time points or echoes): choose one "
+                             f"with --volume-index 0..{n_volumes - 1}.")
+        index = 0 if volume_index is None else int(volume_index)
+        if not 0 <= index < n_volumes:
+            raise InputError(f"--volume-index {volume_index} is out of range for {path}, which holds "
+                             f"{n_volumes} volume{'s' if n_volumes > 1 else ''} (0..{n_volumes - 1}).")
+        shape4 = shape[:3] + (n_volumes,)
+        source = _NiftiSource(path, shape4, dtype, offset, slope, inter, index)
+        source.check_complete()
+        return cls(path, "nifti", shape[:3], affine, source, header=header,
+                   volume_index=volume_index if n_volumes > 1 or volume_index is not None else None)
+
+    def close(self) -> None:
+        """Drop the scratch copy (if one was made) and cached statistics."""
+        self._scratch = None
+        if self._scratch_file is not None:
+            self._scratch_file.close()
+            self._scratch_file = None
+
+    def __enter__(self) -> "Volume":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Volume({str(self.path)!r}, kind={self.kind!r}, shape={self.shape}, axcodes={''.join(self.axcodes)})"
+
+    # ---- geometry
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along each array axis."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def axcodes(self) -> tuple[str, str, str]:
+        """World direction (R/L, A/P, S/I) closest to each array axis."""
+        nib = _nibabel()
+        return tuple(str(c) for c in nib.aff2axcodes(self.affine))
+
+    def resolve_axis(self, axis: str | int) -> int:
+        """Array axis for "axial" / "coronal" / "sagittal" (from the affine) or an integer axis."""
+        if isinstance(axis, str) and axis.strip().lstrip("-").isdigit():
+            axis = int(axis)
+        if isinstance(axis, (int, np.integer)):
+            if not -3 <= axis < 3:
+                raise InputError(f"Slicing axis {axis} is out of range for a 3D volume: use 0, 1 or 2.")
+            return int(axis) % 3
+        name = str(axis).strip().lower()
+        if name not in _AXIS_CODES:
+            raise InputError(f"Unknown slicing axis {axis!r}: use axial, coronal, sagittal or 0, 1, 2.")
+        codes = self.axcodes
+        for index, code in enumerate(codes):
+            if code in _AXIS_CODES[name]:
+                return index
+        raise InputError(f"The affine of {self.path} does not say which array axis is {name} "
+                         f"(orientation {codes}): give the axis as 0, 1 or 2.")
+
+    def slice_shape(self, axis: str | int) -> tuple[int, int]:
+        """Shape of one 2D slice along ``axis``."""
+        a = self.resolve_axis(axis)
+        return tuple(s for i, s in enumerate(self.shape) if i != a)
+
+    # ---- voxels
+
+    def _random_access(self) -> tuple[np.ndarray, Any]:
+        """A 3D array of stored values for slicing along any axis: a memmap of the file or a scratch copy."""
+        mapped = self._source.memmap()
+        if mapped is not None:
+            return mapped, self._source
+        if self._scratch is None:
+            self._scratch_file = tempfile.TemporaryFile(prefix="normdino-volume-")
+            self._scratch = np.memmap(self._scratch_file, dtype=self._source.raw_dtype, mode="w+", shape=self.shape,
+                                      order="F")
+            for k, plane in self._source.iter_raw_planes(range(self.shape[2])):
+                self._scratch[:, :, k] = plane
+            logger.debug("%s: made a scratch copy (%d MB) to slice along a non-native axis",
+                         self.path, self._scratch.nbytes // 2**20)
+        return self._scratch, self._source
+
+    def _raw_slices(self, axis: int, indices: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """(k, real-valued float32 slice k along ``axis``) for sorted ``indices``."""
+        if axis == 2 and self._scratch is None:
+            for k, plane in self._source.iter_raw_planes(indices):
+                yield k, np.ascontiguousarray(self._source.scale(plane))
+            return
+        array, source = self._random_access()
+        for k in indices:
+            plane = np.take(array, k, axis=axis)
+            yield k, np.ascontiguousarray(source.scale(plane))
+
+    def statistics(self, percentiles: tuple[float, float] = (0.5, 99.5)) -> dict[str, float]:
+        """min, max and the two percentiles of the volume's finite values (one pass, cached).
+
+        Percentiles are exact up to 2 million voxels; above that they are estimated on a seeded
+        uniform random sample of about 2 million voxels, so memory stays bounded.
+        """
+        key = (float(percentiles[0]), float(percentiles[1]))
+        if key in self._stats:
+            return self._stats[key]
+        total = int(np.prod(self.shape))
+        rate = min(1.0, _MAX_STAT_SAMPLES / max(1, total))
+        rng = np.random.default_rng(0)
+        samples, low, high = [], math.inf, -math.inf
+        for _, plane in self._raw_slices(2, range(self.shape[2])):
+            values = plane.ravel()
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                values = values[np.isfinite(values)]
+            if values.size == 0:
+                continue
+            low, high = min(low, float(values.min())), max(high, float(values.max()))
+            if rate < 1.0:
+                values = values[rng.integers(0, values.size, int(math.ceil(values.size * rate)))]
+            samples.append(values.copy())
+        if not samples:
+            raise InputError(f"{self.path} holds no finite voxel values.")
+        sample = np.concatenate(samples)
+        p_low, p_high = np.percentile(sample, key)
+        stats = {"min": low, "max": high, "p_low": float(p_low), "p_high": float(p_high)}
+        self._stats[key] = stats
+        return stats
+
+    def intensity_range(self, options: SliceOptions) -> tuple[float, float] | None:
+        """The (low, high) real values mapped to 0 and 1 by ``options``; None for "none"."""
+        if options.normalization == "window":
+            return options.window
+        if options.normalization == "percentile":
+            stats = self.statistics(options.percentiles)
+            return stats["p_low"], stats["p_high"]
+        if options.normalization == "dtype":
+            scaled = self.kind == "nifti" and (self._source.slope != 1.0 or self._source.inter != 0.0)
+            if self.dtype.kind != "u" or scaled:
+                raise InputError(f"normalization 'dtype' needs unsigned integer voxels, but {self.path} stores "
+                                 f"{'scaled ' if scaled else ''}{self.dtype}: use 'percentile' or 'window'.")
+            return 0.0, float(np.iinfo(self.dtype).max)
+        return None
+
+    def _foreground_level(self, options: SliceOptions) -> tuple[float, bool]:
+        """Threshold for foreground pixels and whether it applies to normalised (True) or raw values."""
+        if options.normalization == "none":
+            stats = self.statistics(options.percentiles)
+            return stats["min"] + options.foreground_threshold * (stats["max"] - stats["min"]), False
+        return options.foreground_threshold, True
+
+    def _candidates(self, axis: int, options: SliceOptions) -> list[int]:
+        indices = range(self.shape[axis])
+        if options.slices is not None:
+            indices = indices[options.slices]
+        return sorted(indices)
+
+    def _iter(self, options: SliceOptions, indices: list[int] | None) -> Iterator[tuple[int, np.ndarray, bool]]:
+        """(k, normalised slice, kept?) over the candidate slices, applying the foreground rule."""
+        axis = self.resolve_axis(options.axis)
+        value_range = self.intensity_range(options)
+        check = indices is None and options.min_foreground > 0
+        candidates = self._candidates(axis, options) if indices is None else sorted(set(int(k) for k in indices))
+        bad = [k for k in candidates if not 0 <= k < self.shape[axis]]
+        if bad:
+            raise InputError(f"Slice {bad[0]} is out of range for axis {axis} of {self.path} ({self.shape[axis]} slices).")
+        level, on_normalised = self._foreground_level(options) if check else (0.0, True)
+        cache_key = (axis, options.normalization, tuple(options.percentiles), options.window,
+                     options.foreground_threshold, options.eight_bit)
+        fractions = self._foreground.setdefault(cache_key, {})
+        for k, raw in self._raw_slices(axis, candidates):
+            out = raw if value_range is None else _normalise(raw, *value_range)
+            if options.eight_bit and value_range is not None:
+                out = np.round(out * 255.0) / np.float32(255.0)
+            keep = True
+            if check:
+                if k not in fractions:
+                    fractions[k] = float(np.mean((out if on_normalised else raw) > level))
+                keep = fractions[k] >= options.min_foreground
+            yield k, out, keep
+
+    def slice_indices(self, options: SliceOptions) -> list[int]:
+        """Slices kept along the options' axis: the slice range, then the foreground rule."""
+        axis = self.resolve_axis(options.axis)
+        candidates = self._candidates(axis, options)
+        if not candidates:
+            logger.warning("%s: slice range %s selects no slice of %d.", self.path, options.slices, self.shape[axis])
+        if options.min_foreground <= 0:
+            return candidates
+        return [k for k, _, keep in self._iter(options, None) if keep]
+
+    def iter_slices(self, options: SliceOptions, indices: Iterable[int] | None = None
+                    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(k, float32 2D slice) in increasing k; normalised to [0, 1] unless normalization is "none".
+
+        ``indices`` overrides the range and foreground rule (e.g. read a mask's slices at the
+        image's kept indices).  Reads slab by slab; percentile statistics take one extra pass.
+        """
+        for k, out, keep in self._iter(options, None if indices is None else list(indices)):
+            if keep:
+                yield k, out
+
+    def read_slice(self, index: int, options: SliceOptions) -> np.ndarray:
+        """One slice, normalised as ``options`` say (range and foreground rule ignored)."""
+        return next(self.iter_slices(options, indices=[index]))[1]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _output_header(reference: Volume, dtype: np.dtype) -> Any:
+    """A NIfTI header with the reference's geometry (qform, sform, pixdim, units) for a 3D map of ``dtype``."""
+    nib = _nibabel()
+    if reference.header is not None:
+        source = reference.header  # same binary header (qform, sform, pixdim, units), without extensions
+        header = source.__class__(source.binaryblock, source.endianness, check=False)
+        header.set_data_shape(reference.shape)
+    else:
+        header = nib.Nifti1Header()
+        header.set_data_shape(reference.shape)
+        header.set_qform(reference.affine, code=1)
+        header.set_sform(reference.affine, code=1)
+        header.set_xyzt_units("mm")
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1.0, 0.0)
+    header["vox_offset"] = header.single_vox_offset
+    for key in ("cal_min", "cal_max", "intent_code", "intent_p1", "intent_p2", "intent_p3"):
+        header[key] = 0
+    header["intent_name"] = b""
+    header["aux_file"] = b""
+    header["descrip"] = b"normdino map"
+    return header
+
+
+class VolumeWriter:
+    """Write 2D maps into a NIfTI volume with a reference volume's voxel grid and geometry, atomically.
+
+    Use as a context manager and call ``write(k, map)`` per kept slice; slices never written are 0.
+    Along the third array axis maps must come in increasing k and are streamed to disk (memory:
+    one plane); along other axes they are gathered in an array (a temp-file memory map above 64 MB).
+    ``path`` must end in .nii or .nii.gz (gzip level 1); nothing appears there unless close() succeeds.
+    """
+
+    def __init__(self, reference: Volume, path: str | os.PathLike, axis: str | int = "axial",
+                 dtype: Any = np.float32) -> None:
+        self.reference = reference
+        self.path = Path(path)
+        self.axis = reference.resolve_axis(axis)
+        self.dtype = np.dtype(dtype)
+        if not _is_nifti_name(self.path):
+            raise InputError(f"Output {self.path} must end in .nii or .nii.gz.")
+        self._header = _output_header(reference, self.dtype)
+        self._disk_dtype = self._header.get_data_dtype()
+        self._slice_shape = reference.slice_shape(self.axis)
+        self._stack: contextlib.ExitStack | None = None
+        self._file: BinaryIO | None = None
+        self._next = 0
+        self._buffer: np.ndarray | None = None
+        self._buffer_file: Any = None
+        self._written: set[int] = set()
+
+    def __enter__(self) -> "VolumeWriter":
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort(exc)
+
+    def open(self) -> None:
+        """Create the temp file and write the header."""
+        stack = contextlib.ExitStack()
+        tmp = stack.enter_context(atomic_path(self.path))
+        raw = stack.enter_context(open(tmp, "wb"))
+        if self.path.name.lower().endswith(".gz"):
+            self._file = stack.enter_context(gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0))
+        else:
+            self._file = raw
+        self._stack = stack
+        self._header.write_to(self._file)
+        if self.axis != 2:
+            nbytes = int(np.prod(self.reference.shape)) * self.dtype.itemsize
+            if nbytes <= _IN_MEMORY_OUTPUT_BYTES:
+                self._buffer = np.zeros(self.reference.shape, dtype=self.dtype, order="F")
+            else:
+                self._buffer_file = stack.enter_context(tempfile.TemporaryFile(prefix="normdino-map-"))
+                self._buffer = np.memmap(self._buffer_file, dtype=self.dtype, mode="w+",
+                                         shape=self.reference.shape, order="F")
+
+    def _write_plane(self, plane: np.ndarray | None) -> None:
+        if plane is None:
+            self._file.write(bytes(self._zero_plane_bytes))
+        else:
+            self._file.write(np.asarray(plane, dtype=self._disk_dtype).tobytes(order="F"))
+
+    @property
+    def _zero_plane_bytes(self) -> int:
+        return self.reference.shape[0] * self.reference.shape[1] * self.dtype.itemsize
+
+    def write(self, index: int, slice_map: np.ndarray) -> None:
+        """Put the 2D map of slice ``index`` (shape = the slice's shape) into the volume."""
+        if self._file is None:
+            raise RuntimeError("VolumeWriter.write() before open(); use it as a context manager.")
+        index = int(index)
+        slice_map = np.asarray(slice_map)
+        if slice_map.shape != self._slice_shape:
+            raise InputError(f"The map of slice {index} has shape {slice_map.shape} but slices of "
+                             f"{self.reference.path} along axis {self.axis} are {self._slice_shape}: resize it first.")
+        if not 0 <= index < self.reference.shape[self.axis]:
+            raise InputError(f"Slice {index} is out of range for axis {self.axis} of {self.reference.path}.")
+        if index in self._written:
+            raise InputError(f"Slice {index} was written twice to {self.path}.")
+        if self._buffer is not None:
+            self._buffer[(slice(None),) * self.axis + (index,)] = slice_map
+        else:
+            if index < self._next:
+                raise InputError(f"Maps for {self.path} must come in increasing slice order (got {index} after "
+                                 f"{self._next - 1}); pass a dict to write_volume_like instead.")
+            while self._next < index:
+                self._write_plane(None)
+                self._next += 1
+            self._write_plane(slice_map)
+            self._next += 1
+        self._written.add(index)
+
+    def close(self) -> None:
+        """Fill the remaining slices with 0, finish the file and move it onto ``path``."""
+        if self._stack is None:
+            return
+        try:
+            if self._buffer is not None:
+                for k in range(self.reference.shape[2]):
+                    self._write_plane(self._buffer[:, :, k])
+            else:
+                while self._next < self.reference.shape[2]:
+                    self._write_plane(None)
+                    self._next += 1
+        except BaseException as err:
+            self.abort(err)
+            raise
+        stack, self._stack, self._file, self._buffer = self._stack, None, None, None
+        stack.close()
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Discard the temp file; ``path`` is left untouched."""
+        if self._stack is None:
+            return
+        stack, self._stack, self._file, self._buffer = self._stack, None, None, None
+        error = exc if exc is not None else RuntimeError("VolumeWriter aborted")
+        stack.__exit__(type(error), error, error.__traceback__)
+
+
+def write_volume_like(reference: Volume, slice_maps: Mapping[int, np.ndarray] | Iterable[tuple[int, np.ndarray]],
+                      options: SliceOptions, path: str | os.PathLike, dtype: Any = np.float32) -> None:
+    """Write per-slice 2D maps as a NIfTI volume in ``reference``'s voxel grid (skipped slices = 0).
+
+    The header keeps the reference's qform, sform, pixdim and units (NIfTI input) or the affine
+    computed from the DICOM geometry; the map of slice k goes where slice k was read from.
+    """
+    items = sorted(slice_maps.items()) if isinstance(slice_maps, Mapping) else slice_maps
+    with VolumeWriter(reference, path, options.axis, dtype) as writer:
+        for index, slice_map in items:
+            writer.write(index, slice_map)
+
+
+def read_mask_volume(path: str | os.PathLike, reference: Volume) -> Volume:
+    """Open a mask volume and check it lies on the reference's voxel grid (same shape and affine)."""
+    mask = Volume.open(path)
+    if mask.shape != reference.shape:
+        raise InputError(f"Mask {mask.path} has shape {mask.shape} but its image {reference.path} has "
+                         f"{reference.shape}: masks must be on the image's voxel grid.")
+    if not np.allclose(mask.affine, reference.affine, rtol=1e-5, atol=1e-4):
+        raise InputError(f"Mask {mask.path} has another affine than its image {reference.path}: resample "
+                         f"the mask onto the image's voxel grid.")
+    return mask
