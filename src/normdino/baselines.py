@@ -1,0 +1,261 @@
+"""Baseline scorers on patch tokens: the AnomalyDINO memory bank, a PatchCore-style greedy coreset, ablation scores.
+
+All scorers take tokens of shape (..., D) and return one anomaly score per token (shape ``tokens.shape[:-1]``),
+higher = more anomalous. Distances are computed chunk by chunk, so memory stays bounded by
+``max_chunk_elements`` similarity entries (64 MiB at float32 by default) whatever the bank size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from normdino.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("cosine", "euclidean")
+
+__all__ = ["score_tokens", "nearest_prototype", "score_best_component", "greedy_coreset", "MemoryBank", "Coreset", "METRICS"]
+
+
+def _as_tokens(tokens: torch.Tensor | np.ndarray, name: str = "tokens") -> torch.Tensor:
+    t = torch.as_tensor(tokens)
+    if t.ndim < 1 or t.shape[-1] == 0:
+        raise InputError(f"{name} must have shape (..., D) with D > 0, got {tuple(t.shape)}.")
+    if not t.is_floating_point():
+        t = t.float()
+    return t
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise InputError(f"Unknown metric {metric!r}; choose one of {', '.join(METRICS)}.")
+
+
+def nearest_prototype(
+    tokens: torch.Tensor | np.ndarray,
+    prototypes: torch.Tensor | np.ndarray,
+    metric: str = "cosine",
+    *,
+    max_chunk_elements: int = 1 << 24,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance to the nearest prototype and its index, per token.
+
+    cosine: 1 − max cosine similarity (tokens and prototypes are L2-normalised chunk by chunk);
+    euclidean: min ‖x − p‖ via ‖x‖² + ‖p‖² − 2 x·p. Computed in float32 over prototype chunks.
+    """
+    _check_metric(metric)
+    x = _as_tokens(tokens)
+    protos = _as_tokens(prototypes, "prototypes")
+    if protos.ndim != 2 or protos.shape[0] == 0:
+        raise InputError(f"prototypes must have shape (K, D) with K > 0, got {tuple(protos.shape)}.")
+    if x.shape[-1] != protos.shape[1]:
+        raise InputError(f"tokens have dimension {x.shape[-1]} but prototypes have {protos.shape[1]}; use the same backbone for both.")
+    batch_shape = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1]).float()
+    m, k = x.shape[0], protos.shape[0]
+    if metric == "cosine":
+        x = F.normalize(x, dim=1)
+    query_chunk = max(1, min(m, 4096))
+    proto_chunk = max(1, min(k, max_chunk_elements // query_chunk))
+    best = torch.full((m,), -math.inf if metric == "cosine" else math.inf)
+    best_index = torch.zeros(m, dtype=torch.long)
+    with torch.no_grad():
+        for q0 in range(0, m, query_chunk):
+            q = x[q0:q0 + query_chunk]
+            q_sq = (q * q).sum(1, keepdim=True) if metric == "euclidean" else None
+            best_q, index_q = best[q0:q0 + query_chunk], best_index[q0:q0 + query_chunk]
+            for p0 in range(0, k, proto_chunk):
+                p = protos[p0:p0 + proto_chunk].float()
+                if metric == "cosine":
+                    values, idx = (q @ F.normalize(p, dim=1).T).max(dim=1)
+                    better = values > best_q
+                else:
+                    d2 = q_sq + (p * p).sum(1) - 2.0 * (q @ p.T)
+                    values, idx = d2.min(dim=1)
+                    better = values < best_q
+                best_q[better] = values[better]
+                index_q[better] = idx[better] + p0
+    distance = 1.0 - best if metric == "cosine" else best.clamp_min(0.0).sqrt()
+    return distance.reshape(batch_shape), best_index.reshape(batch_shape)
+
+
+def score_tokens(
+    tokens: torch.Tensor | np.ndarray,
+    prototypes: torch.Tensor | np.ndarray,
+    metric: str = "cosine",
+    *,
+    max_chunk_elements: int = 1 << 24,
+) -> torch.Tensor:
+    """Anomaly score per token = distance to the nearest prototype (see :func:`nearest_prototype`)."""
+    return nearest_prototype(tokens, prototypes, metric, max_chunk_elements=max_chunk_elements)[0]
+
+
+def score_best_component(
+    tokens: torch.Tensor | np.ndarray,
+    means: torch.Tensor | np.ndarray,
+    variances: torch.Tensor | np.ndarray,
+    log_weights: torch.Tensor | np.ndarray | None = None,
+    *,
+    max_chunk_elements: int = 1 << 24,
+) -> torch.Tensor:
+    """Ablation score: −max_k [log π_k + log N(x | μ_k, diag σ²_k)] (log π_k omitted when ``log_weights`` is None).
+
+    Uses two matrix products per chunk (x² · 1/σ² and x · μ/σ²), never a (tokens, K, D) tensor.
+    """
+    x = _as_tokens(tokens)
+    mu = _as_tokens(means, "means").double()
+    var = _as_tokens(variances, "variances").double()
+    if mu.ndim != 2 or mu.shape != var.shape or x.shape[-1] != mu.shape[1]:
+        raise InputError(
+            f"means {tuple(mu.shape)} and variances {tuple(var.shape)} must both be (K, D) with the tokens' D = {x.shape[-1]}."
+        )
+    if bool((var <= 0).any()):
+        raise InputError("variances must be positive.")
+    batch_shape = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1]).float()
+    precision = (1.0 / var)
+    constant = -0.5 * ((mu * mu * precision).sum(1) + var.log().sum(1) + mu.shape[1] * math.log(2 * math.pi))
+    if log_weights is not None:
+        constant = constant + torch.as_tensor(log_weights, dtype=torch.float64).reshape(-1)
+    precision32, scaled_mean32, constant32 = precision.float(), (mu * precision).float(), constant.float()
+    chunk = max(1, max_chunk_elements // mu.shape[0])
+    out = torch.empty(x.shape[0])
+    with torch.no_grad():
+        for q0 in range(0, x.shape[0], chunk):
+            q = x[q0:q0 + chunk]
+            loglik = -0.5 * ((q * q) @ precision32.T) + q @ scaled_mean32.T + constant32
+            out[q0:q0 + chunk] = -loglik.max(dim=1).values
+    return out.reshape(batch_shape)
+
+
+def _coreset_count(n: int | float, total: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)):
+        raise InputError(f"Coreset size must be a count (int) or a fraction (float in (0, 1]), got {n!r}.")
+    if isinstance(n, (float, np.floating)):
+        if not 0 < n <= 1:
+            raise InputError(f"A coreset fraction must be in (0, 1], got {n}.")
+        return max(1, int(math.ceil(n * total)))
+    if n < 1:
+        raise InputError(f"A coreset count must be at least 1, got {n}.")
+    return min(int(n), total)
+
+
+def greedy_coreset(
+    tokens: torch.Tensor | np.ndarray,
+    n: int | float,
+    seed: int = 0,
+    projection_dim: int | None = 128,
+    *,
+    max_chunk_elements: int = 1 << 24,
+) -> torch.Tensor:
+    """Indices (in selection order) of a k-center greedy coreset of ``n`` tokens (count, or fraction if float).
+
+    As PatchCore: distances are Euclidean, computed on a random Gaussian projection to ``projection_dim``
+    dimensions (Johnson–Lindenstrauss; None or ≥ D = no projection); the first centre is a seeded random
+    token and each next one is the token farthest from all centres chosen so far (a 2-approximation of the
+    optimal covering radius). Each step is one matrix-vector product over all tokens: O(N · n · d) time.
+    """
+    x = _as_tokens(tokens)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise InputError(f"tokens must have shape (N, D) with N > 0, got {tuple(x.shape)}.")
+    total, dim = x.shape
+    count = _coreset_count(n, total)
+    generator = torch.Generator().manual_seed(seed)
+    if projection_dim is not None and projection_dim < dim:
+        projection = torch.randn(dim, projection_dim, generator=generator) / math.sqrt(projection_dim)
+        rows = max(1, max_chunk_elements // dim)
+        features = torch.cat([x[r:r + rows].float() @ projection for r in range(0, total, rows)])
+    else:
+        features = x.float()
+    squared_norms = (features * features).sum(1)
+    first = int(torch.randint(total, (1,), generator=generator))
+    selected = [first]
+    with torch.no_grad():
+        min_dist = (squared_norms + squared_norms[first] - 2.0 * (features @ features[first])).clamp_min_(0.0)
+        min_dist[first] = -1.0  # never pick a centre twice
+        for _ in range(count - 1):
+            nxt = int(torch.argmax(min_dist))
+            selected.append(nxt)
+            torch.minimum(min_dist, (squared_norms + squared_norms[nxt] - 2.0 * (features @ features[nxt])).clamp_min_(0.0), out=min_dist)
+            min_dist[nxt] = -1.0
+    return torch.tensor(selected, dtype=torch.long)
+
+
+class MemoryBank:
+    """AnomalyDINO: keep every training token; score = distance to the nearest one (1 − max cosine by default).
+
+    1-shot AnomalyDINO is the same bank fitted on the tokens of one normal image.
+    """
+
+    def __init__(self, metric: str = "cosine", dtype: torch.dtype = torch.float32, max_chunk_elements: int = 1 << 24) -> None:
+        self.metric = metric
+        self.dtype = dtype
+        self.max_chunk_elements = max_chunk_elements
+
+    def _prepare(self, tokens: torch.Tensor | np.ndarray) -> torch.Tensor:
+        _check_metric(self.metric)
+        x = _as_tokens(tokens)
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[0] == 0:
+            raise InputError("Cannot fit a memory bank on zero tokens; pass the tokens of at least one normal image.")
+        if self.metric == "cosine":  # normalise once here, in row chunks, so scoring does no extra copy of the bank
+            rows = max(1, self.max_chunk_elements // x.shape[1])
+            return torch.cat([F.normalize(x[r:r + rows].float(), dim=1).to(self.dtype) for r in range(0, x.shape[0], rows)])
+        return x.to(self.dtype)
+
+    def fit(self, tokens: torch.Tensor | np.ndarray) -> "MemoryBank":
+        """Store all tokens (shape (..., D)) as the bank."""
+        self.bank_ = self._prepare(tokens)
+        return self
+
+    @property
+    def n_prototypes_(self) -> int:
+        """Number of tokens in the bank."""
+        return int(self.bank_.shape[0])
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "bank_"):
+            raise InputError(f"This {type(self).__name__} is not fitted yet; call fit() with normal tokens first.")
+
+    def nearest(self, tokens: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distance, index into ``bank_``) of the nearest bank token, per token."""
+        self._check_fitted()
+        return nearest_prototype(tokens, self.bank_, self.metric, max_chunk_elements=self.max_chunk_elements)
+
+    def score(self, tokens: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Anomaly score per token, shape ``tokens.shape[:-1]``."""
+        return self.nearest(tokens)[0]
+
+
+class Coreset(MemoryBank):
+    """PatchCore-style bank: a greedy k-center subset of the training tokens (``n`` = count, or fraction if float)."""
+
+    def __init__(
+        self,
+        n: int | float = 0.1,
+        metric: str = "cosine",
+        projection_dim: int | None = 128,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        max_chunk_elements: int = 1 << 24,
+    ) -> None:
+        super().__init__(metric=metric, dtype=dtype, max_chunk_elements=max_chunk_elements)
+        self.n = n
+        self.projection_dim = projection_dim
+        self.seed = seed
+
+    def fit(self, tokens: torch.Tensor | np.ndarray) -> "Coreset":
+        """Select the coreset among the (normalised, for cosine) tokens and keep it as the bank; ``indices_`` are the picks."""
+        prepared = self._prepare(tokens)
+        self.indices_ = greedy_coreset(
+            prepared, self.n, seed=self.seed, projection_dim=self.projection_dim, max_chunk_elements=self.max_chunk_elements
+        )
+        self.bank_ = prepared[self.indices_].clone()
+        logger.info("Coreset: kept %d of %d tokens", self.n_prototypes_, prepared.shape[0])
+        return self
