@@ -474,39 +474,48 @@ def _read_config(folder: Path):
 
 def _load_local_dir(folder: Path) -> torch.nn.Module:
     """A ``save_pretrained`` folder -> model."""
-    from transformers import AutoModel
-
-    config = _read_config(folder)
-    try:
-        return AutoModel.from_pretrained(folder, config=config, local_files_only=True, dtype=torch.float32)
-    except OSError as err:
-        raise WeightsNotFoundError(
-            f"{folder} has a config.json but no readable weights (model.safetensors); save the model again ({err})."
-        ) from err
+    return _from_folder(folder, _read_config(folder), str(folder))
 
 
 def _load_safetensors(file: Path) -> torch.nn.Module:
-    """A .safetensors state dict beside its config.json -> model (accepts a base-model prefix such as 'dinov2.')."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from transformers import AutoModel
+    """A .safetensors file beside its config.json -> model, through transformers' own key conversion."""
+    from safetensors import SafetensorError, safe_open
 
     config = _read_config(file.parent)
     try:
-        state = load_file(str(file))
+        with safe_open(str(file), framework="pt"):
+            pass
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelFileError(f"{file} is not a readable safetensors file ({err}).") from err
-    model = AutoModel.from_config(config, dtype=torch.float32)
-    prefix = f"{model.base_model_prefix}."
-    if state and all(key.startswith(prefix) for key in state):
-        state = {key[len(prefix) :]: value for key, value in state.items()}
-    state = {key: value.to(torch.float32) for key, value in state.items()}
-    result = model.load_state_dict(state, strict=False)
-    missing = [key for key in result.missing_keys if not key.endswith("mask_token")]
+    with tempfile.TemporaryDirectory(prefix="normdino-weights-") as staging:
+        staged = Path(staging)
+        shutil.copyfile(file.parent / "config.json", staged / "config.json")
+        try:
+            (staged / "model.safetensors").symlink_to(file.resolve())
+        except OSError:  # no symlinks (e.g. Windows without developer mode): copy instead
+            shutil.copyfile(file, staged / "model.safetensors")
+        return _from_folder(staged, config, str(file))
+
+
+def _from_folder(folder: Path, config, source: str, local_only: bool = True) -> torch.nn.Module:
+    """Load fp32 weights from a folder (or hub repo) and refuse checkpoints that leave model tensors uninitialised."""
+    from transformers import AutoModel
+
+    try:
+        model, info = AutoModel.from_pretrained(
+            folder, config=config, local_files_only=local_only, dtype=torch.float32, output_loading_info=True
+        )
+    except OSError as err:
+        if local_only and Path(folder).is_dir():
+            raise WeightsNotFoundError(
+                f"{source} has a config.json but no readable weights (model.safetensors); save the model again ({err})."
+            ) from err
+        raise
+    missing = [key for key in info.get("missing_keys", ()) if not key.endswith("mask_token")]
     if missing:
         raise ModelFileError(
-            f"{file} does not hold the weights of the {config.model_type} model in its config.json "
-            f"({len(missing)} tensors missing, e.g. {missing[0]!r})."
+            f"{source} does not hold the weights of the {config.model_type} model in its config.json "
+            f"({len(missing)} tensors missing, e.g. {sorted(missing)[0]!r})."
         )
     return model.eval()
 
@@ -532,7 +541,7 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
 
 def _load_from_hub(repo: str) -> torch.nn.Module:
     """A hub repo id -> model, from the local cache first; one clear sentence when that is impossible."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     gated_hint = (
         f" DINOv3 weights are gated: accept the licence at https://huggingface.co/{repo} and log in "
@@ -547,7 +556,7 @@ def _load_from_hub(repo: str) -> torch.nn.Module:
         try:
             config = AutoConfig.from_pretrained(repo, local_files_only=local_only)
             _check_config(config, repo)
-            return AutoModel.from_pretrained(repo, config=config, local_files_only=local_only, dtype=torch.float32)
+            return _from_folder(repo, config, repo, local_only=local_only)
         except OSError as err:
             if _is_gated(err):
                 raise WeightsNotFoundError(
