@@ -46,6 +46,9 @@ def _add_volume_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-foreground", type=float, default=0.0, help="skip slices whose foreground fraction is below this (0..1)")
     group.add_argument("--window", default=None, help="CT window in HU as LOW,HIGH, e.g. -200,250 (default: percentile clipping)")
     group.add_argument("--percentiles", default="0.5,99.5", help="MRI intensity clipping percentiles (default 0.5,99.5)")
+    group.add_argument("--normalization", choices=("percentile", "window", "dtype", "none"), default=None,
+                       help="intensity scaling per volume: percentile (default; MRI), window (CT, with --window), "
+                            "dtype (uint8 volumes /255, the same values as 8-bit PNG slices), none")
     group.add_argument("--volume-index", type=int, default=None, help="which volume of a 4D NIfTI to use")
 
 
@@ -103,31 +106,61 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     _add_common(demo)
 
+    evaluate = sub.add_parser("evaluate", help="the paper's metrics of a fitted model on a labelled data set")
+    evaluate.add_argument("model", help="model file written by 'normdino fit'")
+    evaluate.add_argument("data", help="data set root (BMAD brain/liver/RESC layout, or folders normal/ anomalous/ masks/), or a folder of volumes with <name>_mask volumes")
+    evaluate.add_argument("--layout", default="auto", choices=("auto", "bmad-brain", "bmad-liver", "bmad-resc", "folders", "volumes"))
+    _add_report_options(evaluate, "normdino-evaluation")
+    evaluate.add_argument("--backbone", default=None, help="where to load the backbone weights from, if not the name saved in the model")
+    evaluate.add_argument("--mask-suffix", default="_mask", help="volumes layout: mask of scan.nii.gz is scan<SUFFIX>.nii.gz (default _mask)")
+    _add_volume_options(evaluate)
+    _add_common(evaluate)
+
+    bench = sub.add_parser("bench", help="fit and evaluate several methods on the same tokens; one comparison table and report")
+    bench.add_argument("data", help="data set root in BMAD or folder layout")
+    bench.add_argument("--layout", default="auto", choices=("auto", "bmad-brain", "bmad-liver", "bmad-resc", "folders"))
+    bench.add_argument("--methods", default="dpmm,anomalydino,anomalydino-1shot,patchcore-150",
+                       help="comma-separated, of: dpmm, dpmm-euclidean, dpmm-likelihood (the ablation's scores on the same mixture), "
+                            "anomalydino, anomalydino-1shot, patchcore-10%%, patchcore-1024, patchcore-150 "
+                            "(default dpmm,anomalydino,anomalydino-1shot,patchcore-150)")
+    bench.add_argument("--backbone", default="dinov2_vits14", help="backbone of every method (default dinov2_vits14; 'random' for timing only)")
+    bench.add_argument("--image-size", type=int, default=448)
+    bench.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the tokens (ablation)")
+    bench.add_argument("--epochs", type=int, default=40)
+    bench.add_argument("--components", type=int, default=500)
+    bench.add_argument("--covariance", choices=("diag", "spherical", "full"), default="diag")
+    bench.add_argument("--max-train", type=int, default=None, help="use at most this many training images (seeded subset)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--device", default="cpu")
+    _add_report_options(bench, "normdino-bench")
+    _add_common(bench)
     return parser
+
+
+def _add_report_options(parser: argparse.ArgumentParser, default_dir: str) -> None:
+    parser.add_argument("-o", "--output", default=default_dir, help=f"folder for results.json, results.md and report.html (default ./{default_dir})")
+    parser.add_argument("--json", default=None, help="write the JSON results here instead of OUTPUT/results.json")
+    parser.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of the pixel maps (default: the model's / 0)")
+    parser.add_argument("--timing-images", type=int, default=10, help="images timed at batch size 1 (default 10)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="token cache folder")
+    parser.add_argument("--no-cache", action="store_true")
 
 
 # ---------------------------------------------------------------------- commands
 
 
 def _slice_options(args):
-    from .volumes import SliceOptions, parse_slice_range
+    from .volumes import SliceOptions
 
-    window = None
-    if args.window:
-        try:
-            low, high = (float(v) for v in args.window.split(","))
-        except ValueError:
-            raise NormdinoError(f"--window takes LOW,HIGH in HU, e.g. -200,250; got {args.window!r}") from None
-        window = (low, high)
     try:
         percentiles = tuple(float(v) for v in args.percentiles.split(","))
     except ValueError:
         raise NormdinoError(f"--percentiles takes LOW,HIGH, e.g. 0.5,99.5; got {args.percentiles!r}") from None
     axis = int(args.axis) if str(args.axis).isdigit() else args.axis
-    return SliceOptions(
-        axis=axis, slices=parse_slice_range(args.slices) if args.slices else None,
-        min_foreground=args.min_foreground, normalization="window" if window else "percentile",
-        percentiles=percentiles, window=window, volume_index=args.volume_index)
+    return SliceOptions(axis=axis, slices=args.slices, min_foreground=args.min_foreground,
+                        normalization=args.normalization, percentiles=percentiles, window=args.window,
+                        volume_index=args.volume_index)
 
 
 def cmd_fit(args) -> int:
@@ -213,7 +246,87 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "info": cmd_info, "demo": cmd_demo}
+def _print_results(paths: dict, rows: list[dict], random_backbone: bool) -> None:
+    from .evaluation import RANDOM_WARNING, markdown_table
+
+    print(markdown_table(rows))
+    if random_backbone:
+        print(f"WARNING: {RANDOM_WARNING}")
+    print(f"results: {paths['json']}  {paths['markdown']}  report: {paths['html']}")
+
+
+def cmd_evaluate(args) -> int:
+    from .detector import AnomalyDetector
+    from .evaluation import detector_scorer, evaluate_methods, write_outputs
+
+    cache_dir = None if args.no_cache else Path(args.cache_dir)
+    detector = AnomalyDetector.load(args.model, backbone=args.backbone, progress=not args.quiet)
+    detector.batch_size = args.batch_size
+    sigma = detector.sigma if args.sigma is None else args.sigma
+    if args.layout == "volumes":
+        from .volume_evaluation import evaluate_volumes
+
+        paths, rows = evaluate_volumes(detector, Path(args.data), _slice_options(args), Path(args.output),
+                                       json_path=Path(args.json) if args.json else None,
+                                       mask_suffix=args.mask_suffix, progress=not args.quiet)
+        _print_results(paths, rows, detector.backbone_.is_random)
+        return 0
+    from .datasets import load_dataset
+
+    dataset = load_dataset(args.data, args.layout)
+    scorer = detector_scorer(detector, "dpmm" if detector.score == "cosine" else f"dpmm-{detector.score}")
+    results = evaluate_methods([scorer], detector.backbone_, dataset, cache_dir, sigma, detector.top_fraction,
+                               args.timing_images, args.batch_size, not args.quiet)
+    context = {"model": args.model, "data": args.data, "layout": dataset.layout, **dataset.summary(),
+               "backbone": detector.backbone_.name, "sigma": sigma}
+    paths = write_outputs(results, [scorer], detector.backbone_, Path(args.output), f"normdino evaluate: {dataset.name}",
+                          context, Path(args.json) if args.json else None, sigma)
+    _print_results(paths, [r.row for r in results], detector.backbone_.is_random)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import numpy as np
+
+    from .detector import AnomalyDetector
+    from .datasets import load_dataset
+    from .errors import InputError
+    from .evaluation import evaluate_methods, fit_methods, token_set, write_outputs
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise InputError("--methods is empty")
+    dataset = load_dataset(args.data, args.layout)
+    if not dataset.train:
+        raise InputError(f"{args.data} has no training images (train/good)")
+    train_images = dataset.train
+    if args.max_train and len(train_images) > args.max_train:
+        keep = np.sort(np.random.default_rng(args.seed).choice(len(train_images), args.max_train, replace=False))
+        train_images = [train_images[i] for i in keep]
+    cache_dir = None if args.no_cache else Path(args.cache_dir)
+    sigma = args.sigma or 0.0
+    backbone = AnomalyDetector(backbone=args.backbone, image_size=args.image_size, normalize=not args.no_normalize,
+                               device=args.device, seed=args.seed)._build_backbone()
+    progress = not args.quiet
+    train = token_set(backbone, train_images, cache_dir, args.batch_size, progress)
+    healthy = token_set(backbone, [s.image for s in dataset.healthy_validation], cache_dir, args.batch_size, progress)
+    params = dict(n_components=args.components, covariance_type=args.covariance, epochs=args.epochs, sigma=sigma,
+                  image_size=args.image_size, normalize=not args.no_normalize, progress=progress)
+    scorers = fit_methods(methods, backbone, train, healthy, params, seed=args.seed)
+    results = evaluate_methods(scorers, backbone, dataset, cache_dir, sigma, 0.01, args.timing_images,
+                               args.batch_size, progress, healthy=healthy)
+    context = {"data": args.data, "layout": dataset.layout, **dataset.summary(), "train_used": len(train_images),
+               "backbone": backbone.name, "random_weights": backbone.is_random, "image_size": backbone.image_size,
+               "normalized_tokens": not args.no_normalize, "epochs": args.epochs, "components": args.components,
+               "covariance": args.covariance, "sigma": sigma, "device": args.device}
+    paths = write_outputs(results, scorers, backbone, Path(args.output), f"normdino bench: {dataset.name}", context,
+                          Path(args.json) if args.json else None, sigma)
+    _print_results(paths, [r.row for r in results], backbone.is_random)
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "info": cmd_info, "demo": cmd_demo,
+            "evaluate": cmd_evaluate, "bench": cmd_bench}
 
 
 def _configure_logging(quiet: bool, verbose: bool) -> None:

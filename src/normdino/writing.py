@@ -110,7 +110,7 @@ class PredictionWriter:
         indices = volume.slice_indices(options)
         maps: dict[int, np.ndarray] = {}  # float16 maps: half the memory of the float32 volume
         masks: dict[int, np.ndarray] = {}  # bit-packed: the mask exactly as thresholded in float32
-        top = _TopFraction(self.detector.top_fraction, len(indices))
+        top = TopFraction(self.detector.top_fraction, len(indices))
         bar = tqdm(total=len(indices), desc=output_stem(path), unit="slice", disable=not self.progress)
         slices = volume.iter_slices(options)
         while chunk := [s for _, s in zip(range(self.detector.batch_size), slices)]:
@@ -153,7 +153,7 @@ def _unpack(bits: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape)
 
 
-class _TopFraction:
+class TopFraction:
     """Mean of the top ``fraction`` of ``n_arrays`` equally sized arrays, keeping only that many values."""
 
     def __init__(self, fraction: float, n_arrays: int):

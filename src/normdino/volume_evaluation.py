@@ -1,0 +1,113 @@
+"""Evaluation on volumes: voxel AUROC/AUPR and Dice at FPR over scans with mask volumes, per-volume scores.
+
+Thresholds are the model's own (calibrated on its healthy validation images at fit time). Metrics count the
+voxels of the slices the slice options keep; mask voxels in skipped slices are reported, not scored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .errors import InputError
+from .evaluation import EVAL_FPRS, MethodResult, PeakMemory, Scorer, detector_scorer, write_outputs
+from .metrics import PixelScoreAccumulator, image_aupr, image_auroc
+from .writing import TopFraction
+
+log = logging.getLogger(__name__)
+
+
+def volume_pairs(root: Path, mask_suffix: str = "_mask") -> list[tuple[Path, Path | None]]:
+    """(scan, mask) pairs in a folder: the mask of ``scan.nii.gz`` is ``scan<mask_suffix>.nii.gz``.
+
+    Scans whose name ends in ``_flair``/``_t1``... are matched by their patient stem too
+    (``P_flair.nii.gz`` -> ``P_mask.nii.gz``), as in ../shared/data/lgg-flair/volumes.
+    """
+    from .volumes import list_volumes, volume_stem
+
+    volumes = list_volumes(root)
+    by_stem = {volume_stem(v): v for v in volumes}
+    masks = {stem for stem in by_stem if stem.endswith(mask_suffix)}
+    pairs = []
+    for stem, path in by_stem.items():
+        if stem in masks:
+            continue
+        candidates = [stem + mask_suffix, stem.rsplit("_", 1)[0] + mask_suffix if "_" in stem else None]
+        mask = next((by_stem[c] for c in candidates if c in masks), None)
+        pairs.append((path, mask))
+    if not pairs:
+        raise InputError(f"no scans in {root} (only masks named *{mask_suffix})")
+    return pairs
+
+
+def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Path | None = None,
+                     mask_suffix: str = "_mask", fprs=EVAL_FPRS, progress: bool = True):
+    """Voxel metrics of a fitted detector over every scan in ``root``; writes results.json/.md and report.html."""
+    from .volumes import SliceOptions, Volume, read_mask_volume
+
+    pairs = volume_pairs(root, mask_suffix)
+    thresholds = [detector.pixel_threshold(f) for f in fprs]
+    accumulator = PixelScoreAccumulator(thresholds=thresholds)
+    mask_options = SliceOptions(axis=options.axis, normalization="none", volume_index=None)
+    dice_threshold = detector.pixel_threshold(0.05)
+    volume_rows, scores, labels = [], [], []
+    n_slices, seconds = 0, 0.0
+    with PeakMemory(getattr(detector.backbone_, "device", "cpu")) as memory:
+        for image_path, mask_path in tqdm(pairs, desc="volumes", disable=not progress):
+            volume = Volume.open(image_path, volume_index=options.volume_index)
+            kept = volume.slice_indices(options)
+            masks, mask_voxels = {}, 0
+            if mask_path is not None:
+                mask_volume = read_mask_volume(mask_path, volume)
+                for index, plane in mask_volume.iter_slices(mask_options):
+                    mask_voxels += int((plane > 0).sum())
+                    if index in kept:
+                        masks[index] = plane > 0
+            top = TopFraction(detector.top_fraction, len(kept))
+            tp = fp = fn = 0
+            started = time.perf_counter()
+            slices = volume.iter_slices(options)
+            while chunk := [s for _, s in zip(range(detector.batch_size), slices)]:
+                for (index, _), pred in zip(chunk, detector.predict([image for _, image in chunk])):
+                    truth = masks.get(index)
+                    accumulator.add(pred.pixel_map, truth)
+                    top.add(pred.pixel_map)
+                    if truth is not None:
+                        predicted = pred.pixel_map > dice_threshold
+                        tp += int((predicted & truth).sum())
+                        fp += int((predicted & ~truth).sum())
+                        fn += int((~predicted & truth).sum())
+            seconds += time.perf_counter() - started
+            n_slices += len(kept)
+            scored_mask = sum(int(m.sum()) for m in masks.values())
+            label = int(mask_voxels > 0) if mask_path is not None else None
+            volume_rows.append({"volume": image_path.name, "mask": mask_path.name if mask_path else "",
+                                "score": top.mean(), "slices_scored": len(kept), "mask_voxels": mask_voxels,
+                                "mask_voxels_skipped": mask_voxels - scored_mask,
+                                "dice_fpr5": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")})
+            if label is not None:
+                scores.append(top.mean())
+                labels.append(label)
+    row = {
+        "method": "dpmm" if detector.score == "cosine" else f"dpmm-{detector.score}",
+        "pixel_auroc": accumulator.auroc(), "pixel_aupr": accumulator.aupr(),
+        **{f"dice_fpr{round(f * 100)}": accumulator.dice_at(t) for f, t in zip(fprs, thresholds)},
+        "image_auroc": image_auroc(scores, labels) if len(set(labels)) == 2 else float("nan"),
+        "image_aupr": image_aupr(scores, labels) if len(set(labels)) == 2 else float("nan"),
+        "n_prototypes": int(detector.prototypes_.shape[0]),
+        "ms_per_sample": round(1000 * seconds / max(1, n_slices), 2),
+        "peak_memory_mb": round(memory.peak_bytes / 2**20, 1),
+        "n_volumes": len(pairs), "n_slices": n_slices,
+    }
+    result = MethodResult(row, accumulator, [])
+    context = {"data": str(root), "layout": "volumes", "volumes": len(pairs), "slices_scored": n_slices,
+               "axis": options.axis, "slices": str(options.slices), "normalization": options.normalization,
+               "thresholds": "the model's own (calibrated at fit time)"}
+    scorer = detector_scorer(detector, row["method"])
+    paths = write_outputs([result], [scorer], detector.backbone_, out_dir, f"normdino evaluate: {root.name}",
+                          context, json_path, per_item=volume_rows)
+    return paths, [row]
