@@ -201,6 +201,45 @@ def test_nifti_round_trip_oblique(tmp_path, suffix, axis):
             assert f.read(2) == b"\x1f\x8b"
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_non_native_axis_through_memmapped_scratch(tmp_path, monkeypatch, axis):
+    """Small slabs and no in-memory arrays: the temp-file scratch and writer buffer paths give the same voxels."""
+    monkeypatch.setattr(volumes, "_IN_MEMORY_OUTPUT_BYTES", 0)
+    monkeypatch.setattr(volumes, "_SLAB_BYTES", 3 * 12 * 10 * 2)  # 3 planes per slab, 8 planes in all
+    data = random_volume(seed=4)
+    path = save_nifti(tmp_path / "scan.nii.gz", data, oblique_affine())
+    options = SliceOptions(axis=axis, percentiles=(0, 100))
+    with Volume.open(path) as volume:
+        slices = dict(volume.iter_slices(options))
+        assert volume._scratch is not None and isinstance(volume._scratch[1], np.memmap)
+        write_volume_like(volume, slices, options, tmp_path / "map.nii.gz")
+    expected = (data - data.min()) / float(data.max() - data.min())
+    for k, s in slices.items():
+        np.testing.assert_allclose(s, np.take(expected, k, axis=axis), atol=1e-6)
+    written, affine, _ = load(tmp_path / "map.nii.gz")
+    np.testing.assert_allclose(written, expected, atol=1e-6)
+    np.testing.assert_array_equal(affine, nib.load(path).affine)
+
+
+def test_iteration_after_slice_indices_reads_only_kept_slices(tmp_path):
+    data = np.zeros((8, 8, 6), dtype=np.int16)
+    data[:, :, 2:4] = 100
+    with Volume.open(save_nifti(tmp_path / "scan.nii.gz", data, np.eye(4))) as volume:
+        options = SliceOptions(min_foreground=0.5, window=(0, 100))
+        assert volume.slice_indices(options) == [2, 3]
+        read = []
+        original = volume._source.iter_raw_planes
+
+        def counting(indices):
+            for k, plane in original(indices):
+                read.append(k)
+                yield k, plane
+
+        volume._source.iter_raw_planes = counting
+        assert [k for k, _ in volume.iter_slices(options)] == [2, 3]
+        assert read == [2, 3]
+
+
 def test_normalised_map_lands_on_its_voxel(tmp_path):
     """Voxel (i, j, k) of the written map is the normalised value of input voxel (i, j, k)."""
     data = random_volume((9, 7, 6), seed=3)

@@ -476,6 +476,19 @@ def _open_dicom_series(folder: Path) -> tuple[_DicomSource, np.ndarray]:
 # --------------------------------------------------------------------------- volume
 
 
+def _scratch_array(shape: tuple[int, ...], dtype: np.dtype, stack: contextlib.ExitStack) -> np.ndarray:
+    """A zeroed array in memory up to 64 MB, else memory-mapped on an anonymous temp file closed by ``stack``."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes <= _IN_MEMORY_OUTPUT_BYTES:
+        return np.zeros(shape, dtype=dtype)
+    handle = stack.enter_context(tempfile.TemporaryFile(prefix="normdino-volume-"))
+    return np.memmap(handle, dtype=dtype, mode="w+", shape=shape)
+
+
+def _planes_per_slab(plane_shape: tuple[int, int], dtype: np.dtype) -> int:
+    return max(1, _SLAB_BYTES // max(1, plane_shape[0] * plane_shape[1] * np.dtype(dtype).itemsize))
+
+
 def _normalise(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """Clip to [low, high] and scale to [0, 1] in float32 (all zeros when high <= low); NaN -> 0."""
     if not high > low:
@@ -506,8 +519,8 @@ class Volume:
         self.volume_index = volume_index
         self.dtype = source.raw_dtype
         self._source = source
-        self._scratch: np.ndarray | None = None
-        self._scratch_file: Any = None
+        self._scratch: tuple[int, np.ndarray] | None = None  # (axis, slice-major copy of the stored values)
+        self._scratch_stack = contextlib.ExitStack()
         self._stats: dict[tuple[float, float], dict[str, float]] = {}
         self._foreground: dict[tuple, dict[int, float]] = {}
 
@@ -568,11 +581,9 @@ class Volume:
                    volume_index=volume_index if n_volumes > 1 or volume_index is not None else None)
 
     def close(self) -> None:
-        """Drop the scratch copy (if one was made) and cached statistics."""
+        """Drop the scratch copy made for slicing along a non-native axis, if any."""
         self._scratch = None
-        if self._scratch_file is not None:
-            self._scratch_file.close()
-            self._scratch_file = None
+        self._scratch_stack.close()
 
     def __enter__(self) -> "Volume":
         return self
@@ -621,31 +632,41 @@ class Volume:
 
     # ---- voxels
 
-    def _random_access(self) -> tuple[np.ndarray, Any]:
-        """A 3D array of stored values for slicing along any axis: a memmap of the file or a scratch copy."""
+    def _slice_major(self, axis: int) -> np.ndarray:
+        """Stored values with ``axis`` moved first, so slices along it are contiguous (axis 0 or 1).
+
+        Uncompressed NIfTI: a view of the file's memory map.  Otherwise a scratch copy (in memory
+        up to 64 MB, else a temp-file memory map) filled slab by slab in one pass over the file.
+        """
         mapped = self._source.memmap()
         if mapped is not None:
-            return mapped, self._source
-        if self._scratch is None:
-            self._scratch_file = tempfile.TemporaryFile(prefix="normdino-volume-")
-            self._scratch = np.memmap(self._scratch_file, dtype=self._source.raw_dtype, mode="w+", shape=self.shape,
-                                      order="F")
-            for k, plane in self._source.iter_raw_planes(range(self.shape[2])):
-                self._scratch[:, :, k] = plane
-            logger.debug("%s: made a scratch copy (%d MB) to slice along a non-native axis",
-                         self.path, self._scratch.nbytes // 2**20)
-        return self._scratch, self._source
+            return np.moveaxis(mapped, axis, 0)
+        if self._scratch is not None and self._scratch[0] == axis:
+            return self._scratch[1]
+        self.close()
+        moved_shape = (self.shape[axis],) + tuple(s for i, s in enumerate(self.shape) if i != axis)
+        scratch = _scratch_array(moved_shape, self._source.raw_dtype, self._scratch_stack)
+        slab = _planes_per_slab(self.shape[:2], self._source.raw_dtype)
+        planes: list[np.ndarray] = []
+        first = 0
+        for k, plane in self._source.iter_raw_planes(range(self.shape[2])):
+            planes.append(plane)
+            if len(planes) == slab or k == self.shape[2] - 1:
+                scratch[..., first:k + 1] = np.moveaxis(np.stack(planes, axis=-1), axis, 0)
+                planes, first = [], k + 1
+        logger.debug("%s: scratch copy of %d MB to slice along axis %d", self.path, scratch.nbytes // 2**20, axis)
+        self._scratch = (axis, scratch)
+        return scratch
 
     def _raw_slices(self, axis: int, indices: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
         """(k, real-valued float32 slice k along ``axis``) for sorted ``indices``."""
-        if axis == 2 and self._scratch is None:
+        if axis == 2:
             for k, plane in self._source.iter_raw_planes(indices):
                 yield k, np.ascontiguousarray(self._source.scale(plane))
             return
-        array, source = self._random_access()
+        array = self._slice_major(axis)
         for k in indices:
-            plane = np.take(array, k, axis=axis)
-            yield k, np.ascontiguousarray(source.scale(plane))
+            yield k, np.ascontiguousarray(self._source.scale(array[k]))
 
     def statistics(self, percentiles: tuple[float, float] = (0.5, 99.5)) -> dict[str, float]:
         """min, max and the two percentiles of the volume's finite values (one pass, cached).
@@ -660,7 +681,8 @@ class Volume:
         rate = min(1.0, _MAX_STAT_SAMPLES / max(1, total))
         rng = np.random.default_rng(0)
         samples, low, high = [], math.inf, -math.inf
-        for _, plane in self._raw_slices(2, range(self.shape[2])):
+        axis = 2 if self._scratch is None else self._scratch[0]  # any axis will do: reuse a scratch copy
+        for _, plane in self._raw_slices(axis, range(self.shape[axis])):
             values = plane.ravel()
             if values.dtype.kind == "f" and not np.isfinite(values).all():
                 values = values[np.isfinite(values)]
@@ -709,16 +731,21 @@ class Volume:
     def _iter(self, options: SliceOptions, indices: list[int] | None) -> Iterator[tuple[int, np.ndarray, bool]]:
         """(k, normalised slice, kept?) over the candidate slices, applying the foreground rule."""
         axis = self.resolve_axis(options.axis)
-        value_range = self.intensity_range(options)
-        check = indices is None and options.min_foreground > 0
         candidates = self._candidates(axis, options) if indices is None else sorted(set(int(k) for k in indices))
         bad = [k for k in candidates if not 0 <= k < self.shape[axis]]
         if bad:
             raise InputError(f"Slice {bad[0]} is out of range for axis {axis} of {self.path} ({self.shape[axis]} slices).")
-        level, on_normalised = self._foreground_level(options) if check else (0.0, True)
+        if axis != 2:
+            self._slice_major(axis)  # before the statistics pass, which can then reuse it
+        value_range = self.intensity_range(options)
+        check = indices is None and options.min_foreground > 0
         cache_key = (axis, options.normalization, tuple(options.percentiles), options.window,
                      options.foreground_threshold, options.eight_bit)
         fractions = self._foreground.setdefault(cache_key, {})
+        if check and all(k in fractions for k in candidates):  # known from slice_indices(): read only kept slices
+            candidates = [k for k in candidates if fractions[k] >= options.min_foreground]
+            check = False
+        level, on_normalised = self._foreground_level(options) if check else (0.0, True)
         for k, raw in self._raw_slices(axis, candidates):
             out = raw if value_range is None else _normalise(raw, *value_range)
             if options.eight_bit and value_range is not None:
@@ -807,7 +834,6 @@ class VolumeWriter:
         self._file: BinaryIO | None = None
         self._next = 0
         self._buffer: np.ndarray | None = None
-        self._buffer_file: Any = None
         self._written: set[int] = set()
 
     def __enter__(self) -> "VolumeWriter":
@@ -831,23 +857,18 @@ class VolumeWriter:
             self._file = raw
         self._stack = stack
         self._header.write_to(self._file)
-        if self.axis != 2:
-            nbytes = int(np.prod(self.reference.shape)) * self.dtype.itemsize
-            if nbytes <= _IN_MEMORY_OUTPUT_BYTES:
-                self._buffer = np.zeros(self.reference.shape, dtype=self.dtype, order="F")
-            else:
-                self._buffer_file = stack.enter_context(tempfile.TemporaryFile(prefix="normdino-map-"))
-                self._buffer = np.memmap(self._buffer_file, dtype=self.dtype, mode="w+",
-                                         shape=self.reference.shape, order="F")
+        if self.axis != 2:  # gather slice-major (map k contiguous), write out along the third axis at close
+            shape = (self.reference.shape[self.axis],) + self._slice_shape
+            self._buffer = _scratch_array(shape, self.dtype, stack)
 
     def _write_plane(self, plane: np.ndarray | None) -> None:
         if plane is None:
-            self._file.write(bytes(self._zero_plane_bytes))
+            self._file.write(bytes(self._plane_nbytes))
         else:
             self._file.write(np.asarray(plane, dtype=self._disk_dtype).tobytes(order="F"))
 
     @property
-    def _zero_plane_bytes(self) -> int:
+    def _plane_nbytes(self) -> int:
         return self.reference.shape[0] * self.reference.shape[1] * self.dtype.itemsize
 
     def write(self, index: int, slice_map: np.ndarray) -> None:
@@ -864,7 +885,7 @@ class VolumeWriter:
         if index in self._written:
             raise InputError(f"Slice {index} was written twice to {self.path}.")
         if self._buffer is not None:
-            self._buffer[(slice(None),) * self.axis + (index,)] = slice_map
+            self._buffer[index] = slice_map
         else:
             if index < self._next:
                 raise InputError(f"Maps for {self.path} must come in increasing slice order (got {index} after "
@@ -882,8 +903,12 @@ class VolumeWriter:
             return
         try:
             if self._buffer is not None:
-                for k in range(self.reference.shape[2]):
-                    self._write_plane(self._buffer[:, :, k])
+                nz = self.reference.shape[2]
+                slab = _planes_per_slab(self.reference.shape[:2], self.dtype)
+                for first in range(0, nz, slab):
+                    block = np.moveaxis(np.asarray(self._buffer[..., first:first + slab]), 0, self.axis)
+                    for i in range(block.shape[2]):
+                        self._write_plane(block[:, :, i])
             else:
                 while self._next < self.reference.shape[2]:
                     self._write_plane(None)
