@@ -170,7 +170,9 @@ def greedy_coreset(
     if projection_dim is not None and projection_dim < dim:
         projection = torch.randn(dim, projection_dim, generator=generator) / math.sqrt(projection_dim)
         rows = max(1, max_chunk_elements // dim)
-        features = torch.cat([x[r:r + rows].float() @ projection for r in range(0, total, rows)])
+        features = torch.empty(total, projection_dim)
+        for r in range(0, total, rows):
+            features[r:r + rows] = x[r:r + rows].float() @ projection
     else:
         features = x.float()
     squared_norms = (features * features).sum(1)
@@ -204,9 +206,12 @@ class MemoryBank:
         x = x.reshape(-1, x.shape[-1])
         if x.shape[0] == 0:
             raise InputError("Cannot fit a memory bank on zero tokens; pass the tokens of at least one normal image.")
-        if self.metric == "cosine":  # normalise once here, in row chunks, so scoring does no extra copy of the bank
+        if self.metric == "cosine":  # normalise once here, in row chunks, so neither fit nor scoring holds a second copy
+            out = torch.empty(x.shape, dtype=self.dtype)
             rows = max(1, self.max_chunk_elements // x.shape[1])
-            return torch.cat([F.normalize(x[r:r + rows].float(), dim=1).to(self.dtype) for r in range(0, x.shape[0], rows)])
+            for r in range(0, x.shape[0], rows):
+                out[r:r + rows] = F.normalize(x[r:r + rows].float(), dim=1)
+            return out
         return x.to(self.dtype)
 
     def fit(self, tokens: torch.Tensor | np.ndarray) -> "MemoryBank":

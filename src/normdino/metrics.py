@@ -294,7 +294,7 @@ def image_score(score_map: np.ndarray, top_fraction: float = 0.01) -> float:
 # ---------------------------------------------------------------------------------------------
 # Streaming accumulator
 
-_BLOCKS = 512  # sign + 8 exponent bits of a float32
+_BLOCK_BITS = 12  # bins are allocated lazily in blocks of 4096 (64 KiB of counts)
 
 
 def _float_keys(values: np.ndarray) -> np.ndarray:
@@ -316,8 +316,9 @@ class PixelScoreAccumulator:
     Design: each score is cast to float32 and its bit pattern mapped to an order-preserving integer; a bin
     keeps its sign, exponent and the top ``mantissa_bits`` mantissa bits, so every bin spans a relative width
     of 2**-mantissa_bits (1.5e-5 by default) whatever the range of the scores — no range is needed up front
-    and outliers cost nothing. Bins are allocated per octave (1 MiB per octave actually hit), so memory is
-    bounded by the spread of the scores (a few MiB for distances in [1e-3, 2]), not by the pixel count.
+    and outliers cost little. Bins are allocated lazily in blocks of 4096 (64 KiB), so memory is bounded by
+    the spread of the scores (at most 2**(9+mantissa_bits) bins, in practice a few to a few tens of MiB),
+    never by the pixel count; images are buffered up to ``flush_size`` pixels before binning.
     Metrics treat each bin as one tied threshold; ``auroc_error_bound()`` gives the largest possible
     difference to the exact AUROC of the float32 scores (≤ 1e-4 by a wide margin on score maps).
 
@@ -333,7 +334,7 @@ class PixelScoreAccumulator:
         *,
         mantissa_bits: int = 16,
         track_regions: bool = False,
-        flush_size: int = 1 << 22,
+        flush_size: int = 1 << 20,
     ) -> None:
         if not 4 <= mantissa_bits <= 20:
             raise InputError(f"mantissa_bits must be between 4 and 20, got {mantissa_bits}.")
@@ -342,7 +343,9 @@ class PixelScoreAccumulator:
         self.track_regions = track_regions
         self.flush_size = flush_size
         self._shift = np.uint32(23 - mantissa_bits)
-        self._block_size = 1 << mantissa_bits
+        self._block_bits = min(_BLOCK_BITS, mantissa_bits)
+        self._block_size = 1 << self._block_bits
+        self._n_blocks = 1 << (9 + mantissa_bits - self._block_bits)  # sign + 8 exponent bits + the rest of the mantissa
         self._counts: dict[int, np.ndarray] = {}  # block -> int64 (2, block_size): normal, anomalous
         self._weights: dict[int, np.ndarray] = {}  # block -> float64 (block_size,): Σ 1/|region|
         self._buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
@@ -408,13 +411,14 @@ class PixelScoreAccumulator:
     def _bin_into(self, bins: np.ndarray, channel: int, weights: np.ndarray | None) -> None:
         if bins.size == 0:
             return
-        bits = self.mantissa_bits
-        blocks = (bins >> np.uint32(bits)).astype(np.uint16)
+        blocks = bins >> np.uint32(self._block_bits)
+        if self._n_blocks <= 1 << 16:
+            blocks = blocks.astype(np.uint16)  # numpy's stable sort is a radix sort for 16-bit integers
         low = (bins & np.uint32(self._block_size - 1)).astype(np.intp)
-        per_block = np.bincount(blocks, minlength=_BLOCKS)
+        per_block = np.bincount(blocks, minlength=self._n_blocks)
         present = np.flatnonzero(per_block)
         if present.size > 1:
-            order = np.argsort(blocks, kind="stable")  # radix sort on uint16
+            order = np.argsort(blocks, kind="stable")
             low = low[order]
             if weights is not None:
                 weights = weights[order]
@@ -435,16 +439,18 @@ class PixelScoreAccumulator:
         """Occupied bins in ASCENDING order: (bin ids, normal counts, anomalous counts, region weights)."""
         self._flush()
         if self._binned is None:
-            blocks = sorted(self._counts)
-            if not blocks:
-                empty = np.zeros(0)
-                self._binned = (np.zeros(0, dtype=np.int64), empty, empty, empty)
-                return self._binned
-            counts = np.concatenate([self._counts[b] for b in blocks], axis=1)
-            weights = np.concatenate([self._weights.get(b, np.zeros(self._block_size)) for b in blocks])
-            ids = np.concatenate([np.arange(self._block_size, dtype=np.int64) + (b << self.mantissa_bits) for b in blocks])
-            keep = (counts[0] + counts[1]) > 0
-            self._binned = (ids[keep], counts[0][keep], counts[1][keep], weights[keep])
+            ids, neg, pos, weights = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)], [np.zeros(0)]
+            for block in sorted(self._counts):
+                counts = self._counts[block]
+                occupied = np.flatnonzero(counts[0] + counts[1])
+                ids.append(occupied + (block << self._block_bits))
+                neg.append(counts[0, occupied])
+                pos.append(counts[1, occupied])
+                if self.track_regions:
+                    weights.append(self._weights.get(block, np.zeros(self._block_size))[occupied])
+            ids_, neg_, pos_ = np.concatenate(ids), np.concatenate(neg), np.concatenate(pos)
+            weights_ = np.concatenate(weights) if self.track_regions else np.zeros(ids_.size)
+            self._binned = (ids_, neg_, pos_, weights_)
         return self._binned
 
     def _bin_lower(self, ids: np.ndarray) -> np.ndarray:
