@@ -99,6 +99,19 @@ def test_preprocess_gray_replicated_and_normalised():
     assert pixels.min() >= 0 and pixels.max() <= 1  # bicubic overshoot is clamped
 
 
+def test_preprocess_matches_the_papers_pil_pipeline():
+    backbone = Backbone.random(tiny=True, image_size=448)
+    y, x = np.mgrid[0:256, 0:256] / 256.0
+    smooth = 0.5 + 0.35 * np.sin(9 * x + 2 * y) * np.cos(5 * y)  # no overshoot, so 8-bit PIL does not clamp mid-way
+    gray = np.round(smooth * 255).astype(np.uint8)
+    reference = np.asarray(Image.fromarray(gray).resize((448, 448), Image.Resampling.BICUBIC)) / 255.0
+    expected = (torch.tensor(reference, dtype=torch.float32) - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
+        IMAGENET_STD
+    ).view(3, 1, 1)
+    ours = backbone.preprocess(gray / np.float32(255))
+    assert (ours - expected).abs().max() < 2.01 / 255 / min(IMAGENET_STD)  # PIL's 8-bit passes round twice
+
+
 def test_preprocess_colour_rgba_uint8_and_antialiasing():
     backbone = Backbone.random(tiny=True, image_size=56)
     rgb = np.zeros((10, 10, 3), dtype=np.float32)

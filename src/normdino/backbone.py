@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -51,7 +52,7 @@ ALIASES: dict[str, str] = {
 SUPPORTED_MODEL_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PREPROCESSING_VERSION = "resize-bicubic-aa-clamp/imagenet-v1"
+PREPROCESSING_VERSION = "pil-bicubic-clamp/imagenet-v1"
 RANDOM_MARKER = "normdino_random_weights"
 
 _DINOV2 = dict(
@@ -115,7 +116,11 @@ def hub_config(arch: str, tiny: bool = False):
 def preprocess_image(
     image: np.ndarray, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> torch.Tensor:
-    """(H, W) or (H, W, C) image in [0, 1] -> (3, size, size): whole image resized (bicubic, antialiased), normalised."""
+    """(H, W) or (H, W, C) image in [0, 1] -> (3, size, size): whole image resized, clamped to [0, 1], normalised.
+
+    Resizing is Pillow's bicubic on float32 planes (antialiased when shrinking, as torchvision's Resize on
+    PIL images in the DINO papers); it is single-threaded, so it stays cheap beside a busy model.
+    """
     array = np.asarray(image)
     if array.dtype == np.uint8:
         array = array.astype(np.float32) / np.float32(255.0)
@@ -125,15 +130,23 @@ def preprocess_image(
         array = array[..., 0] if array.shape[2] == 1 else array[..., :3]
     if array.ndim not in (2, 3) or array.size == 0:
         raise InputError(f"An image must be an (H, W) or (H, W, 3) array, got shape {array.shape}.")
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    if not torch.isfinite(tensor).all():
+    array = np.asarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
         raise InputError("The image contains NaN or infinite values; clean or rescale it to [0, 1] first.")
-    tensor = tensor[None, None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)[None]
-    resized = F.interpolate(tensor, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    resized = resized[0].clamp_(0.0, 1.0).expand(3, size, size)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (resized - mean_t) / std_t
+    planes = [array] if array.ndim == 2 else [array[..., c] for c in range(3)]
+    resized = np.stack([_resize_plane(plane, size) for plane in planes])
+    np.clip(resized, 0.0, 1.0, out=resized)
+    mean_a = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    std_a = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    return torch.from_numpy((resized - mean_a) / std_a)
+
+
+def _resize_plane(plane: np.ndarray, size: int) -> np.ndarray:
+    """Bicubic resize of one float32 plane to size x size."""
+    resized = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32)).resize(
+        (size, size), Image.Resampling.BICUBIC
+    )
+    return np.asarray(resized, dtype=np.float32)
 
 
 class _ImageDataset(Dataset):
