@@ -90,7 +90,8 @@ def bench_pixels(n_pixels: float, subsample: int, seed: int = 0) -> list[tuple[s
 def bench_bank(bank_images: int, n_queries: int, dim: int = 384, seed: int = 0) -> list[tuple[str, str]]:
     import torch
 
-    from normdino.baselines import Coreset, MemoryBank, score_tokens
+    from normdino.baselines import Coreset, MemoryBank
+    from normdino.scoring import score_tokens
 
     g = torch.Generator().manual_seed(seed)
     tokens_per_image = 1024

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from normdino.baselines import Coreset, MemoryBank, greedy_coreset, nearest_prototype, score_best_component, score_tokens
+from normdino.baselines import Coreset, MemoryBank, greedy_coreset
+from normdino.scoring import nearest_prototype, score_tokens
 from normdino.errors import InputError
 
 
@@ -114,22 +115,6 @@ def test_coreset_bank():
     assert Coreset(n=0.1).fit(tokens).n_prototypes_ == 60
 
 
-def test_best_component_score_matches_direct_log_density():
-    g = torch.Generator().manual_seed(13)
-    means, variances = torch.randn(7, 5, generator=g), torch.rand(7, 5, generator=g) + 0.1
-    log_weights = torch.log_softmax(torch.randn(7, generator=g), dim=0)
-    tokens = torch.randn(3, 11, 5, generator=g)
-    x = tokens.reshape(-1, 5).double()
-    log_density = torch.stack(
-        [torch.distributions.Normal(means[k].double(), variances[k].double().sqrt()).log_prob(x).sum(1) for k in range(7)], dim=1
-    )
-    plain = score_best_component(tokens, means, variances, max_chunk_elements=20)
-    weighted = score_best_component(tokens, means, variances, log_weights)
-    assert plain.shape == (3, 11)
-    assert torch.allclose(plain.reshape(-1).double(), -log_density.max(dim=1).values, atol=1e-4)
-    assert torch.allclose(weighted.reshape(-1).double(), -(log_density + log_weights.double()).max(dim=1).values, atol=1e-4)
-
-
 def test_errors():
     with pytest.raises(InputError, match="not fitted"):
         MemoryBank().score(torch.zeros(3, 4))
@@ -143,6 +128,4 @@ def test_errors():
         greedy_coreset(torch.randn(5, 3), 0)
     with pytest.raises(InputError, match="zero tokens"):
         MemoryBank().fit(torch.zeros(0, 4))
-    with pytest.raises(InputError, match="positive"):
-        score_best_component(torch.randn(2, 3), torch.zeros(1, 3), torch.zeros(1, 3))
     assert np.isfinite(MemoryBank(metric="euclidean").fit(torch.randn(5, 4)).score(torch.randn(2, 4)).numpy()).all()

@@ -15,7 +15,6 @@ from normdino.metrics import (
     dice,
     image_aupr,
     image_auroc,
-    image_score,
     pixel_aupr,
     pixel_auroc,
     threshold_at_fpr,
@@ -92,6 +91,14 @@ def test_image_metrics_match_sklearn():
     assert image_auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     assert image_aupr(scores, labels) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
     assert image_auroc(list(scores), list(labels)) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_thresholds_at_many_fprs_equal_one_at_a_time():
+    from normdino.metrics import thresholds_at_fprs
+
+    scores = np.round(np.random.default_rng(3).normal(size=5000), 2)
+    fprs = [0.001, 0.01, 0.05, 0.1, 0.5]
+    assert thresholds_at_fprs(scores, fprs).tolist() == [threshold_at_fpr(scores, f) for f in fprs]
 
 
 @pytest.mark.parametrize("fpr", [0.0, 0.01, 0.05, 0.1, 0.29, 0.5])
@@ -259,12 +266,6 @@ def test_input_errors():
         threshold_at_fpr(np.zeros(3), 1.0)
     with pytest.raises(InputError, match="track_regions"):
         PixelScoreAccumulator().aupro()
-
-
-def test_image_score_is_mean_of_top_percent():
-    scores = np.arange(1000, dtype=float).reshape(10, 100)
-    assert image_score(scores) == pytest.approx(np.mean(np.arange(990, 1000)))
-    assert image_score(np.array([[3.0, 1.0]]), top_fraction=0.01) == 3.0
 
 
 def test_no_warnings_on_well_defined_inputs():

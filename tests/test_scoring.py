@@ -15,7 +15,7 @@ def test_cosine_distance_matches_brute_force():
     rng = np.random.default_rng(0)
     tokens, protos = _unit(rng, 300, 16), rng.standard_normal((7, 16)).astype(np.float32)
     expected = cdist(tokens, protos, metric="cosine").min(axis=1)
-    got = scoring.cosine_distance(torch.from_numpy(tokens).reshape(3, 10, 10, 16), torch.from_numpy(protos))
+    got = scoring.score_tokens(torch.from_numpy(tokens).reshape(3, 10, 10, 16), torch.from_numpy(protos), "cosine")
     assert got.shape == (3, 10, 10)
     np.testing.assert_allclose(got.reshape(-1).numpy(), expected, atol=1e-5)
 
@@ -24,7 +24,7 @@ def test_euclidean_distance_matches_brute_force():
     rng = np.random.default_rng(1)
     tokens, protos = rng.standard_normal((200, 8)).astype(np.float32), rng.standard_normal((5, 8)).astype(np.float32)
     expected = cdist(tokens, protos).min(axis=1)
-    got = scoring.euclidean_distance(torch.from_numpy(tokens), torch.from_numpy(protos))
+    got = scoring.score_tokens(torch.from_numpy(tokens), torch.from_numpy(protos), "euclidean")
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-4)
 
 
@@ -59,9 +59,21 @@ def test_image_score_is_mean_of_top_fraction():
     assert scoring.image_score(np.array([[3.0]]), 0.01) == 3.0
 
 
-def test_threshold_for_fpr_leaves_that_fraction_above():
-    scores = np.random.default_rng(2).random(100_000)
-    for fpr in (0.01, 0.05, 0.1):
-        assert abs((scores > scoring.threshold_for_fpr(scores, fpr)).mean() - fpr) < 1e-3
-    with pytest.raises(ValueError):
-        scoring.threshold_for_fpr(scores, 0.0)
+def test_likelihood_score_is_minus_the_best_weighted_component_density():
+    from normdino import DirichletProcessMixture
+
+    g = torch.Generator().manual_seed(13)
+    means, variances = torch.randn(7, 5, generator=g), torch.rand(7, 5, generator=g) + 0.1
+    sticks = torch.full((7,), 0.3)
+    mixture = DirichletProcessMixture(n_components=7, covariance_type="diag").set_state(
+        means=means, covariances=variances, sticks=sticks, alpha=2.0)
+    tokens = torch.randn(3, 11, 5, generator=g)
+    x = tokens.reshape(-1, 5).double()
+    log_density = torch.stack([torch.distributions.Normal(means[k].double(), variances[k].double().sqrt())
+                               .log_prob(x).sum(1) for k in range(7)], dim=1)
+    log_weights = torch.log(sticks.double()) + torch.cat([torch.zeros(1), torch.cumsum(torch.log1p(-sticks.double()), 0)[:-1]])
+    log_weights[-1] = torch.log1p(-sticks.double()).sum() - torch.log1p(-sticks[-1].double())  # v_K = 1
+    expected = -(log_density + log_weights[mixture.active_]).max(dim=1).values
+    got = scoring.negative_best_likelihood(tokens, mixture)
+    assert got.shape == (3, 11)
+    np.testing.assert_allclose(got.reshape(-1).numpy(), expected.numpy(), atol=1e-3)

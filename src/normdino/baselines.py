@@ -15,123 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from normdino.errors import InputError
+from normdino.scoring import DISTANCES, _as_tokens, nearest_prototype
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("cosine", "euclidean")
-
-__all__ = ["score_tokens", "nearest_prototype", "score_best_component", "greedy_coreset", "MemoryBank", "Coreset", "METRICS"]
-
-
-def _as_tokens(tokens: torch.Tensor | np.ndarray, name: str = "tokens") -> torch.Tensor:
-    t = torch.as_tensor(tokens)
-    if t.ndim < 1 or t.shape[-1] == 0:
-        raise InputError(f"{name} must have shape (..., D) with D > 0, got {tuple(t.shape)}.")
-    if not t.is_floating_point():
-        t = t.float()
-    return t
+__all__ = ["greedy_coreset", "MemoryBank", "Coreset"]
 
 
 def _check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise InputError(f"Unknown metric {metric!r}; choose one of {', '.join(METRICS)}.")
-
-
-def nearest_prototype(
-    tokens: torch.Tensor | np.ndarray,
-    prototypes: torch.Tensor | np.ndarray,
-    metric: str = "cosine",
-    *,
-    max_chunk_elements: int = 1 << 24,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance to the nearest prototype and its index, per token.
-
-    cosine: 1 − max cosine similarity (tokens and prototypes are L2-normalised chunk by chunk);
-    euclidean: min ‖x − p‖ via ‖x‖² + ‖p‖² − 2 x·p. Computed in float32 over prototype chunks.
-    """
-    _check_metric(metric)
-    x = _as_tokens(tokens)
-    protos = _as_tokens(prototypes, "prototypes")
-    if protos.ndim != 2 or protos.shape[0] == 0:
-        raise InputError(f"prototypes must have shape (K, D) with K > 0, got {tuple(protos.shape)}.")
-    if x.shape[-1] != protos.shape[1]:
-        raise InputError(f"tokens have dimension {x.shape[-1]} but prototypes have {protos.shape[1]}; use the same backbone for both.")
-    batch_shape = x.shape[:-1]
-    x = x.reshape(-1, x.shape[-1]).float()
-    m, k = x.shape[0], protos.shape[0]
-    if metric == "cosine":
-        x = F.normalize(x, dim=1)
-    query_chunk = max(1, min(m, 4096))
-    proto_chunk = max(1, min(k, max_chunk_elements // query_chunk))
-    best = torch.full((m,), -math.inf if metric == "cosine" else math.inf)
-    best_index = torch.zeros(m, dtype=torch.long)
-    with torch.no_grad():
-        for q0 in range(0, m, query_chunk):
-            q = x[q0:q0 + query_chunk]
-            q_sq = (q * q).sum(1, keepdim=True) if metric == "euclidean" else None
-            best_q, index_q = best[q0:q0 + query_chunk], best_index[q0:q0 + query_chunk]
-            for p0 in range(0, k, proto_chunk):
-                p = protos[p0:p0 + proto_chunk].float()
-                if metric == "cosine":
-                    values, idx = (q @ F.normalize(p, dim=1).T).max(dim=1)
-                    better = values > best_q
-                else:
-                    d2 = q_sq + (p * p).sum(1) - 2.0 * (q @ p.T)
-                    values, idx = d2.min(dim=1)
-                    better = values < best_q
-                best_q[better] = values[better]
-                index_q[better] = idx[better] + p0
-    distance = 1.0 - best if metric == "cosine" else best.clamp_min(0.0).sqrt()
-    return distance.reshape(batch_shape), best_index.reshape(batch_shape)
-
-
-def score_tokens(
-    tokens: torch.Tensor | np.ndarray,
-    prototypes: torch.Tensor | np.ndarray,
-    metric: str = "cosine",
-    *,
-    max_chunk_elements: int = 1 << 24,
-) -> torch.Tensor:
-    """Anomaly score per token = distance to the nearest prototype (see :func:`nearest_prototype`)."""
-    return nearest_prototype(tokens, prototypes, metric, max_chunk_elements=max_chunk_elements)[0]
-
-
-def score_best_component(
-    tokens: torch.Tensor | np.ndarray,
-    means: torch.Tensor | np.ndarray,
-    variances: torch.Tensor | np.ndarray,
-    log_weights: torch.Tensor | np.ndarray | None = None,
-    *,
-    max_chunk_elements: int = 1 << 24,
-) -> torch.Tensor:
-    """Ablation score: −max_k [log π_k + log N(x | μ_k, diag σ²_k)] (log π_k omitted when ``log_weights`` is None).
-
-    Uses two matrix products per chunk (x² · 1/σ² and x · μ/σ²), never a (tokens, K, D) tensor.
-    """
-    x = _as_tokens(tokens)
-    mu = _as_tokens(means, "means").double()
-    var = _as_tokens(variances, "variances").double()
-    if mu.ndim != 2 or mu.shape != var.shape or x.shape[-1] != mu.shape[1]:
-        raise InputError(
-            f"means {tuple(mu.shape)} and variances {tuple(var.shape)} must both be (K, D) with the tokens' D = {x.shape[-1]}."
-        )
-    if bool((var <= 0).any()):
-        raise InputError("variances must be positive.")
-    batch_shape = x.shape[:-1]
-    x = x.reshape(-1, x.shape[-1]).float()
-    precision = (1.0 / var)
-    constant = -0.5 * ((mu * mu * precision).sum(1) + var.log().sum(1) + mu.shape[1] * math.log(2 * math.pi))
-    if log_weights is not None:
-        constant = constant + torch.as_tensor(log_weights, dtype=torch.float64).reshape(-1)
-    precision32, scaled_mean32, constant32 = precision.float(), (mu * precision).float(), constant.float()
-    chunk = max(1, max_chunk_elements // mu.shape[0])
-    out = torch.empty(x.shape[0])
-    with torch.no_grad():
-        for q0 in range(0, x.shape[0], chunk):
-            q = x[q0:q0 + chunk]
-            loglik = -0.5 * ((q * q) @ precision32.T) + q @ scaled_mean32.T + constant32
-            out[q0:q0 + chunk] = -loglik.max(dim=1).values
-    return out.reshape(batch_shape)
+    if metric not in DISTANCES:
+        raise InputError(f"Unknown metric {metric!r}; choose one of {', '.join(DISTANCES)}.")
 
 
 def _coreset_count(n: int | float, total: int) -> int:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__, scoring
 from .errors import InputError, ModelFileError
 from .files import atomic_path
+from .metrics import thresholds_at_fprs
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,6 @@ def image_shape(image: ImageLike) -> tuple[int, int]:
             return im.height, im.width
     except (OSError, ValueError) as err:
         raise InputError(f"cannot read image {image}: {err}") from None
-
-
-def _quantile_table(scores: np.ndarray, fprs: np.ndarray) -> np.ndarray:
-    """Thresholds at each FPR of ``fprs``: the (1 - fpr) quantiles of the healthy scores."""
-    return np.quantile(scores.astype(np.float64), 1.0 - fprs).astype(np.float64)
 
 
 def _threshold_from_table(fprs: np.ndarray, thresholds: np.ndarray, fpr: float) -> float:
@@ -284,8 +280,8 @@ class AnomalyDetector:
             pixel_samples.append(flat if keep >= 1.0 else rng.choice(flat, int(np.ceil(keep * flat.size)), replace=False))
         fprs = np.unique(np.concatenate([_FPR_GRID, np.asarray(self.fprs, dtype=np.float64)]))
         self.calibration_fprs_ = fprs
-        self.pixel_thresholds_ = _quantile_table(np.concatenate(pixel_samples), fprs)
-        self.image_thresholds_ = _quantile_table(np.asarray(image_scores), fprs)
+        self.pixel_thresholds_ = thresholds_at_fprs(pixel_samples, fprs)
+        self.image_thresholds_ = thresholds_at_fprs(image_scores, fprs)
 
     # ------------------------------------------------------------------ predict
 

@@ -45,7 +45,7 @@ __all__ = [
     "threshold_at_fpr",
     "dice",
     "aupro",
-    "image_score",
+    "thresholds_at_fprs",
 ]
 
 
@@ -218,22 +218,30 @@ def image_aupr(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.
     return _aupr_from_counts(neg, pos)
 
 
-def threshold_at_fpr(normal_scores: ArrayOrList, fpr: float) -> float:
-    """Threshold t with at most a fraction ``fpr`` of the healthy scores strictly above t, as many as allowed.
+def thresholds_at_fprs(normal_scores: ArrayOrList, fprs: Sequence[float] | np.ndarray) -> np.ndarray:
+    """For each FPR, the threshold t with at most that fraction of the healthy scores strictly above t, as many as allowed.
 
     t is the (k+1)-th largest healthy score with k = floor(fpr · n), so "score > t" flags at most k of them.
-    Linear time (np.partition), no full sort.
+    One sort serves every FPR.
     """
-    if not 0 <= fpr < 1:
-        raise InputError(f"fpr must be in [0, 1), got {fpr}.")
+    fprs = np.atleast_1d(np.asarray(fprs, dtype=np.float64))
+    if np.any((fprs < 0) | (fprs >= 1)):
+        raise InputError(f"fpr must be in [0, 1), got {fprs.tolist()}.")
     s = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in _as_list(normal_scores)])
     if s.size == 0:
         raise InputError("No healthy validation scores were given; a threshold at a set FPR needs healthy images.")
     if not np.all(np.isfinite(s)):
         raise InputError("Healthy validation scores contain NaN or infinite values.")
-    k = min(int(math.floor(fpr * s.size * (1 + 1e-12))), s.size - 1)
-    position = s.size - 1 - k
-    return float(np.partition(s, position)[position])
+    k = np.minimum(np.floor(fprs * s.size * (1 + 1e-12)).astype(np.int64), s.size - 1)
+    positions = s.size - 1 - k
+    if positions.size == 1:  # linear time for a single threshold
+        return np.partition(s, positions[0])[positions]
+    return np.sort(s)[positions]
+
+
+def threshold_at_fpr(normal_scores: ArrayOrList, fpr: float) -> float:
+    """The threshold of :func:`thresholds_at_fprs` for one FPR."""
+    return float(thresholds_at_fprs(normal_scores, [fpr])[0])
 
 
 def dice(pred: ArrayOrList, mask: ArrayOrList) -> float:
@@ -278,17 +286,6 @@ def aupro(score_maps: ArrayOrList, masks: ArrayOrList, fpr_limit: float = 0.3) -
     s, y = _flatten_pairs(score_list, mask_list)
     neg, region_weight = _group_by_value(s, [(~y).astype(np.float64), np.concatenate(weights) if weights else np.zeros(0)])
     return _aupro_from_counts(neg, region_weight, n_regions, fpr_limit)
-
-
-def image_score(score_map: np.ndarray, top_fraction: float = 0.01) -> float:
-    """Image-level score: mean of the top ``top_fraction`` of pixel scores (at least one pixel)."""
-    if not 0 < top_fraction <= 1:
-        raise InputError(f"top_fraction must be in (0, 1], got {top_fraction}.")
-    flat = np.asarray(score_map, dtype=np.float64).ravel()
-    if flat.size == 0:
-        raise InputError("Cannot score an empty score map.")
-    k = max(1, int(math.ceil(top_fraction * flat.size)))
-    return float(np.partition(flat, flat.size - k)[flat.size - k:].mean())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,38 +5,86 @@ All functions are pure: they take tokens and prototypes (or a mixture) and retur
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from .errors import InputError
+
 SCORE_METHODS = ("cosine", "euclidean", "likelihood")
+DISTANCES = ("cosine", "euclidean")
 
-_CHUNK = 65536  # tokens scored per matrix product: bounds memory at chunk x n_prototypes floats
-
-
-def cosine_distance(tokens: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """1 - max cosine similarity of each token (..., D) to the prototypes (P, D): the paper's anomaly score."""
-    flat = F.normalize(tokens.reshape(-1, tokens.shape[-1]).float(), dim=-1)
-    protos = F.normalize(prototypes.float(), dim=-1)
-    out = torch.empty(flat.shape[0], dtype=torch.float32)
-    for start in range(0, flat.shape[0], _CHUNK):
-        sims = flat[start:start + _CHUNK] @ protos.T
-        out[start:start + _CHUNK] = 1.0 - sims.max(dim=1).values
-    return out.reshape(tokens.shape[:-1])
+_CHUNK = 65536  # tokens scored per call of the mixture: bounds memory at chunk x K floats
 
 
-def euclidean_distance(tokens: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance of each token (..., D) to its nearest prototype (P, D)."""
-    flat = tokens.reshape(-1, tokens.shape[-1]).float()
-    protos = prototypes.float()
-    proto_sq = (protos * protos).sum(dim=1)
-    out = torch.empty(flat.shape[0], dtype=torch.float32)
-    for start in range(0, flat.shape[0], _CHUNK):
-        chunk = flat[start:start + _CHUNK]
-        sq = (chunk * chunk).sum(dim=1, keepdim=True) - 2.0 * chunk @ protos.T + proto_sq
-        out[start:start + _CHUNK] = sq.min(dim=1).values.clamp_min(0.0).sqrt()
-    return out.reshape(tokens.shape[:-1])
+def _as_tokens(tokens: torch.Tensor | np.ndarray, name: str = "tokens") -> torch.Tensor:
+    t = torch.as_tensor(tokens)
+    if t.ndim < 1 or t.shape[-1] == 0:
+        raise InputError(f"{name} must have shape (..., D) with D > 0, got {tuple(t.shape)}.")
+    return t if t.is_floating_point() else t.float()
+
+
+def nearest_prototype(
+    tokens: torch.Tensor | np.ndarray,
+    prototypes: torch.Tensor | np.ndarray,
+    metric: str = "cosine",
+    *,
+    max_chunk_elements: int = 1 << 24,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance to the nearest prototype and its index, per token.
+
+    cosine: 1 − max cosine similarity (tokens and prototypes are L2-normalised chunk by chunk);
+    euclidean: min ‖x − p‖ via ‖x‖² + ‖p‖² − 2 x·p. Computed in float32 over prototype chunks.
+    """
+    if metric not in DISTANCES:
+        raise InputError(f"Unknown metric {metric!r}; choose one of {', '.join(DISTANCES)}.")
+    x = _as_tokens(tokens)
+    protos = _as_tokens(prototypes, "prototypes")
+    if protos.ndim != 2 or protos.shape[0] == 0:
+        raise InputError(f"prototypes must have shape (K, D) with K > 0, got {tuple(protos.shape)}.")
+    if x.shape[-1] != protos.shape[1]:
+        raise InputError(f"tokens have dimension {x.shape[-1]} but prototypes have {protos.shape[1]}; use the same backbone for both.")
+    batch_shape = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1]).float()
+    m, k = x.shape[0], protos.shape[0]
+    if metric == "cosine":
+        x = F.normalize(x, dim=1)
+    query_chunk = max(1, min(m, 4096))
+    proto_chunk = max(1, min(k, max_chunk_elements // query_chunk))
+    best = torch.full((m,), -math.inf if metric == "cosine" else math.inf)
+    best_index = torch.zeros(m, dtype=torch.long)
+    with torch.no_grad():
+        for q0 in range(0, m, query_chunk):
+            q = x[q0:q0 + query_chunk]
+            q_sq = (q * q).sum(1, keepdim=True) if metric == "euclidean" else None
+            best_q, index_q = best[q0:q0 + query_chunk], best_index[q0:q0 + query_chunk]
+            for p0 in range(0, k, proto_chunk):
+                p = protos[p0:p0 + proto_chunk].float()
+                if metric == "cosine":
+                    values, idx = (q @ F.normalize(p, dim=1).T).max(dim=1)
+                    better = values > best_q
+                else:
+                    d2 = q_sq + (p * p).sum(1) - 2.0 * (q @ p.T)
+                    values, idx = d2.min(dim=1)
+                    better = values < best_q
+                best_q[better] = values[better]
+                index_q[better] = idx[better] + p0
+    distance = 1.0 - best if metric == "cosine" else best.clamp_min(0.0).sqrt()
+    return distance.reshape(batch_shape), best_index.reshape(batch_shape)
+
+
+def score_tokens(
+    tokens: torch.Tensor | np.ndarray,
+    prototypes: torch.Tensor | np.ndarray,
+    metric: str = "cosine",
+    *,
+    max_chunk_elements: int = 1 << 24,
+) -> torch.Tensor:
+    """Anomaly score per token = distance to the nearest prototype (see :func:`nearest_prototype`)."""
+    return nearest_prototype(tokens, prototypes, metric, max_chunk_elements=max_chunk_elements)[0]
 
 
 def negative_best_likelihood(tokens: torch.Tensor, mixture) -> torch.Tensor:
@@ -53,10 +101,8 @@ def negative_best_likelihood(tokens: torch.Tensor, mixture) -> torch.Tensor:
 
 def patch_scores(tokens: torch.Tensor, method: str, prototypes: torch.Tensor, mixture=None) -> torch.Tensor:
     """Anomaly score of every token (..., D) by the named method (see ``SCORE_METHODS``)."""
-    if method == "cosine":
-        return cosine_distance(tokens, prototypes)
-    if method == "euclidean":
-        return euclidean_distance(tokens, prototypes)
+    if method in DISTANCES:
+        return score_tokens(tokens, prototypes, method)
     if method == "likelihood":
         if mixture is None:
             raise ValueError("the likelihood score needs the fitted mixture")
@@ -87,10 +133,3 @@ def image_score(pixel_scores: np.ndarray, top_fraction: float = 0.01) -> float:
     flat = np.asarray(pixel_scores, dtype=np.float32).ravel()
     k = max(1, int(round(top_fraction * flat.size)))
     return float(np.partition(flat, flat.size - k)[flat.size - k:].mean())
-
-
-def threshold_for_fpr(normal_scores: np.ndarray, fpr: float) -> float:
-    """Score above which a fraction ``fpr`` of healthy scores lies: the (1 - fpr) quantile."""
-    if not 0.0 < fpr < 1.0:
-        raise ValueError(f"a false-positive rate must lie strictly between 0 and 1, got {fpr}")
-    return float(np.quantile(np.asarray(normal_scores, dtype=np.float64).ravel(), 1.0 - fpr))
