@@ -202,16 +202,15 @@ def test_nifti_round_trip_oblique(tmp_path, suffix, axis):
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-def test_non_native_axis_through_memmapped_scratch(tmp_path, monkeypatch, axis):
-    """Small slabs and no in-memory arrays: the temp-file scratch and writer buffer paths give the same voxels."""
-    monkeypatch.setattr(volumes, "_IN_MEMORY_OUTPUT_BYTES", 0)
-    monkeypatch.setattr(volumes, "_SLAB_BYTES", 3 * 12 * 10 * 2)  # 3 planes per slab, 8 planes in all
+def test_non_native_axis_through_blocked_scratch(tmp_path, monkeypatch, axis):
+    """Small blocks (the last one partial): the temp-file scratch and writer buffer give the same voxels."""
+    monkeypatch.setattr(volumes, "_SLAB_BYTES", 3 * 12 * 10 * 2)  # 3 planes per block, 8 planes in all
     data = random_volume(seed=4)
     path = save_nifti(tmp_path / "scan.nii.gz", data, oblique_affine())
     options = SliceOptions(axis=axis, percentiles=(0, 100))
     with Volume.open(path) as volume:
         slices = dict(volume.iter_slices(options))
-        assert volume._scratch is not None and isinstance(volume._scratch[1], np.memmap)
+        assert volume._scratch is not None and volume._scratch[0] == axis
         write_volume_like(volume, slices, options, tmp_path / "map.nii.gz")
     expected = (data - data.min()) / float(data.max() - data.min())
     for k, s in slices.items():
@@ -525,10 +524,14 @@ def test_writer_uint8_errors_and_atomicity(tmp_path):
     assert written[0, 0, :].tolist() == [1.0, 0.0, 0.0, 3.0]
 
 
-def test_writer_non_streamed_axis_uses_memmap_when_large(tmp_path, monkeypatch):
+def test_writer_non_streamed_axis_leaves_unwritten_slices_zero(tmp_path, monkeypatch):
     data = random_volume((6, 5, 4))
     volume = Volume.open(save_nifti(tmp_path / "img.nii", data, oblique_affine()))
-    monkeypatch.setattr(volumes, "_IN_MEMORY_OUTPUT_BYTES", 0)
+    monkeypatch.setattr(volumes, "_SLAB_BYTES", 6 * 5 * 4 * 3)  # blocks of 3 float32 planes
+    with VolumeWriter(volume, tmp_path / "part.nii", axis=1) as writer:
+        writer.write(3, np.full((6, 4), 7.0))
+    written, _, _ = load(tmp_path / "part.nii")
+    assert (written[:, 3, :] == 7.0).all() and written.sum() == 7.0 * 24
     options = SliceOptions(axis=0, normalization="none")
     write_volume_like(volume, volume.iter_slices(options), options, tmp_path / "m.nii.gz")
     written, affine, _ = load(tmp_path / "m.nii.gz")

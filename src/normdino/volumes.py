@@ -17,9 +17,9 @@ Conventions
   of each array axis, oblique affines included): "axial" is the array axis pointing S/I,
   "coronal" A/P, "sagittal" L/R.
 * Memory: slices are read a slab (<= 32 MB) at a time along the file's slowest array axis
-  (the third), never the whole volume.  Other axes use a memory map of an uncompressed
-  .nii, or, for .nii.gz and DICOM, a memory-mapped scratch copy in the temp directory.
-  Maps are written plane by plane while they arrive when slicing along the third axis.
+  (the third), never the whole volume.  Slicing along another axis first copies the volume,
+  slice-major, to a temp file (one pass; disk and page cache, not process memory).  Maps are
+  written plane by plane as they arrive along the third axis, else gathered in a temp file.
 
 nibabel and pydicom are optional (``pip install "normdino[medical]"``) and imported lazily.
 """
@@ -52,7 +52,6 @@ _MEDICAL_HINT = 'pip install "normdino[medical]"'
 _AXIS_CODES = {"axial": ("S", "I"), "coronal": ("A", "P"), "sagittal": ("L", "R")}
 _SLAB_BYTES = 32 * 2**20
 _MAX_STAT_SAMPLES = 2_000_000
-_IN_MEMORY_OUTPUT_BYTES = 64 * 2**20
 _DICOM_MAGIC_OFFSET = 128
 _DICOM_PROBE_FILES = 32
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -307,13 +306,6 @@ class _NiftiSource:
                 for offset_in_block in range(stop - start):
                     yield start + offset_in_block, block[:, :, offset_in_block]
 
-    def memmap(self) -> np.ndarray | None:
-        """The stored 3D array as a read-only memory map (uncompressed files only)."""
-        if self.compressed:
-            return None
-        full = np.memmap(self.path, dtype=self.raw_dtype, mode="r", offset=self.offset, shape=self.shape4, order="F")
-        return full[..., self.time_index]
-
     def check_complete(self) -> None:
         """Refuse a file too short for its header's data (cheap: file size, or the gzip ISIZE trailer)."""
         expected = self.offset + int(np.prod(self.shape4)) * self.raw_dtype.itemsize
@@ -376,9 +368,6 @@ class _DicomSource:
     def iter_raw_planes(self, indices: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
         for k in indices:
             yield k, self.read_plane(k)
-
-    def memmap(self) -> None:
-        return None
 
 
 def _dicom_affine(position: np.ndarray, orientation: np.ndarray, spacing: np.ndarray,
@@ -476,13 +465,52 @@ def _open_dicom_series(folder: Path) -> tuple[_DicomSource, np.ndarray]:
 # --------------------------------------------------------------------------- volume
 
 
-def _scratch_array(shape: tuple[int, ...], dtype: np.dtype, stack: contextlib.ExitStack) -> np.ndarray:
-    """A zeroed array in memory up to 64 MB, else memory-mapped on an anonymous temp file closed by ``stack``."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if nbytes <= _IN_MEMORY_OUTPUT_BYTES:
-        return np.zeros(shape, dtype=dtype)
-    handle = stack.enter_context(tempfile.TemporaryFile(prefix="normdino-volume-"))
-    return np.memmap(handle, dtype=dtype, mode="w+", shape=shape)
+class _SliceStore:
+    """Slices along axis 0 or 1 of a 3D array, kept slice-major in a temp file, in blocks of the third axis.
+
+    Block b holds planes [b*m, (b+1)*m) as a C-order (n, other, m) array, so one slice is a few
+    contiguous reads (one per block) and one block is one read: transposing a volume costs
+    temp-file I/O (page cache, not process memory) and one block (<= 32 MB) in memory.
+    """
+
+    def __init__(self, n: int, other: int, depth: int, dtype: Any, block: int) -> None:
+        self.n, self.other, self.depth, self.block = n, other, depth, max(1, block)
+        self.dtype = np.dtype(dtype)
+        self._file = tempfile.TemporaryFile(prefix="normdino-volume-")
+        self._file.truncate(n * other * depth * self.dtype.itemsize)  # sparse: unwritten slices read as 0
+
+    def _blocks(self) -> Iterator[tuple[int, int, int]]:
+        """(first plane, plane count, byte offset) of each block."""
+        for first in range(0, self.depth, self.block):
+            yield first, min(self.block, self.depth - first), first * self.n * self.other * self.dtype.itemsize
+
+    def write_slice(self, k: int, values: np.ndarray) -> None:
+        for first, count, offset in self._blocks():
+            self._file.seek(offset + k * self.other * count * self.dtype.itemsize)
+            self._file.write(np.ascontiguousarray(values[:, first:first + count], dtype=self.dtype).tobytes())
+
+    def read_slice(self, k: int) -> np.ndarray:
+        out = np.empty((self.other, self.depth), dtype=self.dtype)
+        for first, count, offset in self._blocks():
+            self._file.seek(offset + k * self.other * count * self.dtype.itemsize)
+            data = self._file.read(self.other * count * self.dtype.itemsize)
+            out[:, first:first + count] = np.frombuffer(data, dtype=self.dtype).reshape(self.other, count)
+        return out
+
+    def write_block(self, first: int, values: np.ndarray) -> None:
+        """Planes [first, first + values.shape[2]) given slice-major, shape (n, other, count); ``first`` starts a block."""
+        self._file.seek(first * self.n * self.other * self.dtype.itemsize)
+        self._file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+
+    def iter_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first plane, slice-major (n, other, count) array) per block."""
+        for first, count, offset in self._blocks():
+            self._file.seek(offset)
+            data = self._file.read(self.n * self.other * count * self.dtype.itemsize)
+            yield first, np.frombuffer(data, dtype=self.dtype).reshape(self.n, self.other, count)
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _planes_per_slab(plane_shape: tuple[int, int], dtype: np.dtype) -> int:
@@ -495,8 +523,7 @@ def _normalise(values: np.ndarray, low: float, high: float) -> np.ndarray:
         return np.zeros(values.shape, dtype=np.float32)
     out = (values.astype(np.float32, copy=False) - np.float32(low)) * np.float32(1.0 / (high - low))
     np.clip(out, 0.0, 1.0, out=out)
-    if out.dtype.kind == "f":
-        np.nan_to_num(out, copy=False, nan=0.0)
+    np.nan_to_num(out, copy=False, nan=0.0)
     return out
 
 
@@ -519,8 +546,7 @@ class Volume:
         self.volume_index = volume_index
         self.dtype = source.raw_dtype
         self._source = source
-        self._scratch: tuple[int, np.ndarray] | None = None  # (axis, slice-major copy of the stored values)
-        self._scratch_stack = contextlib.ExitStack()
+        self._scratch: tuple[int, _SliceStore] | None = None  # (axis, slice-major copy of the stored values)
         self._stats: dict[tuple[float, float], dict[str, float]] = {}
         self._foreground: dict[tuple, dict[int, float]] = {}
 
@@ -582,8 +608,9 @@ class Volume:
 
     def close(self) -> None:
         """Drop the scratch copy made for slicing along a non-native axis, if any."""
-        self._scratch = None
-        self._scratch_stack.close()
+        if self._scratch is not None:
+            self._scratch[1].close()
+            self._scratch = None
 
     def __enter__(self) -> "Volume":
         return self
@@ -632,31 +659,23 @@ class Volume:
 
     # ---- voxels
 
-    def _slice_major(self, axis: int) -> np.ndarray:
-        """Stored values with ``axis`` moved first, so slices along it are contiguous (axis 0 or 1).
-
-        Uncompressed NIfTI: a view of the file's memory map.  Otherwise a scratch copy (in memory
-        up to 64 MB, else a temp-file memory map) filled slab by slab in one pass over the file.
-        """
-        mapped = self._source.memmap()
-        if mapped is not None:
-            return np.moveaxis(mapped, axis, 0)
+    def _slice_store(self, axis: int) -> _SliceStore:
+        """A slice-major temp-file copy of the stored values for slicing along axis 0 or 1 (one pass to make)."""
         if self._scratch is not None and self._scratch[0] == axis:
             return self._scratch[1]
         self.close()
-        moved_shape = (self.shape[axis],) + tuple(s for i, s in enumerate(self.shape) if i != axis)
-        scratch = _scratch_array(moved_shape, self._source.raw_dtype, self._scratch_stack)
-        slab = _planes_per_slab(self.shape[:2], self._source.raw_dtype)
+        other = self.shape[1 - axis]
+        store = _SliceStore(self.shape[axis], other, self.shape[2], self._source.raw_dtype,
+                            _planes_per_slab(self.shape[:2], self._source.raw_dtype))
+        self._scratch = (axis, store)
         planes: list[np.ndarray] = []
         first = 0
         for k, plane in self._source.iter_raw_planes(range(self.shape[2])):
             planes.append(plane)
-            if len(planes) == slab or k == self.shape[2] - 1:
-                scratch[..., first:k + 1] = np.moveaxis(np.stack(planes, axis=-1), axis, 0)
+            if len(planes) == store.block or k == self.shape[2] - 1:
+                store.write_block(first, np.moveaxis(np.stack(planes, axis=-1), axis, 0))
                 planes, first = [], k + 1
-        logger.debug("%s: scratch copy of %d MB to slice along axis %d", self.path, scratch.nbytes // 2**20, axis)
-        self._scratch = (axis, scratch)
-        return scratch
+        return store
 
     def _raw_slices(self, axis: int, indices: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
         """(k, real-valued float32 slice k along ``axis``) for sorted ``indices``."""
@@ -664,9 +683,9 @@ class Volume:
             for k, plane in self._source.iter_raw_planes(indices):
                 yield k, np.ascontiguousarray(self._source.scale(plane))
             return
-        array = self._slice_major(axis)
+        store = self._slice_store(axis)
         for k in indices:
-            yield k, np.ascontiguousarray(self._source.scale(array[k]))
+            yield k, self._source.scale(store.read_slice(k))
 
     def statistics(self, percentiles: tuple[float, float] = (0.5, 99.5)) -> dict[str, float]:
         """min, max and the two percentiles of the volume's finite values (one pass, cached).
@@ -736,7 +755,7 @@ class Volume:
         if bad:
             raise InputError(f"Slice {bad[0]} is out of range for axis {axis} of {self.path} ({self.shape[axis]} slices).")
         if axis != 2:
-            self._slice_major(axis)  # before the statistics pass, which can then reuse it
+            self._slice_store(axis)  # before the statistics pass, which can then reuse it
         value_range = self.intensity_range(options)
         check = indices is None and options.min_foreground > 0
         cache_key = (axis, options.normalization, tuple(options.percentiles), options.window,
@@ -815,7 +834,7 @@ class VolumeWriter:
 
     Use as a context manager and call ``write(k, map)`` per kept slice; slices never written are 0.
     Along the third array axis maps must come in increasing k and are streamed to disk (memory:
-    one plane); along other axes they are gathered in an array (a temp-file memory map above 64 MB).
+    one plane); along other axes they are gathered slice-major in a temp file and written at close.
     ``path`` must end in .nii or .nii.gz (gzip level 1); nothing appears there unless close() succeeds.
     """
 
@@ -833,7 +852,7 @@ class VolumeWriter:
         self._stack: contextlib.ExitStack | None = None
         self._file: BinaryIO | None = None
         self._next = 0
-        self._buffer: np.ndarray | None = None
+        self._buffer: _SliceStore | None = None
         self._written: set[int] = set()
 
     def __enter__(self) -> "VolumeWriter":
@@ -857,9 +876,11 @@ class VolumeWriter:
             self._file = raw
         self._stack = stack
         self._header.write_to(self._file)
-        if self.axis != 2:  # gather slice-major (map k contiguous), write out along the third axis at close
-            shape = (self.reference.shape[self.axis],) + self._slice_shape
-            self._buffer = _scratch_array(shape, self.dtype, stack)
+        if self.axis != 2:  # gather slice-major in a temp file, write out along the third axis at close
+            shape = self.reference.shape
+            self._buffer = _SliceStore(shape[self.axis], shape[1 - self.axis], shape[2], self.dtype,
+                                       _planes_per_slab(shape[:2], self.dtype))
+            stack.callback(self._buffer.close)
 
     def _write_plane(self, plane: np.ndarray | None) -> None:
         if plane is None:
@@ -885,7 +906,7 @@ class VolumeWriter:
         if index in self._written:
             raise InputError(f"Slice {index} was written twice to {self.path}.")
         if self._buffer is not None:
-            self._buffer[index] = slice_map
+            self._buffer.write_slice(index, slice_map)
         else:
             if index < self._next:
                 raise InputError(f"Maps for {self.path} must come in increasing slice order (got {index} after "
@@ -903,10 +924,8 @@ class VolumeWriter:
             return
         try:
             if self._buffer is not None:
-                nz = self.reference.shape[2]
-                slab = _planes_per_slab(self.reference.shape[:2], self.dtype)
-                for first in range(0, nz, slab):
-                    block = np.moveaxis(np.asarray(self._buffer[..., first:first + slab]), 0, self.axis)
+                for _, block in self._buffer.iter_blocks():
+                    block = np.moveaxis(block, 0, self.axis)
                     for i in range(block.shape[2]):
                         self._write_plane(block[:, :, i])
             else:
