@@ -142,6 +142,7 @@ def _add_report_options(parser: argparse.ArgumentParser, default_dir: str) -> No
     parser.add_argument("--json", default=None, help="write the JSON results here instead of OUTPUT/results.json")
     parser.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of the pixel maps (default: the model's / 0)")
     parser.add_argument("--timing-images", type=int, default=10, help="images timed at batch size 1 (default 10)")
+    parser.add_argument("--max-eval", type=int, default=None, help="evaluate on a seeded subset of at most this many images (labels kept in proportion)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="token cache folder")
     parser.add_argument("--no-cache", action="store_true")
@@ -257,7 +258,7 @@ def _print_results(paths: dict, rows: list[dict], random_backbone: bool) -> None
 
 def cmd_evaluate(args) -> int:
     from .detector import AnomalyDetector
-    from .evaluation import detector_scorer, evaluate_methods, write_outputs
+    from .evaluation import detector_scorer, evaluate_methods, evaluation_token_sets, write_outputs
 
     cache_dir = None if args.no_cache else Path(args.cache_dir)
     detector = AnomalyDetector.load(args.model, backbone=args.backbone, progress=not args.quiet)
@@ -274,10 +275,13 @@ def cmd_evaluate(args) -> int:
     from .datasets import load_dataset
 
     dataset = load_dataset(args.data, args.layout)
+    healthy, test = evaluation_token_sets(detector.backbone_, dataset, cache_dir, args.batch_size, not args.quiet,
+                                          args.max_eval)
     scorer = detector_scorer(detector, "dpmm" if detector.score == "cosine" else f"dpmm-{detector.score}")
-    results = evaluate_methods([scorer], detector.backbone_, dataset, cache_dir, sigma, detector.top_fraction,
-                               args.timing_images, args.batch_size, not args.quiet)
+    results = evaluate_methods([scorer], detector.backbone_, healthy, test, sigma, detector.top_fraction,
+                               args.timing_images)
     context = {"model": args.model, "data": args.data, "layout": dataset.layout, **dataset.summary(),
+               "healthy_used": len(healthy.shapes), "evaluated": len(test.shapes),
                "backbone": detector.backbone_.name, "sigma": sigma}
     paths = write_outputs(results, [scorer], detector.backbone_, Path(args.output), f"normdino evaluate: {dataset.name}",
                           context, Path(args.json) if args.json else None, sigma)
@@ -286,12 +290,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import numpy as np
-
     from .detector import AnomalyDetector
     from .datasets import load_dataset
     from .errors import InputError
-    from .evaluation import evaluate_methods, fit_methods, token_set, write_outputs
+    from .evaluation import evaluate_methods, evaluation_token_sets, fit_methods, subset, token_set, write_outputs
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
@@ -299,23 +301,21 @@ def cmd_bench(args) -> int:
     dataset = load_dataset(args.data, args.layout)
     if not dataset.train:
         raise InputError(f"{args.data} has no training images (train/good)")
-    train_images = dataset.train
-    if args.max_train and len(train_images) > args.max_train:
-        keep = np.sort(np.random.default_rng(args.seed).choice(len(train_images), args.max_train, replace=False))
-        train_images = [train_images[i] for i in keep]
+    train_images = subset(dataset.train, args.max_train, args.seed)
     cache_dir = None if args.no_cache else Path(args.cache_dir)
     sigma = args.sigma or 0.0
     backbone = AnomalyDetector(backbone=args.backbone, image_size=args.image_size, normalize=not args.no_normalize,
                                device=args.device, seed=args.seed)._build_backbone()
     progress = not args.quiet
     train = token_set(backbone, train_images, cache_dir, args.batch_size, progress)
-    healthy = token_set(backbone, [s.image for s in dataset.healthy_validation], cache_dir, args.batch_size, progress)
+    healthy, test = evaluation_token_sets(backbone, dataset, cache_dir, args.batch_size, progress, args.max_eval,
+                                          args.seed)
     params = dict(n_components=args.components, covariance_type=args.covariance, epochs=args.epochs, sigma=sigma,
                   image_size=args.image_size, normalize=not args.no_normalize, progress=progress)
     scorers = fit_methods(methods, backbone, train, healthy, params, seed=args.seed)
-    results = evaluate_methods(scorers, backbone, dataset, cache_dir, sigma, 0.01, args.timing_images,
-                               args.batch_size, progress, healthy=healthy)
+    results = evaluate_methods(scorers, backbone, healthy, test, sigma, 0.01, args.timing_images)
     context = {"data": args.data, "layout": dataset.layout, **dataset.summary(), "train_used": len(train_images),
+               "healthy_used": len(healthy.shapes), "evaluated": len(test.shapes),
                "backbone": backbone.name, "random_weights": backbone.is_random, "image_size": backbone.image_size,
                "normalized_tokens": not args.no_normalize, "epochs": args.epochs, "components": args.components,
                "covariance": args.covariance, "sigma": sigma, "device": args.device}

@@ -240,22 +240,50 @@ def evaluate_scorer(scorer: Scorer, healthy: TokenSet, test: TokenSet, sigma: fl
     return MethodResult(row, accumulator, cases)
 
 
-def evaluate_methods(scorers: Sequence[Scorer], backbone, dataset: Dataset, cache_dir: Path | None,
-                     sigma: float = 0.0, top_fraction: float = 0.01, timing_images: int = 10,
-                     batch_size: int = 8, progress: bool = True,
-                     healthy: TokenSet | None = None) -> list[MethodResult]:
-    """Evaluate each scorer on the data set's healthy validation and evaluation samples."""
+def subset(items: Sequence, n: int | None, seed: int = 0) -> list:
+    """A seeded subset of at most ``n`` items, in their original order (all of them when ``n`` is None)."""
+    if n is None or len(items) <= n:
+        return list(items)
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), n, replace=False))
+    return [items[i] for i in keep]
+
+
+def evaluation_token_sets(backbone, dataset: Dataset, cache_dir: Path | None, batch_size: int = 8,
+                          progress: bool = True, max_eval: int | None = None,
+                          seed: int = 0) -> tuple[TokenSet, TokenSet]:
+    """Tokens of the healthy validation images (thresholds) and of the evaluation samples (metrics).
+
+    Images in both sets (lgg-flair evaluates on its validation split) go through the backbone once.
+    With ``max_eval``, a seeded subset of each label's evaluation samples and of the healthy images is used.
+    """
     from .errors import InputError
 
     if not dataset.evaluation:
         raise InputError(f"{dataset.name} has no validation or test images to evaluate on")
     if not dataset.healthy_validation:
         raise InputError(f"{dataset.name} has no healthy validation images to set the FPR thresholds on")
-    if healthy is None:
-        healthy = token_set(backbone, [s.image for s in dataset.healthy_validation], cache_dir, batch_size, progress)
-    test = token_set(backbone, [s.image for s in dataset.evaluation], cache_dir, batch_size, progress,
-                     dataset.evaluation)
-    timing = [s.image for s in dataset.evaluation[:timing_images]]
+    healthy = subset(dataset.healthy_validation, max_eval, seed)
+    normal = [s for s in dataset.evaluation if s.label == 0]
+    anomalous = [s for s in dataset.evaluation if s.label == 1]
+    if max_eval is not None:
+        n_anomalous = min(len(anomalous), max(1, round(max_eval * len(anomalous) / len(dataset.evaluation))))
+        normal, anomalous = subset(normal, max_eval - n_anomalous, seed), subset(anomalous, n_anomalous, seed)
+    evaluation = normal + anomalous
+    images = list(dict.fromkeys([s.image for s in healthy] + [s.image for s in evaluation]))
+    everything = token_set(backbone, images, cache_dir, batch_size, progress)
+    row = {path: i for i, path in enumerate(images)}
+
+    def pick(samples: list[Sample]) -> TokenSet:
+        idx = [row[s.image] for s in samples]
+        return TokenSet(everything.tokens[idx], [everything.shapes[i] for i in idx], samples)
+
+    return pick(healthy), pick(evaluation)
+
+
+def evaluate_methods(scorers: Sequence[Scorer], backbone, healthy: TokenSet, test: TokenSet, sigma: float = 0.0,
+                     top_fraction: float = 0.01, timing_images: int = 10) -> list[MethodResult]:
+    """Every scorer's metrics on the same tokens, plus its batch-1 runtime and peak memory."""
+    timing = [s.image for s in test.samples[:timing_images]]
     results = []
     for scorer in scorers:
         log.info("evaluating %s", scorer.name)
