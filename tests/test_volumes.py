@@ -210,7 +210,7 @@ def test_non_native_axis_through_blocked_scratch(tmp_path, monkeypatch, axis):
     options = SliceOptions(axis=axis, percentiles=(0, 100))
     with Volume.open(path) as volume:
         slices = dict(volume.iter_slices(options))
-        assert volume._scratch is not None and volume._scratch[0] == axis
+        assert list(volume._stores) == [axis]
         write_volume_like(volume, slices, options, tmp_path / "map.nii.gz")
     expected = (data - data.min()) / float(data.max() - data.min())
     for k, s in slices.items():
@@ -218,6 +218,16 @@ def test_non_native_axis_through_blocked_scratch(tmp_path, monkeypatch, axis):
     written, affine, _ = load(tmp_path / "map.nii.gz")
     np.testing.assert_allclose(written, expected, atol=1e-6)
     np.testing.assert_array_equal(affine, nib.load(path).affine)
+
+
+def test_interleaved_axes_on_one_volume(tmp_path):
+    data = random_volume(seed=7)
+    with Volume.open(save_nifti(tmp_path / "scan.nii.gz", data, np.eye(4))) as volume:
+        none0, none1 = SliceOptions(axis=0, normalization="none"), SliceOptions(axis=1, normalization="none")
+        for (i, a), (j, b) in zip(volume.iter_slices(none0), volume.iter_slices(none1)):
+            np.testing.assert_array_equal(a, data[i])
+            np.testing.assert_array_equal(b, data[:, j])
+    assert volume._stores == {}
 
 
 def test_iteration_after_slice_indices_reads_only_kept_slices(tmp_path):

@@ -546,7 +546,7 @@ class Volume:
         self.volume_index = volume_index
         self.dtype = source.raw_dtype
         self._source = source
-        self._scratch: tuple[int, _SliceStore] | None = None  # (axis, slice-major copy of the stored values)
+        self._stores: dict[int, _SliceStore] = {}  # axis -> slice-major temp-file copy of the stored values
         self._stats: dict[tuple[float, float], dict[str, float]] = {}
         self._foreground: dict[tuple, dict[int, float]] = {}
 
@@ -607,10 +607,10 @@ class Volume:
                    volume_index=volume_index if n_volumes > 1 or volume_index is not None else None)
 
     def close(self) -> None:
-        """Drop the scratch copy made for slicing along a non-native axis, if any."""
-        if self._scratch is not None:
-            self._scratch[1].close()
-            self._scratch = None
+        """Delete the temp-file copies made for slicing along non-native axes, if any."""
+        stores, self._stores = self._stores, {}
+        for store in stores.values():
+            store.close()
 
     def __enter__(self) -> "Volume":
         return self
@@ -661,20 +661,22 @@ class Volume:
 
     def _slice_store(self, axis: int) -> _SliceStore:
         """A slice-major temp-file copy of the stored values for slicing along axis 0 or 1 (one pass to make)."""
-        if self._scratch is not None and self._scratch[0] == axis:
-            return self._scratch[1]
-        self.close()
-        other = self.shape[1 - axis]
-        store = _SliceStore(self.shape[axis], other, self.shape[2], self._source.raw_dtype,
+        if axis in self._stores:
+            return self._stores[axis]
+        store = _SliceStore(self.shape[axis], self.shape[1 - axis], self.shape[2], self._source.raw_dtype,
                             _planes_per_slab(self.shape[:2], self._source.raw_dtype))
-        self._scratch = (axis, store)
-        planes: list[np.ndarray] = []
-        first = 0
-        for k, plane in self._source.iter_raw_planes(range(self.shape[2])):
-            planes.append(plane)
-            if len(planes) == store.block or k == self.shape[2] - 1:
-                store.write_block(first, np.moveaxis(np.stack(planes, axis=-1), axis, 0))
-                planes, first = [], k + 1
+        try:
+            planes: list[np.ndarray] = []
+            first = 0
+            for k, plane in self._source.iter_raw_planes(range(self.shape[2])):
+                planes.append(plane)
+                if len(planes) == store.block or k == self.shape[2] - 1:
+                    store.write_block(first, np.moveaxis(np.stack(planes, axis=-1), axis, 0))
+                    planes, first = [], k + 1
+        except BaseException:
+            store.close()
+            raise
+        self._stores[axis] = store
         return store
 
     def _raw_slices(self, axis: int, indices: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
@@ -700,7 +702,7 @@ class Volume:
         rate = min(1.0, _MAX_STAT_SAMPLES / max(1, total))
         rng = np.random.default_rng(0)
         samples, low, high = [], math.inf, -math.inf
-        axis = 2 if self._scratch is None else self._scratch[0]  # any axis will do: reuse a scratch copy
+        axis = next(iter(self._stores), 2)  # any axis will do: reuse a temp-file copy if there is one
         for _, plane in self._raw_slices(axis, range(self.shape[axis])):
             values = plane.ravel()
             if values.dtype.kind == "f" and not np.isfinite(values).all():
