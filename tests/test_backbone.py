@@ -77,6 +77,8 @@ def test_unnormalised_tokens_and_single_forward_pass(tiny_dinov2_reg_dir):
     pixels = _pixels(backbone, n=1)
     out = backbone.encode(pixels)
     assert len(calls) == 1
+    assert not out.patch_tokens.is_inference() and not out.patch_tokens.requires_grad
+    out.patch_tokens.mul_(1.0)  # callers may modify the result in place
     with torch.no_grad():
         expected = AutoModel.from_pretrained(tiny_dinov2_reg_dir)(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(out.patch_tokens[0, 1].reshape(16, 32), expected[0, 5:], atol=1e-5, rtol=1e-5)

@@ -282,7 +282,8 @@ class Backbone:
             if self.normalize:
                 cls_tokens = F.normalize(cls_tokens, dim=-1)
                 patches = F.normalize(patches, dim=-1)
-        return BackboneOutput(patch_tokens=patches, cls_tokens=cls_tokens)
+        # clones made outside inference mode are ordinary tensors that callers may modify in place
+        return BackboneOutput(patch_tokens=patches.clone(), cls_tokens=cls_tokens.clone())
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, h, w, D) patch tokens of the last requested layer."""
@@ -320,6 +321,7 @@ class Backbone:
         all_layers: bool = False,
     ) -> torch.Tensor:
         """(N, h, w, D) float32 tokens of the last requested layer, or (N, L, h, w, D) with ``all_layers``."""
+        images = list(images)
         grid_h, grid_w = self.grid_shape()
         n_layers = len(self.layers)
         shape = (len(images), n_layers, grid_h, grid_w, self.embed_dim)
