@@ -261,3 +261,31 @@ def test_embed_images_from_paths_and_arrays(tiny_dinov2_dir, tmp_path):
         backbone.embed_images(paths, batch_size=0)
     with pytest.raises(InputError, match="missing.png"):
         backbone.embed_images([tmp_path / "missing.png"], progress=False)
+
+
+def test_unreachable_hub_fails_without_retrying(monkeypatch):
+    import normdino.backbone as module
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    probes = []
+    monkeypatch.setattr(module, "_hub_reachable", lambda timeout=2.0: probes.append(timeout) or False)
+    with pytest.raises(WeightsNotFoundError, match="hub is unreachable"):
+        Backbone.from_pretrained("dinov2_vitl14")
+    assert probes == [2.0]
+
+
+def test_gated_and_connection_errors_are_recognised_through_the_cause_chain():
+    import normdino.backbone as module
+
+    class GatedRepoError(Exception):
+        pass
+
+    try:
+        try:
+            raise GatedRepoError("401")
+        except GatedRepoError as inner:
+            raise OSError("cannot load") from inner
+    except OSError as outer:
+        assert module._is_gated(outer) and not module._is_connection_error(outer)
+    assert module._is_connection_error(OSError("We couldn't connect to 'https://huggingface.co'"))
