@@ -60,13 +60,15 @@ def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Pa
         for image_path, mask_path in tqdm(pairs, desc="volumes", disable=not progress):
             volume = Volume.open(image_path, volume_index=options.volume_index)
             kept = volume.slice_indices(options)
+            axis = volume.resolve_axis(options.axis)
             masks, mask_voxels = {}, 0
-            if mask_path is not None:
-                mask_volume = read_mask_volume(mask_path, volume)
-                for index, plane in mask_volume.iter_slices(mask_options):
-                    mask_voxels += int((plane > 0).sum())
-                    if index in kept:
-                        masks[index] = plane > 0
+            if mask_path is not None:  # masks of the kept slices as bits; all mask voxels counted
+                with read_mask_volume(mask_path, volume) as mask_volume:
+                    kept_set = set(kept)
+                    for index, plane in mask_volume.iter_slices(mask_options, indices=range(volume.shape[axis])):
+                        mask_voxels += int((plane > 0).sum())
+                        if index in kept_set:
+                            masks[index] = np.packbits(plane > 0)
             top = TopFraction(detector.top_fraction, len(kept))
             tp = fp = fn = 0
             started = time.perf_counter()
@@ -74,6 +76,8 @@ def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Pa
             while chunk := [s for _, s in zip(range(detector.batch_size), slices)]:
                 for (index, _), pred in zip(chunk, detector.predict([image for _, image in chunk])):
                     truth = masks.get(index)
+                    if truth is not None:
+                        truth = np.unpackbits(truth, count=pred.pixel_map.size).reshape(pred.pixel_map.shape).astype(bool)
                     accumulator.add(pred.pixel_map, truth)
                     top.add(pred.pixel_map)
                     if truth is not None:
@@ -83,7 +87,8 @@ def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Pa
                         fn += int((~predicted & truth).sum())
             seconds += time.perf_counter() - started
             n_slices += len(kept)
-            scored_mask = sum(int(m.sum()) for m in masks.values())
+            volume.close()
+            scored_mask = sum(int(np.unpackbits(m).sum()) for m in masks.values())
             label = int(mask_voxels > 0) if mask_path is not None else None
             volume_rows.append({"volume": image_path.name, "mask": mask_path.name if mask_path else "",
                                 "score": top.mean(), "slices_scored": len(kept), "mask_voxels": mask_voxels,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -21,18 +22,9 @@ CSV_COLUMNS = ("input", "kind", "score", "anomalous", "fpr", "pixel_threshold", 
                "anomalous_fraction", "anomaly_map", "mask", "overlay")
 
 
-def output_stem(path: Path) -> str:
-    """File name without its image/volume suffix (``scan.nii.gz`` -> ``scan``)."""
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem if path.is_file() or path.suffix else name
-
-
 def unique_stems(paths: Sequence[Path]) -> list[str]:
-    """Output stems, prefixed with parent folder names where two inputs would otherwise collide."""
-    stems = [output_stem(p) for p in paths]
+    """Output stems of image files, prefixed with parent folder names where two inputs would otherwise collide."""
+    stems = [p.stem for p in paths]
     seen: dict[str, int] = {}
     for stem in stems:
         seen[stem] = seen.get(stem, 0) + 1
@@ -103,31 +95,31 @@ class PredictionWriter:
         return self._row(path, "image", pred.score, float(pred.mask.mean()), **files)
 
     def write_volume(self, path: Path, options) -> None:
-        """``<stem>_anomaly.nii.gz`` (float32) and ``<stem>_mask.nii.gz`` (uint8) in the input's exact geometry."""
-        from .volumes import Volume, write_volume_like
+        """``<stem>_anomaly.nii.gz`` (float32) and ``<stem>_mask.nii.gz`` (uint8) in the input's exact geometry.
 
-        volume = Volume.open(path, volume_index=options.volume_index)
-        indices = volume.slice_indices(options)
-        maps: dict[int, np.ndarray] = {}  # float16 maps: half the memory of the float32 volume
-        masks: dict[int, np.ndarray] = {}  # bit-packed: the mask exactly as thresholded in float32
-        top = TopFraction(self.detector.top_fraction, len(indices))
-        bar = tqdm(total=len(indices), desc=output_stem(path), unit="slice", disable=not self.progress)
-        slices = volume.iter_slices(options)
-        while chunk := [s for _, s in zip(range(self.detector.batch_size), slices)]:
-            for (index, _), pred in zip(chunk, self.detector.predict([image for _, image in chunk], fpr=self.fpr)):
-                maps[index] = pred.pixel_map.astype(np.float16)
-                masks[index] = np.packbits(pred.mask)
-                top.add(pred.pixel_map)
-                bar.update(1)
-        bar.close()
-        stem = output_stem(path)
+        Slices stream from the scan through the detector into both files; skipped slices stay 0.
+        """
+        from .volumes import Volume, VolumeWriter, volume_stem
+
+        stem = volume_stem(path)
         files = {"anomaly_map": f"{stem}_anomaly.nii.gz", "mask": f"{stem}_mask.nii.gz"}
-        write_volume_like(volume, ((i, m.astype(np.float32)) for i, m in maps.items()), options,
-                          self.out_dir / files["anomaly_map"], dtype=np.float32)
-        write_volume_like(volume, ((i, _unpack(masks[i], maps[i].shape)) for i in maps), options,
-                          self.out_dir / files["mask"], dtype=np.uint8)
-        n_voxels = sum(m.size for m in maps.values())
-        n_anomalous = sum(int(_unpack(masks[i], maps[i].shape).sum()) for i in maps)
+        with Volume.open(path, volume_index=options.volume_index) as volume:
+            indices = volume.slice_indices(options)
+            top = TopFraction(self.detector.top_fraction, len(indices))
+            n_voxels = n_anomalous = 0
+            bar = tqdm(total=len(indices), desc=stem, unit="slice", disable=not self.progress)
+            with VolumeWriter(volume, self.out_dir / files["anomaly_map"], options.axis, np.float32) as maps, \
+                    VolumeWriter(volume, self.out_dir / files["mask"], options.axis, np.uint8) as masks:
+                slices = volume.iter_slices(options, indices=indices)
+                while chunk := list(itertools.islice(slices, self.detector.batch_size)):
+                    for (index, _), pred in zip(chunk, self.detector.predict([s for _, s in chunk], fpr=self.fpr)):
+                        maps.write(index, pred.pixel_map)
+                        masks.write(index, pred.mask.astype(np.uint8))
+                        top.add(pred.pixel_map)
+                        n_voxels += pred.mask.size
+                        n_anomalous += int(pred.mask.sum())
+                        bar.update(1)
+            bar.close()
         self.rows.append(self._row(path, "volume", top.mean(), n_anomalous / max(1, n_voxels), **files))
 
     def finish(self) -> Path:
@@ -146,11 +138,6 @@ class PredictionWriter:
         }
         atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2))
         return csv_path
-
-
-def _unpack(bits: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """A uint8 0/1 mask from ``np.packbits`` output."""
-    return np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape)
 
 
 class TopFraction:

@@ -1,0 +1,104 @@
+"""Volumes through the command line: NIfTI in, NIfTI maps out in exactly the input's geometry; volume evaluation."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+nib = pytest.importorskip("nibabel")
+
+from normdino.cli import main  # noqa: E402
+from normdino.phantoms import make_phantom  # noqa: E402
+
+
+def _oblique_affine():
+    angle = np.deg2rad(12)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([0.9, 0.9, 3.0])
+    affine[:3, 3] = [-20.0, 15.0, 7.5]
+    return affine
+
+
+def _write_scan(path, seed, lesions=0, n_slices=6, size=48, with_mask=True):
+    rng = np.random.default_rng(seed)
+    planes, masks = zip(*(make_phantom(rng, size=size, lesions=lesions if k in (2, 3) else 0) for k in range(n_slices)))
+    volume = (np.stack(planes, axis=2) * 1000).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume, _oblique_affine()), path)
+    if not with_mask:
+        return path
+    mask_path = path.parent / path.name.replace(".nii.gz", "_mask.nii.gz")
+    nib.save(nib.Nifti1Image(np.stack(masks, axis=2).astype(np.uint8), _oblique_affine()), mask_path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scans")
+    (root / "train").mkdir()
+    (root / "test").mkdir()
+    for i in range(3):
+        _write_scan(root / "train" / f"healthy{i}.nii.gz", seed=i, with_mask=False)
+    _write_scan(root / "test" / "patient.nii.gz", seed=10, lesions=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def volume_model(scans, tiny_dinov2_dir, tmp_path_factory):
+    model = tmp_path_factory.mktemp("vm") / "model.normdino"
+    assert main(["fit", str(scans / "train"), "-o", str(model), "--backbone", str(tiny_dinov2_dir),
+                 "--image-size", "56", "--epochs", "1", "--components", "8", "--no-cache", "--quiet"]) == 0
+    return model
+
+
+def test_predict_writes_nifti_maps_with_the_input_geometry(volume_model, scans, tmp_path):
+    scan = scans / "test" / "patient.nii.gz"
+    assert main(["predict", str(volume_model), str(scan), "-o", str(tmp_path), "--slices", "1:5", "--quiet"]) == 0
+    source = nib.load(scan)
+    anomaly = nib.load(tmp_path / "patient_anomaly.nii.gz")
+    mask = nib.load(tmp_path / "patient_mask.nii.gz")
+    for out, dtype in ((anomaly, np.float32), (mask, np.uint8)):
+        assert out.shape == source.shape
+        np.testing.assert_array_equal(out.affine, source.affine)
+        assert out.get_data_dtype() == dtype
+    data = anomaly.get_fdata()
+    assert (data[..., [0, 5]] == 0).all()  # outside --slices 1:5
+    assert (data[..., 1:5] > 0).any()
+    rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
+    assert rows[0]["kind"] == "volume" and rows[0]["anomaly_map"] == "patient_anomaly.nii.gz"
+    kept = data[..., 1:5]
+    top = np.sort(kept.ravel())[-int(round(0.01 * kept.size)):]
+    assert float(rows[0]["score"]) == pytest.approx(top.mean(), rel=1e-4)
+
+
+def test_evaluate_on_volumes(volume_model, scans, tmp_path):
+    assert main(["evaluate", str(volume_model), str(scans / "test"), "--layout", "volumes", "-o", str(tmp_path),
+                 "--quiet"]) == 0
+    payload = json.loads((tmp_path / "results.json").read_text())
+    row = payload["rows"][0]
+    assert 0 <= row["pixel_auroc"] <= 1 and row["n_volumes"] == 1 and row["n_slices"] == 6
+    assert payload["per_item"][0]["volume"] == "patient.nii.gz"
+    assert payload["per_item"][0]["mask_voxels"] > 0
+
+
+def test_mask_with_another_affine_is_refused(volume_model, scans, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _write_scan(bad / "p.nii.gz", seed=4, lesions=1)
+    mask = nib.load(bad / "p_mask.nii.gz")
+    shifted = mask.affine.copy()
+    shifted[0, 3] += 5
+    nib.save(nib.Nifti1Image(np.asarray(mask.dataobj), shifted), bad / "p_mask.nii.gz")
+    assert main(["evaluate", str(volume_model), str(bad), "--layout", "volumes", "-o", str(tmp_path / "o"), "--quiet"]) == 1
+    assert "p_mask.nii.gz" in capsys.readouterr().err
+
+
+def test_lgg_flair_volume_prediction_keeps_shape_and_affine(lgg_flair, volume_model, tmp_path):
+    scan = sorted((lgg_flair / "volumes" / "valid").glob("*_flair.nii.gz"))[0]
+    assert main(["predict", str(volume_model), str(scan), "-o", str(tmp_path), "--normalization", "dtype",
+                 "--slices", "10:14", "--quiet"]) == 0
+    source = nib.load(scan)
+    out = nib.load(next(tmp_path.glob("*_anomaly.nii.gz")))
+    assert out.shape == source.shape
+    np.testing.assert_array_equal(out.affine, source.affine)
