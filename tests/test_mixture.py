@@ -246,8 +246,15 @@ def test_set_state_validates_shapes_and_values():
         model.set_state(means, covs, np.full(3, 1.5), 2.0)
     with pytest.raises(InputError, match="alpha"):
         model.set_state(means, covs, sticks, 0.0)
+    asymmetric = covs.copy()
+    asymmetric[0, 0, 1] = 0.5
+    with pytest.raises(InputError, match="symmetric"):
+        model.set_state(means, asymmetric, sticks, 2.0)
     model.set_state(means, covs, sticks, 2.0)
     assert model.sticks_[-1] == 1 and model.n_iter_ == 0 and model.stat_count_.sum() == 0
+    model.partial_fit(np.random.default_rng(0).normal(size=(30, 4)))
+    model.set_state(np.zeros((3, 2)), np.stack([np.eye(2)] * 3), sticks, 3.0)  # a new state may change D
+    assert model.n_features_in_ == 2 and model.n_iter_ == 0 and model.alpha_ == 3.0
 
 
 def test_unfitted_model_says_so():

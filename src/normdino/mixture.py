@@ -128,7 +128,7 @@ class DirichletProcessMixture:
         if self.dtype not in _DTYPES.values():
             raise InputError(f"dtype must be torch.float32 or torch.float64, got {self.dtype!r}.")
 
-    def _as_batch(self, x: Any, name: str = "x") -> torch.Tensor:
+    def _as_batch(self, x: Any, name: str = "x", check_features: bool = True) -> torch.Tensor:
         """Validate a batch (N, D) and return it as a contiguous CPU tensor of the model's dtype."""
         if isinstance(x, torch.Tensor):
             t = x.detach()
@@ -146,7 +146,7 @@ class DirichletProcessMixture:
             raise InputError(f"{name} is empty (0 rows); pass at least one sample.")
         if d < 2:
             raise InputError(f"{name} has {d} feature(s); the mixture needs embeddings of at least 2 dimensions.")
-        expected = getattr(self, "n_features_in_", None)
+        expected = getattr(self, "n_features_in_", None) if check_features else None
         if expected is not None and d != expected:
             raise InputError(f"{name} has {d} features but the mixture was fitted on {expected}; pass embeddings of the same backbone.")
         t = t.to(device="cpu", dtype=self.dtype).contiguous()
@@ -194,7 +194,7 @@ class DirichletProcessMixture:
     def set_state(self, means: Any, covariances: Any, sticks: Any, alpha: float) -> "DirichletProcessMixture":
         """Start from an explicit state (as at the start of a fit: running statistics zero). The last stick is set to 1."""
         self._check_params()
-        means_t = self._as_batch(means, "means")
+        means_t = self._as_batch(means, "means", check_features=False)
         k, d = means_t.shape
         if k != self.n_components:
             raise InputError(f"means has {k} rows but n_components is {self.n_components}.")
@@ -206,7 +206,8 @@ class DirichletProcessMixture:
         if not bool(torch.isfinite(cov).all()):
             raise InputError("covariances contain NaN or infinite values.")
         if self.covariance_type == "full":
-            if bool((torch.linalg.cholesky_ex(cov.to(torch.float64))[1] != 0).any()):
+            c64 = cov.to(torch.float64)
+            if not torch.allclose(c64, c64.mT, rtol=1e-5, atol=1e-12) or bool((torch.linalg.cholesky_ex(c64)[1] != 0).any()):
                 raise InputError("covariances must be symmetric positive definite matrices.")
         elif bool((cov <= 0).any()):
             raise InputError("covariances (variances) must be positive.")
@@ -277,15 +278,19 @@ class DirichletProcessMixture:
         cov = self.covariances_[idx]
         factors, info = torch.linalg.cholesky_ex(cov)
         jitter = float(self.reg_covar)
-        while bool((info != 0).any()):
+        for _ in range(8):
+            if not bool((info != 0).any()):
+                return factors
             bad = (info != 0).nonzero().squeeze(1)
             jitter *= 10.0
             logger.warning("covariance of %d component(s) is not positive definite; adding %.1e to its diagonal", len(bad), jitter)
-            fixed = cov[bad] + jitter * torch.eye(cov.shape[-1], dtype=cov.dtype)
-            f, info_bad = torch.linalg.cholesky_ex(fixed)
+            f, info_bad = torch.linalg.cholesky_ex(cov[bad] + jitter * torch.eye(cov.shape[-1], dtype=cov.dtype))
             factors[bad] = f
             info = torch.zeros_like(info)
             info[bad] = info_bad
+        if bool((info != 0).any()):
+            bad = idx[(info != 0).nonzero().squeeze(1)].tolist()
+            raise InputError(f"covariances of components {bad[:5]} are not positive definite even with {jitter:.1e} added; raise reg_covar.")
         return factors
 
     def _log_gauss(self, xc: torch.Tensor, idx: torch.Tensor, centre: torch.Tensor,
@@ -313,11 +318,14 @@ class DirichletProcessMixture:
         out = torch.empty(n, len(idx), dtype=xc.dtype)
         logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)
         step = max(1, _FULL_CHUNK_ELEMENTS // max(1, n * d))
+        eye = torch.eye(d, dtype=xc.dtype)
         for start in range(0, len(idx), step):
             stop = min(start + step, len(idx))
-            diff = xc.unsqueeze(0) - mc[start:stop].unsqueeze(1)  # (c, N, D) with c * N * D bounded
-            z = torch.linalg.solve_triangular(chol[start:stop].mT, diff, upper=True, left=False)
-            out[:, start:stop] = (z * z).sum(2).T
+            # z_n = L^-1 (x_n - mu) = L^-1 x_n - L^-1 mu: one GEMM against the stacked inverse factors of the chunk
+            inv = torch.linalg.solve_triangular(chol[start:stop], eye, upper=False)  # (c, D, D)
+            shift = (inv @ mc[start:stop].unsqueeze(2)).squeeze(2)  # (c, D)
+            z = (xc @ inv.mT.transpose(0, 1).reshape(d, -1)).view(n, stop - start, d)  # (N, c, D), c * N * D bounded
+            out[:, start:stop] = (z - shift).pow_(2).sum(2)
         out.add_(logdet + d * _LOG_2PI).mul_(-0.5)
         return out
 
@@ -413,7 +421,8 @@ class DirichletProcessMixture:
         else:
             cov = self.stat_square_ / denom.view(-1, 1, 1)
             cov.baddbmm_(means.unsqueeze(2), means.unsqueeze(1), alpha=-1.0)
-            cov.add_(cov.mT.clone()).mul_(0.5)
+            for block in cov.split(64):  # symmetrise in blocks: no second K x D x D temporary
+                block.add_(block.mT.clone()).mul_(0.5)
             cov.diagonal(dim1=1, dim2=2).add_(r)
         self.means_ = means
         self.covariances_ = cov
