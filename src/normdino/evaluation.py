@@ -50,6 +50,7 @@ class Scorer:
     patch_maps: Callable[[torch.Tensor], torch.Tensor]
     n_prototypes: int
     fit_seconds: float = 0.0
+    state_mb: float = 0.0  # memory of what the method keeps to score with: prototypes, bank
 
 
 @dataclass
@@ -87,8 +88,9 @@ def pixel_maps(scorer: Scorer, tokens: TokenSet, sigma: float, chunk: int = 32):
 
 def detector_scorer(detector, name: str = "dpmm") -> Scorer:
     """A fitted :class:`AnomalyDetector` as a scorer."""
-    return Scorer(name, detector.patch_maps, int(detector.prototypes_.shape[0]),
-                  detector.training_summary_.get("em_seconds", 0.0))
+    prototypes = detector.prototypes_
+    return Scorer(name, detector.patch_maps, int(prototypes.shape[0]), detector.training_summary_.get("em_seconds", 0.0),
+                  prototypes.numel() * prototypes.element_size() / 2**20)
 
 
 def _bank_scorer(name: str, bank, train: np.ndarray) -> Scorer:
@@ -99,7 +101,7 @@ def _bank_scorer(name: str, bank, train: np.ndarray) -> Scorer:
     def patch_maps(tokens: torch.Tensor) -> torch.Tensor:
         return bank.score(tokens.reshape(-1, tokens.shape[-1])).reshape(tokens.shape[:-1])
 
-    return Scorer(name, patch_maps, int(bank.n_prototypes_), elapsed)
+    return Scorer(name, patch_maps, int(bank.n_prototypes_), elapsed, bank.bank_.numel() * bank.bank_.element_size() / 2**20)
 
 
 def fit_methods(methods: Sequence[str], backbone, train: TokenSet, healthy: TokenSet, detector_params: dict,
@@ -235,6 +237,7 @@ def evaluate_scorer(scorer: Scorer, healthy: TokenSet, test: TokenSet, sigma: fl
         "image_aupr": image_aupr(image_scores, labels),
         "n_prototypes": scorer.n_prototypes,
         "fit_seconds": round(scorer.fit_seconds, 3),
+        "scorer_memory_mb": round(scorer.state_mb, 3),
         **{f"threshold_fpr{round(f * 100)}": t for f, t in zip(fprs, thresholds)},
     }
     return MethodResult(row, accumulator, cases)
@@ -297,10 +300,11 @@ def evaluate_methods(scorers: Sequence[Scorer], backbone, healthy: TokenSet, tes
 # ---------------------------------------------------------------------- outputs
 
 TABLE_COLUMNS = ("method", "pixel_auroc", "pixel_aupr", "dice_fpr10", "dice_fpr5", "dice_fpr1", "aupro",
-                 "image_auroc", "ms_per_sample", "peak_memory_mb", "n_prototypes")
+                 "image_auroc", "ms_per_sample", "peak_memory_mb", "scorer_memory_mb", "n_prototypes")
 _HEADERS = {"method": "method", "pixel_auroc": "AUROC", "pixel_aupr": "AUPR", "dice_fpr10": "Dice@10%",
             "dice_fpr5": "Dice@5%", "dice_fpr1": "Dice@1%", "aupro": "AUPRO", "image_auroc": "image AUROC",
-            "ms_per_sample": "ms/sample", "peak_memory_mb": "peak MB", "n_prototypes": "prototypes"}
+            "ms_per_sample": "ms/sample", "peak_memory_mb": "peak RSS MB", "scorer_memory_mb": "scorer MB",
+            "n_prototypes": "prototypes"}
 
 
 def _cell(value) -> str:
