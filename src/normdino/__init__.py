@@ -11,9 +11,22 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "DirichletProcessMixture": "normdino.mixture",
+    # the pipeline, in the order data flows through it
+    "read_image": "normdino.reading",
+    "Volume": "normdino.volumes",
+    "SliceOptions": "normdino.volumes",
     "Backbone": "normdino.backbone",
+    "extract_tokens": "normdino.cache",
+    "DirichletProcessMixture": "normdino.mixture",
     "AnomalyDetector": "normdino.detector",
+    "Prediction": "normdino.detector",
+    # baselines and evaluation
+    "MemoryBank": "normdino.baselines",
+    "Coreset": "normdino.baselines",
+    "load_dataset": "normdino.datasets",
+    "PixelScoreAccumulator": "normdino.metrics",
+    # data for trying things out, and errors
+    "write_phantom_dataset": "normdino.phantoms",
     "NormdinoError": "normdino.errors",
 }
 
