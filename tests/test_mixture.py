@@ -258,8 +258,10 @@ def test_set_state_validates_shapes_and_values():
 
 
 def test_unfitted_model_says_so():
+    model = DirichletProcessMixture()
     with pytest.raises(InputError, match="no state yet"):
-        DirichletProcessMixture().score_samples(np.ones((3, 4)))
+        model.score_samples(np.ones((3, 4)))
+    assert not hasattr(model, "weights_") and not hasattr(model, "active_") and not hasattr(model, "means_")
 
 
 # ----------------------------------------------------------------------------- files, copies, reproducibility

@@ -163,7 +163,8 @@ class DirichletProcessMixture:
     @property
     def log_weights_(self) -> torch.Tensor:
         """(K,) log mixture weights from the sticks; -inf marks dead components."""
-        self._require_state()
+        if getattr(self, "sticks_", None) is None:  # AttributeError, so hasattr() works as for any unfitted estimator
+            raise AttributeError("the mixture has no state yet; call fit, partial_fit, set_state or load first.")
         return log_weights_from_sticks(self.sticks_)
 
     @property
