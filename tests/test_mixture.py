@@ -290,7 +290,7 @@ def test_bad_files_give_one_clear_error(tmp_path):
         DirichletProcessMixture.load(tmp_path / "missing.safetensors")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00\x01 not a safetensors file at all")
-    with pytest.raises(ModelFileError, match="not a readable safetensors"):
+    with pytest.raises(ModelFileError, match="not a normdino mixture file"):
         DirichletProcessMixture.load(garbage)
     from safetensors.torch import save_file
 

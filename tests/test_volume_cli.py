@@ -102,3 +102,38 @@ def test_lgg_flair_volume_prediction_keeps_shape_and_affine(lgg_flair, volume_mo
     out = nib.load(next(tmp_path.glob("*_anomaly.nii.gz")))
     assert out.shape == source.shape
     np.testing.assert_array_equal(out.affine, source.affine)
+
+
+def test_a_dicom_series_in_gives_nifti_maps_out(volume_model, tmp_path):
+    pytest.importorskip("pydicom")
+    from test_volumes import write_dicom_series
+
+    from normdino.volumes import Volume
+
+    rng = np.random.default_rng(7)
+    pixels = np.stack([make_phantom(rng, size=48, lesions=1)[0] for _ in range(4)], axis=2)
+    series = tmp_path / "ct_series"
+    write_dicom_series(series, (pixels * 1000).astype(np.int16))
+    assert main(["predict", str(volume_model), str(series), "-o", str(tmp_path / "out"), "--window=0,1000",
+                 "--quiet"]) == 0
+    out = nib.load(tmp_path / "out" / "ct_series_anomaly.nii.gz")
+    reference = Volume.open(series)
+    assert out.shape == reference.shape == (48, 48, 4)
+    np.testing.assert_allclose(out.affine, reference.affine, atol=1e-6)
+    assert (out.get_fdata() > 0).all(axis=(0, 1)).any()
+
+
+def test_predict_scales_volumes_as_the_training_volumes_were(scans, tiny_dinov2_dir, tmp_path):
+    model = tmp_path / "windowed.normdino"
+    assert main(["fit", str(scans / "train"), "-o", str(model), "--backbone", str(tiny_dinov2_dir), "--image-size", "56",
+                 "--epochs", "1", "--components", "8", "--no-cache", "--window=0,600", "--quiet"]) == 0
+    scan = str(scans / "test" / "patient.nii.gz")
+
+    def predicted(*extra):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        assert main(["predict", str(model), scan, "-o", str(out), "--quiet", *extra]) == 0
+        return nib.load(out / "patient_anomaly.nii.gz").get_fdata()
+
+    inherited = predicted()
+    np.testing.assert_array_equal(inherited, predicted("--window=0,600"))
+    assert not np.array_equal(inherited, predicted("--normalization", "percentile"))

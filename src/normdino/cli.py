@@ -40,12 +40,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_volume_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("volumes (NIfTI / DICOM)")
-    group.add_argument("--axis", default="axial", help="slicing axis: axial, coronal, sagittal, or an array axis 0/1/2 (default axial)")
+    group = parser.add_argument_group(
+        "volumes (NIfTI / DICOM)",
+        "predict and evaluate take the model's axis and intensity settings unless given again")
+    group.add_argument("--axis", default=None, help="slicing axis: axial, coronal, sagittal, or an array axis 0/1/2 (default axial)")
     group.add_argument("--slices", default=None, help="slice range along the axis, e.g. 60:100")
     group.add_argument("--min-foreground", type=float, default=0.0, help="skip slices whose foreground fraction is below this (0..1)")
     group.add_argument("--window", default=None, help="CT window in HU as LOW,HIGH, e.g. -200,250 (default: percentile clipping)")
-    group.add_argument("--percentiles", default="0.5,99.5", help="MRI intensity clipping percentiles (default 0.5,99.5)")
+    group.add_argument("--percentiles", default=None, help="MRI intensity clipping percentiles (default 0.5,99.5)")
     group.add_argument("--normalization", choices=("percentile", "window", "dtype", "none"), default=None,
                        help="intensity scaling per volume: percentile (default; MRI), window (CT, with --window), "
                             "dtype (uint8 volumes /255, the same values as 8-bit PNG slices), none")
@@ -151,17 +153,35 @@ def _add_report_options(parser: argparse.ArgumentParser, default_dir: str) -> No
 # ---------------------------------------------------------------------- commands
 
 
-def _slice_options(args):
+INTENSITY_SETTINGS = ("axis", "normalization", "window", "percentiles")
+
+
+def _slice_options(args, model_settings: dict | None = None):
+    """Slice options from the command line; unset axis/intensity settings come from the model, then the defaults."""
     from .volumes import SliceOptions
 
+    settings = {"axis": "axial", "normalization": None, "window": None, "percentiles": "0.5,99.5"}
+    given = {key: getattr(args, key) for key in INTENSITY_SETTINGS if getattr(args, key) is not None}
+    if not given:  # the model's settings only as a whole: a --window alone must not meet a stored percentile rule
+        settings.update(model_settings or {})
+    settings.update(given)
     try:
-        percentiles = tuple(float(v) for v in args.percentiles.split(","))
+        percentiles = tuple(float(v) for v in str(settings["percentiles"]).split(","))
     except ValueError:
-        raise NormdinoError(f"--percentiles takes LOW,HIGH, e.g. 0.5,99.5; got {args.percentiles!r}") from None
-    axis = int(args.axis) if str(args.axis).isdigit() else args.axis
+        raise NormdinoError(f"--percentiles takes LOW,HIGH, e.g. 0.5,99.5; got {settings['percentiles']!r}") from None
+    axis = int(settings["axis"]) if str(settings["axis"]).isdigit() else settings["axis"]
+    window = settings["window"]
     return SliceOptions(axis=axis, slices=args.slices, min_foreground=args.min_foreground,
-                        normalization=args.normalization, percentiles=percentiles, window=args.window,
+                        normalization=settings["normalization"], percentiles=percentiles,
+                        window=",".join(map(str, window)) if isinstance(window, (list, tuple)) else window,
                         volume_index=args.volume_index)
+
+
+def _intensity_settings(options) -> dict:
+    """What predict needs to slice and scale volumes as the training volumes were."""
+    window = list(options.window) if options.window is not None else None
+    return {"axis": options.axis, "normalization": options.normalization, "window": window,
+            "percentiles": ",".join(map(str, options.percentiles))}
 
 
 def cmd_fit(args) -> int:
@@ -175,7 +195,8 @@ def cmd_fit(args) -> int:
         backbone=args.backbone, image_size=args.image_size, layer=args.layer, normalize=not args.no_normalize,
         n_components=args.components, covariance_type=args.covariance, epochs=args.epochs, score=args.score,
         sigma=args.sigma, fprs=sorted(set(args.fpr)), cache_dir=None if args.no_cache else args.cache_dir,
-        device=args.device, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+        device=args.device, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
+        volume_settings=_intensity_settings(options) if options is not None else None)
     detector.fit(training_images(train, options), training_images(val, options) if val else None)
     detector.save(args.output)
     summary = detector.training_summary_
@@ -192,7 +213,7 @@ def cmd_predict(args) -> int:
     detector = AnomalyDetector.load(args.model, backbone=args.backbone, device=args.device, progress=not args.quiet)
     detector.batch_size = args.batch_size
     inputs = resolve_inputs(args.inputs)
-    options = _slice_options(args) if inputs.volumes else None
+    options = _slice_options(args, detector.volume_settings) if inputs.volumes else None
     writer = PredictionWriter(detector, Path(args.output), fpr=args.fpr, overlays=not args.no_overlays,
                               progress=not args.quiet)
     writer.write_images(inputs.images)
@@ -267,7 +288,8 @@ def cmd_evaluate(args) -> int:
     if args.layout == "volumes":
         from .volume_evaluation import evaluate_volumes
 
-        paths, rows = evaluate_volumes(detector, Path(args.data), _slice_options(args), Path(args.output),
+        paths, rows = evaluate_volumes(detector, Path(args.data), _slice_options(args, detector.volume_settings),
+                                       Path(args.output),
                                        json_path=Path(args.json) if args.json else None,
                                        mask_suffix=args.mask_suffix, progress=not args.quiet)
         _print_results(paths, rows, detector.backbone_.is_random)

@@ -14,12 +14,11 @@ from typing import Iterable, Iterator, Sequence, Union
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import __version__, scoring
 from .errors import InputError, ModelFileError
-from .files import atomic_path
+from .files import atomic_path, read_safetensors
 from .metrics import thresholds_at_fprs
 
 log = logging.getLogger(__name__)
@@ -99,6 +98,7 @@ class AnomalyDetector:
         batch_size: int = 8,
         seed: int = 0,
         progress: bool = True,
+        volume_settings: dict | None = None,
     ):
         self.backbone = backbone
         self.image_size = image_size
@@ -121,12 +121,14 @@ class AnomalyDetector:
         self.batch_size = batch_size
         self.seed = seed
         self.progress = progress
+        self.volume_settings = volume_settings
 
     # ------------------------------------------------------------------ parameters
 
     _PARAMS = (
         "image_size", "layer", "normalize", "n_components", "covariance_type", "epochs", "batch_images",
         "update_rate", "alpha", "score", "sigma", "fprs", "default_fpr", "top_fraction", "val_fraction", "seed",
+        "volume_settings",
     )
 
     def get_params(self) -> dict:
@@ -412,14 +414,7 @@ def read_model_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ModelFileError(f"{path} is not a normdino model file, or it is truncated ({err})") from None
+    metadata, tensors = read_safetensors(path, "a normdino model file")
     try:
         header = json.loads(metadata["normdino"])
     except (KeyError, json.JSONDecodeError):

@@ -43,3 +43,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, str], dict]:
+    """Metadata and tensors of a safetensors file; one ModelFileError saying it is not ``what`` if unreadable."""
+    from safetensors import safe_open
+
+    from .errors import ModelFileError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise ModelFileError(f"{path} is not {what}, or it is truncated or corrupt ({err})") from None

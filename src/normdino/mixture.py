@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from normdino.errors import InputError, ModelFileError
-from normdino.files import atomic_path
+from normdino.files import atomic_path, read_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -586,17 +586,10 @@ class DirichletProcessMixture:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DirichletProcessMixture":
         """Read a mixture written by save(); InputError if the file is missing, ModelFileError if it is not one."""
-        from safetensors import safe_open
-
         p = Path(path)
         if not p.is_file():
             raise InputError(f"mixture file {p} does not exist; check the path.")
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise ModelFileError(f"{p} is not a readable safetensors file ({exc}); it is corrupt or not a normdino mixture.") from exc
+        metadata, tensors = read_safetensors(p, "a normdino mixture file")
         try:
             config = json.loads(metadata[CONFIG_METADATA_KEY])
         except (KeyError, ValueError) as exc:
