@@ -260,13 +260,16 @@ def _as_uint_image(array: np.ndarray) -> np.ndarray:
     return a
 
 
+PNG_COMPRESS_LEVEL = 1  # zlib level 1: ~4x faster than the default 6 for ~10-20 % larger files; prediction writes many
+
+
 def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write an image array as PNG atomically: uint8/uint16 as is, bool as 0/255, float in [0, 1] as 8-bit."""
     a = _as_uint_image(array)
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)) or (a.dtype == np.uint16 and a.ndim != 2):
         raise InputError(f"save_png: array of shape {a.shape} and dtype {a.dtype} is not an image for {path}.")
     with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(a)).save(tmp, format="PNG")
+        Image.fromarray(np.ascontiguousarray(a)).save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 def save_map_png16(path: str | os.PathLike, score_map: np.ndarray, vmin: float, vmax: float) -> None:
@@ -285,7 +288,7 @@ def save_map_png16(path: str | os.PathLike, score_map: np.ndarray, vmin: float, 
     info.add_text("normdino:vmax", repr(float(vmax)))
     info.add_text("normdino:scale", "score = vmin + value / 65535 * (vmax - vmin)")
     with atomic_path(path) as tmp:
-        Image.fromarray(values).save(tmp, format="PNG", pnginfo=info)
+        Image.fromarray(values).save(tmp, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
 
 
 def read_map_png16(path: str | os.PathLike) -> tuple[np.ndarray, float, float]:
