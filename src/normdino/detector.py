@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence, Union
@@ -237,7 +238,9 @@ class AnomalyDetector:
         mixture = DirichletProcessMixture(
             n_components=self.n_components, covariance_type=self.covariance_type,
             update_rate=self.update_rate, alpha=self.alpha, seed=self.seed)
-        val_flat = torch.from_numpy(np.ascontiguousarray(val_tokens.reshape(-1, d)))
+        with warnings.catch_warnings():  # read-only memory-mapped cache: scoring only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            val_flat = torch.from_numpy(np.ascontiguousarray(val_tokens.reshape(-1, d)))
         history: list[float] = []
         best: dict = {}
 
