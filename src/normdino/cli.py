@@ -258,8 +258,14 @@ def cmd_info(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    result = run_demo(Path(args.output), backbone=args.backbone, image_size=args.image_size, epochs=args.epochs,
-                      n_components=args.components, seed=args.seed, progress=not args.quiet)
+    from .errors import WeightsNotFoundError
+
+    try:
+        result = run_demo(Path(args.output), backbone=args.backbone, image_size=args.image_size, epochs=args.epochs,
+                          n_components=args.components, seed=args.seed, progress=not args.quiet)
+    except WeightsNotFoundError as err:
+        raise WeightsNotFoundError(f"{err} Without weights, 'normdino demo --backbone random' runs the same pipeline "
+                                   "with random weights (timing only, quality meaningless).") from None
     print(f"pixel AUROC on the test phantoms: {result.pixel_auroc:.3f}   Dice at {result.fpr:.0%} FPR: {result.dice_at_fpr:.3f}")
     if result.random_backbone:
         print("WARNING: random backbone weights - these numbers say nothing about DINOv2's quality.")
