@@ -279,7 +279,7 @@ class AnomalyDetector:
         total = sum(hh * ww for hh, ww in val_shapes)
         keep = min(1.0, _MAX_CALIBRATION_PIXELS / total)
         pixel_samples, image_scores = [], []
-        for maps in self._pixel_maps(val_tokens, val_shapes):
+        for maps in scoring.pixel_maps(self.patch_maps, val_tokens, val_shapes, self.sigma):
             image_scores.append(scoring.image_score(maps, self.top_fraction))
             flat = maps.ravel()
             pixel_samples.append(flat if keep >= 1.0 else rng.choice(flat, int(np.ceil(keep * flat.size)), replace=False))
@@ -307,13 +307,6 @@ class AnomalyDetector:
     def patch_maps(self, tokens: torch.Tensor | np.ndarray) -> torch.Tensor:
         """(N, h, w) patch anomaly maps of (N, h, w, D) tokens."""
         return scoring.patch_scores(torch.as_tensor(tokens), self.score, self.prototypes_, self.mixture_)
-
-    def _pixel_maps(self, tokens, shapes: list[tuple[int, int]], chunk: int = 64):
-        """Yield the pixel map of each image, scoring ``chunk`` images' tokens at a time."""
-        for start in range(0, len(shapes), chunk):
-            maps = self.patch_maps(torch.from_numpy(np.asarray(tokens[start:start + chunk], dtype=np.float32)))
-            for patch_map, shape in zip(maps, shapes[start:start + chunk]):
-                yield scoring.pixel_map(patch_map, shape, self.sigma)
 
     def predict_one(self, image: np.ndarray, fpr: float | None = None) -> Prediction:
         """Predict a single image array (H, W) or (H, W, 3) in [0, 1]."""

@@ -75,14 +75,6 @@ def token_set(backbone, images: Sequence[Path], cache_dir: Path | None, batch_si
     return TokenSet(tokens, [image_shape(p) for p in images], list(samples))
 
 
-def pixel_maps(scorer: Scorer, tokens: TokenSet, sigma: float, chunk: int = 32):
-    """Yield the pixel anomaly map of each image of ``tokens``."""
-    for start in range(0, len(tokens.shapes), chunk):
-        batch = torch.from_numpy(np.asarray(tokens.tokens[start:start + chunk], dtype=np.float32))
-        for patch_map, shape in zip(scorer.patch_maps(batch), tokens.shapes[start:start + chunk]):
-            yield scoring.pixel_map(patch_map, shape, sigma)
-
-
 # ---------------------------------------------------------------------- methods
 
 
@@ -213,13 +205,13 @@ def evaluate_scorer(scorer: Scorer, healthy: TokenSet, test: TokenSet, sigma: fl
     from .reading import read_image as read_mask
 
     calibration = PixelScoreAccumulator()
-    for maps in pixel_maps(scorer, healthy, sigma):
+    for maps in scoring.pixel_maps(scorer.patch_maps, healthy.tokens, healthy.shapes, sigma):
         calibration.add(maps)
     thresholds = [calibration.threshold_at_fpr(f) for f in fprs]
     accumulator = PixelScoreAccumulator(thresholds=thresholds, track_regions=True)
     image_scores, labels, cases = [], [], []
     case_threshold = thresholds[list(fprs).index(0.05)] if 0.05 in fprs else thresholds[0]
-    for maps, sample in zip(pixel_maps(scorer, test, sigma), test.samples):
+    for maps, sample in zip(scoring.pixel_maps(scorer.patch_maps, test.tokens, test.shapes, sigma), test.samples):
         mask = read_mask(sample.mask) > 0 if sample.mask is not None else None
         accumulator.add(maps, mask)
         image_scores.append(scoring.image_score(maps, top_fraction))

@@ -6,6 +6,7 @@ All functions are pure: they take tokens and prototypes (or a mixture) and retur
 from __future__ import annotations
 
 import math
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -126,6 +127,15 @@ def smooth(pixel_map: np.ndarray, sigma: float) -> np.ndarray:
 def pixel_map(patch_map: torch.Tensor | np.ndarray, size: tuple[int, int], sigma: float = 0.0) -> np.ndarray:
     """Patch map -> pixel map at the original image size, optionally smoothed."""
     return smooth(upsample(patch_map, size), sigma)
+
+
+def pixel_maps(patch_maps: Callable[[torch.Tensor], torch.Tensor], tokens: np.ndarray,
+               shapes: Sequence[tuple[int, int]], sigma: float = 0.0, chunk: int = 32) -> Iterator[np.ndarray]:
+    """Pixel map of each image of cached (N, h, w, D) tokens, scoring ``chunk`` images at a time (bounded memory)."""
+    for start in range(0, len(shapes), chunk):
+        batch = torch.from_numpy(np.asarray(tokens[start:start + chunk], dtype=np.float32))
+        for patch_map, shape in zip(patch_maps(batch), shapes[start:start + chunk]):
+            yield pixel_map(patch_map, shape, sigma)
 
 
 def image_score(pixel_scores: np.ndarray, top_fraction: float = 0.01) -> float:
