@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from normdino.reading import image_shape
 
 from normdino.errors import InputError
 
@@ -94,14 +94,6 @@ def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, ValueError) as error:
-        raise InputError(f"Cannot read the image header of {path}: {error}; replace or remove the file.") from error
-
-
 def _find_mask(image: Path, mask_dir: Path, masks_by_stem: dict[str, Path]) -> Path | None:
     exact = mask_dir / image.name
     if exact.is_file():
@@ -127,11 +119,11 @@ def _anomalous_samples(images: list[Path], mask_dir: Path | None, check_sizes: b
                 f"Anomalous image {image} has no mask in {where}; add a mask with the same file name or remove the image."
             )
         if check_sizes:
-            image_size, mask_size = _image_size(image), _image_size(mask)
-            if image_size != mask_size:
+            (image_h, image_w), (mask_h, mask_w) = image_shape(image), image_shape(mask)
+            if (image_h, image_w) != (mask_h, mask_w):
                 raise InputError(
-                    f"Image {image} is {image_size[0]}x{image_size[1]} but its mask {mask} is "
-                    f"{mask_size[0]}x{mask_size[1]}; they must have the same size."
+                    f"Image {image} is {image_w}x{image_h} but its mask {mask} is "
+                    f"{mask_w}x{mask_h}; they must have the same size."
                 )
         samples.append(Sample(image=image, mask=mask, label=1))
     return samples

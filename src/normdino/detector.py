@@ -14,7 +14,6 @@ from typing import Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from . import __version__, scoring
@@ -50,13 +49,11 @@ class Prediction:
 
 def image_shape(image: ImageLike) -> tuple[int, int]:
     """(H, W) of an image array or file, reading only the file header."""
+    from .reading import image_shape as file_shape
+
     if isinstance(image, np.ndarray):
         return int(image.shape[0]), int(image.shape[1])
-    try:
-        with Image.open(image) as im:
-            return im.height, im.width
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot read image {image}: {err}") from None
+    return file_shape(image)
 
 
 def _threshold_from_table(fprs: np.ndarray, thresholds: np.ndarray, fpr: float) -> float:

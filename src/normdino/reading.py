@@ -81,6 +81,15 @@ def _min_max(array: np.ndarray) -> np.ndarray:
     return ((values - low) / (high - low)).astype(np.float32)
 
 
+def image_shape(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header alone, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (OSError, ValueError) as error:
+        raise InputError(f"Cannot read the image header of {path}: {error}; replace or remove the file.") from None
+
+
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     """Expand files, folders (top level only, sorted) and glob patterns into a list of image paths.
 
