@@ -30,7 +30,7 @@ def forward_child(arch: str, batch: int, reps: int) -> dict:
     """Time the model forward alone (preprocessed input) and report this process's peak RSS."""
     import torch
 
-    from normdino.backbone import Backbone
+    from normdino.features.backbone import Backbone
 
     backbone = Backbone.random(arch, image_size=448)
     pixels = torch.randn(batch, 3, 448, 448)
@@ -47,9 +47,9 @@ def pipeline_child(arch: str, n: int, batch: int) -> dict:
     import numpy as np
     import torch
 
-    from normdino.backbone import Backbone
-    from normdino.cache import extract_tokens
-    from normdino.reading import find_images
+    from normdino.features.backbone import Backbone
+    from normdino.features.cache import extract_tokens
+    from normdino.io.reading import find_images
 
     paths = find_images([DATA])[:n]
     backbone = Backbone.random(arch, image_size=448)

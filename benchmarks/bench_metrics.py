@@ -26,7 +26,7 @@ def peak_rss_mb() -> float:
 def bench_pixels(n_pixels: float, subsample: int, seed: int = 0) -> list[tuple[str, str]]:
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from normdino.metrics import PixelScoreAccumulator
+    from normdino.evaluation.metrics import PixelScoreAccumulator
 
     rng = np.random.default_rng(seed)
     side = 240
@@ -90,8 +90,8 @@ def bench_pixels(n_pixels: float, subsample: int, seed: int = 0) -> list[tuple[s
 def bench_bank(bank_images: int, n_queries: int, dim: int = 384, seed: int = 0) -> list[tuple[str, str]]:
     import torch
 
-    from normdino.baselines import Coreset, MemoryBank
-    from normdino.scoring import score_tokens
+    from normdino.methods.baselines import Coreset, MemoryBank
+    from normdino.methods.scoring import score_tokens
 
     g = torch.Generator().manual_seed(seed)
     tokens_per_image = 1024

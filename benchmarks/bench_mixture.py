@@ -62,7 +62,7 @@ def reset_peak_rss() -> float:
 
 
 def case_step(cov_type: str, k: int, repeats: int) -> dict:
-    from normdino.mixture import DirichletProcessMixture
+    from normdino.methods.mixture import DirichletProcessMixture
 
     x = torch.from_numpy(synthetic_tokens(PAPER_BATCH).astype(np.float32))
     rss_before = reset_peak_rss()
@@ -81,7 +81,7 @@ def case_step(cov_type: str, k: int, repeats: int) -> dict:
 
 
 def case_init(k: int) -> dict:
-    from normdino.mixture import DirichletProcessMixture
+    from normdino.methods.mixture import DirichletProcessMixture
 
     x = torch.from_numpy(synthetic_tokens(PAPER_BATCH).astype(np.float32))
     rss_before = reset_peak_rss()
@@ -98,7 +98,7 @@ def case_init(k: int) -> dict:
 
 
 def case_fit(images: int, epochs: int, k: int) -> dict:
-    from normdino.mixture import DirichletProcessMixture
+    from normdino.methods.mixture import DirichletProcessMixture
 
     tokens = synthetic_tokens(images * TOKENS_PER_IMAGE)
     rss_before = reset_peak_rss()
@@ -114,7 +114,7 @@ def case_fit(images: int, epochs: int, k: int) -> dict:
 
 def case_recovery(seeds: int) -> dict:
     """Random rows vs k-means++ on the synthetic recovery problem (30 clusters, D=64, K=100)."""
-    from normdino.mixture import DirichletProcessMixture
+    from normdino.methods.mixture import DirichletProcessMixture
 
     rows = []
     rss_before = reset_peak_rss()

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from normdino import AnomalyDetector
-from normdino.reading import read_image
-from normdino.writing import PredictionWriter
+from normdino.io.reading import read_image
+from normdino.io.writing import PredictionWriter
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg-flair"
 

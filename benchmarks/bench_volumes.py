@@ -1,4 +1,4 @@
-"""Peak memory and time to read a large CT slice by slice and write maps back (normdino.volumes).
+"""Peak memory and time to read a large CT slice by slice and write maps back (normdino.io.volumes).
 
 Builds a synthetic 512x512x600 int16 CT (.nii and .nii.gz, in a temp folder, written plane by
 plane), then runs each scenario in a fresh Python process and reports wall time and peak RSS
@@ -63,9 +63,9 @@ def run_scenario(mode: str, path: str, out_dir: str) -> dict:
     """Body of one measurement, run in a fresh process."""
     import resource
 
-    import nibabel  # noqa: F401  (imported lazily by normdino.volumes; count it in the baseline)
+    import nibabel  # noqa: F401  (imported lazily by normdino.io.volumes; count it in the baseline)
 
-    import normdino.volumes as volumes
+    import normdino.io.volumes as volumes
 
     def rss_mb() -> float:
         with open("/proc/self/status") as f:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from normdino.cli import main
-from normdino.phantoms import write_phantom_dataset
+from normdino.io.phantoms import write_phantom_dataset
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from normdino import AnomalyDetector
 from normdino.errors import InputError, ModelFileError
-from normdino.phantoms import write_phantom_dataset
+from normdino.io.phantoms import write_phantom_dataset
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 nib = pytest.importorskip("nibabel")
 
 from normdino.cli import main  # noqa: E402
-from normdino.phantoms import make_phantom  # noqa: E402
+from normdino.io.phantoms import make_phantom  # noqa: E402
 
 
 def _oblique_affine():
@@ -108,7 +108,7 @@ def test_a_dicom_series_in_gives_nifti_maps_out(volume_model, tmp_path):
     pytest.importorskip("pydicom")
     from test_volumes import write_dicom_series
 
-    from normdino.volumes import Volume
+    from normdino.io.volumes import Volume
 
     rng = np.random.default_rng(7)
     pixels = np.stack([make_phantom(rng, size=48, lesions=1)[0] for _ in range(4)], axis=2)

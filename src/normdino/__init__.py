@@ -12,21 +12,21 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # the pipeline, in the order data flows through it
-    "read_image": "normdino.reading",
-    "Volume": "normdino.volumes",
-    "SliceOptions": "normdino.volumes",
-    "Backbone": "normdino.backbone",
-    "extract_tokens": "normdino.cache",
-    "DirichletProcessMixture": "normdino.mixture",
+    "read_image": "normdino.io.reading",
+    "Volume": "normdino.io.volumes",
+    "SliceOptions": "normdino.io.volumes",
+    "Backbone": "normdino.features.backbone",
+    "extract_tokens": "normdino.features.cache",
+    "DirichletProcessMixture": "normdino.methods.mixture",
     "AnomalyDetector": "normdino.detector",
     "Prediction": "normdino.detector",
     # baselines and evaluation
-    "MemoryBank": "normdino.baselines",
-    "Coreset": "normdino.baselines",
-    "load_dataset": "normdino.datasets",
-    "PixelScoreAccumulator": "normdino.metrics",
+    "MemoryBank": "normdino.methods.baselines",
+    "Coreset": "normdino.methods.baselines",
+    "load_dataset": "normdino.evaluation.datasets",
+    "PixelScoreAccumulator": "normdino.evaluation.metrics",
     # data for trying things out, and errors
-    "write_phantom_dataset": "normdino.phantoms",
+    "write_phantom_dataset": "normdino.io.phantoms",
     "NormdinoError": "normdino.errors",
 }
 

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
-from .errors import NormdinoError
+from normdino import __version__
+from normdino.errors import NormdinoError
 
 log = logging.getLogger("normdino")
 
@@ -158,7 +158,7 @@ INTENSITY_SETTINGS = ("axis", "normalization", "window", "percentiles")
 
 def _slice_options(args, model_settings: dict | None = None):
     """Slice options from the command line; unset axis/intensity settings come from the model, then the defaults."""
-    from .volumes import SliceOptions
+    from normdino.io.volumes import SliceOptions
 
     settings = {"axis": "axial", "normalization": None, "window": None, "percentiles": "0.5,99.5"}
     given = {key: getattr(args, key) for key in INTENSITY_SETTINGS if getattr(args, key) is not None}
@@ -185,8 +185,8 @@ def _intensity_settings(options) -> dict:
 
 
 def cmd_fit(args) -> int:
-    from .detector import AnomalyDetector
-    from .inputs import resolve_inputs, training_images
+    from normdino.detector import AnomalyDetector
+    from normdino.io.inputs import resolve_inputs, training_images
 
     train = resolve_inputs(args.normal)
     val = resolve_inputs(args.val) if args.val else None
@@ -206,9 +206,9 @@ def cmd_fit(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .detector import AnomalyDetector
-    from .inputs import resolve_inputs
-    from .writing import PredictionWriter
+    from normdino.detector import AnomalyDetector
+    from normdino.io.inputs import resolve_inputs
+    from normdino.io.writing import PredictionWriter
 
     detector = AnomalyDetector.load(args.model, backbone=args.backbone, device=args.device, progress=not args.quiet)
     detector.batch_size = args.batch_size
@@ -225,7 +225,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .detector import read_model_file
+    from normdino.detector import read_model_file
 
     header, tensors = read_model_file(args.model)
     if args.json:
@@ -244,7 +244,7 @@ def cmd_info(args) -> int:
         f"  calibration   {training.get('n_val_images', '?')} healthy validation images"
         f"{' (held out from the training images)' if training.get('val_held_out') else ''}",
     ]
-    from .detector import _threshold_from_table
+    from normdino.detector import _threshold_from_table
 
     fprs = tensors["calibration.fprs"].numpy()
     for fpr in params["fprs"]:
@@ -256,9 +256,9 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from normdino.demo import run_demo
 
-    from .errors import WeightsNotFoundError
+    from normdino.errors import WeightsNotFoundError
 
     try:
         result = run_demo(Path(args.output), backbone=args.backbone, image_size=args.image_size, epochs=args.epochs,
@@ -275,7 +275,7 @@ def cmd_demo(args) -> int:
 
 
 def _print_results(paths: dict, rows: list[dict], random_backbone: bool) -> None:
-    from .evaluation import RANDOM_WARNING, markdown_table
+    from normdino.evaluation.protocol import RANDOM_WARNING, markdown_table
 
     print(markdown_table(rows))
     if random_backbone:
@@ -284,15 +284,15 @@ def _print_results(paths: dict, rows: list[dict], random_backbone: bool) -> None
 
 
 def cmd_evaluate(args) -> int:
-    from .detector import AnomalyDetector
-    from .evaluation import detector_scorer, evaluate_methods, evaluation_token_sets, write_outputs
+    from normdino.detector import AnomalyDetector
+    from normdino.evaluation.protocol import detector_scorer, evaluate_methods, evaluation_token_sets, write_outputs
 
     cache_dir = None if args.no_cache else Path(args.cache_dir)
     detector = AnomalyDetector.load(args.model, backbone=args.backbone, progress=not args.quiet)
     detector.batch_size = args.batch_size
     sigma = detector.sigma if args.sigma is None else args.sigma
     if args.layout == "volumes":
-        from .volume_evaluation import evaluate_volumes
+        from normdino.evaluation.volumes import evaluate_volumes
 
         paths, rows = evaluate_volumes(detector, Path(args.data), _slice_options(args, detector.volume_settings),
                                        Path(args.output),
@@ -300,7 +300,7 @@ def cmd_evaluate(args) -> int:
                                        mask_suffix=args.mask_suffix, progress=not args.quiet)
         _print_results(paths, rows, detector.backbone_.is_random)
         return 0
-    from .datasets import load_dataset
+    from normdino.evaluation.datasets import load_dataset
 
     dataset = load_dataset(args.data, args.layout)
     healthy, test = evaluation_token_sets(detector.backbone_, dataset, cache_dir, args.batch_size, not args.quiet,
@@ -318,10 +318,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .detector import AnomalyDetector
-    from .datasets import load_dataset
-    from .errors import InputError
-    from .evaluation import evaluate_methods, evaluation_token_sets, fit_methods, subset, token_set, write_outputs
+    from normdino.detector import AnomalyDetector
+    from normdino.evaluation.datasets import load_dataset
+    from normdino.errors import InputError
+    from normdino.evaluation.protocol import evaluate_methods, evaluation_token_sets, fit_methods, subset, token_set, write_outputs
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:

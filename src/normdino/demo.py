@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .detector import AnomalyDetector
-from .phantoms import write_phantom_dataset
-from .reading import read_image
-from .writing import PredictionWriter
+from normdino.detector import AnomalyDetector
+from normdino.io.phantoms import write_phantom_dataset
+from normdino.io.reading import read_image
+from normdino.io.writing import PredictionWriter
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def _sorted_pngs(folder: Path) -> list[Path]:
 def run_demo(out: Path, backbone: str = "dinov2_vits14", image_size: int = 448, epochs: int = 10,
              n_components: int = 200, seed: int = 0, progress: bool = True) -> DemoResult:
     """Generate phantoms under ``out/data``, fit ``out/model.normdino``, predict into ``out/predictions``."""
-    from .metrics import dice, pixel_auroc
+    from normdino.evaluation.metrics import dice, pixel_auroc
 
     data = write_phantom_dataset(out / "data", seed=seed)
     log.info("phantoms written to %s", data)

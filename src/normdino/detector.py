@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from . import __version__, scoring
-from .errors import InputError, ModelFileError
-from .files import atomic_path, read_safetensors
-from .metrics import thresholds_at_fprs
+from normdino import __version__
+from normdino.methods import scoring
+from normdino.errors import InputError, ModelFileError
+from normdino.files import atomic_path, read_safetensors
+from normdino.evaluation.metrics import thresholds_at_fprs
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Prediction:
 
 def image_shape(image: ImageLike) -> tuple[int, int]:
     """(H, W) of an image array or file, reading only the file header."""
-    from .reading import image_shape as file_shape
+    from normdino.io.reading import image_shape as file_shape
 
     if isinstance(image, np.ndarray):
         return int(image.shape[0]), int(image.shape[1])
@@ -138,7 +139,7 @@ class AnomalyDetector:
     # ------------------------------------------------------------------ backbone and tokens
 
     def _build_backbone(self):
-        from .backbone import Backbone
+        from normdino.features.backbone import Backbone
 
         if isinstance(self.backbone, Backbone):
             return self.backbone
@@ -163,7 +164,7 @@ class AnomalyDetector:
         A list of files goes through the token cache; anything else (arrays, a generator of volume slices)
         is streamed through the backbone in batches, so it is never all in memory as images.
         """
-        from .cache import extract_tokens
+        from normdino.features.cache import extract_tokens
 
         if isinstance(images, (list, tuple)) and images and all(isinstance(im, (str, Path)) for im in images):
             paths = [Path(p) for p in images]
@@ -227,7 +228,7 @@ class AnomalyDetector:
 
         The backbone that produced the tokens must be this detector's (``backbone_``, built if absent).
         """
-        from .mixture import DirichletProcessMixture
+        from normdino.methods.mixture import DirichletProcessMixture
 
         if not hasattr(self, "backbone_"):
             self.backbone_ = self._build_backbone()
@@ -354,7 +355,7 @@ class AnomalyDetector:
     def load(cls, path: str | Path, backbone=None, cache_dir: str | Path | None = None,
              device: str = "cpu", progress: bool = True) -> "AnomalyDetector":
         """Load a model file written by :meth:`save`; ``backbone`` overrides where the backbone weights come from."""
-        from .mixture import DirichletProcessMixture
+        from normdino.methods.mixture import DirichletProcessMixture
 
         header, tensors = read_model_file(path)
         spec = header["backbone"]
@@ -381,7 +382,7 @@ class AnomalyDetector:
 
 def _as_arrays(images: Iterable[ImageLike]) -> Iterator[np.ndarray]:
     """Image arrays from files or arrays, read lazily one at a time."""
-    from .reading import read_image
+    from normdino.io.reading import read_image
 
     for image in images:
         yield image if isinstance(image, np.ndarray) else read_image(image)

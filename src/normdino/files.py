@@ -49,7 +49,7 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, str]
     """Metadata and tensors of a safetensors file; one ModelFileError saying it is not ``what`` if unreadable."""
     from safetensors import safe_open
 
-    from .errors import ModelFileError
+    from normdino.errors import ModelFileError
 
     try:
         with safe_open(str(path), framework="pt") as f:

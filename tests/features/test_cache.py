@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from normdino.backbone import Backbone
-from normdino.cache import extract_tokens
+from normdino.features.backbone import Backbone
+from normdino.features.cache import extract_tokens
 from normdino.errors import InputError
 
 
@@ -113,7 +113,7 @@ def test_corrupt_cache_file_is_recomputed(backbone, images, tmp_path, caplog):
     good = np.array(extract_tokens(backbone, images, cache, progress=False))
     (target,) = _npy_files(cache)
     target.write_bytes(target.read_bytes()[:100])
-    with caplog.at_level(logging.WARNING, logger="normdino.cache"):
+    with caplog.at_level(logging.WARNING, logger="normdino.features.cache"):
         again = extract_tokens(backbone, images, cache, progress=False)
     assert "recomputing" in caplog.text
     np.testing.assert_array_equal(again, good)

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "normdino.DirichletProcessMixture"
 FORMAT_VERSION = 1
-CONFIG_METADATA_KEY = "normdino.mixture.config"
+CONFIG_METADATA_KEY = "normdino.methods.mixture.config"
 COVARIANCE_TYPES = ("diag", "spherical", "full")
 INITS = ("kmeans++", "random")
 EPS = 1e-12

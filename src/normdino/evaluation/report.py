@@ -1,7 +1,4 @@
-"""Visual outputs: colour maps, overlay PNGs, 16-bit score maps, inline SVG charts and self-contained HTML reports.
-
-Only numpy and Pillow; charts are hand-written SVG so reports open anywhere without plotting libraries.
-"""
+"""Reports: inline SVG charts and self-contained HTML pages of evaluation results."""
 
 from __future__ import annotations
 
@@ -10,299 +7,19 @@ import html
 import io
 import logging
 import math
-import os
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from PIL import Image
 
 from normdino.errors import InputError
-from normdino.files import atomic_path, atomic_write_text
+from normdino.files import atomic_write_text
+from normdino.io.rendering import as_uint_image
 
 logger = logging.getLogger(__name__)
 
-# Anchor colours of an inferno-like map (black → purple → red → orange → pale yellow), evenly spaced in [0, 1];
-# its luminance rises monotonically, so it reads correctly in grey scale and for colour-blind readers.
-_INFERNO_ANCHORS = np.array(
-    [
-        (0, 0, 4),
-        (22, 11, 57),
-        (65, 12, 104),
-        (106, 23, 110),
-        (147, 38, 103),
-        (188, 55, 84),
-        (221, 81, 58),
-        (243, 120, 25),
-        (252, 165, 10),
-        (246, 215, 70),
-        (252, 255, 164),
-    ],
-    dtype=np.float64,
-)
-
-#: Contour colours in overlays: predicted mask and ground truth (red / cyan stay distinct for colour-blind readers).
-PREDICTED_COLOR = (255, 59, 48)
-TRUTH_COLOR = (0, 214, 255)
 # Okabe–Ito palette for chart series.
 SERIES_COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
-_BACKGROUND = (24, 26, 32)
-_TEXT = (226, 228, 233)
-_MUTED = (150, 155, 166)
-#: 16-bit map PNGs store value = round((score - vmin) / (vmax - vmin) * 65535), clipped to 0..65535.
-PNG16_MAX = 65535
-
-
-def colormap_lut(n: int = 256) -> np.ndarray:
-    """The (n, 3) uint8 lookup table of the heat-map colour scale, interpolated from the anchor colours."""
-    positions = np.linspace(0.0, 1.0, len(_INFERNO_ANCHORS))
-    t = np.linspace(0.0, 1.0, n)
-    lut = np.stack([np.interp(t, positions, _INFERNO_ANCHORS[:, c]) for c in range(3)], axis=1)
-    return np.rint(lut).astype(np.uint8)
-
-
-_LUT = colormap_lut()
-
-
-def _check_range(vmin: float, vmax: float, where: str) -> None:
-    if not (math.isfinite(vmin) and math.isfinite(vmax)) or vmax <= vmin:
-        raise InputError(f"{where}: the colour range vmin={vmin!r}, vmax={vmax!r} must be finite with vmax > vmin.")
-
-
-def normalize(score_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-    """Scores scaled to [0, 1] over [vmin, vmax] (clipped; NaN becomes 0)."""
-    _check_range(vmin, vmax, "normalize")
-    t = (np.asarray(score_map, dtype=np.float64) - vmin) / (vmax - vmin)
-    return np.nan_to_num(np.clip(t, 0.0, 1.0), nan=0.0)
-
-
-def colorize(score_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-    """Map scores to (…, 3) uint8 colours: vmin and below → black, vmax and above → pale yellow; NaN → black."""
-    _check_range(vmin, vmax, "colorize")
-    index = np.rint(normalize(score_map, vmin, vmax) * (len(_LUT) - 1)).astype(np.intp)
-    return _LUT[index]
-
-
-def mask_contour(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
-    """Inner boundary of a binary mask: mask pixels within ``thickness`` 4-neighbour steps of a non-mask pixel.
-
-    Pixels outside the array count as non-mask, so a mask touching the border gets a contour there.
-    """
-    inner = np.asarray(mask).astype(bool)
-    region = inner
-    for _ in range(max(1, int(thickness))):
-        padded = np.pad(inner, 1, constant_values=False)
-        inner = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return region & ~inner
-
-
-def _gray_rgb(image: np.ndarray) -> np.ndarray:
-    """An image as float (H, W, 3) in [0, 1]: accepts gray (H, W) or RGB (H, W, 3), float in [0, 1] or uint8/uint16."""
-    a = np.asarray(image)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[:, :, 0]
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] != 3):
-        raise InputError(f"overlay_image: image of shape {a.shape} must be gray (H, W) or colour (H, W, 3).")
-    if a.dtype == np.uint8:
-        a = a / 255.0
-    elif a.dtype == np.uint16:
-        a = a / 65535.0
-    a = np.nan_to_num(np.clip(a.astype(np.float64), 0.0, 1.0))
-    return np.repeat(a[:, :, None], 3, axis=2) if a.ndim == 2 else a
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # Pillow without FreeType: fixed bitmap font
-        return ImageFont.load_default()
-
-
-@dataclass(frozen=True)
-class OverlayLayout:
-    """Where things are in an overlay: canvas shape, display scale, and the (top, left) corner of each panel."""
-
-    shape: tuple[int, int, int]
-    scale: int
-    panel_shape: tuple[int, int]
-    panels: tuple[tuple[int, int], ...]
-    header: int
-    footer: int
-
-
-def overlay_layout(image_shape: tuple[int, ...], n_panels: int = 3, scale: int | None = None) -> OverlayLayout:
-    """Geometry of ``overlay_image`` for an image of ``image_shape``; ``scale`` None upscales small images to ~256px."""
-    h, w = int(image_shape[0]), int(image_shape[1])
-    if scale is None:
-        scale = int(min(8, max(1, round(256 / max(h, w)))))
-    ph, pw = h * scale, w * scale
-    margin, gap, header, footer = 14, 12, 30, 46
-    width = 2 * margin + n_panels * pw + (n_panels - 1) * gap
-    height = header + ph + footer
-    panels = tuple((header, margin + i * (pw + gap)) for i in range(n_panels))
-    return OverlayLayout((height, width, 3), scale, (ph, pw), panels, header, footer)
-
-
-def _resize(a: np.ndarray, shape: tuple[int, int], resample: int) -> np.ndarray:
-    """Resize a float (H, W) or (H, W, 3) array with Pillow, channel by channel in float precision."""
-    if a.shape[:2] == shape:
-        return a
-    size = (shape[1], shape[0])
-    if a.ndim == 2:
-        return np.asarray(Image.fromarray(a.astype(np.float32), mode="F").resize(size, resample), dtype=np.float64)
-    return np.stack([_resize(a[:, :, c], shape, resample) for c in range(a.shape[2])], axis=2)
-
-
-def _upscale_mask(mask: np.ndarray, scale: int) -> np.ndarray:
-    return np.repeat(np.repeat(np.asarray(mask).astype(bool), scale, axis=0), scale, axis=1)
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.3g}"
-
-
-def overlay_image(
-    image: np.ndarray,
-    score_map: np.ndarray,
-    mask: np.ndarray | None,
-    vmin: float,
-    vmax: float,
-    alpha: float = 0.5,
-    true_mask: np.ndarray | None = None,
-    scale: int | None = None,
-    titles: Sequence[str] | None = None,
-) -> np.ndarray:
-    """A figure readable at a glance, (H', W', 3) uint8: image | heat map over the image | mask contours.
-
-    The third panel shows the predicted mask's contour in red and the true mask's in cyan (either may be None;
-    with neither, only two panels). A score map of another size is resized bilinearly to the image; masks must
-    match the image. Small images are upscaled (see ``overlay_layout``); a colour bar shows [vmin, vmax].
-    """
-    _check_range(vmin, vmax, "overlay_image")
-    if not 0.0 <= alpha <= 1.0:
-        raise InputError(f"overlay_image: alpha={alpha!r} must lie in [0, 1].")
-    rgb = _gray_rgb(image)
-    h, w = rgb.shape[:2]
-    scores = np.asarray(score_map, dtype=np.float64)
-    if scores.ndim != 2:
-        raise InputError(f"overlay_image: score_map of shape {scores.shape} must be 2-D.")
-    for name, m in (("mask", mask), ("true_mask", true_mask)):
-        if m is not None and np.shape(m) != (h, w):
-            raise InputError(f"overlay_image: {name} of shape {np.shape(m)} must match the image's shape {(h, w)}.")
-    has_masks = mask is not None or true_mask is not None
-    layout = overlay_layout((h, w), 3 if has_masks else 2, scale)
-    ph, pw = layout.panel_shape
-    s = layout.scale
-
-    base = _resize(rgb, (ph, pw), Image.Resampling.BICUBIC).clip(0.0, 1.0)
-    heat = colorize(_resize(scores, (ph, pw), Image.Resampling.BILINEAR), vmin, vmax) / 255.0
-    blended = (1.0 - alpha) * base + alpha * heat
-    panels = [base, blended]
-    if has_masks:
-        contours = base.copy()
-        thickness = 1 if s <= 2 else 2
-        for m, color in ((true_mask, TRUTH_COLOR), (mask, PREDICTED_COLOR)):
-            if m is not None:
-                contours[mask_contour(_upscale_mask(m, s), thickness)] = np.array(color) / 255.0
-        panels.append(contours)
-
-    canvas = np.empty(layout.shape, dtype=np.uint8)
-    canvas[:] = _BACKGROUND
-    for (top, left), panel in zip(layout.panels, panels, strict=True):
-        canvas[top : top + ph, left : left + pw] = np.rint(panel * 255.0).astype(np.uint8)
-
-    # Colour bar under the heat map panel.
-    top, left = layout.panels[1]
-    bar_top = top + ph + 10
-    bar_w = max(16, pw - 2 * max(24, pw // 6))
-    bar_left = left + (pw - bar_w) // 2
-    canvas[bar_top : bar_top + 8, bar_left : bar_left + bar_w] = colorize(np.linspace(0.0, 1.0, bar_w), 0.0, 1.0)[None]
-
-    pil = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(pil)
-    title_font, small = _font(14), _font(11)
-    if titles is None:
-        third = {
-            (True, False): "Predicted mask",
-            (False, True): "Ground truth",
-            (True, True): "Predicted vs truth",
-        }.get((mask is not None, true_mask is not None), "")
-        titles = ("Image", "Anomaly score", third)
-    for (top, left), title in zip(layout.panels, titles, strict=False):
-        draw.text((left + pw / 2, top - 8), title, fill=_TEXT, font=title_font, anchor="ms")
-    label_y = bar_top + 4
-    draw.text((bar_left - 5, label_y), _fmt(vmin), fill=_MUTED, font=small, anchor="rm")
-    draw.text((bar_left + bar_w + 5, label_y), _fmt(vmax), fill=_MUTED, font=small, anchor="lm")
-    if has_masks:
-        top, left = layout.panels[2]
-        entries = [
-            (c, n)
-            for m, c, n in ((mask, PREDICTED_COLOR, "predicted"), (true_mask, TRUTH_COLOR, "truth"))
-            if m is not None
-        ]
-        widths = [22 + draw.textlength(name, font=small) for _, name in entries]
-        x = left + (pw - (sum(widths) + 14 * (len(entries) - 1))) / 2
-        for (color, name), width in zip(entries, widths, strict=True):
-            draw.line([(x, label_y), (x + 16, label_y)], fill=color, width=3)
-            draw.text((x + 22, label_y), name, fill=_MUTED, font=small, anchor="lm")
-            x += width + 14
-    return np.asarray(pil)
-
-
-def _as_uint_image(array: np.ndarray) -> np.ndarray:
-    a = np.asarray(array)
-    if a.dtype == bool:
-        return a.astype(np.uint8) * np.uint8(255)
-    if np.issubdtype(a.dtype, np.floating):
-        return np.rint(np.nan_to_num(np.clip(a, 0.0, 1.0)) * 255.0).astype(np.uint8)
-    if a.dtype not in (np.uint8, np.uint16):
-        raise InputError(f"save_png: array of dtype {a.dtype} must be uint8, uint16, bool or float in [0, 1].")
-    return a
-
-
-PNG_COMPRESS_LEVEL = 1  # zlib level 1: ~4x faster than the default 6 for ~10-20 % larger files; prediction writes many
-
-
-def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Write an image array as PNG atomically: uint8/uint16 as is, bool as 0/255, float in [0, 1] as 8-bit."""
-    a = _as_uint_image(array)
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)) or (a.dtype == np.uint16 and a.ndim != 2):
-        raise InputError(f"save_png: array of shape {a.shape} and dtype {a.dtype} is not an image for {path}.")
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(a)).save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-
-
-def save_map_png16(path: str | os.PathLike, score_map: np.ndarray, vmin: float, vmax: float) -> None:
-    """Write a float map as a 16-bit gray PNG, atomically: value = round(clip((s−vmin)/(vmax−vmin), 0, 1)·65535).
-
-    vmin and vmax are stored as PNG text chunks ``normdino:vmin`` / ``normdino:vmax``, so ``read_map_png16``
-    recovers scores to within (vmax − vmin) / 131070.
-    """
-    _check_range(vmin, vmax, "save_map_png16")
-    a = np.asarray(score_map)
-    if a.ndim != 2:
-        raise InputError(f"save_map_png16: score map of shape {a.shape} for {path} must be 2-D.")
-    values = np.rint(normalize(a, vmin, vmax) * PNG16_MAX).astype(np.uint16)
-    info = PngImagePlugin.PngInfo()
-    info.add_text("normdino:vmin", repr(float(vmin)))
-    info.add_text("normdino:vmax", repr(float(vmax)))
-    info.add_text("normdino:scale", "score = vmin + value / 65535 * (vmax - vmin)")
-    with atomic_path(path) as tmp:
-        Image.fromarray(values).save(tmp, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
-
-
-def read_map_png16(path: str | os.PathLike) -> tuple[np.ndarray, float, float]:
-    """Read a map written by ``save_map_png16``: (float32 scores, vmin, vmax)."""
-    with Image.open(path) as im:
-        values = np.asarray(im, dtype=np.float64)
-        text = getattr(im, "text", {})
-    try:
-        vmin, vmax = float(text["normdino:vmin"]), float(text["normdino:vmax"])
-    except (KeyError, ValueError) as exc:
-        raise InputError(
-            f"{path} has no normdino:vmin/vmax text chunks; it was not written by save_map_png16."
-        ) from exc
-    return (vmin + values / PNG16_MAX * (vmax - vmin)).astype(np.float32), vmin, vmax
 
 
 # ---------------------------------------------------------------------------------------------------- SVG charts
@@ -560,7 +277,7 @@ footer { color:var(--muted); font-size:12px; text-align:center; padding:8px 0 24
 def png_data_uri(array: np.ndarray) -> str:
     """A ``data:image/png;base64,…`` URI of an image array (as accepted by ``save_png``)."""
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(_as_uint_image(array))).save(buffer, format="PNG", optimize=True)
+    Image.fromarray(np.ascontiguousarray(as_uint_image(array))).save(buffer, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from normdino.baselines import Coreset, MemoryBank, greedy_coreset
-from normdino.scoring import nearest_prototype, score_tokens
+from normdino.methods.baselines import Coreset, MemoryBank, greedy_coreset
+from normdino.methods.scoring import nearest_prototype, score_tokens
 from normdino.errors import InputError
 
 

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from normdino.reading import image_shape
+from normdino.io.reading import image_shape
 
 from normdino.errors import InputError
 

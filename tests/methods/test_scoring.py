@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from normdino import scoring
+from normdino.methods import scoring
 
 
 def _unit(rng, n, d):

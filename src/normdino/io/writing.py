@@ -13,8 +13,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import report
-from .files import atomic_path, atomic_write_bytes, atomic_write_text
+from normdino.io import rendering
+from normdino.files import atomic_path, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class PredictionWriter:
 
     def write_images(self, paths: Sequence[Path]) -> None:
         """Maps (16-bit PNG + .npy), mask PNG and overlay PNG for each 2D image."""
-        from .reading import read_image
+        from normdino.io.reading import read_image
 
         stems = unique_stems(paths)
         bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not self.progress)
@@ -85,13 +85,13 @@ class PredictionWriter:
 
     def _write_image_outputs(self, path: Path, stem: str, image: np.ndarray, pred) -> dict:
         files = {"anomaly_map": f"{stem}_anomaly.png", "mask": f"{stem}_mask.png"}
-        report.save_map_png16(self.out_dir / files["anomaly_map"], pred.pixel_map, 0.0, self.map_scale)
+        rendering.save_map_png16(self.out_dir / files["anomaly_map"], pred.pixel_map, 0.0, self.map_scale)
         save_npy(self.out_dir / f"{stem}_anomaly.npy", pred.pixel_map.astype(np.float32))
-        report.save_png(self.out_dir / files["mask"], pred.mask.astype(np.uint8) * 255)
+        rendering.save_png(self.out_dir / files["mask"], pred.mask.astype(np.uint8) * 255)
         if self.overlays:
             files["overlay"] = f"{stem}_overlay.png"
-            overlay = report.overlay_image(image, pred.pixel_map, pred.mask, self.vmin, self.vmax)
-            report.save_png(self.out_dir / files["overlay"], overlay)
+            overlay = rendering.overlay_image(image, pred.pixel_map, pred.mask, self.vmin, self.vmax)
+            rendering.save_png(self.out_dir / files["overlay"], overlay)
         return self._row(path, "image", pred.score, float(pred.mask.mean()), **files)
 
     def write_volume(self, path: Path, options) -> None:
@@ -99,7 +99,7 @@ class PredictionWriter:
 
         Slices stream from the scan through the detector into both files; skipped slices stay 0.
         """
-        from .volumes import Volume, VolumeWriter, volume_stem
+        from normdino.io.volumes import Volume, VolumeWriter, volume_stem
 
         stem = volume_stem(path)
         files = {"anomaly_map": f"{stem}_anomaly.nii.gz", "mask": f"{stem}_mask.nii.gz"}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from normdino.datasets import Dataset, detect_layout, load_dataset, load_folders
+from normdino.evaluation.datasets import Dataset, detect_layout, load_dataset, load_folders
 from normdino.errors import InputError
 
 

@@ -12,7 +12,7 @@ import torch
 from scipy.special import digamma, logsumexp
 
 from normdino.errors import InputError, ModelFileError
-from normdino.mixture import EPS, DirichletProcessMixture
+from normdino.methods.mixture import EPS, DirichletProcessMixture
 
 # ----------------------------------------------------------------------------- naive reference
 

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from normdino.backbone import (
+from normdino.features.backbone import (
     ALIASES,
     HUB_CONFIGS,
     IMAGENET_MEAN,
@@ -149,7 +149,7 @@ def test_image_size_rounds_down_to_patch_multiple_and_layers_are_checked(tiny_di
 
 
 def test_random_is_seeded_marked_and_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="normdino.backbone"):
+    with caplog.at_level(logging.WARNING, logger="normdino.features.backbone"):
         first = Backbone.random("dinov2_vits14_reg", seed=3, tiny=True, image_size=56)
     assert "RANDOM weights" in caplog.text and first.is_random
     again = Backbone.random("dinov2_vits14_reg", seed=3, tiny=True, image_size=56)
@@ -264,7 +264,7 @@ def test_embed_images_from_paths_and_arrays(tiny_dinov2_dir, tmp_path):
 
 
 def test_unreachable_hub_fails_without_retrying(monkeypatch):
-    import normdino.backbone as module
+    import normdino.features.backbone as module
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -276,7 +276,7 @@ def test_unreachable_hub_fails_without_retrying(monkeypatch):
 
 
 def test_gated_and_connection_errors_are_recognised_through_the_cause_chain():
-    import normdino.backbone as module
+    import normdino.features.backbone as module
 
     class GatedRepoError(Exception):
         pass

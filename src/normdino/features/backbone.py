@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from normdino.errors import InputError, ModelFileError, WeightsNotFoundError
-from normdino.reading import read_image
+from normdino.io.reading import read_image
 
 logger = logging.getLogger(__name__)
 

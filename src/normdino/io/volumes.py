@@ -39,8 +39,8 @@ from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from .errors import InputError
-from .files import atomic_path
+from normdino.errors import InputError
+from normdino.files import atomic_path
 
 logger = logging.getLogger(__name__)
 

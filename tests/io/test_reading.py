@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from normdino.errors import InputError
-from normdino.reading import IMAGE_SUFFIXES, find_images, read_image
+from normdino.io.reading import IMAGE_SUFFIXES, find_images, read_image
 
 
 def _save(path, array, mode=None):

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from normdino.errors import InputError
-from normdino.metrics import (
+from normdino.evaluation.metrics import (
     MetricUndefinedWarning,
     PixelScoreAccumulator,
     aupro,
@@ -94,7 +94,7 @@ def test_image_metrics_match_sklearn():
 
 
 def test_thresholds_at_many_fprs_equal_one_at_a_time():
-    from normdino.metrics import thresholds_at_fprs
+    from normdino.evaluation.metrics import thresholds_at_fprs
 
     scores = np.round(np.random.default_rng(3).normal(size=5000), 2)
     fprs = [0.001, 0.01, 0.05, 0.1, 0.5]

@@ -19,10 +19,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import scoring
-from .datasets import Dataset, Sample
-from .metrics import PixelScoreAccumulator, image_aupr, image_auroc
-from .reading import read_image
+from normdino.methods import scoring
+from normdino.evaluation.datasets import Dataset, Sample
+from normdino.evaluation.metrics import PixelScoreAccumulator, image_aupr, image_auroc
+from normdino.io.reading import read_image
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ class MethodResult:
 def token_set(backbone, images: Sequence[Path], cache_dir: Path | None, batch_size: int, progress: bool,
               samples: Sequence[Sample] = ()) -> TokenSet:
     """Tokens of image files through the token cache, with each image's (H, W)."""
-    from .cache import extract_tokens
-    from .detector import image_shape
+    from normdino.features.cache import extract_tokens
+    from normdino.detector import image_shape
 
     tokens = extract_tokens(backbone, list(images), cache_dir=cache_dir, batch_size=batch_size, progress=progress)
     return TokenSet(tokens, [image_shape(p) for p in images], list(samples))
@@ -99,12 +99,12 @@ def _bank_scorer(name: str, bank, train: np.ndarray) -> Scorer:
 def fit_methods(methods: Sequence[str], backbone, train: TokenSet, healthy: TokenSet, detector_params: dict,
                 seed: int = 0) -> list[Scorer]:
     """Fit every named method on the same training tokens (the DP mixture once, whatever its score variants)."""
-    from .baselines import Coreset, MemoryBank
-    from .detector import AnomalyDetector
+    from normdino.methods.baselines import Coreset, MemoryBank
+    from normdino.detector import AnomalyDetector
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        from .errors import InputError
+        from normdino.errors import InputError
 
         raise InputError(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     d = train.tokens.shape[-1]
@@ -202,7 +202,7 @@ def time_detection(backbone, scorer: Scorer, images: Sequence[Path], sigma: floa
 def evaluate_scorer(scorer: Scorer, healthy: TokenSet, test: TokenSet, sigma: float = 0.0,
                     top_fraction: float = 0.01, fprs: Sequence[float] = EVAL_FPRS) -> MethodResult:
     """The paper's metrics of one method: thresholds on ``healthy``, metrics over all pixels of ``test``."""
-    from .reading import read_image as read_mask
+    from normdino.io.reading import read_image as read_mask
 
     calibration = PixelScoreAccumulator()
     for maps in scoring.pixel_maps(scorer.patch_maps, healthy.tokens, healthy.shapes, sigma):
@@ -251,7 +251,7 @@ def evaluation_token_sets(backbone, dataset: Dataset, cache_dir: Path | None, ba
     Images in both sets (lgg-flair evaluates on its validation split) go through the backbone once.
     With ``max_eval``, a seeded subset of each label's evaluation samples and of the healthy images is used.
     """
-    from .errors import InputError
+    from normdino.errors import InputError
 
     if not dataset.evaluation:
         raise InputError(f"{dataset.name} has no validation or test images to evaluate on")
@@ -315,7 +315,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 def _case_overlays(result: MethodResult, scorer: Scorer, backbone, sigma: float, n: int) -> list[tuple[str, np.ndarray]]:
     """Overlays of the ``n`` best and ``n`` worst anomalous images by per-image Dice at 5 % FPR."""
-    from . import report
+    from normdino.io import rendering
 
     ranked = sorted(result.cases, key=lambda c: c[0])
     picks = [("worst", c) for c in ranked[:n]] + [("best", c) for c in ranked[::-1][:n]]
@@ -328,7 +328,7 @@ def _case_overlays(result: MethodResult, scorer: Scorer, backbone, sigma: float,
             patch = scorer.patch_maps(backbone(backbone.preprocess(image)[None]))[0]
         maps = scoring.pixel_map(patch, image.shape[:2], sigma)
         true_mask = read_image(sample.mask) > 0
-        overlay = report.overlay_image(image, maps, maps > threshold, low, max(threshold * 1.25, low + 1e-6),
+        overlay = rendering.overlay_image(image, maps, maps > threshold, low, max(threshold * 1.25, low + 1e-6),
                                        true_mask=true_mask)
         items.append((f"{kind}: {sample.image.name} (Dice {dice_value:.2f})", overlay))
     return items
@@ -340,8 +340,8 @@ def write_outputs(results: Sequence[MethodResult], scorers: Sequence[Scorer], ba
     """results.json (rows + context), results.md, report.html with curves, histograms and case overlays."""
     import json
 
-    from . import report
-    from .files import atomic_write_text
+    from normdino.evaluation import report
+    from normdino.files import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [r.row for r in results]

@@ -7,23 +7,18 @@ import pytest
 from PIL import Image
 
 from normdino.errors import InputError
-from normdino.report import (
+from normdino.evaluation.report import html_report, html_table, image_grid_html, png_data_uri, svg_curve, svg_histograms
+from normdino.io.rendering import (
     PREDICTED_COLOR,
     TRUTH_COLOR,
     colorize,
     colormap_lut,
-    html_report,
-    html_table,
-    image_grid_html,
     mask_contour,
     overlay_image,
     overlay_layout,
-    png_data_uri,
     read_map_png16,
     save_map_png16,
     save_png,
-    svg_curve,
-    svg_histograms,
 )
 
 SVG = "{http://www.w3.org/2000/svg}"

@@ -12,9 +12,9 @@ import pytest
 nib = pytest.importorskip("nibabel")
 pydicom = pytest.importorskip("pydicom")
 
-from normdino import volumes  # noqa: E402
+from normdino.io import volumes  # noqa: E402
 from normdino.errors import InputError  # noqa: E402
-from normdino.volumes import (  # noqa: E402
+from normdino.io.volumes import (  # noqa: E402
     SliceOptions,
     Volume,
     VolumeWriter,

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from normdino.errors import InputError
-from normdino.phantoms import MIN_LESION_CONTRAST, make_phantom, phantom, write_phantom_dataset
+from normdino.io.phantoms import MIN_LESION_CONTRAST, make_phantom, phantom, write_phantom_dataset
 
 
 def test_same_seed_same_phantom_and_different_seeds_differ():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from .errors import InputError
+from normdino.errors import InputError
 
 SCORE_METHODS = ("cosine", "euclidean", "likelihood")
 DISTANCES = ("cosine", "euclidean")

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import InputError
-from .evaluation import EVAL_FPRS, MethodResult, PeakMemory, Scorer, detector_scorer, write_outputs
-from .metrics import PixelScoreAccumulator, image_aupr, image_auroc
-from .writing import TopFraction
+from normdino.errors import InputError
+from normdino.evaluation.protocol import EVAL_FPRS, MethodResult, PeakMemory, Scorer, detector_scorer, write_outputs
+from normdino.evaluation.metrics import PixelScoreAccumulator, image_aupr, image_auroc
+from normdino.io.writing import TopFraction
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def volume_pairs(root: Path, mask_suffix: str = "_mask") -> list[tuple[Path, Pat
     Scans whose name ends in ``_flair``/``_t1``... are matched by their patient stem too
     (``P_flair.nii.gz`` -> ``P_mask.nii.gz``), as in ../shared/data/lgg-flair/volumes.
     """
-    from .volumes import list_volumes, volume_stem
+    from normdino.io.volumes import list_volumes, volume_stem
 
     volumes = list_volumes(root)
     by_stem = {volume_stem(v): v for v in volumes}
@@ -47,7 +47,7 @@ def volume_pairs(root: Path, mask_suffix: str = "_mask") -> list[tuple[Path, Pat
 def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Path | None = None,
                      mask_suffix: str = "_mask", fprs=EVAL_FPRS, progress: bool = True):
     """Voxel metrics of a fitted detector over every scan in ``root``; writes results.json/.md and report.html."""
-    from .volumes import SliceOptions, Volume, read_mask_volume
+    from normdino.io.volumes import SliceOptions, Volume, read_mask_volume
 
     pairs = volume_pairs(root, mask_suffix)
     thresholds = [detector.pixel_threshold(f) for f in fprs]

@@ -10,8 +10,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import InputError
-from .reading import IMAGE_SUFFIXES
+from normdino.errors import InputError
+from normdino.io.reading import IMAGE_SUFFIXES
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -36,7 +36,7 @@ def _is_image(path: Path) -> bool:
 
 
 def _is_dicom_series(path: Path) -> bool:
-    from .volumes import is_volume
+    from normdino.io.volumes import is_volume
 
     return path.is_dir() and is_volume(path)
 
@@ -97,7 +97,7 @@ def resolve_inputs(arguments: Sequence[str | Path]) -> Inputs:
 
 def volume_slices(volumes: Iterable[Path], options) -> Iterator[np.ndarray]:
     """Every kept slice of every volume, normalised, one at a time."""
-    from .volumes import Volume
+    from normdino.io.volumes import Volume
 
     for path in volumes:
         volume = Volume.open(path, volume_index=options.volume_index)

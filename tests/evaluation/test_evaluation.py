@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from normdino.cli import main
-from normdino.evaluation import PeakMemory, Scorer, TokenSet, evaluate_scorer, markdown_table
-from normdino.datasets import Sample
-from normdino.phantoms import write_phantom_dataset
+from normdino.evaluation.protocol import PeakMemory, Scorer, TokenSet, evaluate_scorer, markdown_table
+from normdino.evaluation.datasets import Sample
+from normdino.io.phantoms import write_phantom_dataset
 
 REQUIRED_KEYS = {"method", "pixel_auroc", "pixel_aupr", "dice_fpr10", "dice_fpr5", "dice_fpr1", "image_auroc",
                  "ms_per_sample", "peak_memory_mb", "n_prototypes"}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from normdino.errors import InputError
-from normdino.scoring import DISTANCES, _as_tokens, nearest_prototype
+from normdino.methods.scoring import DISTANCES, _as_tokens, nearest_prototype
 
 logger = logging.getLogger(__name__)
 
