@@ -67,7 +67,7 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
     for i in range(1, k):
         total = float(d2.sum())
         if total > 0 and math.isfinite(total):
-            nxt = torch.multinomial(d2, 1, generator=generator)[0]
+            nxt = torch.multinomial(d2.cpu(), 1, generator=generator)[0]  # the seeded generator lives on the CPU
         else:
             nxt = torch.randint(n, (1,), generator=generator)[0]
         chosen[i] = nxt
@@ -149,7 +149,9 @@ class DirichletProcessMixture:
         expected = getattr(self, "n_features_in_", None) if check_features else None
         if expected is not None and d != expected:
             raise InputError(f"{name} has {d} features but the mixture was fitted on {expected}; pass embeddings of the same backbone.")
-        t = t.to(device="cpu", dtype=self.dtype).contiguous()
+        # the state lives on the device of the first batch it saw; later batches follow it there
+        device = self.means_.device if getattr(self, "means_", None) is not None else t.device
+        t = t.to(device=device, dtype=self.dtype).contiguous()
         if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
             raise InputError(f"{name} contains NaN or infinite values (after conversion to {self.dtype}); clean the embeddings first.")
         return t
@@ -200,7 +202,7 @@ class DirichletProcessMixture:
         if k != self.n_components:
             raise InputError(f"means has {k} rows but n_components is {self.n_components}.")
         cov = torch.as_tensor(np.asarray(covariances) if not isinstance(covariances, torch.Tensor) else covariances)
-        cov = cov.detach().to(device="cpu", dtype=self.dtype).clone()
+        cov = cov.detach().to(device=means_t.device, dtype=self.dtype).clone()
         expected = {"diag": (k, d), "spherical": (k,), "full": (k, d, d)}[self.covariance_type]
         if tuple(cov.shape) != expected:
             raise InputError(f"covariances for covariance_type={self.covariance_type!r} must have shape {expected}, got {tuple(cov.shape)}.")
@@ -213,7 +215,7 @@ class DirichletProcessMixture:
         elif bool((cov <= 0).any()):
             raise InputError("covariances (variances) must be positive.")
         v = torch.as_tensor(np.asarray(sticks) if not isinstance(sticks, torch.Tensor) else sticks)
-        v = v.detach().to(device="cpu", dtype=self.dtype).clone()
+        v = v.detach().to(device=means_t.device, dtype=self.dtype).clone()
         if tuple(v.shape) != (k,):
             raise InputError(f"sticks must have shape ({k},), got {tuple(v.shape)}.")
         if not bool(((v >= 0) & (v <= 1)).all()):
@@ -233,8 +235,8 @@ class DirichletProcessMixture:
         self.alpha_ = alpha
         self.n_features_in_ = d
         self.n_iter_ = 0
-        self.stat_count_ = torch.zeros(k, dtype=self.dtype)
-        self.stat_sum_ = torch.zeros(k, d, dtype=self.dtype)
+        self.stat_count_ = torch.zeros(k, dtype=self.dtype, device=means.device)
+        self.stat_sum_ = torch.zeros(k, d, dtype=self.dtype, device=means.device)
         self.stat_square_ = torch.zeros_like(cov)
 
     def _initialise(self, x: torch.Tensor) -> None:
@@ -256,13 +258,13 @@ class DirichletProcessMixture:
         if self.covariance_type == "diag":
             cov = ((centred * centred).mean(0) + r).expand(k, d).clone()
         elif self.covariance_type == "spherical":
-            cov = torch.full((k,), float((centred * centred).mean()) + r, dtype=self.dtype)
+            cov = torch.full((k,), float((centred * centred).mean()) + r, dtype=self.dtype, device=x.device)
         else:
             c = centred.T @ centred / n
             c.diagonal().add_(r)
             cov = c.expand(k, d, d).clone()
         u = torch.rand(k, generator=g, dtype=torch.float64)
-        sticks = (1.0 - u.pow(1.0 / float(self.alpha))).to(self.dtype)
+        sticks = (1.0 - u.pow(1.0 / float(self.alpha))).to(device=x.device, dtype=self.dtype)
         sticks[-1] = 1.0
         self._install(means, cov, sticks, float(self.alpha))
 
@@ -285,7 +287,7 @@ class DirichletProcessMixture:
             bad = (info != 0).nonzero().squeeze(1)
             jitter *= 10.0
             logger.warning("covariance of %d component(s) is not positive definite; adding %.1e to its diagonal", len(bad), jitter)
-            f, info_bad = torch.linalg.cholesky_ex(cov[bad] + jitter * torch.eye(cov.shape[-1], dtype=cov.dtype))
+            f, info_bad = torch.linalg.cholesky_ex(cov[bad] + jitter * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device))
             factors[bad] = f
             info = torch.zeros_like(info)
             info[bad] = info_bad
@@ -304,7 +306,7 @@ class DirichletProcessMixture:
         """
         d = xc.shape[1]
         mc = self.means_[idx] - centre
-        bias = torch.zeros(len(idx), dtype=xc.dtype) if offset is None else offset.clone()
+        bias = torch.zeros(len(idx), dtype=xc.dtype, device=xc.device) if offset is None else offset.clone()
         if self.covariance_type == "diag":
             var = self.covariances_[idx]
             prec = var.reciprocal()
@@ -319,10 +321,10 @@ class DirichletProcessMixture:
         if chol is None:
             chol = self._cholesky(idx)
         n = xc.shape[0]
-        out = torch.empty(len(idx), n, dtype=xc.dtype)
+        out = torch.empty(len(idx), n, dtype=xc.dtype, device=xc.device)
         logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)
         step = max(1, _FULL_CHUNK_ELEMENTS // max(1, n * d))
-        eye = torch.eye(d, dtype=xc.dtype)
+        eye = torch.eye(d, dtype=xc.dtype, device=xc.device)
         for start in range(0, len(idx), step):
             stop = min(start + step, len(idx))
             # z_n = L^-1 (x_n - mu) = L^-1 x_n - L^-1 mu: one GEMM against the stacked inverse factors of the chunk
@@ -336,7 +338,7 @@ class DirichletProcessMixture:
         """(N, K) log N(x | mu_k, Sigma_k); log pi_k is NOT included unless include_weights (then dead ones are -inf)."""
         self._require_state()
         x = self._as_batch(x)
-        idx = torch.arange(self.n_components)
+        idx = torch.arange(self.n_components, device=x.device)
         centre = self._reference_point()
         chol = self._cholesky(idx) if self.covariance_type == "full" else None
         offset = self.log_weights_ if include_weights else None
@@ -498,6 +500,13 @@ class DirichletProcessMixture:
                 break
         return self
 
+    def to(self, device: torch.device | str) -> "DirichletProcessMixture":
+        """Move the learned state (and running statistics) to ``device``; later batches are scored there."""
+        for name in ("means_", "covariances_", "sticks_", "stat_count_", "stat_sum_", "stat_square_"):
+            if getattr(self, name, None) is not None:
+                setattr(self, name, getattr(self, name).to(device))
+        return self
+
     # ------------------------------------------------------------------ persistence
 
     def get_config(self) -> dict[str, Any]:
@@ -519,16 +528,16 @@ class DirichletProcessMixture:
         }
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """The full learned state (alpha and running statistics included) as contiguous tensors (copies)."""
+        """The full learned state (alpha and running statistics included) as contiguous CPU tensors (copies)."""
         self._require_state()
         return {
-            "means": self.means_.clone().contiguous(),
-            "covariances": self.covariances_.clone().contiguous(),
-            "sticks": self.sticks_.clone().contiguous(),
+            "means": self.means_.cpu().clone().contiguous(),
+            "covariances": self.covariances_.cpu().clone().contiguous(),
+            "sticks": self.sticks_.cpu().clone().contiguous(),
             "alpha": torch.tensor([float(self.alpha_)], dtype=torch.float64),
-            "stat_count": self.stat_count_.clone().contiguous(),
-            "stat_sum": self.stat_sum_.clone().contiguous(),
-            "stat_square": self.stat_square_.clone().contiguous(),
+            "stat_count": self.stat_count_.cpu().clone().contiguous(),
+            "stat_sum": self.stat_sum_.cpu().clone().contiguous(),
+            "stat_square": self.stat_square_.cpu().clone().contiguous(),
             "n_iter": torch.tensor([int(self.n_iter_)], dtype=torch.int64),
         }
 
