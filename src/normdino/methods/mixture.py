@@ -95,6 +95,7 @@ class DirichletProcessMixture:
         init: str = "kmeans++",
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
+        device: str | torch.device | None = None,
     ) -> None:
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -106,6 +107,7 @@ class DirichletProcessMixture:
         self.init = init
         self.dtype = dtype
         self.seed = seed
+        self.device = device  # where the state lives; None: the device of the first batch (not saved with the model)
 
     # ------------------------------------------------------------------ checks and conversion
 
@@ -150,7 +152,10 @@ class DirichletProcessMixture:
         if expected is not None and d != expected:
             raise InputError(f"{name} has {d} features but the mixture was fitted on {expected}; pass embeddings of the same backbone.")
         # the state lives on the device of the first batch it saw; later batches follow it there
-        device = self.means_.device if getattr(self, "means_", None) is not None else t.device
+        if getattr(self, "means_", None) is not None:
+            device = self.means_.device
+        else:
+            device = torch.device(self.device) if self.device is not None else t.device
         t = t.to(device=device, dtype=self.dtype).contiguous()
         if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
             raise InputError(f"{name} contains NaN or infinite values (after conversion to {self.dtype}); clean the embeddings first.")
@@ -502,6 +507,7 @@ class DirichletProcessMixture:
 
     def to(self, device: torch.device | str) -> "DirichletProcessMixture":
         """Move the learned state (and running statistics) to ``device``; later batches are scored there."""
+        self.device = device
         for name in ("means_", "covariances_", "sticks_", "stat_count_", "stat_sum_", "stat_square_"):
             if getattr(self, name, None) is not None:
                 setattr(self, name, getattr(self, name).to(device))
