@@ -1,9 +1,18 @@
-"""What the user pointed at: folders, globs and files, sorted into 2D images and 3D volumes."""
+"""What the user pointed at: folders, globs and files, sorted into 2D images and 3D volumes.
+
+The CLI and the Python API accept the same things (:func:`expand_images`): a folder, a glob, a file,
+a ``Path``, or a list mixing them; arrays and generators of arrays pass through untouched. Every path
+is checked before any work starts, so a typo costs no backbone load. In folders (top level only),
+hidden and AppleDouble files (``.x.png``, ``._a.png``) are skipped; anything that is not a regular
+file or folder (a FIFO, a socket, a device) is refused and never opened, since reading one can block forever.
+"""
 
 from __future__ import annotations
 
 import glob
 import itertools
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -35,13 +44,30 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def _is_hidden(path: Path) -> bool:
+    """Dot files, including macOS AppleDouble companions (``._name.png``) that only look like images."""
+    return path.name.startswith(".")
+
+
 def _is_dicom_series(path: Path) -> bool:
     from normdino.io.volumes import is_volume
 
     return path.is_dir() and is_volume(path)
 
 
+def _kind(path: Path) -> str:
+    """"file", "dir" or "other" (FIFO, socket, device, dangling link), from one stat call that opens nothing."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "other"
+    return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else "other"
+
+
 def _classify_file(path: Path, inputs: Inputs) -> None:
+    if _kind(path) != "file":
+        raise InputError(f"{path} is not a regular file (a FIFO, socket or device?): pass image files, "
+                         "volumes or folders")
     if _is_nifti(path):
         inputs.volumes.append(path)
     elif _is_image(path):
@@ -59,11 +85,14 @@ def _classify_dir(path: Path, inputs: Inputs) -> None:
         return
     found = Inputs()
     for entry in sorted(path.iterdir()):
-        if entry.is_file() and _is_nifti(entry):
+        if _is_hidden(entry):
+            continue
+        kind = _kind(entry)
+        if kind == "file" and _is_nifti(entry):
             found.volumes.append(entry)
-        elif entry.is_file() and _is_image(entry):
+        elif kind == "file" and _is_image(entry):
             found.images.append(entry)
-        elif entry.is_dir() and _is_dicom_series(entry):
+        elif kind == "dir" and _is_dicom_series(entry):
             found.volumes.append(entry)
     if not found:
         raise InputError(f"no images or volumes in {path} (looked for {', '.join(IMAGE_SUFFIXES)}, "
@@ -72,22 +101,35 @@ def _classify_dir(path: Path, inputs: Inputs) -> None:
     inputs.volumes.extend(found.volumes)
 
 
-def resolve_inputs(arguments: Sequence[str | Path]) -> Inputs:
-    """Expand folders (top level), globs and files into images and volumes; a clear error for anything else."""
+def _matches(text: str) -> list[Path] | None:
+    """The paths one argument stands for (itself, or its glob matches without hidden names); None if nothing."""
+    path = Path(text).expanduser()
+    if os.path.lexists(path):
+        return [path]
+    if glob.has_magic(text):
+        matches = [Path(m) for m in sorted(glob.glob(str(path))) if not _is_hidden(Path(m))]
+        return matches or None
+    return None
+
+
+def resolve_inputs(arguments: Sequence[str | os.PathLike]) -> Inputs:
+    """Expand folders (top level), globs and files into images and volumes; a clear error for anything else.
+
+    All arguments are checked before any is classified, and every missing one is named in one error.
+    """
+    if isinstance(arguments, (str, os.PathLike)):
+        arguments = [arguments]
+    expanded = [(str(argument), _matches(str(argument))) for argument in arguments]
+    missing = [text for text, matches in expanded if matches is None]
+    if missing:
+        what = "matches no file" if len(missing) == 1 and glob.has_magic(missing[0]) else "does not exist"
+        if len(missing) == 1:
+            raise InputError(f"{missing[0]} {what}")
+        raise InputError(f"{len(missing)} inputs do not exist or match nothing: {', '.join(missing)}")
     inputs = Inputs()
-    for argument in arguments:
-        text = str(argument)
-        path = Path(text).expanduser()
-        if path.exists():
-            matches = [path]
-        elif glob.has_magic(text):
-            matches = [Path(m) for m in sorted(glob.glob(str(path)))]
-            if not matches:
-                raise InputError(f"no files match {text}")
-        else:
-            raise InputError(f"{text} does not exist")
+    for _, matches in expanded:
         for match in matches:
-            (_classify_dir if match.is_dir() else _classify_file)(match, inputs)
+            (_classify_dir if _kind(match) == "dir" else _classify_file)(match, inputs)
     if not inputs:
         raise InputError("no inputs were given")
     inputs.images = list(dict.fromkeys(inputs.images))
@@ -95,18 +137,77 @@ def resolve_inputs(arguments: Sequence[str | Path]) -> Inputs:
     return inputs
 
 
-def volume_slices(volumes: Iterable[Path], options) -> Iterator[np.ndarray]:
-    """Every kept slice of every volume, normalised, one at a time."""
-    from normdino.io.volumes import Volume
+def volume_slices(volumes: Iterable[Path], options, sources: list[str] | None = None) -> Iterator[np.ndarray]:
+    """Every kept slice of every volume, normalised, one at a time.
 
+    When ``sources`` is given, the volume path of each slice is appended to it as the slice is yielded,
+    so after the stream is consumed ``sources[i]`` names the volume of the i-th slice.
+    """
+    from normdino.io.volumes import SliceOptions, Volume
+
+    options = options if options is not None else SliceOptions()
     for path in volumes:
-        volume = Volume.open(path, volume_index=options.volume_index)
-        for _, image in volume.iter_slices(options):
-            yield image
+        with Volume.open(path, volume_index=options.volume_index) as volume:
+            for _, image in volume.iter_slices(options):
+                if sources is not None:
+                    sources.append(str(path))
+                yield image
 
 
-def training_images(inputs: Inputs, options=None) -> list[Path] | Iterator[np.ndarray]:
-    """What the detector fits on: the image files (cacheable), or a stream of images and volume slices."""
+def training_images(inputs: Inputs, options=None, sources: list[str] | None = None
+                    ) -> list[Path] | Iterator[np.ndarray]:
+    """What the detector fits on: the image files (cacheable), or a stream of images and volume slices.
+
+    ``sources`` (optional, filled in the order images are produced): the file or volume each image comes
+    from, one entry per image, so held-out validation can be split by source and never separate the
+    slices of one volume. For a file list it is filled at once; for a stream, as the stream is consumed.
+    """
     if not inputs.volumes:
+        if sources is not None:
+            sources.extend(str(p) for p in inputs.images)
         return list(inputs.images)
-    return itertools.chain((p for p in inputs.images), volume_slices(inputs.volumes, options))
+    return itertools.chain(_with_sources(inputs.images, sources), volume_slices(inputs.volumes, options, sources))
+
+
+def _source_name(image, position: int) -> str:
+    """A path names itself; an array is its own source, named by its position in the input."""
+    return str(image) if isinstance(image, (str, os.PathLike)) else f"<array {position}>"
+
+
+def _with_sources(images: Iterable, sources: list[str] | None) -> Iterator:
+    """Yield ``images`` unchanged, appending each one's source name to ``sources`` (if given) as it goes."""
+    for position, image in enumerate(images):
+        if sources is not None:
+            sources.append(_source_name(image, position))
+        yield image
+
+
+def expand_images(images, options=None, sources: list[str] | None = None) -> list[Path] | Iterator[np.ndarray]:
+    """What the Python API's fit/predict take, made into what the detector iterates over.
+
+    ``images``: a folder, glob or file (``str`` or ``Path``), a list of them (mixed freely), a single
+    array, or a list/generator of arrays (passed through as they are). Paths are expanded and checked
+    at once, before any model is loaded: a missing path, an unsupported file or a FIFO is one
+    :class:`InputError`. Image files only give a list of paths (cacheable); with volumes, a stream of
+    the images and then the volumes' slices cut as ``options`` (a ``SliceOptions``) say.
+    ``sources`` as in :func:`training_images`; each passed-through array is its own source.
+    """
+    if isinstance(images, (str, os.PathLike)):
+        return training_images(resolve_inputs([images]), options, sources)
+    if isinstance(images, np.ndarray):
+        if images.ndim in (2, 3) and not (images.ndim == 3 and images.shape[2] not in (1, 3, 4)):
+            images = [images]  # one (H, W) or (H, W, C) image; otherwise a stack of images along axis 0
+        return list(_with_sources(images, sources))
+    if isinstance(images, (list, tuple)):
+        if all(isinstance(item, (str, os.PathLike)) for item in images):
+            return training_images(resolve_inputs(images), options, sources)
+        paths = [item for item in images if isinstance(item, (str, os.PathLike))]
+        resolved = resolve_inputs(paths) if paths else Inputs()  # check every path now
+        if resolved.volumes:
+            raise InputError("a list mixing arrays with volumes is not supported: pass the volumes' paths "
+                             "on their own, or their slices as arrays")
+        expanded: list = []
+        for item in images:
+            expanded.extend(resolve_inputs([item]).images if isinstance(item, (str, os.PathLike)) else [item])
+        return list(_with_sources(expanded, sources))
+    return _with_sources(images, sources)
