@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from normdino.errors import InputError
-from normdino.io.reading import IMAGE_SUFFIXES, find_images, read_image
+from normdino.io.reading import IMAGE_SUFFIXES, find_images, image_shape, read_image
 
 
 def _save(path, array, mode=None):
@@ -55,20 +57,56 @@ def test_palette_image_becomes_its_colours(tmp_path):
     np.testing.assert_allclose(image[0, 0], [1.0, 0, 0])
 
 
-def test_16bit_png_is_min_max_rescaled(tmp_path, rng):
-    pixels = rng.integers(100, 4096, size=(8, 8)).astype(np.uint16)  # 12-bit data in a 16-bit file
+def test_16bit_png_keeps_its_type_range_whatever_else_is_in_the_image(tmp_path, rng):
+    pixels = rng.integers(100, 4096, size=(20, 20)).astype(np.uint16)  # 12-bit data in a 16-bit file
     image = read_image(_save(tmp_path / "s.png", pixels))
-    expected = (pixels - pixels.min()) / (pixels.max() - pixels.min())
-    assert image.dtype == np.float32 and image.shape == (8, 8)
-    np.testing.assert_allclose(image, expected, atol=1e-6)
-    assert image.min() == 0.0 and image.max() == 1.0
+    assert image.dtype == np.float32 and image.shape == (20, 20)
+    np.testing.assert_allclose(image, pixels / 65535.0, rtol=1e-6)
+    # a bright lesion must not change the values of the healthy pixels (per-image min-max did)
+    lesioned = pixels.copy()
+    lesioned[:4, :4] = 30000
+    with_lesion = read_image(_save(tmp_path / "l.png", lesioned))
+    np.testing.assert_array_equal(with_lesion[4:], image[4:])
 
 
-def test_float_tiff_is_min_max_rescaled_and_constant_is_zero(tmp_path):
-    values = np.array([[-3.0, 0.0], [1.0, 5.0]], dtype=np.float32)
-    np.testing.assert_allclose(read_image(_save(tmp_path / "f.tif", values)), (values + 3) / 8)
-    constant = np.full((3, 3), 1000, dtype=np.uint16)
-    np.testing.assert_array_equal(read_image(_save(tmp_path / "k.png", constant)), np.zeros((3, 3)))
+def test_signed_32bit_tiff_spans_its_type_range(tmp_path):
+    values = np.array([[-2**31, 0], [1000, 2**31 - 1]] * 8, dtype=np.int32).repeat(8, axis=1)
+    image = read_image(_save(tmp_path / "s.tif", values))
+    np.testing.assert_allclose(image, (values.astype(np.float64) + 2**31) / (2**32 - 1), rtol=1e-6)
+
+
+def test_float_tiff_must_lie_in_unit_range_and_nan_counts_as_zero(tmp_path):
+    values = np.linspace(0, 1, 400, dtype=np.float32).reshape(20, 20)
+    values[3, 4] = np.nan
+    image = read_image(_save(tmp_path / "f.tif", values))
+    assert image[3, 4] == 0.0
+    np.testing.assert_array_equal(np.delete(image.ravel(), 3 * 20 + 4), np.delete(values.ravel(), 3 * 20 + 4))
+    with pytest.raises(InputError, match=r"wide\.tif is a float image with values from -3 to 5"):
+        read_image(_save(tmp_path / "wide.tif", np.full((20, 20), 5.0, np.float32) - 8 * (np.arange(20) == 0)[:, None]))
+
+
+def test_all_nan_tiff_is_refused_naming_the_file(tmp_path):
+    with pytest.raises(InputError, match=r"nan\.tif holds no finite pixel value"):
+        read_image(_save(tmp_path / "nan.tif", np.full((20, 20), np.nan, np.float32)))
+
+
+def test_images_smaller_than_a_patch_are_read_with_a_warning(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="normdino"):
+        read_image(_save(tmp_path / "five.png", np.zeros((5, 5), np.uint8)))
+        assert "five.png is 5x5 pixels, smaller than one DINO patch" in caplog.text
+        caplog.clear()
+        read_image(_save(tmp_path / "ok.png", np.zeros((16, 40), np.uint8)))
+        assert caplog.text == ""
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_is_refused_without_being_opened(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="not a regular file"):
+        read_image(fifo)
+    with pytest.raises(InputError, match="not a regular file"):
+        image_shape(fifo)
 
 
 def test_one_bit_and_one_pixel_images(tmp_path):

@@ -1,15 +1,23 @@
 """Reading 2D images from disk into float arrays in [0, 1], and finding them in folders and globs.
 
-Intensity rule: 8-bit (and 1-bit) images keep their absolute scale (value / 255). Every other
-depth — 16-bit, 32-bit integer, float — is rescaled per image with min–max to [0, 1], because
-high-bit-depth medical exports rarely use their type's full range (12-bit CT/MRI in a 16-bit PNG)
-and their intensities are arbitrary units; a constant image becomes all zeros.
+Intensity rule ("dtype", recorded in model files as ``volume_settings["image_intensity"]``): an integer
+image is scaled by the full range of its data type — 8-bit (and 1-bit) value / 255, 16-bit value / 65535,
+signed types from their minimum — and a float image must already hold values in [0, 1]. The rule is
+fixed per file type, never fitted to the image, so a healthy pixel gets the same value whether or not the
+image holds a lesion (per-image min-max or percentiles would dim healthy tissue next to a bright lesion),
+and it is exactly what volumes get with ``normalization="dtype"`` (unsigned voxels), so a model fitted on
+PNG slices can score volumes on the same scale. The price: 12-bit data in a 16-bit file comes out dark
+(at most 4095/65535) — consistently so for training and prediction; export with a fixed window to 8 bit
+for more contrast. Non-finite pixels of a float image count as 0; an image with no finite pixel is refused.
+Images smaller than one DINO patch (16 px) on a side are read, with a warning that their maps say little.
 """
 
 from __future__ import annotations
 
 import glob
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +29,8 @@ from normdino.errors import InputError
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_INTENSITY = "dtype"  # the 2D intensity rule above; models record it, volumes match it
+MIN_IMAGE_SIDE = 16  # one patch of DINOv3 (DINOv2: 14); smaller images get a warning
 
 _GLOB_CHARS = set("*?[")
 _EIGHT_BIT_MODES = {"L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV", "La", "RGBa", "RGBX"}
@@ -29,15 +39,13 @@ _EIGHT_BIT_MODES = {"L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB",
 def read_image(path: str | Path) -> np.ndarray:
     """Read one image as float32 in [0, 1]: (H, W) for gray, (H, W, 3) for colour; alpha is dropped."""
     path = Path(path)
-    if not path.is_file():
-        what = "is a folder, not an image file" if path.is_dir() else "does not exist"
-        raise InputError(f"Image {path} {what}.")
+    _check_regular_file(path)
     try:
         with Image.open(path) as image:
             if getattr(image, "n_frames", 1) > 1:
                 logger.warning("%s has %d frames; only the first is used", path, image.n_frames)
             image.load()
-            return _to_float(image)
+            array = _to_float(image, path)
     except InputError:
         raise
     except UnidentifiedImageError as err:
@@ -47,9 +55,33 @@ def read_image(path: str | Path) -> np.ndarray:
         ) from err
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise InputError(f"Image {path} is corrupt or truncated and cannot be decoded ({err}).") from err
+    warn_if_tiny(array.shape[:2], str(path))
+    return array
 
 
-def _to_float(image: Image.Image) -> np.ndarray:
+def _check_regular_file(path: Path) -> None:
+    """Refuse a missing path, a folder, or anything that is not a regular file (a FIFO would block forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        raise InputError(f"Image {path} does not exist.") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"Image {path} is a folder, not an image file.")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"Image {path} is not a regular file (a FIFO, socket or device?); pass an image file.")
+
+
+def warn_if_tiny(shape: tuple[int, ...], name: str) -> bool:
+    """Warn when an image (or a volume's slices) is smaller than one DINO patch on a side; True if it is."""
+    height, width = int(shape[0]), int(shape[1])
+    if min(height, width) >= MIN_IMAGE_SIDE:
+        return False
+    logger.warning("%s is %dx%d pixels, smaller than one DINO patch (%d px): its anomaly map is upsampled "
+                   "from one or a few tokens and says little about it.", name, height, width, MIN_IMAGE_SIDE)
+    return True
+
+
+def _to_float(image: Image.Image, path: Path) -> np.ndarray:
     """Convert a decoded PIL image to float32 in [0, 1] by the module's intensity rule."""
     mode = image.mode
     if mode == "1":
@@ -59,8 +91,11 @@ def _to_float(image: Image.Image) -> np.ndarray:
     if mode in _EIGHT_BIT_MODES:
         return _scale_8bit(np.asarray(image.convert("RGB")))
     if mode.startswith("I") or mode == "F":
-        return _min_max(np.asarray(image))
-    raise InputError(f"Image {image.filename or '<memory>'} has the unsupported pixel mode {mode!r}.")
+        array = np.asarray(image)
+        if image.format == "PNG" and array.dtype == np.int32:  # older Pillow: 16-bit PNG decoded as mode "I"
+            array = array.astype(np.uint16)
+        return scale_by_dtype(array) if array.dtype.kind in "ui" else unit_float(array, str(path))
+    raise InputError(f"Image {path} has the unsupported pixel mode {mode!r}.")
 
 
 def _scale_8bit(array: np.ndarray) -> np.ndarray:
@@ -68,21 +103,28 @@ def _scale_8bit(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32) / np.float32(255.0)
 
 
-def _min_max(array: np.ndarray) -> np.ndarray:
-    """Rescale any numeric array to [0, 1] with its own min and max (non-finite values become the min)."""
-    values = array.astype(np.float64)
+def scale_by_dtype(array: np.ndarray) -> np.ndarray:
+    """Integer array -> float32 in [0, 1] over its data type's full range (uint16: value / 65535)."""
+    info = np.iinfo(array.dtype)
+    return ((array.astype(np.float64) - info.min) / (float(info.max) - info.min)).astype(np.float32)
+
+
+def unit_float(array: np.ndarray, name: str) -> np.ndarray:
+    """A float image as float32 in [0, 1]: non-finite pixels -> 0; no finite pixel or values outside [0, 1] -> error."""
+    values = np.asarray(array, dtype=np.float32)
     finite = np.isfinite(values)
     if not finite.any():
-        return np.zeros(values.shape, dtype=np.float32)
-    low, high = values[finite].min(), values[finite].max()
-    values = np.where(finite, values, low)
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.float32)
-    return ((values - low) / (high - low)).astype(np.float32)
+        raise InputError(f"{name} holds no finite pixel value (all NaN or infinite): there is nothing to score.")
+    low, high = float(values[finite].min()), float(values[finite].max())
+    if low < 0.0 or high > 1.0:
+        raise InputError(f"{name} is a float image with values from {low:g} to {high:g}; float images must hold "
+                         "values in [0, 1]: rescale it with a fixed window, or save it as 8- or 16-bit integers.")
+    return np.where(finite, values, np.float32(0.0))
 
 
 def image_shape(path: str | Path) -> tuple[int, int]:
     """(H, W) of an image file from its header alone, without decoding the pixels."""
+    _check_regular_file(Path(path))
     try:
         with Image.open(path) as image:
             return image.height, image.width
