@@ -301,6 +301,16 @@ def _float_keys(values: np.ndarray) -> np.ndarray:
     return np.where(u >= np.uint32(0x80000000), ~u, u | np.uint32(0x80000000))
 
 
+def float_keys(values: np.ndarray) -> np.ndarray:
+    """Public name of the order-preserving float32 -> uint32 map (shared with the per-image statistics)."""
+    return _float_keys(values)
+
+
+def keys_to_float(keys: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`float_keys` (as float64)."""
+    return _keys_to_float(keys)
+
+
 def _keys_to_float(keys: np.ndarray) -> np.ndarray:
     keys = np.asarray(keys, dtype=np.uint32)
     u = np.where(keys >= np.uint32(0x80000000), keys & np.uint32(0x7FFFFFFF), ~keys)
