@@ -1,0 +1,433 @@
+"""HiMatch-AD: training-free retrieval of healthy references, multi-stage matching maps, uncertainty-weighted fusion.
+
+A documented reading of the abstract of Huo, Hong, Zhou, Chen, Zhang (2026), "DINOv3-driven Hierarchical
+Matching for Training-free Medical Anomaly Detection" (no code is public). The method is meant with the
+DINOv3 ViT-S/16 backbone (``dinov3_vits16``); any DINOv2/DINOv3 ViT works. Every choice the abstract
+leaves open is written here (and in the README, section "HiMatch"):
+
+Stages
+    ``layers`` are ``hidden_states`` indices of one forward pass, listed shallow to deep; default
+    ``(3, 6, 9, 12)``: four evenly spaced blocks of a 12-block ViT (S/16, B/16). For a 24-block ViT-L
+    pass ``--layers 6 12 18 24``. Every stage goes through the backbone's final LayerNorm and is
+    L2-normalised. The *last* listed layer is the retrieval stage (its CLS token and patch descriptor).
+
+Fit (training-free: nothing is optimised, no gradient is taken)
+    For each healthy reference image r: its CLS token c_r (retrieval stage), a compact patch descriptor
+    d_r (``descriptor="mean"``: the L2-normalised mean of its patch tokens, one vector; ``"centroids"``:
+    ``RETRIEVAL_CENTROIDS`` spherical k-means centroids of its patch tokens), and, per stage l, its
+    ``clusters`` spherical k-means centroids B_{r,l} (``cluster_scope="image"``: clustered once per image at
+    fit; ``clusters=0`` keeps every patch token). With ``cluster_scope="retrieved"`` every patch token is
+    kept and the union of the k retrieved references' tokens is clustered into k·``clusters`` centroids at
+    query time (measured slower and not better: see README). k-means is deterministic: farthest-point
+    initialisation from the patch nearest the image's mean direction, then ``KMEANS_ITERS`` Lloyd steps on
+    cosine similarity (empty clusters keep their centre).
+
+Dual-branch retrieval
+    For a query q and every reference r: CLS cosine a_qr = <c_q, c_r>; patch similarity p_qr = <d_q, d_r>
+    (mean descriptor) or the symmetric chamfer similarity of the two centroid sets
+    ½(mean_i max_j <u_i, v_j> + mean_j max_i <u_i, v_j>). Each branch is standardised over the references
+    (z-score across r for that query), so their scales do not decide the mix, and combined as
+    s_qr = λ·z(a)_qr + (1 − λ)·z(p)_qr with λ = ``cls_weight`` (``retrieval="cls"``: λ = 1, ``"patch"``: λ = 0).
+    The top ``retrieve_k`` references by s (ties: lower index first) are retrieved.
+
+Hierarchical maps
+    For stage l and query patch x: m_l(x) = 1 − max over the retrieved references' centroids b at stage l
+    of cos(x, b).
+
+Uncertainty-based fusion (reliability from healthy data only)
+    At fit, ``reliability_images`` seeded training images are scored leave-one-out (their own image and
+    every reference with the same source, i.e. slices of the same volume, are excluded from retrieval);
+    their maps give per stage the mean mu_l and standard deviation sigma_l of the healthy patch scores,
+    and per grid position mu_l(p), sigma_l(p). Rules (``fusion``):
+
+    * ``"uncertainty"`` (default): F(x) = sum_l w_l m_l(x), w_l = sigma_l^-2 / sum_j sigma_j^-2
+      (inverse-variance weighting: a stage whose healthy scores spread widely is trusted less);
+    * ``"pixel"``: F(p) = sum_l w_l(p) (m_l(p) − mu_l(p)), w_l(p) = sigma_l(p)^-2 / sum_j sigma_j(p)^-2
+      (per grid position; assumes roughly aligned images such as brain slices);
+    * ``"mean"``: F = (1/L) sum_l m_l (the ablation).
+
+    Variances are floored at ``VARIANCE_FLOOR``. Calibration (thresholds), pixel maps and volumes are the
+    detector's job.
+
+Memory
+    The state is float16: N·L·C·D (banks) + N·D (CLS) + N·R·D (descriptors) values. For 1338 training
+    images, ViT-S/16 at 448 px (28×28 grid), 4 stages, C = 32, D = 384: 131.5 MB of banks + 1.0 MB CLS
+    + 1.0 MB mean descriptors (8.2 MB with 8 centroids), ~134 MB in all, against 3.2 GB for keeping every
+    token of the four stages. Scoring gathers k·C centroids per stage and query: small.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from normdino.errors import InputError, ModelFileError
+from normdino.features.tokens import FeatureRequest, Tokens, TokenSet
+from normdino.methods.base import NormativeMethod, Param, require
+from normdino.methods.registry import register
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "HiMatchMethod", "spherical_kmeans", "retrieval_scores", "retrieve", "stage_maps",
+    "fusion_statistics", "fusion_weights", "fuse", "FUSIONS", "LAYERS_PARAM", "FUSION_PARAM",
+    "RELIABILITY_PARAM", "reliability_sample",
+]
+
+KMEANS_ITERS = 10
+"""Lloyd iterations of the per-image spherical k-means."""
+RETRIEVAL_CENTROIDS = 8
+"""Centroids per image of the ``descriptor="centroids"`` retrieval descriptor."""
+VARIANCE_FLOOR = 1e-12
+"""Added to every variance before it is inverted in the fusion weights."""
+FUSIONS = ("uncertainty", "pixel", "mean")
+_FIT_BATCH = 16  # images per k-means / scoring batch at fit
+_STAT_KEYS = ("stage_mean", "stage_std", "pixel_mean", "pixel_std")
+
+LAYERS_PARAM = Param("layers", int, "backbone layers (hidden_states indices, shallow to deep) used as stages; "
+                     "default 3 6 9 12 = four evenly spaced blocks of a 12-block ViT", nargs="+")
+FUSION_PARAM = Param("fusion", str, "how stage maps are combined: uncertainty (inverse healthy variance per stage), "
+                     "pixel (per grid position, centred), mean (plain average)", choices=FUSIONS)
+RELIABILITY_PARAM = Param("reliability_images", int, "healthy training images scored to estimate each stage's "
+                          "reliability for the fusion", minimum=1)
+
+
+# ---------------------------------------------------------------------------------------------- pure pieces
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> torch.Tensor:
+    """(B, k, D) unit centroids of each of B sets of unit vectors (B, P, D); deterministic; k ≥ P returns x."""
+    b, p, d = x.shape
+    if k >= p:
+        return x.clone()
+    rows = torch.arange(b, device=x.device)
+    first = (x @ F.normalize(x.mean(1), dim=-1)[:, :, None])[:, :, 0].argmax(1)
+    centres = torch.empty(b, k, d, dtype=x.dtype, device=x.device)
+    centres[:, 0] = x[rows, first]
+    nearest = (x @ centres[:, 0, :, None])[:, :, 0]
+    for j in range(1, k):  # farthest point: the patch least similar to every centre so far
+        pick = nearest.argmin(1)
+        centres[:, j] = x[rows, pick]
+        nearest = torch.maximum(nearest, (x @ centres[:, j, :, None])[:, :, 0])
+    for _ in range(iters):
+        assign = torch.bmm(x, centres.transpose(1, 2)).argmax(2)  # (B, P)
+        onehot = F.one_hot(assign, k).to(x.dtype)  # (B, P, k)
+        sums = torch.bmm(onehot.transpose(1, 2), x)  # (B, k, D)
+        counts = onehot.sum(1)[:, :, None]
+        centres = torch.where(counts > 0, F.normalize(sums, dim=-1), centres)
+    return centres
+
+
+def _standardise(s: torch.Tensor) -> torch.Tensor:
+    """z-score of each row (over the references); a constant row becomes zeros."""
+    centred = s - s.mean(1, keepdim=True)
+    return centred / (centred.pow(2).mean(1, keepdim=True).sqrt() + 1e-12)
+
+
+def retrieval_scores(
+    query_cls: torch.Tensor, query_desc: torch.Tensor, ref_cls: torch.Tensor, ref_desc: torch.Tensor, cls_weight: float
+) -> torch.Tensor:
+    """(B, N) dual-branch scores s = λ z(CLS cosine) + (1 − λ) z(patch similarity), z over the N references.
+
+    Descriptors are (·, R, D) unit vectors: R = 1 compares them by cosine, R > 1 by symmetric chamfer similarity.
+    """
+    parts = []
+    if cls_weight > 0:
+        parts.append(cls_weight * _standardise(query_cls @ ref_cls.T))
+    if cls_weight < 1:
+        if query_desc.shape[1] == 1:
+            patch = query_desc[:, 0] @ ref_desc[:, 0].T
+        else:
+            sims = torch.einsum("brd,nsd->bnrs", query_desc, ref_desc)
+            patch = 0.5 * (sims.max(3).values.mean(2) + sims.max(2).values.mean(2))
+        parts.append((1.0 - cls_weight) * _standardise(patch))
+    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
+def retrieve(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, k) indices of the k highest scores per row (ties: lower index first), never an excluded one."""
+    if exclude is not None:
+        scores = scores.masked_fill(exclude, -math.inf)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return order[:, :k]
+
+
+def stage_maps(patches: torch.Tensor, banks: torch.Tensor, refs: torch.Tensor, recluster: int = 0) -> torch.Tensor:
+    """(B, L, h, w) maps 1 − max cosine of each query patch to its retrieved references' bank vectors, per stage.
+
+    ``patches`` (B, L, h, w, D) unit vectors, ``banks`` (N, L, C, D) unit vectors (any float dtype), ``refs``
+    (B, k) reference indices; ``recluster`` > 0 clusters the gathered k·C vectors into that many first.
+    """
+    b, n_layers, h, w, d = patches.shape
+    out = torch.empty(b, n_layers, h, w, dtype=torch.float32, device=patches.device)
+    for layer in range(n_layers):
+        gathered = banks[refs, layer].reshape(b, -1, d).float()
+        if recluster:
+            gathered = spherical_kmeans(gathered, recluster)
+        x = patches[:, layer].reshape(b, h * w, d).float()
+        out[:, layer] = (1.0 - torch.bmm(x, gathered.transpose(1, 2)).max(2).values).reshape(b, h, w)
+    return out
+
+
+def fusion_statistics(maps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Healthy-map statistics per stage (L,) and per stage and grid position (L, h, w) from (M, L, h, w) maps."""
+    maps = maps.double()
+    per_stage = maps.transpose(0, 1).reshape(maps.shape[1], -1)
+    return {
+        "stage_mean": per_stage.mean(1).float(),
+        "stage_std": per_stage.std(1, unbiased=False).float(),
+        "pixel_mean": maps.mean(0).float(),
+        "pixel_std": maps.std(0, unbiased=False).float(),
+    }
+
+
+def fusion_weights(stats: dict[str, torch.Tensor], rule: str) -> torch.Tensor:
+    """Stage weights: (L,) for "mean" (1/L) and "uncertainty" (σ_l⁻² normalised), (L, h, w) for "pixel"."""
+    if rule == "mean":
+        n = stats["stage_std"].shape[0]
+        return torch.full((n,), 1.0 / n, device=stats["stage_std"].device)
+    if rule not in FUSIONS:
+        raise InputError(f"unknown fusion rule {rule!r}; choose one of {', '.join(FUSIONS)}")
+    std = stats["pixel_std"] if rule == "pixel" else stats["stage_std"]
+    inverse = 1.0 / (std.double() ** 2 + VARIANCE_FLOOR)
+    return (inverse / inverse.sum(0, keepdim=True)).float()
+
+
+def fuse(maps: torch.Tensor, stats: dict[str, torch.Tensor], rule: str) -> torch.Tensor:
+    """(B, h, w) fused map of (B, L, h, w) stage maps under ``rule`` (see the module docstring)."""
+    weights = fusion_weights(stats, rule).to(maps.device)
+    if rule == "pixel":
+        return (weights[None] * (maps - stats["pixel_mean"].to(maps.device)[None])).sum(1)
+    return (weights[None, :, None, None] * maps).sum(1)
+
+
+def reliability_sample(n: int, count: int, seed: int) -> np.ndarray:
+    """Sorted indices of min(n, count) images drawn without replacement by a seeded generator."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.permutation(n)[: min(n, count)])
+
+
+def _same_source_mask(query_sources: list[str], ref_sources: list[str], query_index: np.ndarray) -> torch.Tensor:
+    """(B, N) True where the reference is the query itself or shares its source; a row never excludes everything."""
+    refs = np.asarray(ref_sources, dtype=object)
+    mask = np.stack([refs == s for s in query_sources]) if query_sources else np.zeros((0, len(refs)), bool)
+    mask[np.arange(len(query_index)), query_index] = True
+    for row in np.flatnonzero(mask.all(1)):
+        mask[row] = False
+        if len(refs) > 1:
+            mask[row, query_index[row]] = True
+    return torch.from_numpy(mask.astype(bool))
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------- the method
+@register("himatch", examples=("himatch",))
+class HiMatchMethod(NormativeMethod):
+    """HiMatch-AD (training-free): retrieve healthy references, match per stage, fuse by reliability. See module doc."""
+
+    PARAMS = (
+        LAYERS_PARAM,
+        Param("retrieve_k", int, "healthy references retrieved per query", minimum=1),
+        Param("retrieval", str, "retrieval branches: dual (CLS and patch), cls (CLS only), patch (patch only)",
+              choices=("dual", "cls", "patch")),
+        Param("cls_weight", float, "weight of the CLS branch in dual retrieval (0..1; patch branch gets the rest)",
+              minimum=0.0),
+        Param("descriptor", str, "patch descriptor for retrieval: mean (mean-pooled tokens) or centroids "
+              f"({RETRIEVAL_CENTROIDS} k-means centroids per image)", choices=("mean", "centroids")),
+        Param("clusters", int, "k-means centroids per reference image and stage (0 = keep every patch token)",
+              minimum=0),
+        Param("cluster_scope", str, "cluster each reference image at fit (image) or the retrieved set per query "
+              "(retrieved; keeps every token)", choices=("image", "retrieved")),
+        FUSION_PARAM,
+        RELIABILITY_PARAM,
+        Param("seed", int, "random seed"),
+    )
+
+    def __init__(
+        self,
+        layers: tuple[int, ...] = (3, 6, 9, 12),
+        retrieve_k: int = 10,
+        retrieval: str = "dual",
+        cls_weight: float = 0.5,
+        descriptor: str = "mean",
+        clusters: int = 32,
+        cluster_scope: str = "image",
+        fusion: str = "uncertainty",
+        reliability_images: int = 64,
+        seed: int = 0,
+    ) -> None:
+        self.layers = tuple(layers) if isinstance(layers, (list, tuple)) else (layers,)
+        self.retrieve_k = retrieve_k
+        self.retrieval = retrieval
+        self.cls_weight = cls_weight
+        self.descriptor = descriptor
+        self.clusters = clusters
+        self.cluster_scope = cluster_scope
+        self.fusion = fusion
+        self.reliability_images = reliability_images
+        self.seed = seed
+
+    # ------------------------------------------------------------------ interface
+    def feature_request(self) -> FeatureRequest:
+        return FeatureRequest(layers=tuple(self.layers), cls=True)
+
+    def check_params(self) -> None:
+        super().check_params()
+        if not 0.0 <= self.cls_weight <= 1.0:
+            raise InputError(f"{self.name or 'himatch'}: cls_weight must be between 0 and 1, got {self.cls_weight!r}")
+
+    @property
+    def branch_weight(self) -> float:
+        """λ of the retrieval score: 1 for CLS-only, 0 for patch-only, ``cls_weight`` for dual."""
+        return {"cls": 1.0, "patch": 0.0}.get(self.retrieval, float(self.cls_weight))
+
+    @property
+    def keeps_all_tokens(self) -> bool:
+        return self.clusters == 0 or self.cluster_scope == "retrieved"
+
+    def _describe(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, R, D) retrieval descriptors of (B, h, w, D) patch tokens of the retrieval stage."""
+        x = _unit(patches.reshape(patches.shape[0], -1, patches.shape[-1]))
+        if self.descriptor == "mean":
+            return F.normalize(x.mean(1), dim=-1)[:, None]
+        return spherical_kmeans(x, RETRIEVAL_CENTROIDS)
+
+    def _bank(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, L, C, D) bank vectors of (B, L, h, w, D) tokens: per-image centroids, or every token."""
+        b, n_layers, h, w, d = patches.shape
+        x = _unit(patches.reshape(b, n_layers, h * w, d))
+        if self.keeps_all_tokens:
+            return x
+        return torch.stack([spherical_kmeans(x[:, layer], self.clusters) for layer in range(n_layers)], 1)
+
+    def fit(self, train: TokenSet, val: TokenSet | None = None) -> "HiMatchMethod":
+        """Keep CLS tokens, descriptors and per-stage banks of the healthy images; estimate stage reliabilities."""
+        self.check_params()
+        start = time.perf_counter()
+        n = len(train)
+        if n == 0:
+            raise InputError("himatch needs at least one healthy training image")
+        if train.n_layers != len(self.layers):
+            raise InputError(f"himatch asked for {len(self.layers)} layers but the training tokens hold {train.n_layers}")
+        if train.cls is None:
+            raise InputError("himatch needs CLS tokens: extract the training tokens with FeatureRequest(cls=True)")
+        cls, desc, banks = [], [], []
+        with torch.no_grad():
+            for batch in train.batches(_FIT_BATCH):
+                cls.append(_unit(batch.cls[:, -1]).half())
+                desc.append(self._describe(batch.patches[:, -1]).half())
+                banks.append(self._bank(batch.patches).half())
+        self.cls_ = torch.cat(cls)
+        self.descriptors_ = torch.cat(desc)
+        self.banks_ = torch.cat(banks)
+        self.grid_ = torch.tensor(train.grid_shape, dtype=torch.int64)
+        self.sources_ = list(train.sources)
+        sample = reliability_sample(n, self.reliability_images, self.seed)
+        maps = []
+        with torch.no_grad():
+            for s0 in range(0, len(sample), _FIT_BATCH):
+                idx = sample[s0:s0 + _FIT_BATCH]
+                tokens = train.subset(idx).batch(0, len(idx))
+                exclude = _same_source_mask([train.sources[i] for i in idx], self.sources_, idx)
+                maps.append(self._stage_maps(tokens, exclude))
+        stats = fusion_statistics(torch.cat(maps))
+        for key, value in stats.items():
+            setattr(self, key + "_", value)
+        self.fit_info_ = {
+            "n_references": n,
+            "reliability_images": int(len(sample)),
+            "bank_vectors_per_image": int(self.banks_.shape[2]),
+            "stage_weights": [round(float(v), 6) for v in fusion_weights(stats, "uncertainty")],
+            "stage_healthy_std": [round(float(v), 6) for v in stats["stage_std"]],
+            "state_bytes": self.state_bytes(),
+            "fit_seconds": round(time.perf_counter() - start, 3),
+        }
+        logger.info("himatch: %d references, %d bank vectors per image and stage, %.1f MB state, weights %s",
+                    n, self.banks_.shape[2], self.fit_info_["state_bytes"] / 2**20, self.fit_info_["stage_weights"])
+        return self
+
+    def retrieve_references(self, tokens: Tokens, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, k) indices of the healthy references retrieved for each image of the batch, best first."""
+        self.check_fitted("banks_")
+        device = self.banks_.device
+        if tokens.device != device:
+            raise InputError(f"tokens are on {tokens.device} but the himatch state is on {device}; call method.to(device)")
+        if tokens.cls is None:
+            raise InputError("himatch needs CLS tokens: extract the tokens with FeatureRequest(cls=True)")
+        if tokens.patches.shape[1] != self.banks_.shape[1]:
+            raise InputError(f"himatch expects {self.banks_.shape[1]} layers per token batch, got {tokens.patches.shape[1]}")
+        with torch.no_grad():
+            scores = retrieval_scores(_unit(tokens.cls[:, -1]), self._describe(tokens.patches[:, -1]),
+                                      self.cls_.float(), self.descriptors_.float(), self.branch_weight)
+            return retrieve(scores, min(self.retrieve_k, self.banks_.shape[0]),
+                            None if exclude is None else exclude.to(device))
+
+    def _stage_maps(self, tokens: Tokens, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, h, w) stage maps of a batch against its retrieved references."""
+        refs = self.retrieve_references(tokens, exclude)
+        recluster = self.retrieve_k * self.clusters if self.cluster_scope == "retrieved" and self.clusters else 0
+        return stage_maps(_unit(tokens.patches), self.banks_, refs, recluster)
+
+    def patch_scores(self, tokens: Tokens) -> torch.Tensor:
+        self.check_fitted("banks_")
+        if tuple(tokens.grid_shape) != tuple(int(v) for v in self.grid_):
+            if self.fusion == "pixel":
+                raise InputError(f"pixel fusion was fitted on a {tuple(self.grid_.tolist())} token grid, got {tokens.grid_shape}; "
+                                 "use the image size of the fit")
+        with torch.no_grad():
+            return fuse(self._stage_maps(tokens), self._stats(), self.fusion)
+
+    def _stats(self) -> dict[str, torch.Tensor]:
+        return {key: getattr(self, key + "_") for key in _STAT_KEYS}
+
+    @property
+    def n_prototypes(self) -> int:
+        if not hasattr(self, "banks_"):
+            return 0
+        return int(min(self.retrieve_k, self.banks_.shape[0]) * (self.clusters or self.banks_.shape[2]))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        self.check_fitted("banks_")
+        tensors = {"cls": self.cls_, "descriptors": self.descriptors_, "banks": self.banks_, "grid": self.grid_,
+                   **self._stats()}
+        return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], info: dict | None = None) -> "HiMatchMethod":
+        try:
+            self.check_params()
+        except InputError as exc:
+            raise ModelFileError(f"the himatch model's saved parameters are invalid: {exc}") from exc
+        names = ("cls", "descriptors", "banks", "grid", *_STAT_KEYS)
+        require(tensors, names, "himatch")
+        t = {k: tensors[k].detach().to("cpu") for k in names}
+        banks = t["banks"]
+        if banks.ndim != 4 or banks.shape[0] == 0:
+            raise ModelFileError(f"the himatch banks have shape {tuple(banks.shape)}, expected (N, L, C, D) with N > 0")
+        n, n_layers, c, d = banks.shape
+        grid = tuple(int(v) for v in t["grid"].reshape(-1)) if t["grid"].numel() == 2 else None
+        if grid is None or min(grid) < 1:
+            raise ModelFileError(f"the himatch token grid {t['grid'].tolist()} is not two positive sizes")
+        r = 1 if self.descriptor == "mean" else min(RETRIEVAL_CENTROIDS, grid[0] * grid[1])
+        expected_c = grid[0] * grid[1] if self.keeps_all_tokens else min(self.clusters, grid[0] * grid[1])
+        expected = {"cls": (n, d), "descriptors": (n, r, d), "banks": (n, len(self.layers), expected_c, d),
+                    "grid": (2,), "stage_mean": (n_layers,), "stage_std": (n_layers,),
+                    "pixel_mean": (n_layers, *grid), "pixel_std": (n_layers, *grid)}
+        for key, shape in expected.items():
+            if tuple(t[key].shape) != shape:
+                raise ModelFileError(f"the himatch state tensor {key} has shape {tuple(t[key].shape)}, expected {shape}; "
+                                     "the model file does not match its parameters")
+        if bool((t["stage_std"] < 0).any()) or bool((t["pixel_std"] < 0).any()):
+            raise ModelFileError("the himatch state holds negative standard deviations; the model file is corrupt")
+        self.cls_, self.descriptors_, self.banks_ = t["cls"].half(), t["descriptors"].half(), banks.half()
+        self.grid_ = t["grid"].reshape(2).to(torch.int64)
+        for key in _STAT_KEYS:
+            setattr(self, key + "_", t[key].float())
+        self.fit_info_ = dict(info or {})
+        return self
