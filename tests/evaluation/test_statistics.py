@@ -46,7 +46,7 @@ def test_bootstrap_interval_matches_a_direct_resampling():
     image_scores = [float(np.sort(m.ravel())[-3:].mean()) for m in maps]
     for m, mask, score, label in zip(maps, masks, image_scores, labels):
         stats.add(m, mask if mask.any() else None, thresholds, score, label)
-    n = 300
+    n = 80
     intervals = stats.bootstrap(n, seed=2)
 
     weights = bootstrap_weights(labels, n, seed=2)

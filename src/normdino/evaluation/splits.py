@@ -1,0 +1,106 @@
+"""Out-of-sample calibration: which healthy images may set the thresholds applied to which evaluated images.
+
+Slices of one volume are near copies of each other, so images are grouped by *source volume / patient*
+(:func:`group_key`) and no group is split:
+
+* healthy calibration images of a group that is also in training are dropped (with a warning);
+* when the healthy calibration images and the evaluated images share groups (lgg-flair evaluates on its
+  ``valid`` split, whose healthy slices also set the thresholds), the groups are split into two folds and
+  each fold is evaluated with thresholds set on the healthy images of the *other* fold (cross-fitting):
+  every image is scored, and never with thresholds its own patient helped to set.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from normdino.errors import InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["group_key", "CalibrationFolds", "calibration_folds", "drop_training_groups"]
+
+_SLICE_SUFFIX = re.compile(r"^(?P<group>.+?)[_\-](?:slice[_\-]?)?\d+$", re.IGNORECASE)
+
+
+def group_key(path: str | Path) -> str:
+    """The volume / patient an image file belongs to: its stem without a trailing ``_<slice number>``.
+
+    ``TCGA_CS_4942_19970222_12.png`` (lgg-flair, TCGA_<site>_<patient>_<date>_<slice>) -> ``TCGA_CS_4942_19970222``;
+    ``BraTS2021_00012_slice_60.png`` -> ``BraTS2021_00012``; a name without a slice number is its own group.
+    Volume slices named ``scan.nii.gz#z=12`` (token-set sources) group by ``scan.nii.gz``.
+    """
+    text = str(path)
+    if "#" in text:
+        return text.split("#", 1)[0]
+    name = Path(text).name
+    for ext in (".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii"):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    match = _SLICE_SUFFIX.match(name)
+    return match.group("group") if match else name
+
+
+@dataclass(frozen=True)
+class CalibrationFolds:
+    """Fold of every healthy calibration image and of every evaluated image; thresholds of fold k come from
+    the healthy images of the other folds (or of all of them when there is one fold)."""
+
+    healthy: tuple[int, ...]
+    evaluation: tuple[int, ...]
+    n_folds: int
+    description: str
+
+    def calibrates(self, healthy_index: int, fold: int) -> bool:
+        """Whether healthy image ``healthy_index`` helps set the thresholds used on fold ``fold``."""
+        return self.n_folds == 1 or self.healthy[healthy_index] != fold
+
+
+def calibration_folds(healthy: Sequence[Path], evaluation: Sequence[Path], seed: int = 0) -> CalibrationFolds:
+    """One fold when no patient is in both lists, else two folds of patients (seeded, balanced by healthy count)."""
+    healthy_groups = [group_key(p) for p in healthy]
+    evaluation_groups = [group_key(p) for p in evaluation]
+    shared = set(healthy_groups) & set(evaluation_groups)
+    if not shared:
+        return CalibrationFolds((0,) * len(healthy), (0,) * len(evaluation), 1,
+                                "out-of-sample: healthy calibration images and evaluated images share no patient")
+    groups = sorted(set(healthy_groups) | set(evaluation_groups))
+    healthy_count = {g: healthy_groups.count(g) for g in groups}
+    calibrating = [g for g in groups if healthy_count[g] > 0]
+    if len(calibrating) < 2:
+        log.warning("Only one patient/volume has healthy calibration images; thresholds are set IN-SAMPLE "
+                    "(on images that are also scored): FPRs will look better than they are.")
+        return CalibrationFolds((0,) * len(healthy), (0,) * len(evaluation), 1,
+                                "IN-SAMPLE (one patient with healthy images): optimistic thresholds")
+    order = np.random.default_rng(seed).permutation(len(calibrating))
+    fold_of, load = {}, [0, 0]
+    for i in sorted(order, key=lambda i: -healthy_count[calibrating[i]]):  # greedy balance, seeded tie order
+        fold = int(np.argmin(load))
+        fold_of[calibrating[i]] = fold
+        load[fold] += healthy_count[calibrating[i]]
+    rng = np.random.default_rng(seed + 1)
+    for g in groups:
+        fold_of.setdefault(g, int(rng.integers(2)))
+    return CalibrationFolds(tuple(fold_of[g] for g in healthy_groups), tuple(fold_of[g] for g in evaluation_groups), 2,
+                            f"out-of-sample by patient: 2 folds of {len(groups)} patients/volumes, each evaluated "
+                            "with thresholds from the other fold's healthy images")
+
+
+def drop_training_groups(healthy: Sequence, train: Sequence[Path], path_of=lambda s: s.image) -> list:
+    """The healthy calibration items whose patient/volume is not in training (warns about any dropped)."""
+    train_groups = {group_key(p) for p in train}
+    kept = [h for h in healthy if group_key(path_of(h)) not in train_groups]
+    if len(kept) < len(healthy):
+        log.warning("%d healthy calibration images come from patients/volumes that are also in training; "
+                    "they are left out of calibration (split by patient, not by slice).", len(healthy) - len(kept))
+    if healthy and not kept:
+        raise InputError("every healthy calibration image comes from a training patient/volume; "
+                         "hold out whole patients for calibration")
+    return kept
