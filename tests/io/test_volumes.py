@@ -73,7 +73,7 @@ IOP = np.concatenate([(rotation(0, -8) @ rotation(2, 10))[:, 0], (rotation(0, -8
 
 def write_dicom_series(folder: Path, pixels: np.ndarray, *, origin=(-100.0, -80.0, 30.0), spacing=(0.7, 0.8),
                        step=2.5, orientation=IOP, slopes=None, intercepts=None, series_uid=None, seed=0,
-                       name="slice") -> list[np.ndarray]:
+                       name="slice", photometric="MONOCHROME2", shift=(0.0, 0.0, 0.0)) -> list[np.ndarray]:
     """Write pixels[:, :, k] as slice k of a series, files named in shuffled order; return the positions."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -86,7 +86,7 @@ def write_dicom_series(folder: Path, pixels: np.ndarray, *, origin=(-100.0, -80.
     order = np.random.default_rng(seed).permutation(n)
     positions = []
     for k in range(n):
-        position = np.asarray(origin) + k * step * normal
+        position = np.asarray(origin) + k * step * normal + k * np.asarray(shift)  # shift: gantry tilt
         positions.append(position)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
@@ -100,7 +100,7 @@ def write_dicom_series(folder: Path, pixels: np.ndarray, *, origin=(-100.0, -80.
         ds.Modality = "CT"
         ds.Rows, ds.Columns = rows, cols
         ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.PhotometricInterpretation = photometric
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
         ds.ImageOrientationPatient = [f"{v:.8f}" for v in orientation]
@@ -295,7 +295,8 @@ def test_slice_range_and_read_slice(tmp_path):
         assert [k for k, _ in volume.iter_slices(options)] == [3, 4, 5, 6]
         assert volume.slice_indices(SliceOptions(slices=slice(8, 20))) == [8, 9]
         assert volume.slice_indices(SliceOptions(slices=slice(1, 9, 3))) == [1, 4, 7]
-        assert volume.slice_indices(SliceOptions(slices=slice(20, 30))) == []
+        with pytest.raises(InputError, match=r"--slices 20:30 selects no slice of .*scan\.nii\.gz, which has 10 slices"):
+            volume.slice_indices(SliceOptions(slices=slice(20, 30)))
         np.testing.assert_array_equal(volume.read_slice(7, options), data[:, :, 7])
         assert [k for k, _ in volume.iter_slices(options, indices=[9, 0])] == [0, 9]
         with pytest.raises(InputError, match="out of range"):
@@ -589,3 +590,137 @@ def test_lgg_flair_volume_round_trip(lgg_flair, tmp_path):
     number = int(pngs[0].stem.rsplit("_", 1)[1])
     png = np.asarray(Image.open(pngs[0]), dtype=np.float32) / 255.0
     np.testing.assert_allclose(slices[number - 1], png, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- issue 11: hardening
+
+
+def test_two_d_nifti_is_one_slice_whatever_the_axis(tmp_path):
+    coronal = np.array([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])  # array axis 1 points S
+    plane = random_volume((20, 24), seed=3)
+    path = save_nifti(tmp_path / "slice.nii.gz", plane, coronal)
+    with Volume.open(path) as volume:
+        slices = list(volume.iter_slices(SliceOptions(axis="axial", normalization="none")))
+        assert [k for k, _ in slices] == [0] and slices[0][1].shape == (20, 24)
+        np.testing.assert_array_equal(slices[0][1], plane)
+        assert volume.slice_shape("sagittal") == (20, 24)
+        write_volume_like(volume, dict(slices), SliceOptions(axis="axial"), tmp_path / "map.nii.gz")
+    data, affine, _ = load(tmp_path / "map.nii.gz")
+    np.testing.assert_array_equal(data[:, :, 0], plane) if data.ndim == 3 else np.testing.assert_array_equal(data, plane)
+    np.testing.assert_allclose(affine, coronal)
+
+
+def test_rgb_and_complex_nifti_are_refused_in_one_sentence(tmp_path):
+    rgb_dtype = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb = np.zeros((20, 20, 3), dtype=rgb_dtype)
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "colour.nii")
+    with pytest.raises(InputError, match=r"colour\.nii stores colour \(RGB/RGBA\) voxels"):
+        Volume.open(tmp_path / "colour.nii")
+    values = (random_volume((20, 20, 3)) + 1j * random_volume((20, 20, 3), seed=1)).astype(np.complex64)
+    nib.save(nib.Nifti1Image(values, np.eye(4)), tmp_path / "phase.nii.gz")
+    with pytest.raises(InputError, match=r"phase\.nii\.gz stores complex voxels"):
+        Volume.open(tmp_path / "phase.nii.gz")
+
+
+def test_selections_that_select_nothing_are_errors(tmp_path):
+    data = np.zeros((20, 20, 20), dtype=np.uint8)
+    data[5:15, 5:15, :] = 200  # a quarter of every slice is foreground
+    path = save_nifti(tmp_path / "scan.nii.gz", data, np.eye(4))
+    with Volume.open(path) as volume:
+        with pytest.raises(InputError, match=r"--slices 100:200 selects no slice of .*scan\.nii\.gz, which has 20"):
+            list(volume.iter_slices(SliceOptions(slices="100:200", normalization="dtype")))
+        with pytest.raises(InputError, match=r"No slice of .*scan\.nii\.gz .* at least 0\.99 \(--min-foreground\)"):
+            list(volume.iter_slices(SliceOptions(min_foreground=0.99, normalization="dtype")))
+        with pytest.raises(InputError, match=r"at least 0\.99"):
+            volume.slice_indices(SliceOptions(min_foreground=0.99, normalization="dtype"))
+        assert len(list(volume.iter_slices(SliceOptions(min_foreground=0.2, normalization="dtype")))) == 20
+
+
+def test_volume_smaller_than_a_patch_warns_once(tmp_path, caplog):
+    path = save_nifti(tmp_path / "tiny.nii.gz", random_volume((3, 3, 10)), np.eye(4))
+    with caplog.at_level("WARNING", logger="normdino"), Volume.open(path) as volume:
+        assert len(list(volume.iter_slices(SliceOptions()))) == 10
+        list(volume.iter_slices(SliceOptions()))
+    assert caplog.text.count("tiny.nii.gz (slices along axis 2) is 3x3 pixels, smaller than one DINO patch") == 1
+
+
+def test_all_nan_volume_is_refused_under_every_normalization(tmp_path):
+    path = save_nifti(tmp_path / "nan.nii.gz", np.full((20, 20, 4), np.nan, np.float32), np.eye(4))
+    for options in (SliceOptions(), SliceOptions(window=(0, 100))):
+        with Volume.open(path) as volume, pytest.raises(InputError, match=r"nan\.nii\.gz holds no finite voxel value"):
+            list(volume.iter_slices(options))
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path):
+    pixels = np.random.default_rng(4).integers(0, 3000, size=(6, 7, 3)).astype(np.int16)
+    write_dicom_series(tmp_path / "m2", pixels)
+    write_dicom_series(tmp_path / "m1", pixels, photometric="MONOCHROME1")
+    options = SliceOptions(normalization="none")
+    with Volume.open(tmp_path / "m2") as m2, Volume.open(tmp_path / "m1") as m1:
+        for (_, a), (_, b) in zip(m2.iter_slices(options), m1.iter_slices(options)):
+            np.testing.assert_array_equal(b, -1.0 - a)  # signed 16-bit: -1 - stored maps the range onto itself
+        assert m1.dtype == np.int16
+        bright = SliceOptions(percentiles=(0, 100))
+        for (_, a), (_, b) in zip(m2.iter_slices(bright), m1.iter_slices(bright)):
+            np.testing.assert_allclose(b, 1.0 - a, atol=1e-6)
+
+
+def test_dicom_gantry_tilt_gives_a_sheared_affine_and_a_warning(tmp_path, caplog):
+    pixels = np.random.default_rng(5).integers(0, 1000, size=(6, 7, 4)).astype(np.int16)
+    orientation = [1, 0, 0, 0, 1, 0]  # axial slices: normal +z (LPS)
+    shift = (0.0, 2.5 * np.tan(np.deg2rad(15)), 0.0)  # each slice moves along y as the gantry is tilted by 15 deg
+    positions = write_dicom_series(tmp_path / "tilt", pixels, orientation=orientation, step=2.5, shift=shift)
+    with caplog.at_level("WARNING", logger="normdino"), Volume.open(tmp_path / "tilt") as volume:
+        step = np.diag([-1.0, -1.0, 1.0]) @ (positions[1] - positions[0])
+        np.testing.assert_allclose(volume.affine[:3, 2], step, atol=1e-5)
+        np.testing.assert_allclose(volume.affine[:3, 3], np.diag([-1.0, -1.0, 1.0]) @ positions[0], atol=1e-5)
+        write_volume_like(volume, volume.iter_slices(SliceOptions()), SliceOptions(), tmp_path / "map.nii.gz")
+    assert "gantry tilt" in caplog.text and "15.00 degrees" in caplog.text
+    written = nib.load(tmp_path / "map.nii.gz")
+    np.testing.assert_allclose(written.header.get_sform()[:3, 2], step, atol=1e-4)
+
+
+def test_dtype_fallback_scales_signed_volumes_by_percentile_with_a_warning(tmp_path, caplog):
+    data = random_volume((20, 20, 4), seed=7)
+    path = save_nifti(tmp_path / "ct.nii.gz", data, np.eye(4))
+    with Volume.open(path) as volume:
+        with pytest.raises(InputError, match="needs unsigned integer voxels"):
+            list(volume.iter_slices(SliceOptions(normalization="dtype")))
+        with caplog.at_level("WARNING", logger="normdino"):
+            matched = dict(volume.iter_slices(SliceOptions(normalization="dtype", fallback="percentile")))
+        percentile = dict(volume.iter_slices(SliceOptions()))
+    assert "cannot be scaled like the model's training images" in caplog.text
+    for k in percentile:
+        np.testing.assert_array_equal(matched[k], percentile[k])
+
+
+def test_unsigned_volume_matches_png_slices_exactly(tmp_path):
+    data = np.random.default_rng(8).integers(0, 256, size=(20, 20, 3)).astype(np.uint8)
+    path = save_nifti(tmp_path / "flair.nii.gz", data, np.eye(4))
+    with Volume.open(path) as volume:
+        slices = dict(volume.iter_slices(SliceOptions(normalization="dtype", fallback="percentile")))
+    for k in range(3):
+        np.testing.assert_array_equal(slices[k], data[:, :, k] / np.float32(255))
+
+
+@pytest.mark.parametrize("stored, given, expected", [
+    # fitted on 2D images (PNG): volumes get the same type-range rule, percentiles only as a warned fallback
+    ({}, {}, {"normalization": "dtype", "fallback": "percentile", "window": None}),
+    ({"image_intensity": "dtype"}, {"axis": "1"}, {"axis": "1", "normalization": "dtype", "fallback": "percentile"}),
+    # fitted on CT volumes with a window: --axis alone keeps the window (was dropped before)
+    ({"axis": "axial", "normalization": "window", "window": [-200, 250], "percentiles": "0.5,99.5"}, {"axis": "1"},
+     {"axis": "1", "normalization": "window", "window": [-200, 250], "fallback": None}),
+    # a window alone replaces a stored percentile rule; percentiles alone replace a stored window
+    ({"normalization": "percentile", "percentiles": "1,99"}, {"window": "0,100"},
+     {"normalization": "window", "window": "0,100"}),
+    ({"normalization": "window", "window": [-200, 250]}, {"percentiles": "2,98"},
+     {"normalization": "percentile", "window": None, "percentiles": "2,98"}),
+    ({"normalization": "window", "window": [-200, 250]}, {"normalization": "window"},
+     {"normalization": "window", "window": [-200, 250]}),
+    # no model (fit): the defaults
+    (None, {"axis": None}, {"axis": "axial", "normalization": None, "fallback": None}),
+])
+def test_merge_slice_settings_field_by_field(stored, given, expected):
+    merged = volumes.merge_slice_settings(stored, given)
+    assert {key: merged[key] for key in expected} == expected
+    SliceOptions(normalization=merged["normalization"], window=merged["window"], fallback=merged["fallback"])

@@ -41,6 +41,7 @@ import numpy as np
 
 from normdino.errors import InputError
 from normdino.files import atomic_path
+from normdino.io.reading import warn_if_tiny
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ _MAX_STAT_SAMPLES = 2_000_000
 _DICOM_MAGIC_OFFSET = 128
 _DICOM_PROBE_FILES = 32
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+_MAX_TILT_DEGREES = 0.05
 _READ_ERRORS = (OSError, EOFError, zlib.error, ValueError)
 
 
@@ -187,6 +189,8 @@ class SliceOptions:
     A pixel is foreground when its normalised value exceeds ``foreground_threshold`` ("none":
     that fraction of the volume's min..max range); slices with a smaller foreground fraction than
     ``min_foreground`` are skipped.  ``eight_bit`` rounds to multiples of 1/255 like an 8-bit export.
+    ``fallback``: with "dtype", the normalization used (after a loud warning) for a volume whose voxels
+    have no type range (signed, float or scaled); None refuses such a volume.
     """
 
     axis: str | int = "axial"
@@ -198,6 +202,7 @@ class SliceOptions:
     volume_index: int | None = None
     foreground_threshold: float = 0.05
     eight_bit: bool = False
+    fallback: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.slices, str):
@@ -217,6 +222,8 @@ class SliceOptions:
             self.window = (low, high)
         elif self.window is not None:
             raise InputError(f"A window was given but normalization is {self.normalization!r}: drop one of them.")
+        if self.fallback not in (None, "percentile"):
+            raise InputError(f"fallback {self.fallback!r} must be None or 'percentile'.")
         low_p, high_p = (float(p) for p in self.percentiles)
         if not 0.0 <= low_p < high_p <= 100.0:
             raise InputError(f"percentiles {self.percentiles} must satisfy 0 <= low < high <= 100.")
@@ -231,18 +238,38 @@ class SliceOptions:
             raise InputError(f"--slices step {self.slices.step} must be positive.")
 
 
+SETTING_KEYS = ("axis", "normalization", "window", "percentiles")
+_DEFAULT_SETTINGS = {"axis": "axial", "normalization": None, "window": None, "percentiles": "0.5,99.5"}
+
+
+def merge_slice_settings(stored: Mapping[str, Any] | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """How predict/evaluate slice and scale volumes: the model's settings, overridden field by field by the user's.
+
+    ``stored``: the model's ``volume_settings`` (None when no model is involved, as in fit); ``given``: what
+    the user set (None = not given). A model fitted on 2D images only (no stored normalization) scores
+    volumes with "dtype" scaling, the 2D images' rule, falling back to percentiles with a loud warning
+    where a volume's voxels have no type range. The intensity fields go together: a user's ``window``
+    alone means normalization "window", ``percentiles`` alone means "percentile", and a stored window is
+    dropped when the normalization given is not "window". The axis is independent of them.
+    Returns axis, normalization, window, percentiles and fallback (for :class:`SliceOptions`).
+    """
+    settings: dict[str, Any] = {**_DEFAULT_SETTINGS, "fallback": None}
+    given = {key: value for key, value in given.items() if key in SETTING_KEYS and value is not None}
+    if stored is not None:
+        settings.update({key: stored[key] for key in SETTING_KEYS if stored.get(key) is not None})
+        if stored.get("normalization") is None:  # fitted on 2D images: scale volumes as those were scaled
+            settings.update(normalization="dtype", window=None, fallback="percentile")
+    if given.keys() & {"normalization", "window", "percentiles"}:
+        settings["fallback"] = None
+        if "normalization" not in given:
+            settings["normalization"] = "window" if "window" in given else "percentile"
+        if "window" not in given and given.get("normalization", settings["normalization"]) != "window":
+            settings["window"] = None
+    settings.update(given)
+    return settings
+
+
 # --------------------------------------------------------------------------- sources
-
-
-def _read_exact(f: BinaryIO, nbytes: int, path: Path) -> bytes:
-    """Read exactly ``nbytes`` or raise an InputError saying the file is truncated or corrupt."""
-    try:
-        data = f.read(nbytes)
-    except _READ_ERRORS as err:
-        raise InputError(f"{path} is truncated or corrupt ({err}); export or download it again.") from err
-    if len(data) != nbytes:
-        raise InputError(f"{path} is truncated: its image data ends early; export or download it again.")
-    return data
 
 
 def _runs(indices: Iterable[int], max_len: int) -> Iterator[tuple[int, int]]:
@@ -260,51 +287,57 @@ def _runs(indices: Iterable[int], max_len: int) -> Iterator[tuple[int, int]]:
 
 
 class _NiftiSource:
-    """Raw voxel planes of one 3D volume in a .nii or .nii.gz file, read with plain seeks and reads."""
+    """Voxel planes of one 3D volume in a .nii or .nii.gz file, read slab by slab through nibabel's array proxy.
 
-    def __init__(self, path: Path, shape4: tuple[int, ...], dtype: np.dtype, offset: int,
-                 slope: float, inter: float, time_index: int) -> None:
+    The proxy reads only the bytes of the requested slab (``fileslice``); the file stays open between slabs,
+    so a .nii.gz is decompressed once front to back when slabs come in increasing order. Planes come out
+    as stored (the file's dtype) when the file has no scaling, else as real values in float32.
+    """
+
+    def __init__(self, path: Path, proxy: Any, shape4: tuple[int, ...], time_index: int) -> None:
         self.path = path
+        self.proxy = proxy
         self.shape4 = shape4
-        self.raw_dtype = dtype
-        self.offset = offset
-        self.slope = float(slope)
-        self.inter = float(inter)
+        self.raw_dtype = np.dtype(proxy.dtype)
+        self.offset = int(proxy.offset)  # the header's vox_offset is reset by nibabel
+        self.slope = float(proxy.slope)
+        self.inter = float(proxy.inter)
         self.time_index = time_index
         self.compressed = path.name.lower().endswith(".gz")
+        self.scaled = self.slope != 1.0 or self.inter != 0.0
+        self.plane_dtype = np.dtype(np.float32) if self.scaled else self.raw_dtype
 
     @property
     def plane_bytes(self) -> int:
         return self.shape4[0] * self.shape4[1] * self.raw_dtype.itemsize
 
-    def scale(self, raw: np.ndarray) -> np.ndarray:
-        """Stored values -> real values as float32 (NIfTI scl_slope / scl_inter)."""
-        out = np.asarray(raw, dtype=np.float32)
-        if self.slope != 1.0 or self.inter != 0.0:
-            out = out * np.float32(self.slope) + np.float32(self.inter)
-        return out
+    def scale(self, plane: np.ndarray) -> np.ndarray:
+        """A plane as read (already real-valued) -> float32."""
+        return np.asarray(plane, dtype=np.float32)
 
-    def _open(self) -> BinaryIO:
-        try:
-            return gzip.open(self.path, "rb") if self.compressed else open(self.path, "rb")
-        except OSError as err:
-            raise InputError(f"Cannot read {self.path}: {err}.") from err
+    def _slicer(self, start: int, stop: int) -> tuple:
+        """Index of planes [start, stop) of the chosen volume in the proxy's own dimensions (2D to 7D)."""
+        ndim = len(self.proxy.shape)
+        if ndim == 2:
+            return (slice(None), slice(None))
+        extra = (self.time_index,) + (0,) * (ndim - 4) if ndim >= 4 else ()
+        return (slice(None), slice(None), slice(start, stop)) + extra
 
     def iter_raw_planes(self, indices: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
-        """(k, stored plane k along the third axis) for sorted ``indices``, one slab read at a time."""
-        nx, ny, nz = self.shape4[:3]
-        base = self.offset + self.time_index * nz * self.plane_bytes
-        slab = max(1, _SLAB_BYTES // max(1, self.plane_bytes))
-        with self._open() as f:
-            for start, stop in _runs(indices, slab):
-                try:
-                    f.seek(base + start * self.plane_bytes)
-                except _READ_ERRORS as err:
-                    raise InputError(f"{self.path} is truncated or corrupt ({err}); export or download it again.") from err
-                data = _read_exact(f, (stop - start) * self.plane_bytes, self.path)
-                block = np.frombuffer(data, dtype=self.raw_dtype).reshape((nx, ny, stop - start), order="F")
-                for offset_in_block in range(stop - start):
-                    yield start + offset_in_block, block[:, :, offset_in_block]
+        """(k, plane k along the third axis) for sorted ``indices``, one slab (<= 32 MB as read) at a time."""
+        nx, ny = self.shape4[:2]
+        read_bytes = self.plane_bytes + (nx * ny * 8 if self.scaled else 0)  # raw slab + nibabel's scaled copy
+        slab = max(1, _SLAB_BYTES // max(1, read_bytes))
+        for start, stop in _runs(indices, slab):
+            try:
+                block = np.asarray(self.proxy[self._slicer(start, stop)])
+            except (*_READ_ERRORS, RuntimeError) as err:
+                raise InputError(f"{self.path} is truncated or corrupt ({err}); export or download it again.") from err
+            block = block.reshape((nx, ny, stop - start))
+            if self.scaled:
+                block = block.astype(np.float32, copy=False)
+            for offset_in_block in range(stop - start):
+                yield start + offset_in_block, block[:, :, offset_in_block]
 
     def check_complete(self) -> None:
         """Refuse a file too short for its header's data (cheap: file size, or the gzip ISIZE trailer)."""
@@ -320,7 +353,11 @@ class _NiftiSource:
             return
         # Trailer disagrees (truncated file, or a multi-member / padded gzip): decompress once to be sure.
         total = 0
-        with self._open() as f:
+        try:
+            opened = gzip.open(self.path, "rb")
+        except OSError as err:
+            raise InputError(f"Cannot read {self.path}: {err}.") from err
+        with opened as f:
             while True:
                 try:
                     chunk = f.read(16 * 2**20)
@@ -337,11 +374,13 @@ class _DicomSource:
     """Planes of a DICOM series, one file per plane, rescaled to real values (e.g. HU)."""
 
     def __init__(self, files: list[Path], rescale: list[tuple[float, float]], shape: tuple[int, int, int],
-                 raw_dtype: np.dtype) -> None:
+                 raw_dtype: np.dtype, inverted: list[int | None] | None = None) -> None:
         self.files = files
         self.rescale = rescale
         self.shape = shape
         self.raw_dtype = raw_dtype
+        self.plane_dtype = raw_dtype
+        self.inverted = inverted or [None] * len(files)  # per file: None, or the sum that inverts MONOCHROME1
 
     def scale(self, raw: np.ndarray) -> np.ndarray:
         return np.asarray(raw, dtype=np.float32)
@@ -361,6 +400,8 @@ class _DicomSource:
                              f"like the rest of its series.")
         slope, inter = self.rescale[k]
         out = pixels.astype(np.float32)
+        if self.inverted[k] is not None:  # MONOCHROME1: low stored values are bright; flip within the stored range
+            out = np.float32(self.inverted[k]) - out
         if slope != 1.0 or inter != 0.0:
             out = out * np.float32(slope) + np.float32(inter)
         return out
@@ -416,6 +457,7 @@ def _open_dicom_series(folder: Path) -> tuple[_DicomSource, np.ndarray]:
             "signed": int(ds.get("PixelRepresentation", 0)) == 1,
             "bits": int(ds.get("BitsAllocated", 16)),
             "thickness": float(ds.get("SpacingBetweenSlices", ds.get("SliceThickness", 1.0)) or 1.0),
+            "inverted": _monochrome1_sum(ds),
         })
     if not records:
         raise InputError(f"No DICOM image slices in {folder}.")
@@ -450,6 +492,13 @@ def _open_dicom_series(folder: Path) -> tuple[_DicomSource, np.ndarray]:
                            "maps use the mean spacing.", folder, gaps.min(), gaps.max())
     else:
         slice_step = normal * first["thickness"]
+    tilt = _tilt_degrees(slice_step, normal)
+    if tilt > _MAX_TILT_DEGREES:
+        logger.warning("%s: the slices are stacked at %.2f degrees to their plane's normal (gantry tilt); the "
+                       "maps are written with the matching sheared affine, which only the NIfTI sform holds "
+                       "(viewers that use the qform show them without the shear).", folder, tilt)
+    if any(r["inverted"] is not None for r in records):
+        logger.info("%s: MONOCHROME1 (low values bright): stored values inverted so that bright is high.", folder)
     affine = _dicom_affine(first["position"], orientation, first["spacing"], slice_step)
     rescale = [r["rescale"] for r in records]
     if all(s == 1.0 and float(i).is_integer() for s, i in rescale) and first["bits"] in (8, 16):
@@ -459,7 +508,22 @@ def _open_dicom_series(folder: Path) -> tuple[_DicomSource, np.ndarray]:
     else:
         raw_dtype = np.dtype(np.float32)
     shape = (first["size"][0], first["size"][1], len(records))
-    return _DicomSource([r["path"] for r in records], rescale, shape, raw_dtype), affine
+    return _DicomSource([r["path"] for r in records], rescale, shape, raw_dtype,
+                        [r["inverted"] for r in records]), affine
+
+
+def _monochrome1_sum(ds: Any) -> int | None:
+    """For a MONOCHROME1 file, the number s with inverted = s - stored (maps the stored range onto itself); else None."""
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper() != "MONOCHROME1":
+        return None
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    return -1 if int(ds.get("PixelRepresentation", 0)) == 1 else 2**bits - 1
+
+
+def _tilt_degrees(step: np.ndarray, normal: np.ndarray) -> float:
+    """Angle between the slice-to-slice step and the slices' normal (0 unless the gantry was tilted)."""
+    cosine = abs(float(step @ normal)) / max(float(np.linalg.norm(step)) * float(np.linalg.norm(normal)), 1e-12)
+    return float(np.degrees(np.arccos(min(1.0, cosine))))
 
 
 # --------------------------------------------------------------------------- volume
@@ -521,7 +585,9 @@ def _normalise(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """Clip to [low, high] and scale to [0, 1] in float32 (all zeros when high <= low); NaN -> 0."""
     if not high > low:
         return np.zeros(values.shape, dtype=np.float32)
-    out = (values.astype(np.float32, copy=False) - np.float32(low)) * np.float32(1.0 / (high - low))
+    out = values.astype(np.float32)  # divide (not multiply by the inverse): uint8 / 255 equals an 8-bit PNG's values
+    out -= np.float32(low)
+    out /= np.float32(high - low)
     np.clip(out, 0.0, 1.0, out=out)
     np.nan_to_num(out, copy=False, nan=0.0)
     return out
@@ -549,6 +615,7 @@ class Volume:
         self._stores: dict[int, _SliceStore] = {}  # axis -> slice-major temp-file copy of the stored values
         self._stats: dict[tuple[float, float], dict[str, float]] = {}
         self._foreground: dict[tuple, dict[int, float]] = {}
+        self._warned: set[str] = set()
 
     # ---- opening
 
@@ -573,12 +640,11 @@ class Volume:
     def _open_nifti(cls, path: Path, volume_index: int | None) -> "Volume":
         nib = _nibabel()
         try:
-            image = nib.load(path)
+            image = nib.load(path, mmap=False, keep_file_open=True)
             header = image.header
             shape = tuple(int(s) for s in image.shape)
-            dtype = np.dtype(image.dataobj.dtype)
-            offset = int(image.dataobj.offset)  # image.header's vox_offset is reset by nibabel
-            slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
+            proxy = image.dataobj
+            dtype = np.dtype(proxy.dtype)
             affine = np.array(image.affine, dtype=np.float64)
         except InputError:
             raise
@@ -586,6 +652,12 @@ class Volume:
             raise InputError(f"{path} is not a readable NIfTI file ({err}); it may be truncated or corrupt.") from err
         if not isinstance(header, (nib.Nifti1Header, nib.Nifti2Header)) or not getattr(header, "is_single", True):
             raise InputError(f"{path} is not a single-file NIfTI image.")
+        if dtype.fields is not None:
+            raise InputError(f"{path} stores colour (RGB/RGBA) voxels; normdino reads grayscale volumes: convert "
+                             "it to one channel first (e.g. its luminance).")
+        if dtype.kind == "c":
+            raise InputError(f"{path} stores complex voxels; normdino reads real-valued volumes: save the "
+                             "magnitude (or the phase) as its own volume first.")
         while len(shape) > 4 and shape[-1] == 1:
             shape = shape[:-1]
         if len(shape) > 4:
@@ -601,7 +673,7 @@ class Volume:
             raise InputError(f"--volume-index {volume_index} is out of range for {path}, which holds "
                              f"{n_volumes} volume{'s' if n_volumes > 1 else ''} (0..{n_volumes - 1}).")
         shape4 = shape[:3] + (n_volumes,)
-        source = _NiftiSource(path, shape4, dtype, offset, slope, inter, index)
+        source = _NiftiSource(path, proxy, shape4, index)
         source.check_complete()
         return cls(path, "nifti", shape[:3], affine, source, header=header,
                    volume_index=volume_index if n_volumes > 1 or volume_index is not None else None)
@@ -634,8 +706,20 @@ class Volume:
         nib = _nibabel()
         return tuple(str(c) for c in nib.aff2axcodes(self.affine))
 
+    @property
+    def planar_axis(self) -> int | None:
+        """The one array axis of length 1 of a single-slice volume (a 2-D NIfTI is (H, W, 1)), else None."""
+        ones = [a for a, n in enumerate(self.shape) if n == 1]
+        return ones[0] if len(ones) == 1 else None
+
     def resolve_axis(self, axis: str | int) -> int:
-        """Array axis for "axial" / "coronal" / "sagittal" (from the affine) or an integer axis."""
+        """Array axis for "axial" / "coronal" / "sagittal" (from the affine) or an integer axis.
+
+        A single-slice volume (e.g. a 2-D NIfTI) is one 2D image whatever the axis asked for: its
+        slicing axis is the one of length 1.
+        """
+        if self.planar_axis is not None:
+            return self.planar_axis
         if isinstance(axis, str) and axis.strip().lstrip("-").isdigit():
             axis = int(axis)
         if isinstance(axis, (int, np.integer)):
@@ -663,8 +747,8 @@ class Volume:
         """A slice-major temp-file copy of the stored values for slicing along axis 0 or 1 (one pass to make)."""
         if axis in self._stores:
             return self._stores[axis]
-        store = _SliceStore(self.shape[axis], self.shape[1 - axis], self.shape[2], self._source.raw_dtype,
-                            _planes_per_slab(self.shape[:2], self._source.raw_dtype))
+        store = _SliceStore(self.shape[axis], self.shape[1 - axis], self.shape[2], self._source.plane_dtype,
+                            _planes_per_slab(self.shape[:2], self._source.plane_dtype))
         try:
             planes: list[np.ndarray] = []
             first = 0
@@ -714,7 +798,7 @@ class Volume:
                 values = values[rng.integers(0, values.size, int(math.ceil(values.size * rate)))]
             samples.append(values.copy())
         if not samples:
-            raise InputError(f"{self.path} holds no finite voxel values.")
+            raise InputError(f"{self.path} holds no finite voxel value (all NaN or infinite): there is nothing to score.")
         sample = np.concatenate(samples)
         p_low, p_high = np.percentile(sample, key)
         stats = {"min": low, "max": high, "p_low": float(p_low), "p_high": float(p_high)}
@@ -730,6 +814,16 @@ class Volume:
             return stats["p_low"], stats["p_high"]
         if options.normalization == "dtype":
             scaled = self.kind == "nifti" and (self._source.slope != 1.0 or self._source.inter != 0.0)
+            if (self.dtype.kind != "u" or scaled) and options.fallback == "percentile":
+                if "fallback" not in self._warned:
+                    self._warned.add("fallback")
+                    logger.warning("WARNING: %s stores %s%s voxels, which have no fixed range, so its slices cannot be "
+                                   "scaled like the model's training images (by their type's range); scaling them "
+                                   "with percentiles %g-%g instead: scores and verdicts may be off. Fit the model on "
+                                   "volumes, or store the volume as uint8/uint16.", self.path,
+                                   "scaled " if scaled else "", self.dtype, *options.percentiles)
+                stats = self.statistics(options.percentiles)
+                return stats["p_low"], stats["p_high"]
             if self.dtype.kind != "u" or scaled:
                 raise InputError(f"normalization 'dtype' needs unsigned integer voxels, but {self.path} stores "
                                  f"{'scaled ' if scaled else ''}{self.dtype}: use 'percentile' or 'window'.")
@@ -756,8 +850,13 @@ class Volume:
         bad = [k for k in candidates if not 0 <= k < self.shape[axis]]
         if bad:
             raise InputError(f"Slice {bad[0]} is out of range for axis {axis} of {self.path} ({self.shape[axis]} slices).")
+        if "tiny" not in self._warned:
+            self._warned.add("tiny")
+            warn_if_tiny(self.slice_shape(axis), f"{self.path} (slices along axis {axis})")
         if axis != 2:
             self._slice_store(axis)  # before the statistics pass, which can then reuse it
+        if self.dtype.kind == "f" and options.normalization in ("window", "dtype"):
+            self.statistics(options.percentiles)  # one rule with 2D images: a volume without finite values is refused
         value_range = self.intensity_range(options)
         check = indices is None and options.min_foreground > 0
         cache_key = (axis, options.normalization, tuple(options.percentiles), options.window,
@@ -782,11 +881,21 @@ class Volume:
         """Slices kept along the options' axis: the slice range, then the foreground rule."""
         axis = self.resolve_axis(options.axis)
         candidates = self._candidates(axis, options)
+        if candidates and options.min_foreground > 0:
+            candidates = [k for k, _, keep in self._iter(options, None) if keep]
         if not candidates:
-            logger.warning("%s: slice range %s selects no slice of %d.", self.path, options.slices, self.shape[axis])
-        if options.min_foreground <= 0:
-            return candidates
-        return [k for k, _, keep in self._iter(options, None) if keep]
+            raise InputError(self._nothing_selected(axis, options))
+        return candidates
+
+    def _nothing_selected(self, axis: int, options: SliceOptions) -> str:
+        """The sentence for a selection that keeps no slice."""
+        n = self.shape[axis]
+        if options.slices is not None and not self._candidates(axis, options):
+            start, stop, step = options.slices.indices(n)
+            return (f"--slices {options.slices.start}:{options.slices.stop}{':' + str(step) if step != 1 else ''} "
+                    f"selects no slice of {self.path}, which has {n} slices along axis {axis} (0..{n - 1}).")
+        return (f"No slice of {self.path} along axis {axis} has a foreground fraction of at least "
+                f"{options.min_foreground:g} (--min-foreground): lower it.")
 
     def iter_slices(self, options: SliceOptions, indices: Iterable[int] | None = None
                     ) -> Iterator[tuple[int, np.ndarray]]:
@@ -795,9 +904,13 @@ class Volume:
         ``indices`` overrides the range and foreground rule (e.g. read a mask's slices at the
         image's kept indices).  Reads slab by slab; percentile statistics take one extra pass.
         """
+        kept = 0
         for k, out, keep in self._iter(options, None if indices is None else list(indices)):
             if keep:
+                kept += 1
                 yield k, out
+        if indices is None and kept == 0:
+            raise InputError(self._nothing_selected(self.resolve_axis(options.axis), options))
 
     def read_slice(self, index: int, options: SliceOptions) -> np.ndarray:
         """One slice, normalised as ``options`` say (range and foreground rule ignored)."""
