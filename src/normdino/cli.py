@@ -157,14 +157,13 @@ INTENSITY_SETTINGS = ("axis", "normalization", "window", "percentiles")
 
 
 def _slice_options(args, model_settings: dict | None = None):
-    """Slice options from the command line; unset axis/intensity settings come from the model, then the defaults."""
-    from normdino.io.volumes import SliceOptions
+    """Slice options from the command line; unset axis/intensity settings come from the model (field by field,
+    see io.volumes.merge_slice_settings), then the defaults."""
+    from normdino.io.volumes import SliceOptions, merge_slice_settings
 
-    settings = {"axis": "axial", "normalization": None, "window": None, "percentiles": "0.5,99.5"}
-    given = {key: getattr(args, key) for key in INTENSITY_SETTINGS if getattr(args, key) is not None}
-    if not given:  # the model's settings only as a whole: a --window alone must not meet a stored percentile rule
-        settings.update(model_settings or {})
-    settings.update(given)
+    if model_settings is None and args.command != "fit":  # a model fitted on 2D images only: match their rule
+        model_settings = {}
+    settings = merge_slice_settings(model_settings, {key: getattr(args, key) for key in INTENSITY_SETTINGS})
     try:
         percentiles = tuple(float(v) for v in str(settings["percentiles"]).split(","))
     except ValueError:
@@ -174,14 +173,18 @@ def _slice_options(args, model_settings: dict | None = None):
     return SliceOptions(axis=axis, slices=args.slices, min_foreground=args.min_foreground,
                         normalization=settings["normalization"], percentiles=percentiles,
                         window=",".join(map(str, window)) if isinstance(window, (list, tuple)) else window,
-                        volume_index=args.volume_index)
+                        volume_index=args.volume_index, fallback=settings["fallback"])
 
 
 def _intensity_settings(options) -> dict:
-    """What predict needs to slice and scale volumes as the training volumes were."""
+    """What predict needs to scale 2D images and slice and scale volumes as the training data were."""
+    from normdino.io.reading import IMAGE_INTENSITY
+
+    if options is None:  # 2D images only
+        return {"image_intensity": IMAGE_INTENSITY}
     window = list(options.window) if options.window is not None else None
     return {"axis": options.axis, "normalization": options.normalization, "window": window,
-            "percentiles": ",".join(map(str, options.percentiles))}
+            "percentiles": ",".join(map(str, options.percentiles)), "image_intensity": IMAGE_INTENSITY}
 
 
 def cmd_fit(args) -> int:
@@ -196,7 +199,7 @@ def cmd_fit(args) -> int:
         n_components=args.components, covariance_type=args.covariance, epochs=args.epochs, score=args.score,
         sigma=args.sigma, fprs=sorted(set(args.fpr)), cache_dir=None if args.no_cache else args.cache_dir,
         device=args.device, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
-        volume_settings=_intensity_settings(options) if options is not None else None)
+        volume_settings=_intensity_settings(options))
     detector.fit(training_images(train, options), training_images(val, options) if val else None)
     detector.save(args.output)
     summary = detector.training_summary_
