@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from normdino.errors import InputError, ModelFileError
 from normdino.features.tokens import FeatureRequest, Tokens, TokenSet
 from normdino.methods.base import NormativeMethod, Param, require
+from normdino.methods.memory_bank import SEED
 from normdino.methods.registry import register
 
 logger = logging.getLogger(__name__)
@@ -246,7 +247,7 @@ class HiMatchMethod(NormativeMethod):
               "(retrieved; keeps every token)", choices=("image", "retrieved")),
         FUSION_PARAM,
         RELIABILITY_PARAM,
-        Param("seed", int, "random seed"),
+        SEED,
     )
 
     def __init__(
@@ -317,23 +318,24 @@ class HiMatchMethod(NormativeMethod):
             raise InputError(f"himatch asked for {len(self.layers)} layers but the training tokens hold {train.n_layers}")
         if train.cls is None:
             raise InputError("himatch needs CLS tokens: extract the training tokens with FeatureRequest(cls=True)")
+        device = getattr(self, "device", "cpu")
         cls, desc, banks = [], [], []
         with torch.no_grad():
-            for batch in train.batches(_FIT_BATCH):
+            for batch in train.batches(_FIT_BATCH, device):
                 cls.append(_unit(batch.cls[:, -1]).half())
                 desc.append(self._describe(batch.patches[:, -1]).half())
                 banks.append(self._bank(batch.patches).half())
         self.cls_ = torch.cat(cls)
         self.descriptors_ = torch.cat(desc)
         self.banks_ = torch.cat(banks)
-        self.grid_ = torch.tensor(train.grid_shape, dtype=torch.int64)
+        self.grid_ = torch.tensor(train.grid_shape, dtype=torch.int64, device=device)
         self.sources_ = list(train.sources)
         sample = reliability_sample(n, self.reliability_images, self.seed)
         maps = []
         with torch.no_grad():
             for s0 in range(0, len(sample), _FIT_BATCH):
                 idx = sample[s0:s0 + _FIT_BATCH]
-                tokens = train.subset(idx).batch(0, len(idx))
+                tokens = train.subset(idx).batch(0, len(idx), device)
                 exclude = _same_source_mask([train.sources[i] for i in idx], self.sources_, idx)
                 maps.append(self._stage_maps(tokens, exclude))
         stats = fusion_statistics(torch.cat(maps))
@@ -383,6 +385,11 @@ class HiMatchMethod(NormativeMethod):
         with torch.no_grad():
             return fuse(self._stage_maps(tokens), self._stats(), self.fusion)
 
+    def to(self, device: torch.device | str) -> "HiMatchMethod":
+        """Keep the state on ``device`` (and fit there from now on)."""
+        self.device = device
+        return super().to(device)
+
     def _stats(self) -> dict[str, torch.Tensor]:
         return {key: getattr(self, key + "_") for key in _STAT_KEYS}
 
@@ -430,4 +437,6 @@ class HiMatchMethod(NormativeMethod):
         for key in _STAT_KEYS:
             setattr(self, key + "_", t[key].float())
         self.fit_info_ = dict(info or {})
+        if hasattr(self, "device"):
+            self.to(self.device)
         return self
