@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LAYOUTS = ("bmad-brain", "bmad-liver", "bmad-resc", "folders")
 
-__all__ = ["Sample", "Dataset", "load_dataset", "load_folders", "detect_layout", "LAYOUTS", "IMAGE_EXTENSIONS"]
+__all__ = ["Sample", "Dataset", "load_dataset", "load_folders", "detect_layout", "find_bmad", "BMAD_SETS", "LAYOUTS",
+           "IMAGE_EXTENSIONS"]
 
 
 @dataclass(frozen=True)
@@ -248,3 +249,56 @@ def load_dataset(root: str | os.PathLike, layout: str = "auto", *, check_sizes: 
         raise InputError(f"No images found under {root} in the {layout} layout; check the folder names (see --layout).")
     logger.info("Loaded %s (%s): %s", dataset.name, layout, dataset.summary())
     return dataset
+
+
+# ---------------------------------------------------------------------- the three BMAD sets under one root
+
+#: BMAD short name -> (folder-name prefixes seen in the wild, lower case; layout)
+BMAD_SETS = {
+    "brats": (("brats2021_slice", "brats"), "bmad-brain"),
+    "liver": (("liver", "hist_diy"), "bmad-liver"),
+    "resc": (("resc",), "bmad-resc"),
+}
+
+
+def _has_layout(folder: Path, layout: str) -> bool:
+    try:
+        return detect_layout(folder) == layout and bool(_LOADERS[layout](folder, False).train)
+    except InputError:
+        return False
+
+
+def _bmad_candidates(root: Path, prefixes: tuple[str, ...]) -> list[Path]:
+    """``root`` itself, then its sub-folders whose lower-case name starts with a prefix, then their ``hist_DIY``."""
+    children = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    named = [p for p in children if p.name.lower().startswith(prefixes)]
+    nested = [q for p in named for q in sorted(p.iterdir()) if q.is_dir() and q.name.lower() == "hist_diy"]
+    return [root] * root.name.lower().startswith(prefixes) + named + nested
+
+
+def find_bmad(root: str | os.PathLike, names: tuple[str, ...] = tuple(BMAD_SETS)) -> dict[str, tuple[Path, str]]:
+    """Where each named BMAD set (brats, liver, resc) lies under ``root``: name -> (folder, layout).
+
+    Accepted: ``BraTS2021_slice/`` (brain layout), ``Liver/`` or its ``hist_DIY/`` variant (``Liver/hist_DIY/``
+    or ``hist_DIY/`` beside it; the plain folder wins when both hold the layout) and ``RESC/``; the first
+    candidate that holds the set's layout with training images is taken. InputError names what is missing.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"BMAD root {root} is not a folder; pass the folder that holds BraTS2021_slice, Liver, RESC.")
+    found, missing = {}, []
+    for name in names:
+        if name not in BMAD_SETS:
+            raise InputError(f"unknown BMAD set {name!r}; choose from {', '.join(BMAD_SETS)}")
+        prefixes, layout = BMAD_SETS[name]
+        folder = next((c for c in _bmad_candidates(root, prefixes) if _has_layout(c, layout)), None)
+        if folder is None:
+            missing.append(name)
+        else:
+            found[name] = (folder, layout)
+            logger.info("BMAD %s: %s (%s)", name, folder, layout)
+    if missing:
+        raise InputError(f"no {', '.join(missing)} data set under {root} in its BMAD layout (expected e.g. "
+                         "BraTS2021_slice/train/good, Liver/train/good or Liver/hist_DIY/..., RESC/Train/train/good); "
+                         "choose the sets present with --datasets")
+    return found

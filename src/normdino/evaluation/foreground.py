@@ -66,6 +66,7 @@ class Foreground:
             raise InputError(f"unknown foreground mode {mode!r}")
         self.mode = mode
         self.mask_dir = Path(mask_dir) if mask_dir is not None else None
+        self._cache: dict[Path, tuple[tuple[int, ...], np.ndarray]] = {}  # path -> (shape, packed bits): 1 bit/pixel
         if mode == "folder" and (self.mask_dir is None or not self.mask_dir.is_dir()):
             raise InputError(f"--foreground {mask_dir}: not a folder of foreground masks (or use auto / none)")
 
@@ -76,13 +77,23 @@ class Foreground:
         return f"masks from {self.mask_dir}"
 
     def mask_for(self, image_path: Path, image: np.ndarray | None = None) -> np.ndarray:
-        """The boolean foreground of one image file (``image``: its pixels when already read)."""
+        """The boolean foreground of one image file (``image``: its pixels when already read).
+
+        Masks are remembered packed (1 bit per pixel), so every method of a table reuses them.
+        """
         from normdino.io.reading import read_image
 
+        key = Path(image_path)
+        if key in self._cache:
+            shape, packed = self._cache[key]
+            return np.unpackbits(packed, count=int(np.prod(shape))).reshape(shape).astype(bool)
         if self.mode == "auto":
-            return auto_foreground(read_image(image_path) if image is None else image)
-        mask = read_image(self._mask_path(Path(image_path)))
-        return (mask if mask.ndim == 2 else mask.max(axis=-1)) > 0
+            mask = auto_foreground(read_image(key) if image is None else image)
+        else:
+            mask = read_image(self._mask_path(key))
+            mask = (mask if mask.ndim == 2 else mask.max(axis=-1)) > 0
+        self._cache[key] = (mask.shape, np.packbits(mask))
+        return mask
 
     def _mask_path(self, image_path: Path) -> Path:
         for name in (image_path.name, image_path.stem + ".png", image_path.stem + "_mask.png",
