@@ -118,6 +118,8 @@ def preprocess_image(
 ) -> torch.Tensor:
     """(H, W) or (H, W, C) image in [0, 1] -> (3, size, size): whole image resized, clamped to [0, 1], normalised.
 
+    Values outside [0, 1] are refused (InputError), never clipped; the clamp only removes bicubic overshoot.
+
     Resizing is Pillow's bicubic on float32 planes (antialiased when shrinking, as torchvision's Resize on
     PIL images in the DINO papers); it is single-threaded, so it stays cheap beside a busy model.
     """
@@ -133,6 +135,10 @@ def preprocess_image(
     array = np.asarray(array, dtype=np.float32)
     if not np.isfinite(array).all():
         raise InputError("The image contains NaN or infinite values; clean or rescale it to [0, 1] first.")
+    low, high = float(array.min()), float(array.max())
+    if low < -1e-6 or high > 1.0 + 1e-6:  # one rule: refuse, never clip silently (an 8-bit float image would go white)
+        raise InputError(f"The image's values span {low:g} to {high:g} but must lie in [0, 1]; scale it first "
+                         "(e.g. divide 8-bit values by 255, or pass uint8 arrays).")
     planes = [array] if array.ndim == 2 else [array[..., c] for c in range(3)]
     resized = np.stack([_resize_plane(plane, size) for plane in planes])
     np.clip(resized, 0.0, 1.0, out=resized)
