@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from normdino import distributed as dist
 from normdino.errors import InputError, ModelFileError
 from normdino.files import atomic_path, read_safetensors
 
@@ -380,10 +381,51 @@ class DirichletProcessMixture:
         resp.masked_fill_(resp < RESP_FLOOR * total, 0.0).div_(total)  # gamma < 1e-30 flushed to exactly 0
         return resp, idx, (top + total.log()).squeeze(0)
 
+    def _statistic_sums(self, x: torch.Tensor, xc: torch.Tensor, centre: torch.Tensor, xc2: torch.Tensor | None,
+                        resp: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch SUMS (not yet divided by n) scattered to all K: sum gamma, sum gamma x, and sum gamma x^2 (diag),
+        sum gamma |x|^2 (spherical) or sum gamma x x^T (full; K x D x D). Sums of several shards add up (torchrun)."""
+        resp_sum = resp.sum(1)
+        count = torch.zeros_like(self.stat_count_)
+        count[idx] = resp_sum
+        s = torch.zeros_like(self.stat_sum_)
+        q = torch.zeros_like(self.stat_square_)
+        if self.covariance_type == "diag":
+            # products over the centred data (shared with the E-step), moved back to the origin exactly:
+            # sum g x = sum g xc + g_sum c,  sum g x^2 = sum g xc^2 + 2 c sum g xc + g_sum c^2
+            sum_c = resp @ xc
+            q[idx] = resp @ xc2 + 2.0 * centre * sum_c + resp_sum.unsqueeze(1) * (centre * centre)
+            s[idx] = sum_c + resp_sum.unsqueeze(1) * centre
+            return count, s, q
+        s[idx] = resp @ x
+        if self.covariance_type == "spherical":
+            q[idx] = resp @ (x * x).sum(1)
+            return count, s, q
+        for j, k in enumerate(idx.tolist()):
+            rows = (resp[j] > 0).nonzero().squeeze(1)
+            if len(rows) > 0:
+                xr = x[rows]
+                q[k].addmm_((xr * resp[j, rows].unsqueeze(1)).T, xr)
+        return count, s, q
+
+    def _apply_sums(self, count: torch.Tensor, s: torch.Tensor, q: torch.Tensor, n: int) -> None:
+        """EMA of the per-sample statistics from batch sums over n rows: stat <- (1 - rho) stat + rho sum / n."""
+        rho = float(self.update_rate)
+        keep = 1.0 - rho
+        self.stat_count_ = keep * self.stat_count_ + rho * (count / n)
+        self.stat_sum_ = keep * self.stat_sum_ + rho * (s / n)
+        if self.covariance_type == "full":
+            self.stat_square_.mul_(keep).add_(q, alpha=rho / n)
+        else:
+            self.stat_square_ = keep * self.stat_square_ + rho * (q / n)
+
     def _update_statistics(self, x: torch.Tensor, xc: torch.Tensor, centre: torch.Tensor, xc2: torch.Tensor | None,
                            resp: torch.Tensor, idx: torch.Tensor) -> None:
         """EMA of the per-sample statistics: N_k, S_k = mean gamma x, Q_k = mean gamma x^2 (diag) / |x|^2 / x x^T."""
-        n, d = x.shape
+        n = x.shape[0]
+        if self.covariance_type != "full":
+            self._apply_sums(*self._statistic_sums(x, xc, centre, xc2, resp, idx), n)
+            return
         rho = float(self.update_rate)
         keep = 1.0 - rho
         resp_sum = resp.sum(1)
@@ -391,23 +433,8 @@ class DirichletProcessMixture:
         count[idx] = resp_sum / n
         self.stat_count_ = keep * self.stat_count_ + rho * count
         s = torch.zeros_like(self.stat_sum_)
-        if self.covariance_type == "diag":
-            # products over the centred data (shared with the E-step), moved back to the origin exactly:
-            # sum g x = sum g xc + g_sum c,  sum g x^2 = sum g xc^2 + 2 c sum g xc + g_sum c^2
-            sum_c = resp @ xc
-            q = torch.zeros_like(self.stat_square_)
-            q[idx] = (resp @ xc2 + 2.0 * centre * sum_c + resp_sum.unsqueeze(1) * (centre * centre)) / n
-            s[idx] = (sum_c + resp_sum.unsqueeze(1) * centre) / n
-            self.stat_sum_ = keep * self.stat_sum_ + rho * s
-            self.stat_square_ = keep * self.stat_square_ + rho * q
-            return
         s[idx] = resp @ x / n
         self.stat_sum_ = keep * self.stat_sum_ + rho * s
-        if self.covariance_type == "spherical":
-            q = torch.zeros_like(self.stat_square_)
-            q[idx] = resp @ (x * x).sum(1) / n
-            self.stat_square_ = keep * self.stat_square_ + rho * q
-            return
         square = self.stat_square_.mul_(keep)  # K x D x D: updated in place, never copied
         for j, k in enumerate(idx.tolist()):
             rows = (resp[j] > 0).nonzero().squeeze(1)  # only the samples this component explains
@@ -452,9 +479,15 @@ class DirichletProcessMixture:
             alpha = float((k - 1) / terms.sum())
         return v.to(self.dtype), alpha
 
-    def partial_fit(self, x: Any) -> "DirichletProcessMixture":
-        """One EM step (E-step, EMA statistics update, M-step) on a batch (N, D); initialises from it if needed."""
+    def partial_fit(self, x: Any, distributed: bool = False) -> "DirichletProcessMixture":
+        """One EM step (E-step, EMA statistics update, M-step) on a batch (N, D); initialises from it if needed.
+
+        ``distributed=True`` under torchrun: ``x`` is this rank's share of a global batch (it may be empty);
+        see :meth:`_partial_fit_shard`. Without a process group it is the ordinary step.
+        """
         self._check_params()
+        if distributed and dist.is_distributed():
+            return self._partial_fit_shard(x)
         batch = self._as_batch(x)
         if getattr(self, "means_", None) is None:
             self._initialise(batch)
@@ -469,6 +502,101 @@ class DirichletProcessMixture:
         self.log_likelihood_ = float(log_norm.mean())
         return self
 
+    # ------------------------------------------------------------------ EM across torchrun ranks
+
+    def _partial_fit_shard(self, x: Any) -> "DirichletProcessMixture":
+        """One EM step on this rank's share of a global batch: local E-step sums, ONE all-reduce, the same M-step.
+
+        The all-reduced buffer (model dtype) is [rows, ranks taking part, failed ranks, log-likelihood sum,
+        sum gamma (K), sum gamma x (K D), sum gamma x^2 (K D diag, K spherical, K D D full)]. A rank whose
+        local work raised sends the failure flag, so every rank stops at the same step (no hang): the one that
+        failed re-raises its error, the others raise DistributedError.
+        """
+        error: Exception | None = None
+        sums: tuple[torch.Tensor, ...] | None = None
+        n_local, loglik = 0, 0.0
+        try:
+            batch = self._as_shard(x)
+        except Exception as exc:  # reported to every rank below
+            error = exc
+        if getattr(self, "means_", None) is None:
+            if dist.global_sum(1.0 if error is not None else 0.0) > 0:
+                raise error if error is not None else dist.PeerFailedError("another rank failed on its first batch; its message is above.")
+            self._initialise_shard(batch)
+        try:
+            if error is None and batch.shape[0] > 0:
+                centre = self._reference_point()
+                xc = batch - centre
+                xc2 = xc * xc if self.covariance_type == "diag" else None
+                resp, idx, log_norm = self._e_step(xc, centre, xc2)
+                sums = self._statistic_sums(batch, xc, centre, xc2, resp, idx)
+                n_local, loglik = batch.shape[0], float(log_norm.double().sum())
+                del resp, xc, xc2
+        except dist.DistributedError:
+            raise
+        except Exception as exc:  # reported to every rank through the flag below
+            error = exc
+        header = torch.tensor([n_local, 1.0, 1.0 if error is not None else 0.0, loglik], dtype=self.dtype,
+                              device=self.means_.device)
+        if sums is None:
+            sums = (torch.zeros_like(self.stat_count_), torch.zeros_like(self.stat_sum_), torch.zeros_like(self.stat_square_))
+        buffer = dist.all_reduce_sum(torch.cat([header, *(t.reshape(-1) for t in sums)]))
+        if float(buffer[1]) != dist.world_size():
+            raise dist.DistributedError("the ranks hold different numbers of batches; give every rank as many batches (arrays are split evenly).")
+        if float(buffer[2]) > 0:
+            if error is not None:
+                raise error
+            raise dist.PeerFailedError("another rank failed during the EM step; its message is above.")
+        n = int(round(float(buffer[0])))
+        if n == 0:
+            raise InputError("a global batch has no rows on any rank; give the ranks data or use fewer batches.")
+        sizes = [t.numel() for t in sums]
+        parts = buffer[4:].split(sizes)
+        count, s, q = (part.view_as(t) for part, t in zip(parts, sums))
+        self._apply_sums(count, s, q, n)
+        self._m_step(n)
+        self.n_iter_ += 1
+        self.batch_rows_ = n
+        self.log_likelihood_ = float(buffer[3]) / n
+        return self
+
+    def _as_shard(self, x: Any) -> torch.Tensor:
+        """A rank's share of a batch as a tensor; unlike _as_batch it may have 0 rows (a rank with little data)."""
+        if x is not None and len(x) > 0:
+            return self._as_batch(x)
+        d = x.shape[1] if x is not None and getattr(x, "ndim", 0) == 2 else getattr(self, "n_features_in_", 0)
+        device = self.means_.device if getattr(self, "means_", None) is not None else torch.device(self.device or "cpu")
+        return torch.zeros((0, d), dtype=self.dtype, device=device)
+
+    def _initialise_shard(self, batch: torch.Tensor) -> None:
+        """Initialise on rank 0 from the whole first global batch (gathered in rank order), then broadcast the state."""
+        rows = dist.gather_rows(batch.cpu())
+        if rows.shape[0] < self.n_components:  # decided on every rank alike, before rank 0 works alone
+            raise InputError(f"cannot initialise {self.n_components} components from a first global batch of {rows.shape[0]} rows; "
+                             f"pass more rows per batch or lower n_components.")
+        state, failure = None, None
+        if dist.is_main():
+            try:
+                self._initialise(rows.to(batch.device))
+                state = {"means": self.means_, "covariances": self.covariances_, "sticks": self.sticks_,
+                         "alpha": torch.tensor([float(self.alpha_)], dtype=torch.float64)}
+            except Exception as exc:  # sent to the other ranks, so none waits for a state that never comes
+                failure = exc
+        message = dist.broadcast_object(None if failure is None else str(failure))
+        if message is not None:
+            raise failure if failure is not None else dist.PeerFailedError(f"rank 0 could not initialise the mixture: {message}")
+        state = dist.broadcast_tensors(state)
+        if not dist.is_main():
+            self._install(state["means"].to(batch.device), state["covariances"].to(batch.device),
+                          state["sticks"].to(batch.device), float(state["alpha"][0]))
+
+    def _end_epoch_shard(self) -> None:
+        """The all-reduce every rank makes after its last batch: a rank still holding batches would not match it."""
+        buffer = torch.zeros(4 + self.stat_count_.numel() + self.stat_sum_.numel() + self.stat_square_.numel(),
+                             dtype=self.dtype, device=self.means_.device)
+        if float(dist.all_reduce_sum(buffer)[1]) != 0:
+            raise dist.DistributedError("the ranks hold different numbers of batches; give every rank as many batches (arrays are split evenly).")
+
     def fit(
         self,
         X: Any,
@@ -476,26 +604,37 @@ class DirichletProcessMixture:
         batch_size: int = 12288,
         shuffle: bool = True,
         callback: Callable[[int, "DirichletProcessMixture"], bool | None] | None = None,
+        distributed: bool = False,
     ) -> "DirichletProcessMixture":
         """Run EM over X for some epochs, continuing from the current state if there is one (set_state, load, fit).
 
         X is an (N, D) tensor or array of any real dtype (a float16 np.memmap is read batch by batch), split into
         ceil(N / batch_size) near-equal batches of rows permuted per epoch; or a re-iterable of batches (a list is
         shuffled in batch order, other iterables are used as they come). callback(epoch, model) returning True stops.
+
+        ``distributed=True`` under torchrun: X is this rank's share of the data. Arrays are split into
+        ceil(N_global / batch_size) parts on every rank, so the i-th parts of all ranks form a global batch of
+        about batch_size rows; lists must hold as many batches on every rank (their i-th batches form one).
+        Every rank ends with the same model as one process fitting those global batches. The callback runs on
+        every rank and must decide the same way on all of them (use normdino.distributed.global_mean).
         """
         self._check_params()
         if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
             raise InputError(f"epochs must be a positive integer, got {epochs!r}.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        batches = _batch_source(X, int(batch_size))
+        sync = distributed and dist.is_distributed()
+        batches = _batch_source(X, int(batch_size), _global_batch_count(X, int(batch_size)) if sync else None)
         g = _generator(self.seed, 2, int(getattr(self, "n_iter_", 0)))
         for epoch in range(epochs):
             total, rows = 0.0, 0
             for batch in batches(g if shuffle else None):
-                self.partial_fit(batch)
-                total += self.log_likelihood_ * len(batch)
-                rows += len(batch)
+                self.partial_fit(batch, distributed=sync)
+                n_rows = self.batch_rows_ if sync else len(batch)
+                total += self.log_likelihood_ * n_rows
+                rows += n_rows
+            if sync:
+                self._end_epoch_shard()
             if rows == 0:
                 raise InputError("X yielded no batches in this epoch; pass an array, or a list (not a one-shot iterator) of batches.")
             self.epoch_log_likelihood_ = total / rows
@@ -621,20 +760,35 @@ def _logsumexp_columns(a: torch.Tensor) -> torch.Tensor:
     return (a - top).clamp_min_(-87.0).exp_().sum(0).log_().add_(top.squeeze(0))
 
 
-def _batch_source(X: Any, batch_size: int) -> Callable[[torch.Generator | None], Iterator[Any]]:
-    """A function giving, per epoch, the batches of X (rows permuted with the generator, or in order without one)."""
+def _global_batch_count(X: Any, batch_size: int) -> int | None:
+    """ceil(rows on all ranks / batch_size) for an array X (the same on every rank); None for lists of batches."""
+    if not isinstance(X, (torch.Tensor, np.ndarray)):
+        return None
+    total = int(round(dist.global_sum(float(X.shape[0]) if X.ndim == 2 else 0.0)))
+    if total == 0:
+        raise InputError("X is empty on every rank (0 rows); pass at least one sample.")
+    return -(-total // batch_size)
+
+
+def _batch_source(X: Any, batch_size: int, n_batches: int | None = None) -> Callable[[torch.Generator | None], Iterator[Any]]:
+    """A function giving, per epoch, the batches of X (rows permuted with the generator, or in order without one).
+
+    ``n_batches`` fixes how many parts an array is split into (a torchrun rank's share; parts may be empty).
+    """
     if isinstance(X, (torch.Tensor, np.ndarray)):
         if X.ndim != 2:
             raise InputError(f"X must be a 2-D array of shape (n_samples, n_features), got shape {tuple(X.shape)}.")
         n = X.shape[0]
-        if n == 0:
+        if n == 0 and n_batches is None:
             raise InputError("X is empty (0 rows); pass at least one sample.")
-        n_batches = -(-n // batch_size)
+        n_batches = -(-n // batch_size) if n_batches is None else n_batches
 
         def array_batches(g: torch.Generator | None) -> Iterator[Any]:
             order = torch.randperm(n, generator=g) if g is not None else torch.arange(n)
             for part in torch.tensor_split(order, n_batches):
-                if g is None:  # contiguous rows: a plain slice, also for memory maps
+                if len(part) == 0:
+                    yield X[:0]
+                elif g is None:  # contiguous rows: a plain slice, also for memory maps
                     yield X[int(part[0]) : int(part[-1]) + 1]
                 else:  # rows of a batch in file order: sequential reads from a memory map, same batches for any X type
                     rows = torch.sort(part).values

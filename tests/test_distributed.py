@@ -1,0 +1,230 @@
+"""torchrun scale-out: helpers are identities in a plain run; 2 gloo processes on CPU fit the same mixture as one.
+
+The multi-process tests fork two workers that join a gloo group through a file store (no ports), run the
+same code a torchrun job runs, and write what they computed to .npz/.json files that the test compares
+with a one-process computation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed
+import torch.multiprocessing as mp
+
+from normdino import distributed as dist
+from normdino.errors import InputError
+from normdino.evaluation.metrics import thresholds_at_fprs
+from normdino.methods.mixture import DirichletProcessMixture
+
+WORLD = 2
+K, D = 12, 16
+EPOCHS = 4
+
+
+# ---------------------------------------------------------------------- data shared by workers and the reference
+
+
+def _clustered(n: int, seed: int) -> np.ndarray:
+    """Unit vectors around 6 directions (a little like DINO tokens), float32."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(size=(6, D))
+    x = centres[rng.integers(0, 6, n)] + 0.3 * rng.normal(size=(n, D))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _local_batches(rank: int) -> list[np.ndarray]:
+    """This rank's share of 5 global batches (shares of different sizes, 90-130 rows)."""
+    rng = np.random.default_rng(1000 + rank)
+    return [_clustered(int(rng.integers(90, 131)), seed=10 * i + rank) for i in range(5)]
+
+
+def _validation(rank: int) -> np.ndarray:
+    return _clustered(150 + 40 * rank, seed=500 + rank)
+
+
+def _mixture(covariance: str) -> DirichletProcessMixture:
+    return DirichletProcessMixture(n_components=K, covariance_type=covariance, seed=3)
+
+
+def _fit_with_selection(model: DirichletProcessMixture, data, val: np.ndarray, distributed: bool, **fit_kwargs):
+    """Fit keeping the epoch of best validation log-likelihood summed over every rank's validation share."""
+    history: list[float] = []
+
+    def keep_best(epoch: int, m: DirichletProcessMixture) -> bool:
+        history.append(dist.global_mean(float(m.score_samples(val).double().sum()), len(val)))
+        return False
+
+    model.fit(data, epochs=EPOCHS, callback=keep_best, distributed=distributed, **fit_kwargs)
+    return history
+
+
+def _summary(model: DirichletProcessMixture, history: list[float]) -> dict[str, np.ndarray]:
+    return {"means": model.means_.numpy(), "weights": model.weights_.numpy(), "alpha": np.array([model.alpha_]),
+            "history": np.array(history), "epoch_ll": np.array([model.epoch_log_likelihood_]),
+            "covariances": model.covariances_.numpy()}
+
+
+# ---------------------------------------------------------------------- the worker (runs in each forked process)
+
+
+def _worker(rank: int, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD)
+    try:
+        results: dict[str, object] = {}
+        # the same global batches as lists of shares, shuffled alike on every rank
+        for covariance in ("diag", "spherical", "full"):
+            model = _mixture(covariance)
+            history = _fit_with_selection(model, _local_batches(rank), _validation(rank), True)
+            np.savez(f"{out}/list-{covariance}-{rank}.npz", **_summary(model, history))
+        # an array share, split into ceil(N_global / batch_size) parts on each rank
+        share = _clustered(300 + 57 * rank, seed=77 + rank)
+        model = _mixture("diag")
+        history = _fit_with_selection(model, share, _validation(rank), True, batch_size=160, shuffle=False)
+        np.savez(f"{out}/array-{rank}.npz", **_summary(model, history))
+        # rows of different counts gathered in rank order; thresholds over all ranks' scores
+        rows = np.arange(6 * (rank + 2), dtype=np.float32).reshape(-1, 2) + 100 * rank
+        np.save(f"{out}/gathered-{rank}.npy", dist.gather_rows(rows))
+        scores = [np.random.default_rng(rank).gamma(2.0, size=(7 + rank, 9)).astype(np.float32) for _ in range(3)]
+        np.save(f"{out}/thresholds-{rank}.npy", dist.thresholds_at_fprs(scores, [0.01, 0.05, 0.1]))
+        state = dist.broadcast_tensors({"bank": torch.arange(6.0).view(3, 2) * (rank + 1)} if rank == 0 else None)
+        results["broadcast"] = state["bank"].tolist()
+        # faults: a user error on rank 1 alone ends the block on both ranks with one message
+        try:
+            with dist.failing_together("token extraction"):
+                if rank == 1:
+                    raise InputError("image b.png cannot be read.")
+        except dist.DistributedError as err:
+            results["fault"] = str(err)
+        # ... and a NaN batch on rank 1 in the middle of EM stops both ranks at the same step (no hang)
+        try:
+            with dist.failing_together("the mixture fit"):
+                batches = _local_batches(rank)
+                if rank == 1:
+                    batches[3] = np.full_like(batches[3], np.nan)
+                _mixture("diag").fit(batches, epochs=1, shuffle=False, distributed=True)
+        except dist.DistributedError as err:
+            results["em_fault"] = str(err)
+        # after the faults the group still works
+        results["after"] = dist.global_sum(rank + 1.0)
+        Path(f"{out}/results-{rank}.json").write_text(json.dumps(results))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """Run the worker on 2 forked gloo processes once for the module; returns the folder of their outputs."""
+    out = tmp_path_factory.mktemp("ranks")
+    mp.start_processes(_worker, args=(str(out),), nprocs=WORLD, start_method="fork")
+    return out
+
+
+def _reference_list(covariance: str) -> dict[str, np.ndarray]:
+    """One process, the same global batches (rank 0's share then rank 1's), validation of both ranks together."""
+    shares = [_local_batches(r) for r in range(WORLD)]
+    batches = [np.concatenate([shares[r][i] for r in range(WORLD)]) for i in range(len(shares[0]))]
+    model = _mixture(covariance)
+    history = _fit_with_selection(model, batches, np.concatenate([_validation(r) for r in range(WORLD)]), False)
+    return _summary(model, history)
+
+
+def _assert_same_model(got: dict, want: dict) -> None:
+    np.testing.assert_allclose(got["means"], want["means"], atol=2e-5)
+    np.testing.assert_allclose(got["weights"], want["weights"], atol=2e-5)
+    # covariances are Q/N - mu mu^T: float32 cancellation, so compared against their scale (~1e-2 here)
+    np.testing.assert_allclose(got["covariances"], want["covariances"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["alpha"], want["alpha"], rtol=1e-5)
+    np.testing.assert_allclose(got["history"], want["history"], rtol=1e-5)
+    np.testing.assert_allclose(got["epoch_ll"], want["epoch_ll"], rtol=1e-5)
+    assert int(np.argmax(got["history"])) == int(np.argmax(want["history"]))  # the same best epoch
+
+
+# ---------------------------------------------------------------------- multi-process
+
+
+@pytest.mark.parametrize("covariance", ["diag", "spherical", "full"])
+def test_two_ranks_fit_the_same_mixture_as_one_process(two_ranks: Path, covariance: str) -> None:
+    want = _reference_list(covariance)
+    for r in range(WORLD):
+        _assert_same_model(dict(np.load(two_ranks / f"list-{covariance}-{r}.npz")), want)
+
+
+def test_array_shares_are_split_into_global_batches(two_ranks: Path) -> None:
+    shares = [_clustered(300 + 57 * r, seed=77 + r) for r in range(WORLD)]
+    n_batches = -(-sum(len(s) for s in shares) // 160)  # ceil(N_global / batch_size)
+    parts = [np.array_split(s, n_batches) for s in shares]
+    batches = [np.concatenate([p[i] for p in parts]) for i in range(n_batches)]
+    model = _mixture("diag")
+    history = _fit_with_selection(model, batches, np.concatenate([_validation(r) for r in range(WORLD)]), False, shuffle=False)
+    for r in range(WORLD):
+        _assert_same_model(dict(np.load(two_ranks / f"array-{r}.npz")), _summary(model, history))
+
+
+def test_rows_gathered_in_rank_order_and_thresholds_equal_one_process(two_ranks: Path) -> None:
+    rows = np.concatenate([np.arange(6 * (r + 2), dtype=np.float32).reshape(-1, 2) + 100 * r for r in range(WORLD)])
+    scores = [np.random.default_rng(r).gamma(2.0, size=(7 + r, 9)).astype(np.float32) for r in range(WORLD) for _ in range(3)]
+    want = thresholds_at_fprs(scores, [0.01, 0.05, 0.1])
+    for r in range(WORLD):
+        np.testing.assert_array_equal(np.load(two_ranks / f"gathered-{r}.npy"), rows)
+        np.testing.assert_array_equal(np.load(two_ranks / f"thresholds-{r}.npy"), want)  # exactly equal
+
+
+def test_a_failing_rank_ends_every_rank_with_its_message(two_ranks: Path) -> None:
+    for r in range(WORLD):
+        results = json.loads((two_ranks / f"results-{r}.json").read_text())
+        assert results["broadcast"] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+        assert results["fault"] == "rank 1 of 2 failed during token extraction: image b.png cannot be read."
+        assert results["em_fault"].startswith("rank 1 of 2 failed during the mixture fit: ")
+        assert "NaN" in results["em_fault"]
+        assert results["after"] == 3.0
+
+
+# ---------------------------------------------------------------------- plain run: identities
+
+
+def test_helpers_are_identities_without_a_process_group(monkeypatch) -> None:
+    for key in dist.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    assert not dist.is_distributed() and dist.rank() == 0 and dist.world_size() == 1 and dist.is_main()
+    assert dist.init_from_env("cpu") == "cpu" and not dist.is_distributed()
+    t = torch.arange(4.0)
+    assert dist.all_reduce_sum(t) is t and torch.equal(t, torch.arange(4.0))
+    a = np.ones((3, 2))
+    assert dist.gather_rows(a) is a
+    assert dist.global_mean(6.0, 3) == 2.0
+    assert dist.all_gather_object({"x": 1}) == [{"x": 1}]
+    with pytest.raises(InputError, match="plain"):
+        with dist.failing_together("anything"):
+            raise InputError("plain errors pass through unchanged")
+
+
+def test_distributed_flag_without_a_group_is_the_ordinary_fit() -> None:
+    x = _clustered(600, seed=5)
+    a = _mixture("diag").fit(x, epochs=2, batch_size=200)
+    b = _mixture("diag").fit(x, epochs=2, batch_size=200, distributed=True)
+    for key, value in a.to_tensors().items():
+        assert torch.equal(value, b.to_tensors()[key]), key
+
+
+def test_shards_are_contiguous_near_equal_and_restore_the_order() -> None:
+    items = list(range(11))
+    shares = [dist.shard(items, 4, r) for r in range(4)]
+    assert shares == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10]]
+    assert [dist.shard_range(3, 5, r) for r in range(5)] == [(0, 1), (1, 2), (2, 3), (3, 3), (3, 3)]
+    assert sum(shares, []) == items
+
+
+def test_torchrun_environment_and_backend() -> None:
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    assert dist.launched_by_torchrun(env)
+    assert not dist.launched_by_torchrun({**env, "WORLD_SIZE": "1"})
+    assert not dist.launched_by_torchrun({k: v for k, v in env.items() if k != "MASTER_PORT"})
+    assert dist.backend_for("cuda:1") == "nccl" and dist.backend_for("cpu") == "gloo"
+    assert os.environ.get("WORLD_SIZE") in (None, "1") or dist.is_distributed() is False
