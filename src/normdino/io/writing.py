@@ -8,7 +8,7 @@ import itertools
 import json
 import logging
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -68,8 +68,11 @@ class PredictionWriter:
                 "anomalous_fraction": f"{anomalous_fraction:.6f}",
                 **{key: files.get(key, "") for key in ("anomaly_map", "mask", "overlay")}}
 
-    def write_images(self, paths: Sequence[Path]) -> None:
-        """Maps (16-bit PNG + .npy), mask PNG and overlay PNG for each 2D image."""
+    def write_images(self, paths: Sequence[Path], on_image: Callable | None = None) -> None:
+        """Maps (16-bit PNG + .npy), mask PNG and overlay PNG for each 2D image.
+
+        ``on_image(path, image, prediction)``, if given, sees each image and its prediction (e.g. for a viewer).
+        """
         from normdino.io.reading import read_image
 
         stems = unique_stems(paths)
@@ -80,6 +83,8 @@ class PredictionWriter:
             for path, stem, image, pred in zip(paths[start:start + batch], stems[start:start + batch], images,
                                                self.detector.predict(images, fpr=self.fpr)):
                 self.rows.append(self._write_image_outputs(path, stem, image, pred))
+                if on_image is not None:
+                    on_image(path, image, pred)
                 bar.update(1)
         bar.close()
 
@@ -94,10 +99,11 @@ class PredictionWriter:
             rendering.save_png(self.out_dir / files["overlay"], overlay)
         return self._row(path, "image", pred.score, float(pred.mask.mean()), **files)
 
-    def write_volume(self, path: Path, options) -> None:
+    def write_volume(self, path: Path, options, on_slice: Callable | None = None) -> None:
         """``<stem>_anomaly.nii.gz`` (float32) and ``<stem>_mask.nii.gz`` (uint8) in the input's exact geometry.
 
         Slices stream from the scan through the detector into both files; skipped slices stay 0.
+        ``on_slice(index, slice_image, prediction)``, if given, sees each kept slice (e.g. for a viewer).
         """
         from normdino.io.volumes import Volume, VolumeWriter, volume_stem
 
@@ -112,12 +118,15 @@ class PredictionWriter:
                     VolumeWriter(volume, self.out_dir / files["mask"], options.axis, np.uint8) as masks:
                 slices = volume.iter_slices(options, indices=indices)
                 while chunk := list(itertools.islice(slices, self.detector.batch_size)):
-                    for (index, _), pred in zip(chunk, self.detector.predict([s for _, s in chunk], fpr=self.fpr)):
+                    for (index, image_slice), pred in zip(chunk, self.detector.predict([s for _, s in chunk],
+                                                                                       fpr=self.fpr)):
                         maps.write(index, pred.pixel_map)
                         masks.write(index, pred.mask.astype(np.uint8))
                         top.add(pred.pixel_map)
                         n_voxels += pred.mask.size
                         n_anomalous += int(pred.mask.sum())
+                        if on_slice is not None:
+                            on_slice(index, image_slice, pred)
                         bar.update(1)
             bar.close()
         self.rows.append(self._row(path, "volume", top.mean(), n_anomalous / max(1, n_voxels), **files))
