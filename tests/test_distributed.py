@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from normdino import distributed as dist
 from normdino.errors import InputError
 from normdino.evaluation.metrics import thresholds_at_fprs
+from normdino.features.tokens import TokenSet
 from normdino.methods.mixture import DirichletProcessMixture
 
 WORLD = 2
@@ -95,6 +96,19 @@ def _worker(rank: int, out: str) -> None:
         np.save(f"{out}/thresholds-{rank}.npy", dist.thresholds_at_fprs(scores, [0.01, 0.05, 0.1]))
         state = dist.broadcast_tensors({"bank": torch.arange(6.0).view(3, 2) * (rank + 1)} if rank == 0 else None)
         results["broadcast"] = state["bank"].tolist()
+        # a token set gathered in rank order; a computation on rank 0 given to every rank, or its error
+        share = TokenSet(np.full((rank + 1, 1, 2, 2, 3), rank, np.float16), [(4 + rank, 5)] * (rank + 1),
+                         sources=[f"r{rank}-{i}" for i in range(rank + 1)])
+        whole = dist.gather_token_set(share)
+        results["token_set"] = [whole.patches[:, 0, 0, 0, 0].tolist(), [list(s) for s in whole.shapes], whole.sources]
+        picked = dist.on_main(lambda: {"indices": torch.tensor([2, 0, 1])}, "the coreset selection")
+        results["on_main"] = picked["indices"].tolist()
+        try:
+            dist.on_main(lambda: (_ for _ in ()).throw(InputError("no rows to select from.")), "the coreset selection")
+        except InputError as err:
+            results["on_main_error"] = f"own: {err}"
+        except dist.DistributedError as err:
+            results["on_main_error"] = str(err)
         # faults: a user error on rank 1 alone ends the block on both ranks with one message
         try:
             with dist.failing_together("token extraction"):
@@ -180,6 +194,10 @@ def test_a_failing_rank_ends_every_rank_with_its_message(two_ranks: Path) -> Non
     for r in range(WORLD):
         results = json.loads((two_ranks / f"results-{r}.json").read_text())
         assert results["broadcast"] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+        assert results["token_set"] == [[0.0, 1.0, 1.0], [[4, 5], [5, 5], [5, 5]], ["r0-0", "r1-0", "r1-1"]]
+        assert results["on_main"] == [2, 0, 1]
+        want = "own: no rows to select from." if r == 0 else "rank 0 failed during the coreset selection: no rows to select from."
+        assert results["on_main_error"] == want
         assert results["fault"] == "rank 1 of 2 failed during token extraction: image b.png cannot be read."
         assert results["em_fault"].startswith("rank 1 of 2 failed during the mixture fit: ")
         assert "NaN" in results["em_fault"]

@@ -18,13 +18,16 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 
 from normdino.errors import NormdinoError
+
+if TYPE_CHECKING:
+    from normdino.features.tokens import TokenSet
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +228,46 @@ def gather_rows(array: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     return out.numpy() if is_numpy else out
 
 
+def gather_token_set(tokens: "TokenSet") -> "TokenSet":
+    """Every rank's share of a token set as one TokenSet in rank order (the input order with contiguous shards).
+
+    For methods that need all training tokens on every rank (memory bank, coreset): after this their
+    single-process ``fit`` runs unchanged and gives exactly the single-process result. Float16 rows travel.
+    """
+    from normdino.features.tokens import TokenSet
+
+    if not is_distributed():
+        return tokens
+    patches = gather_rows(np.ascontiguousarray(tokens.patches))
+    cls = None if tokens.cls is None else gather_rows(np.ascontiguousarray(tokens.cls))
+    parts = all_gather_object(([tuple(int(v) for v in s) for s in tokens.shapes], list(tokens.sources)))
+    shapes = [shape for part in parts for shape in part[0]]
+    sources = [source for part in parts for source in part[1]]
+    return TokenSet(patches, shapes, cls, sources)
+
+
+def on_main(compute: Callable[[], dict[str, torch.Tensor]], what: str) -> dict[str, torch.Tensor]:
+    """Run ``compute`` on rank 0 only and give its tensors to every rank (e.g. a coreset's selected indices).
+
+    If it raises on rank 0, every rank raises: rank 0 its own error, the others a DistributedError with its
+    message (the error is sent before any tensor, so nobody waits for tensors that never come).
+    """
+    if not is_distributed():
+        return compute()
+    result, failure = None, None
+    if is_main():
+        try:
+            result = compute()
+        except Exception as exc:  # sent to the other ranks below
+            failure = exc
+    message = broadcast_object(None if failure is None else _describe(failure))
+    if message is not None:
+        if failure is not None:
+            raise failure
+        raise PeerFailedError(f"rank 0 failed during {what}: {message}")
+    return broadcast_tensors(result)
+
+
 def gather_scores(samples: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
     """Every rank's healthy scores (e.g. calibration pixel samples) as one flat array, in rank order.
 
@@ -317,6 +360,6 @@ def payload_bytes(*tensors: torch.Tensor) -> int:
 __all__ = [
     "DistributedError", "PeerFailedError", "is_distributed", "rank", "world_size", "is_main", "launched_by_torchrun", "backend_for",
     "init_from_env", "shutdown", "shard_range", "shard", "all_reduce_sum", "global_sum", "global_mean", "broadcast",
-    "broadcast_tensors", "broadcast_object", "all_gather_object", "gather_rows", "gather_scores", "thresholds_at_fprs", "barrier", "failing_together",
+    "broadcast_tensors", "broadcast_object", "all_gather_object", "gather_rows", "gather_token_set", "on_main", "gather_scores", "thresholds_at_fprs", "barrier", "failing_together",
     "payload_bytes",
 ]
