@@ -106,7 +106,13 @@ def test_lgg_flair_volume_prediction_keeps_shape_and_affine(lgg_flair, volume_mo
 
 def test_a_dicom_series_in_gives_nifti_maps_out(volume_model, tmp_path):
     pytest.importorskip("pydicom")
-    from test_volumes import write_dicom_series
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("io_test_volumes", Path(__file__).parent / "io" / "test_volumes.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    write_dicom_series = helpers.write_dicom_series
 
     from normdino.io.volumes import Volume
 
@@ -137,3 +143,61 @@ def test_predict_scales_volumes_as_the_training_volumes_were(scans, tiny_dinov2_
     inherited = predicted()
     np.testing.assert_array_equal(inherited, predicted("--window=0,600"))
     assert not np.array_equal(inherited, predicted("--normalization", "percentile"))
+
+
+# --------------------------------------------------------------------------- issue 11
+
+
+def test_predict_axis_alone_keeps_the_models_window():
+    from normdino.cli import _slice_options, build_parser
+
+    stored = {"axis": "axial", "normalization": "window", "window": [-200.0, 250.0], "percentiles": "0.5,99.5",
+              "image_intensity": "dtype"}
+    args = build_parser().parse_args(["predict", "m.normdino", "scan.nii.gz", "-o", "out", "--axis", "1"])
+    options = _slice_options(args, stored)
+    assert options.axis == 1 and options.normalization == "window" and options.window == (-200.0, 250.0)
+    args = build_parser().parse_args(["predict", "m.normdino", "scan.nii.gz", "-o", "out", "--percentiles", "2,98"])
+    options = _slice_options(args, stored)
+    assert options.normalization == "percentile" and options.window is None and options.percentiles == (2.0, 98.0)
+
+
+def test_png_fitted_model_scores_uint8_volumes_on_the_png_scale(tiny_dinov2_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from normdino.cli import _slice_options, build_parser
+    from normdino.detector import AnomalyDetector
+    from normdino.io.reading import read_image
+    from normdino.io.volumes import Volume
+
+    rng = np.random.default_rng(3)
+    volume = (np.stack([make_phantom(rng, size=32)[0] for _ in range(4)], axis=2) * 255).round().astype(np.uint8)
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    for k in range(4):
+        Image.fromarray(volume[:, :, k]).save(pngs / f"s{k}.png")
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "scan.nii.gz")
+    model = tmp_path / "png.normdino"
+    assert main(["fit", str(pngs), "-o", str(model), "--backbone", str(tiny_dinov2_dir), "--image-size", "28",
+                 "--epochs", "1", "--components", "4", "--no-cache", "--quiet"]) == 0
+    detector = AnomalyDetector.load(model)
+    assert detector.volume_settings["image_intensity"] == "dtype"
+    args = build_parser().parse_args(["predict", str(model), str(tmp_path / "scan.nii.gz"), "-o", "out"])
+    options = _slice_options(args, detector.volume_settings)
+    assert options.normalization == "dtype" and options.fallback == "percentile"
+    with Volume.open(tmp_path / "scan.nii.gz") as scan:
+        for k, plane in scan.iter_slices(options):  # exactly the values the model was trained on
+            np.testing.assert_array_equal(plane, read_image(pngs / f"s{k}.png"))
+    signed = tmp_path / "signed.nii.gz"
+    nib.save(nib.Nifti1Image(volume.astype(np.int16), np.eye(4)), signed)
+    capsys.readouterr()
+    assert main(["predict", str(model), str(signed), "-o", str(tmp_path / "o"), "--no-overlays"]) == 0
+    assert "signed.nii.gz stores int16 voxels, which have no fixed range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("selection", [["--slices", "100:200"], ["--min-foreground", "0.99"]])
+def test_selections_that_select_nothing_exit_1(volume_model, scans, tmp_path, capsys, selection):
+    scan = scans / "test" / "patient.nii.gz"
+    assert main(["predict", str(volume_model), str(scan), "-o", str(tmp_path), "--quiet", *selection]) == 1
+    err = capsys.readouterr().err
+    assert "patient.nii.gz" in err and ("selects no slice" in err or "--min-foreground" in err)
+    assert not list(tmp_path.glob("*_anomaly.nii.gz"))
