@@ -1,0 +1,280 @@
+"""The FastAPI application: health, models, predict, result downloads, and the viewer at ``/``.
+
+Every error a client can cause is a 4xx JSON body ``{"error": "<one sentence>", "status": <code>}``; an
+unexpected failure is a 500 with a sentence and no traceback, and the server keeps serving. Inference runs
+in worker threads behind a per-model semaphore, so the event loop (and ``/health``) stays free.
+Nothing about an upload (its name, its content, its headers) is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from normdino import __version__
+from normdino.errors import NormdinoError
+from normdino.io.rendering import colormap_lut
+from normdino.serving.models import ServedModel, run_prediction
+from normdino.serving.results import ResultStore, discard
+from normdino.serving.settings import MB, ServeSettings
+from normdino.serving.uploads import UploadError, check_upload, copy_limited
+
+log = logging.getLogger("normdino.serving")
+
+STATIC = Path(__file__).parent / "static"
+_MULTIPART_SLACK = 64 * 1024  # form boundaries and part headers around the file
+_MEDIA_TYPES = {".png": "image/png", ".gz": "application/gzip", ".csv": "text/csv", ".json": "application/json",
+                ".npy": "application/octet-stream", ".u8": "application/octet-stream",
+                ".u16": "application/octet-stream"}
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """The one error shape of this API."""
+    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+
+
+def public_message(err: Exception, *folders: Path) -> str:
+    """An error's sentence with the server's temporary paths replaced by words, first letter capitalised."""
+    message = str(err)
+    for folder in folders:
+        message = re.sub(re.escape(str(folder)) + r"[^\s:,;()'\"]*", "the uploaded file", message)
+    message = message.replace("Image the uploaded file", "The uploaded image").strip()
+    message = message or "The upload could not be processed."
+    return message[0].upper() + message[1:]
+
+
+class UploadSizeLimit:
+    """ASGI middleware: refuse request bodies over a limit on POST, from Content-Length or while they stream in."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await error(413, self.sentence, {"Connection": "close"})(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, self.sentence)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    @property
+    def sentence(self) -> str:
+        return f"The upload is larger than the server's limit of {(self.max_bytes - _MULTIPART_SLACK) / MB:g} MB."
+
+
+def _validation_sentence(exc: RequestValidationError) -> str:
+    """One sentence for FastAPI's list of validation errors (missing file, a query value of the wrong type)."""
+    errors = exc.errors()
+    if not errors:
+        return "The request is invalid."
+    first = errors[0]
+    where, name = (list(first.get("loc", ())) + ["request", ""])[:2]
+    if name == "file" and first.get("type") == "missing":
+        return "The request has no file: upload it as the multipart form field 'file'."
+    if where == "query":
+        return f"The query parameter '{name}' is invalid: {first.get('msg', 'wrong value')}."
+    return f"The request is invalid: {first.get('msg', 'wrong value')} ({where} {name})."
+
+
+def create_app(models: dict[str, ServedModel], settings: ServeSettings = ServeSettings(),
+               store: ResultStore | None = None) -> FastAPI:
+    """The application serving these models with these limits."""
+    if not models:
+        raise NormdinoError("no model to serve")
+    store = ResultStore(settings.result_ttl_s) if store is None else store
+    for served in models.values():
+        served.concurrency = settings.concurrency
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def sweep_forever() -> None:
+            while True:
+                await asyncio.sleep(max(1.0, min(60.0, settings.result_ttl_s / 4)))
+                await run_in_threadpool(store.sweep)
+
+        task = asyncio.create_task(sweep_forever())
+        try:
+            yield
+        finally:
+            task.cancel()
+            store.close()
+
+    app = FastAPI(title="normdino", version=__version__, lifespan=lifespan,
+                  description="Anomaly maps, masks and scores from normative models of DINO patch embeddings. "
+                              "Research software, not a medical device.")
+    app.state.models = models
+    app.state.settings = settings
+    app.state.store = store
+    app.add_middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes + _MULTIPART_SLACK)
+    bearer = HTTPBearer(auto_error=False, description="Set when the server was started with --token.")
+
+    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if settings.token is None:
+            return
+        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), settings.token.encode()):
+            raise HTTPException(401, "This server needs a token: send the header 'Authorization: Bearer <token>'.",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else "The request was refused."
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"There is no {request.url.path} on this server."
+        return error(exc.status_code, detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error(422, _validation_sentence(exc))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        return error(500, "The server failed on this request (an internal error); it keeps serving.")
+
+    api = [Depends(authorize)]
+
+    @app.get("/health", dependencies=api, tags=["api"], summary="Is the server up; how busy is each model")
+    async def health() -> dict:
+        return {"status": "ok", "version": __version__,
+                "models": {name: {"running": m.running, "waiting": m.waiting} for name, m in models.items()},
+                "results": len(store)}
+
+    @app.get("/models", dependencies=api, tags=["api"], summary="The served models")
+    async def list_models() -> dict:
+        return {"models": [m.describe() for m in models.values()]}
+
+    def pick(name: str | None) -> ServedModel:
+        if name is None:
+            if len(models) == 1:
+                return next(iter(models.values()))
+            raise HTTPException(400, f"Several models are served: choose one with ?model= ({', '.join(models)}).")
+        if name not in models:
+            raise HTTPException(404, f"There is no model named '{name}'; served: {', '.join(models)}.")
+        return models[name]
+
+    @app.post("/predict", dependencies=api, tags=["api"],
+              summary="Anomaly map, mask and score of an image (PNG/JPEG/TIFF), a NIfTI volume or a DICOM zip")
+    async def predict(request: Request,
+                      file: UploadFile = File(..., description="PNG, JPEG, TIFF, .nii, .nii.gz, or a zip of one DICOM series"),
+                      model: str | None = Query(None, description="model name (optional with one model)"),
+                      fpr: float | None = Query(None, description="false-positive rate of the mask, e.g. 0.05")
+                      ) -> JSONResponse:
+        served = pick(model)
+        detector = served.detector
+        fpr = float(detector.default_fpr) if fpr is None else fpr
+        try:
+            detector.pixel_threshold(fpr)
+        except NormdinoError as err:
+            raise HTTPException(400, public_message(err)) from None
+        if served.running + served.waiting >= settings.concurrency + settings.max_queue:
+            return error(503, f"Model '{served.name}' is busy ({served.waiting} requests waiting); try again shortly.",
+                         {"Retry-After": "5"})
+        job = store.upload_folder()
+        result_id, out_dir = store.new_result()
+        started = time.perf_counter()
+        published = False
+        try:
+            raw = job / "upload.bin"
+            await run_in_threadpool(copy_limited, file.file, raw, settings.max_upload_bytes)
+            upload = await run_in_threadpool(check_upload, raw, job, settings)
+            served.waiting += 1
+            queued = True
+            try:
+                async with served.slots:
+                    served.waiting -= 1
+                    queued = False
+                    served.running += 1
+                    try:
+                        answer, names = await run_in_threadpool(run_prediction, served, upload, fpr, out_dir)
+                    finally:
+                        served.running -= 1
+            finally:
+                if queued:
+                    served.waiting -= 1
+            store.publish(result_id, names)
+            published = True
+        except UploadError as err:
+            return error(err.status, public_message(err, job, out_dir))
+        except NormdinoError as err:
+            return error(400, public_message(err, job, out_dir))
+        except Exception as err:  # noqa: BLE001 - the server must keep serving
+            log.error("predict failed on model %s: %s", served.name, type(err).__name__, exc_info=log.isEnabledFor(logging.DEBUG))
+            return error(500, "The server failed on this upload (an internal error); it keeps serving.")
+        finally:
+            await file.close()
+            discard(job)
+            if not published:
+                store.remove(result_id)
+        log.info("predict: model %s, %s, %.2f s", served.name, upload.kind, time.perf_counter() - started)
+        base = f"/results/{result_id}"
+        answer["id"] = result_id
+        answer["expires_in_s"] = settings.result_ttl_s
+        answer["files"] = {name: f"{base}/{name}" for name in sorted(names)
+                           if not name.startswith("view_")}
+        answer["viewer"].update(images=f"{base}/view_images.u8", maps=f"{base}/view_maps.u16",
+                                calibration=served.calibration(), colormap=colormap_lut().tolist())
+        return JSONResponse(answer)
+
+    @app.get("/results/{result_id}/{name}", dependencies=api, tags=["api"], summary="Download a result file")
+    async def result_file(result_id: str, name: str) -> FileResponse:
+        path = store.file(result_id, name)
+        if path is None or not path.is_file():
+            raise HTTPException(404, "This result does not exist or has expired; run the prediction again.")
+        media = _MEDIA_TYPES.get(path.suffix, "application/octet-stream")
+        return FileResponse(path, media_type=media, filename=None if name.startswith("view_") else name)
+
+    @app.delete("/results/{result_id}", dependencies=api, tags=["api"], status_code=204,
+                summary="Delete a result now")
+    async def delete_result(result_id: str) -> Response:
+        if not store.remove(result_id):
+            raise HTTPException(404, "This result does not exist or has expired.")
+        return Response(status_code=204)
+
+    @app.get("/", include_in_schema=False)
+    async def viewer() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def serve(model_specs: list[str], host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings = ServeSettings(),
+          device: str = "cpu", log_level: str = "info") -> None:
+    """Load the models and run the server until interrupted."""
+    import uvicorn
+
+    from normdino.serving.models import load_models
+
+    if settings.token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without --token: anyone who reaches this address can use the API", host)
+    app = create_app(load_models(model_specs, device=device, concurrency=settings.concurrency), settings)
+    log.info("viewer and API on http://%s:%d/  (API docs at /docs)", host if ":" not in host else f"[{host}]", port)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False)
