@@ -14,7 +14,8 @@ Conventions (used everywhere in this module):
 * AUPR is average precision, Σ (R_i − R_{i−1}) P_i over distinct thresholds, as scikit-learn's
   ``average_precision_score`` (no interpolation).
 
-Exact functions (``pixel_auroc``, ``pixel_aupr``, ``aupro``, …) hold all scores in memory. For a whole
+Exact functions (``pixel_auroc``, ``pixel_aupr``, ``aupro``, …) hold all scores in memory; exact AUROC and
+average precision are scikit-learn's (``roc_auc_score``, ``average_precision_score``). For a whole
 benchmark use :class:`PixelScoreAccumulator`, which streams images into a fixed-resolution histogram.
 """
 
@@ -182,16 +183,31 @@ def _region_weights(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 def pixel_auroc(scores: ArrayOrList, masks: ArrayOrList | None) -> float:
     """Exact AUROC over all pixels of all maps (ties count one half); NaN + warning if one class only."""
-    s, y = _flatten_pairs(scores, masks)
-    neg, pos = _group_by_value(s, [(~y).astype(np.float64), y.astype(np.float64)])
-    return _auroc_from_counts(neg, pos)
+    return _exact_auroc(*_flatten_pairs(scores, masks))
+
+
+def _exact_auroc(s: np.ndarray, y: np.ndarray) -> float:
+    """scikit-learn's ROC AUC (ties count one half); NaN + warning with one class only."""
+    n_pos = int(np.count_nonzero(y))
+    if n_pos == 0 or n_pos == y.size:
+        return _undefined("AUROC is undefined when only one class is present (all pixels normal or all anomalous); returning NaN.")
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s))
+
+
+def _exact_aupr(s: np.ndarray, y: np.ndarray) -> float:
+    """scikit-learn's average precision; NaN + warning without anomalous samples (scikit-learn would say 0)."""
+    if not np.any(y):
+        return _undefined("AUPR is undefined without anomalous pixels; returning NaN.")
+    from sklearn.metrics import average_precision_score
+
+    return float(average_precision_score(y, s))
 
 
 def pixel_aupr(scores: ArrayOrList, masks: ArrayOrList | None) -> float:
     """Exact average precision over all pixels of all maps; NaN + warning without anomalous pixels."""
-    s, y = _flatten_pairs(scores, masks)
-    neg, pos = _group_by_value(s, [(~y).astype(np.float64), y.astype(np.float64)])
-    return _aupr_from_counts(neg, pos)
+    return _exact_aupr(*_flatten_pairs(scores, masks))
 
 
 def _image_arrays(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -206,16 +222,12 @@ def _image_arrays(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | 
 
 def image_auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
     """AUROC of image-level scores against labels (1 = anomalous)."""
-    s, y = _image_arrays(scores, labels)
-    neg, pos = _group_by_value(s, [(~y).astype(np.float64), y.astype(np.float64)])
-    return _auroc_from_counts(neg, pos)
+    return _exact_auroc(*_image_arrays(scores, labels))
 
 
 def image_aupr(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
     """Average precision of image-level scores against labels (1 = anomalous)."""
-    s, y = _image_arrays(scores, labels)
-    neg, pos = _group_by_value(s, [(~y).astype(np.float64), y.astype(np.float64)])
-    return _aupr_from_counts(neg, pos)
+    return _exact_aupr(*_image_arrays(scores, labels))
 
 
 def thresholds_at_fprs(normal_scores: ArrayOrList, fprs: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -548,6 +560,30 @@ class PixelScoreAccumulator:
     def dice_at(self, threshold: float) -> float:
         """Pooled Dice of "score > threshold" against the masks."""
         return _dice_from_counts(*self.confusion_at(threshold))
+
+    def merge(self, other: "PixelScoreAccumulator") -> "PixelScoreAccumulator":
+        """Add everything ``other`` has seen into this accumulator (e.g. the shares of several processes).
+
+        Counts are integers, so the merged metrics equal those of one accumulator fed every image.
+        Both must have the same thresholds, resolution and region tracking.
+        """
+        if (other.thresholds, other.mantissa_bits, other.track_regions) != (self.thresholds, self.mantissa_bits, self.track_regions):
+            raise InputError("Accumulators with different thresholds, mantissa_bits or track_regions cannot be merged.")
+        self._flush()
+        other._flush()
+        for block, counts in other._counts.items():
+            mine = self._counts.get(block)
+            self._counts[block] = counts.copy() if mine is None else mine + counts
+        for block, weights in other._weights.items():
+            mine = self._weights.get(block)
+            self._weights[block] = weights.copy() if mine is None else mine + weights
+        self.confusion_ = self.confusion_ + other.confusion_
+        self.n_images_ += other.n_images_
+        self.n_normal_ += other.n_normal_
+        self.n_anomalous_ += other.n_anomalous_
+        self.n_regions_ += other.n_regions_
+        self._binned = None
+        return self
 
     def threshold_at_fpr(self, fpr: float) -> float:
         """Smallest bin-upper-value t with at most ``fpr`` of the NORMAL pixels strictly above t (use on healthy images)."""
