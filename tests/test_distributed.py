@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from normdino import distributed as dist
 from normdino.errors import InputError
-from normdino.evaluation.metrics import thresholds_at_fprs
+from normdino.evaluation.metrics import PixelScoreAccumulator, thresholds_at_fprs
 from normdino.features.tokens import TokenSet
 from normdino.methods.mixture import DirichletProcessMixture
 
@@ -47,6 +47,13 @@ def _local_batches(rank: int) -> list[np.ndarray]:
 
 def _validation(rank: int) -> np.ndarray:
     return _clustered(150 + 40 * rank, seed=500 + rank)
+
+
+def _image_with_mask(rank: int, image: int) -> tuple[np.ndarray, np.ndarray | None]:
+    rng = np.random.default_rng(100 * rank + image)
+    mask = None if image == 0 else (rng.random((12, 10)) > 0.8)
+    scores = rng.random((12, 10)).astype(np.float32) + (0.0 if mask is None else 0.5 * mask)
+    return scores, mask
 
 
 def _mixture(covariance: str) -> DirichletProcessMixture:
@@ -94,6 +101,13 @@ def _worker(rank: int, out: str) -> None:
         np.save(f"{out}/gathered-{rank}.npy", dist.gather_rows(rows))
         scores = [np.random.default_rng(rank).gamma(2.0, size=(7 + rank, 9)).astype(np.float32) for _ in range(3)]
         np.save(f"{out}/thresholds-{rank}.npy", dist.thresholds_at_fprs(scores, [0.01, 0.05, 0.1]))
+        accumulator = PixelScoreAccumulator(thresholds=(0.5,), track_regions=True)
+        for image in range(2 + rank):
+            scores_map, mask = _image_with_mask(rank, image)
+            accumulator.add(scores_map, mask)
+        merged = dist.reduce_accumulator(accumulator)
+        results["metrics"] = [merged.auroc(), merged.aupr(), merged.aupro(), merged.dice_at(0.5), merged.threshold_at_fpr(0.05),
+                              merged.n_images_]
         state = dist.broadcast_tensors({"bank": torch.arange(6.0).view(3, 2) * (rank + 1)} if rank == 0 else None)
         results["broadcast"] = state["bank"].tolist()
         # a token set gathered in rank order; a computation on rank 0 given to every rank, or its error
@@ -130,6 +144,15 @@ def _worker(rank: int, out: str) -> None:
         Path(f"{out}/results-{rank}.json").write_text(json.dumps(results))
     finally:
         torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one torch thread is 10-20x faster than two on a loaded 2-core machine (no spin-waiting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +211,17 @@ def test_rows_gathered_in_rank_order_and_thresholds_equal_one_process(two_ranks:
     for r in range(WORLD):
         np.testing.assert_array_equal(np.load(two_ranks / f"gathered-{r}.npy"), rows)
         np.testing.assert_array_equal(np.load(two_ranks / f"thresholds-{r}.npy"), want)  # exactly equal
+
+
+def test_metric_accumulators_summed_across_ranks_equal_one_process(two_ranks: Path) -> None:
+    one = PixelScoreAccumulator(thresholds=(0.5,), track_regions=True)
+    for r in range(WORLD):
+        for image in range(2 + r):
+            one.add(*_image_with_mask(r, image))
+    want = [one.auroc(), one.aupr(), one.aupro(), one.dice_at(0.5), one.threshold_at_fpr(0.05), one.n_images_]
+    for r in range(WORLD):
+        got = json.loads((two_ranks / f"results-{r}.json").read_text())["metrics"]
+        np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 def test_a_failing_rank_ends_every_rank_with_its_message(two_ranks: Path) -> None:

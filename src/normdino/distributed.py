@@ -287,6 +287,21 @@ def thresholds_at_fprs(samples: Sequence[np.ndarray] | np.ndarray, fprs: Sequenc
     return local_thresholds(gather_scores(samples), fprs)
 
 
+def reduce_accumulator(accumulator: Any) -> Any:
+    """A PixelScoreAccumulator holding every rank's images (merged in rank order; identical on every rank).
+
+    Its histogram and confusion counts are integer sums, so the metrics equal a one-process run's. Each
+    rank's accumulator travels once (pickled for transport only: its occupied bins, a few MiB).
+    """
+    if not is_distributed():
+        return accumulator
+    parts = all_gather_object(accumulator)
+    merged = parts[0]
+    for part in parts[1:]:
+        merged.merge(part)
+    return merged
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a plain run)."""
     if is_distributed():
@@ -360,6 +375,6 @@ def payload_bytes(*tensors: torch.Tensor) -> int:
 __all__ = [
     "DistributedError", "PeerFailedError", "is_distributed", "rank", "world_size", "is_main", "launched_by_torchrun", "backend_for",
     "init_from_env", "shutdown", "shard_range", "shard", "all_reduce_sum", "global_sum", "global_mean", "broadcast",
-    "broadcast_tensors", "broadcast_object", "all_gather_object", "gather_rows", "gather_token_set", "on_main", "gather_scores", "thresholds_at_fprs", "barrier", "failing_together",
+    "broadcast_tensors", "broadcast_object", "all_gather_object", "gather_rows", "gather_token_set", "on_main", "gather_scores", "thresholds_at_fprs", "reduce_accumulator", "barrier", "failing_together",
     "payload_bytes",
 ]
