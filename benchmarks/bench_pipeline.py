@@ -80,9 +80,9 @@ def main() -> None:
     detector.batch_size = args.batch_size
     paths = sorted((args.data / "valid" / "Ungood" / "img").glob("*.png"))[: args.n_predict]
     baseline = backbone_only_seconds(detector.backbone_, paths, args.batch_size)
-    writer = PredictionWriter(detector, work / "predict", progress=False)
+    writer = PredictionWriter(detector, work / "predict", progress=False, overwrite=True)
     writer.write_images(paths[: args.batch_size])  # warm-up
-    writer = PredictionWriter(detector, work / "predict", progress=False)
+    writer = PredictionWriter(detector, work / "predict", progress=False, overwrite=True)
     started = time.perf_counter()
     writer.write_images(paths)
     writer.finish()

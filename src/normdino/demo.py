@@ -44,7 +44,7 @@ def run_demo(out: Path, backbone: str = "dinov2_vits14", image_size: int = 448, 
 
     normal = _sorted_pngs(data / "test" / "good" / "img")
     anomalous = _sorted_pngs(data / "test" / "Ungood" / "img")
-    writer = PredictionWriter(detector, out / "predictions", progress=progress)
+    writer = PredictionWriter(detector, out / "predictions", progress=progress, overwrite=True)  # the demo's own folder
     writer.write_images(normal + anomalous)
     writer.finish()
 

@@ -15,3 +15,7 @@ class ModelFileError(NormdinoError, ValueError):
 
 class WeightsNotFoundError(NormdinoError, OSError):
     """Backbone weights that are neither cached locally nor reachable on the hub."""
+
+
+class OutputError(NormdinoError, OSError):
+    """An output that cannot be written: a folder that is a file, a read-only place, a full disk."""

@@ -56,3 +56,90 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, str]
             return f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
         raise ModelFileError(f"{path} is not {what}, or it is truncated or corrupt ({err})") from None
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself or its closest ancestor that exists."""
+    path = Path(os.path.abspath(path))
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe_folder(folder: Path, target: Path, what: str) -> None:
+    """Create and remove a temporary file in ``folder``: the one reliable test that ``target`` can be written."""
+    from normdino.errors import OutputError
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".normdino-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputError(f"cannot write the {what} {target}: {folder} is not writable ({err.strerror})") from None
+
+
+def check_writable_folder(path: str | os.PathLike, what: str = "output folder") -> None:
+    """An OutputError sentence unless ``path`` is, or can be created as, a folder that accepts files; creates nothing."""
+    from normdino.errors import OutputError
+
+    target = Path(path)
+    existing = _nearest_existing(target)
+    if existing.is_file() or (os.path.lexists(existing) and not existing.is_dir()):
+        where = "is a file" if existing == Path(os.path.abspath(target)) else f"lies under the file {existing}"
+        raise OutputError(f"cannot use {target} as the {what}: it {where}")
+    _probe_folder(existing, target, what)
+
+
+def check_writable_file(path: str | os.PathLike, what: str = "output file") -> None:
+    """An OutputError sentence unless a file can be written (atomically) at ``path``; creates nothing."""
+    from normdino.errors import OutputError
+
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"cannot write the {what} {target}: it is a folder; give a file name inside it, "
+                          f"e.g. {target / 'model.normdino'}")
+    if os.path.lexists(target) and not target.is_file():
+        raise OutputError(f"cannot write the {what} {target}: it exists and is not a regular file")
+    existing = _nearest_existing(target.parent)
+    if not existing.is_dir():
+        raise OutputError(f"cannot write the {what} {target}: it lies under {existing}, which is not a folder")
+    _probe_folder(existing, target, what)
+
+
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+                       "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def read_safetensors_layout(path: str | os.PathLike) -> tuple[dict, int]:
+    """The JSON header of a safetensors file (tensor dtypes, shapes, offsets; ``__metadata__``) and where data starts.
+
+    Reads only the header (8-byte little-endian length + JSON), without torch; ValueError if it is not one.
+    """
+    import json
+    import struct
+
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > 100 * 2**20:
+            raise ValueError("header too large")
+        layout = json.loads(handle.read(length))
+    if not isinstance(layout, dict):
+        raise ValueError("header is not an object")
+    return layout, 8 + length
+
+
+def read_safetensors_arrays(path: str | os.PathLike, names: list[str]) -> dict:
+    """Named tensors of a safetensors file as numpy arrays, read without torch; ValueError if one is missing or bad."""
+    import numpy as np
+
+    layout, start = read_safetensors_layout(path)
+    arrays = {}
+    with open(path, "rb") as handle:
+        for name in names:
+            entry = layout[name]
+            begin, end = (int(v) for v in entry["data_offsets"])
+            dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+            handle.seek(start + begin)
+            data = handle.read(end - begin)
+            arrays[name] = np.frombuffer(data, dtype=dtype).reshape(entry["shape"]).copy()
+    return arrays

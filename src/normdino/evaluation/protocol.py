@@ -328,8 +328,8 @@ def _case_overlays(result: MethodResult, scorer: Scorer, backbone, sigma: float,
             patch = scorer.patch_maps(backbone(backbone.preprocess(image)[None]))[0]
         maps = scoring.pixel_map(patch, image.shape[:2], sigma)
         true_mask = read_image(sample.mask) > 0
-        overlay = rendering.overlay_image(image, maps, maps > threshold, low, max(threshold * 1.25, low + 1e-6),
-                                       true_mask=true_mask)
+        vmin, vmax = rendering.score_color_range(low, low + 1.25 * (threshold - low))  # any sign of score
+        overlay = rendering.overlay_image(image, maps, maps > threshold, vmin, vmax, true_mask=true_mask)
         items.append((f"{kind}: {sample.image.name} (Dice {dice_value:.2f})", overlay))
     return items
 

@@ -64,6 +64,19 @@ def _check_range(vmin: float, vmax: float, where: str) -> None:
         raise InputError(f"{where}: the colour range vmin={vmin!r}, vmax={vmax!r} must be finite with vmax > vmin.")
 
 
+def score_color_range(typical: float, high: float) -> tuple[float, float]:
+    """A colour range (vmin, vmax) from a typical healthy score up to a high one, valid for scores of any sign.
+
+    Scores such as a negative log-likelihood can be negative, so no rule may scale by a factor (``2·vmax``,
+    ``1.25·threshold``); when ``high`` does not lie above ``typical`` the range is widened by a small step.
+    """
+    typical, high = float(typical), float(high)
+    if not (math.isfinite(typical) and math.isfinite(high)):
+        raise InputError(f"score_color_range: the scores {typical!r} and {high!r} must be finite.")
+    step = 1e-6 * max(1.0, abs(typical))
+    return typical, max(high, typical + step)
+
+
 def normalize(score_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     """Scores scaled to [0, 1] over [vmin, vmax] (clipped; NaN becomes 0)."""
     _check_range(vmin, vmax, "normalize")
@@ -277,7 +290,10 @@ def save_map_png16(path: str | os.PathLike, score_map: np.ndarray, vmin: float, 
     a = np.asarray(score_map)
     if a.ndim != 2:
         raise InputError(f"save_map_png16: score map of shape {a.shape} for {path} must be 2-D.")
-    values = np.rint(normalize(a, vmin, vmax) * PNG16_MAX).astype(np.uint16)
+    values = np.empty(a.shape, dtype=np.uint16)
+    rows = max(1, (1 << 20) // max(1, a.shape[1]))  # ~1 M pixels at a time: float64 scratch stays ~8 MB
+    for top in range(0, a.shape[0], rows):
+        values[top:top + rows] = np.rint(normalize(a[top:top + rows], vmin, vmax) * PNG16_MAX)
     info = PngImagePlugin.PngInfo()
     info.add_text("normdino:vmin", repr(float(vmin)))
     info.add_text("normdino:vmax", repr(float(vmax)))

@@ -1,123 +1,467 @@
-"""Prediction outputs a person can open: 16-bit PNG and .npy maps, masks, overlays, NIfTI maps and scores.csv."""
+"""Prediction outputs a person can open: 16-bit PNG and .npy maps, masks, overlays, NIfTI maps, ``scores.csv``,
+``summary.json`` and an ``index.html`` to browse them.
+
+Rules that keep results safe:
+
+* A results folder is never merged into. An existing folder that holds files is refused unless ``overwrite``,
+  which first removes the earlier run's outputs (the files its ``scores.csv`` lists, and the report files);
+  files normdino did not write are left alone.
+* Output names are unique and traceable: a name is the input's stem; inputs whose stems collide get their
+  extension (``img_png``, ``img_jpg``) and then as many parent folders as it takes (``a__x__img``); the
+  ``input`` column of ``scores.csv`` holds each input's path.
+* ``scores.csv`` gets each input's row as soon as its files are complete (appended and flushed), so maps
+  never exist without their row. An input that cannot be read gets a ``skipped`` row saying why and a
+  warning (``strict`` stops at the first instead); a failed input's partial files are removed.
+* Memory is bounded: image sizes are read from the file headers before any work, images above
+  ``max_megapixels`` are refused with one sentence, and batches hold at most ``BATCH_PIXELS`` pixels
+  (or one image). Peak memory is about ``BYTES_PER_PIXEL`` bytes per pixel of the largest batch.
+"""
 
 from __future__ import annotations
 
 import csv
+import heapq
+import html
 import io
 import itertools
 import json
 import logging
+import os
+from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from normdino.errors import InputError, OutputError
+from normdino.files import atomic_path, atomic_write_text, check_writable_folder
 from normdino.io import rendering
-from normdino.files import atomic_path, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("input", "kind", "score", "anomalous", "fpr", "pixel_threshold", "image_threshold",
-               "anomalous_fraction", "anomaly_map", "mask", "overlay")
+CSV_COLUMNS = ("input", "kind", "status", "score", "anomalous", "fpr", "pixel_threshold", "image_threshold",
+               "anomalous_fraction", "anomaly_map", "anomaly_npy", "mask", "overlay", "top_slices",
+               "random_weights", "message")
+FILE_COLUMNS = ("anomaly_map", "anomaly_npy", "mask", "overlay", "top_slices")
+REPORT_FILES = ("scores.csv", "summary.json", "index.html")
+RANDOM_WARNING = ("The backbone has RANDOM weights: these maps, scores and verdicts say nothing about DINOv2's "
+                  "quality (use it only to try the pipeline).")
+
+#: Images larger than this are refused before any work (``--max-megapixels``).
+DEFAULT_MAX_MEGAPIXELS = 64.0
+#: Measured peak memory of predict per pixel of the largest batch (8-bit image; 16-bit adds ~16 B/px while reading).
+BYTES_PER_PIXEL = 40
+#: A batch holds at most this many pixels, or one image.
+BATCH_PIXELS = 16_000_000
+#: Overlay panels are drawn at most this many pixels on their long side (they are for looking at, not measuring).
+OVERLAY_MAX_SIDE = 1024
+#: Volumes: how many top-scoring slices the strip shows, and their side in pixels.
+TOP_SLICES = 5
+STRIP_SIDE = 192
+
+
+# ---------------------------------------------------------------------- names
+
+
+def _stem_and_extension(path: Path) -> tuple[str, str]:
+    """(stem, extension) of an input: ``scan.nii.gz`` -> (scan, nii_gz), a DICOM folder -> (name, "")."""
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)], suffix[1:].replace(".", "_").lower()
+    if path.suffix and not path.is_dir():
+        return path.stem, path.suffix[1:].lower()
+    return name, ""
+
+
+def output_names(paths: Sequence[Path], taken: Iterable[str] = ()) -> list[str]:
+    """A unique output name per input (case-insensitively, and unlike every name in ``taken``).
+
+    The stem where it is unique; colliding stems in one folder get their extension; remaining collisions
+    get parent folder names, nearest first, joined with ``__``; a number is the last resort.
+    """
+    paths = [Path(p) for p in paths]
+    taken_keys = {t.casefold() for t in taken}
+    split = [_stem_and_extension(p) for p in paths]
+    parents = [Path(os.path.abspath(p)).parent for p in paths]
+    same_folder = Counter((str(parent), stem.casefold()) for parent, (stem, _) in zip(parents, split))
+    bases = [f"{stem}_{ext}" if same_folder[(str(parent), stem.casefold())] > 1 and ext else stem
+             for parent, (stem, ext) in zip(parents, split)]
+    folders = [parent.parts[1:] for parent in parents]
+    depth = [0] * len(paths)
+    names = list(bases)
+    while True:
+        counts = Counter(n.casefold() for n in names)
+        clashing = [i for i, n in enumerate(names) if counts[n.casefold()] > 1 or n.casefold() in taken_keys]
+        grown = [i for i in clashing if depth[i] < len(folders[i])]
+        if not grown:
+            break
+        for i in grown:
+            depth[i] += 1
+            names[i] = "__".join((*folders[i][-depth[i]:], bases[i]))
+    unique, used = [], set(taken_keys)
+    for name in names:
+        candidate, k = name, 2
+        while candidate.casefold() in used:
+            candidate, k = f"{name}_{k}", k + 1
+        used.add(candidate.casefold())
+        unique.append(candidate)
+    return unique
 
 
 def unique_stems(paths: Sequence[Path]) -> list[str]:
-    """Output stems of image files, prefixed with parent folder names where two inputs would otherwise collide."""
-    stems = [p.stem for p in paths]
-    seen: dict[str, int] = {}
-    for stem in stems:
-        seen[stem] = seen.get(stem, 0) + 1
-    return [f"{p.parent.name}__{s}" if seen[s] > 1 else s for p, s in zip(paths, stems)]
+    """Output stems of inputs (kept for callers of the old name; see :func:`output_names`)."""
+    return output_names(paths)
+
+
+# ---------------------------------------------------------------------- results folder
+
+
+def _listed_outputs(csv_path: Path) -> list[str]:
+    """File names an earlier run's scores.csv lists (empty if there is none or it is not ours)."""
+    try:
+        with csv_path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+    return [row[c] for row in rows for c in FILE_COLUMNS if row.get(c)]
+
+
+def prepare_results_folder(out_dir: str | os.PathLike, overwrite: bool = False, check_only: bool = False) -> None:
+    """Refuse a results folder that already holds files unless ``overwrite``; then remove the earlier run's outputs.
+
+    Only files an earlier normdino run wrote (listed in its scores.csv, plus the report files) are removed,
+    and nothing at all with ``check_only`` (to check before any work). Checks that the folder can be written,
+    without creating it.
+    """
+    out_dir = Path(out_dir)
+    check_writable_folder(out_dir, "results folder")
+    if not out_dir.is_dir():
+        return
+    entries = [e for e in out_dir.iterdir() if not e.name.startswith(".normdino-probe.")]
+    if not entries:
+        return
+    if not overwrite:
+        earlier = " from an earlier predict" if (out_dir / "scores.csv").exists() else ""
+        raise OutputError(f"the results folder {out_dir} already holds {len(entries)} files{earlier}; choose a new "
+                          "folder, or pass --overwrite to replace the earlier normdino results in it")
+    if check_only:
+        return
+    for name in [*_listed_outputs(out_dir / "scores.csv"), *REPORT_FILES]:
+        target = out_dir / Path(name).name  # never outside the folder, whatever the CSV says
+        if target.is_file():
+            target.unlink()
+
+
+def check_image_sizes(paths: Sequence[Path], max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+                      strict: bool = False) -> dict[Path, tuple[int, int] | str]:
+    """(H, W) of each image from its header, or why it will be skipped; under ``strict`` the first problem raises.
+
+    Reads headers only, so it is cheap enough to run before the model loads.
+    """
+    from normdino.io.reading import image_shape
+
+    found: dict[Path, tuple[int, int] | str] = {}
+    for path in paths:
+        try:
+            shape = image_shape(path)
+            megapixels = shape[0] * shape[1] / 1e6
+            if megapixels > max_megapixels:
+                need = BYTES_PER_PIXEL * megapixels  # MB
+                raise InputError(
+                    f"{path} is {shape[1]}x{shape[0]} ({megapixels:.3g} megapixels), above the limit of "
+                    f"{max_megapixels:g}: predict needs about {BYTES_PER_PIXEL} bytes per pixel "
+                    f"({f'{need / 1000:.1f} GB' if need >= 1000 else f'{need:.3g} MB'} for it); downscale it or "
+                    "raise --max-megapixels")
+            found[path] = shape
+        except InputError as err:
+            if strict:
+                raise
+            found[path] = str(err)
+    return found
+
+
+# ---------------------------------------------------------------------- small writers
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    """Write a .npy file atomically."""
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    atomic_write_bytes(path, buffer.getvalue())
+    """Write a .npy file atomically, straight to disk (no in-memory copy)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def _shrink(array: np.ndarray, max_side: int, resample: int) -> np.ndarray:
+    """A float32 (H, W) or (H, W, 3) array resized so its long side is at most ``max_side``."""
+    h, w = array.shape[:2]
+    if max(h, w) <= max_side:
+        return array
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if array.ndim == 3:
+        return np.stack([_shrink(array[..., c], max_side, resample) for c in range(array.shape[2])], axis=2)
+    plane = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32), mode="F")
+    return np.asarray(plane.resize(size, resample), dtype=np.float32)
+
+
+def _thumbnail(image: np.ndarray, pixel_map: np.ndarray, mask: np.ndarray, max_side: int):
+    """Image, map and mask shrunk together for drawing (the mask by majority of its pixels)."""
+    small_mask = _shrink(mask.astype(np.float32), max_side, Image.Resampling.BOX) >= 0.5
+    return (_shrink(image, max_side, Image.Resampling.BILINEAR), _shrink(pixel_map, max_side, Image.Resampling.BILINEAR),
+            small_mask)
+
+
+def _slice_strip(slices: list[tuple[float, int, np.ndarray, np.ndarray, np.ndarray]], vmin: float,
+                 vmax: float) -> np.ndarray:
+    """One RGB strip of slices side by side: heat map over the slice, mask contour, "slice k  score s" above."""
+    panels = []
+    for score, index, image, pixel_map, mask in slices:
+        gray = np.clip(np.nan_to_num(image if image.ndim == 2 else image.mean(axis=2)), 0, 1)
+        base = np.repeat(gray[..., None], 3, axis=2)
+        heat = rendering.colorize(pixel_map, vmin, vmax) / 255.0
+        panel = 0.5 * base + 0.5 * heat
+        panel[rendering.mask_contour(mask)] = np.array(rendering.PREDICTED_COLOR) / 255.0
+        panels.append((f"slice {index}  score {score:.4f}", np.rint(panel * 255).astype(np.uint8)))
+    header, gap = 20, 6
+    height = header + max(p.shape[0] for _, p in panels)
+    width = sum(p.shape[1] for _, p in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, height), (24, 26, 32))
+    draw = ImageDraw.Draw(canvas)
+    left = 0
+    for caption, panel in panels:
+        canvas.paste(Image.fromarray(panel), (left, header))
+        draw.text((left + 3, 4), caption, fill=(226, 228, 233))
+        left += panel.shape[1] + gap
+    return np.asarray(canvas)
+
+
+def _batches_by_pixels(items: Sequence[tuple[Path, tuple[int, int] | str]], max_count: int,
+                       max_pixels: int) -> Iterator[list[tuple[Path, tuple[int, int] | str]]]:
+    """Consecutive batches of at most ``max_count`` images and ``max_pixels`` pixels (a larger image goes alone).
+
+    Items whose size is a string (an image that will be skipped) weigh nothing.
+    """
+    batch: list = []
+    pixels = 0
+    for item in items:
+        size = 0 if isinstance(item[1], str) else item[1][0] * item[1][1]
+        if batch and (len(batch) >= max_count or pixels + size > max_pixels):
+            yield batch
+            batch, pixels = [], 0
+        batch.append(item)
+        pixels += size
+    if batch:
+        yield batch
+
+
+def _is_output_error(err: OSError, out_dir: Path) -> bool:
+    """Whether an OSError is about writing into the results folder (fatal) rather than reading an input."""
+    if err.filename is None:
+        return True
+    try:
+        return Path(os.path.abspath(err.filename)).is_relative_to(Path(os.path.abspath(out_dir)))
+    except (TypeError, ValueError):
+        return True
+
+
+# ---------------------------------------------------------------------- the writer
 
 
 class PredictionWriter:
-    """Runs a fitted detector over inputs and writes every output, then ``scores.csv`` and ``summary.json``."""
+    """Runs a fitted detector over inputs and writes every output; ``finish`` adds summary.json and index.html.
 
-    def __init__(self, detector, out_dir: Path, fpr: float | None = None, overlays: bool = True, progress: bool = True):
+    ``overwrite``: replace an earlier run's results in ``out_dir`` (otherwise a folder holding files is refused).
+    ``strict``: stop at the first input that cannot be read instead of skipping it with a row saying why.
+    """
+
+    def __init__(self, detector, out_dir: Path, fpr: float | None = None, overlays: bool = True, progress: bool = True,
+                 overwrite: bool = False, strict: bool = False, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+                 context: dict | None = None):
         self.detector = detector
         self.out_dir = Path(out_dir)
         self.fpr = detector.default_fpr if fpr is None else fpr
         self.overlays = overlays
         self.progress = progress
+        self.strict = strict
+        self.max_megapixels = max_megapixels
+        self.context = dict(context or {})
         self.rows: list[dict] = []
+        self.names: dict[Path, str] = {}
         self.pixel_threshold = detector.pixel_threshold(self.fpr)
         self.image_threshold = detector.image_threshold(self.fpr)
-        # Colour scale of the overlays: from the healthy median to far beyond the healthiest 0.01 % tail.
-        self.vmin = detector.pixel_threshold(0.5)
-        self.vmax = max(detector.pixel_threshold(1e-4), self.vmin + 1e-6)
-        # The 16-bit PNG maps store score / map_scale, clipped to [0, 1]; cosine distances live in [0, 1] in practice.
-        self.map_scale = 1.0 if detector.score == "cosine" else float(2 * self.vmax)
+        self.random_weights = bool(getattr(getattr(detector, "backbone_", None), "is_random", False))
+        # Colour scale of the overlays: from the healthy median to the healthiest 0.01 % tail, for scores of any sign.
+        self.vmin, self.vmax = rendering.score_color_range(detector.pixel_threshold(0.5), detector.pixel_threshold(1e-4))
+        # The 16-bit PNG maps store scores over map_range (clipped); cosine distances live in [0, 1] in practice.
+        span = self.vmax - self.vmin
+        self.map_range = (0.0, 1.0) if detector.score == "cosine" else (self.vmin - 4 * span, self.vmax + 4 * span)
+        prepare_results_folder(self.out_dir, overwrite)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.out_dir / "scores.csv"
+        atomic_write_text(self.csv_path, ",".join(CSV_COLUMNS) + "\n")
 
     @property
     def n_written(self) -> int:
-        return len(self.rows)
+        """Inputs whose outputs were written (skipped inputs not counted)."""
+        return sum(row["status"] == "ok" for row in self.rows)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(row["status"] != "ok" for row in self.rows)
+
+    # ------------------------------------------------------------------ rows
+
+    def assign_names(self, paths: Sequence[Path]) -> None:
+        """Give every input of this run its unique output name up front (images and volumes together)."""
+        new = [Path(p) for p in paths if Path(p) not in self.names]
+        self.names.update(zip(new, output_names(new, taken=self.names.values())))
 
     def _row(self, source: Path, kind: str, score: float, anomalous_fraction: float, **files: str) -> dict:
-        return {"input": str(source), "kind": kind, "score": f"{score:.6f}",
+        return {"input": str(source), "kind": kind, "status": "ok", "score": f"{score:.6f}",
                 "anomalous": int(score > self.image_threshold), "fpr": self.fpr,
                 "pixel_threshold": f"{self.pixel_threshold:.6f}", "image_threshold": f"{self.image_threshold:.6f}",
-                "anomalous_fraction": f"{anomalous_fraction:.6f}",
-                **{key: files.get(key, "") for key in ("anomaly_map", "mask", "overlay")}}
+                "anomalous_fraction": f"{anomalous_fraction:.6f}", "random_weights": int(self.random_weights),
+                "message": "", **{key: files.get(key, "") for key in FILE_COLUMNS}}
+
+    def _skipped_row(self, source: Path, kind: str, message: str) -> dict:
+        row = {key: "" for key in CSV_COLUMNS}
+        row.update(input=str(source), kind=kind, status="skipped", fpr=self.fpr, message=message,
+                   random_weights=int(self.random_weights))
+        return row
+
+    def _append(self, row: dict) -> None:
+        """Record a row: in memory for the report, and at once (flushed) in scores.csv."""
+        self.rows.append(row)
+        with self.csv_path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n").writerow(row)
+
+    def _skip(self, source: Path, kind: str, err: BaseException) -> None:
+        """A skipped row for an input that cannot be read or scored; under ``strict``, stop instead."""
+        message = str(err) if not isinstance(err, MemoryError) else \
+            f"not enough memory for {source} (about {BYTES_PER_PIXEL} bytes per pixel are needed)"
+        if self.strict:
+            raise InputError(f"{message} (stopped by --strict; without it such inputs are skipped)") from None
+        log.warning("skipped %s: %s", source, message)
+        self._append(self._skipped_row(source, kind, message))
+
+    def _guard(self, source: Path, kind: str, work: Callable[[list[Path]], dict]) -> None:
+        """Run ``work(written)`` for one input; on failure remove the files it wrote, then skip it or stop."""
+        written: list[Path] = []
+        try:
+            row = work(written)
+        except (InputError, MemoryError) as err:
+            _remove(written)
+            self._skip(source, kind, err)
+            return
+        except OSError as err:
+            _remove(written)
+            if not _is_output_error(err, self.out_dir):
+                self._skip(source, kind, InputError(f"cannot read {source}: {err.strerror or err}"))
+                return
+            raise OutputError(f"cannot write {err.filename or self.out_dir}: {err.strerror or err}; the "
+                              f"{self.n_written} inputs finished before are listed in {self.csv_path}") from None
+        except BaseException:
+            _remove(written)
+            raise
+        self._append(row)
+
+    # ------------------------------------------------------------------ images
 
     def write_images(self, paths: Sequence[Path], on_image: Callable | None = None) -> None:
         """Maps (16-bit PNG + .npy), mask PNG and overlay PNG for each 2D image.
 
         ``on_image(path, image, prediction)``, if given, sees each image and its prediction (e.g. for a viewer).
         """
+        paths = [Path(p) for p in paths]
+        self.assign_names(paths)
+        sizes = check_image_sizes(paths, self.max_megapixels, self.strict)
+        with tqdm(total=len(paths), desc="predict", unit="img", disable=not self.progress) as bar:
+            for batch in _batches_by_pixels(list(sizes.items()), max(1, self.detector.batch_size), BATCH_PIXELS):
+                for path, size in batch:
+                    if isinstance(size, str):  # unreadable header or too large: its row says why
+                        self._skip(path, "image", InputError(size))
+                        bar.update(1)
+                for path, image, pred in self._predict_batch([p for p, s in batch if not isinstance(s, str)]):
+                    self._guard(path, "image", lambda written: self._write_image_outputs(path, image, pred, written))
+                    if on_image is not None:
+                        on_image(path, image, pred)
+                    bar.update(1)
+
+    def _read(self, path: Path) -> np.ndarray | None:
         from normdino.io.reading import read_image
 
-        stems = unique_stems(paths)
-        bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not self.progress)
-        batch = self.detector.batch_size
-        for start in range(0, len(paths), batch):
-            images = [read_image(p) for p in paths[start:start + batch]]
-            for path, stem, image, pred in zip(paths[start:start + batch], stems[start:start + batch], images,
-                                               self.detector.predict(images, fpr=self.fpr)):
-                self.rows.append(self._write_image_outputs(path, stem, image, pred))
-                if on_image is not None:
-                    on_image(path, image, pred)
-                bar.update(1)
-        bar.close()
+        try:
+            return read_image(path)
+        except (InputError, MemoryError) as err:
+            self._skip(path, "image", err)
+            return None
 
-    def _write_image_outputs(self, path: Path, stem: str, image: np.ndarray, pred) -> dict:
-        files = {"anomaly_map": f"{stem}_anomaly.png", "mask": f"{stem}_mask.png"}
-        rendering.save_map_png16(self.out_dir / files["anomaly_map"], pred.pixel_map, 0.0, self.map_scale)
-        save_npy(self.out_dir / f"{stem}_anomaly.npy", pred.pixel_map.astype(np.float32))
-        rendering.save_png(self.out_dir / files["mask"], pred.mask.astype(np.uint8) * 255)
+    def _predict_batch(self, paths: list[Path]) -> Iterator[tuple[Path, np.ndarray, object]]:
+        """(path, image, prediction) of each readable image; a batch that fails is retried image by image."""
+        pairs = [(p, im) for p in paths if (im := self._read(p)) is not None]
+        try:
+            preds = self.detector.predict([im for _, im in pairs], fpr=self.fpr) if len(pairs) > 1 else None
+        except (InputError, MemoryError):
+            preds = None
+        if preds is not None:
+            yield from ((p, im, pred) for (p, im), pred in zip(pairs, preds))
+            return
+        for path, image in pairs:  # one image, or find the image the batch failed on and keep the others
+            try:
+                pred = self.detector.predict([image], fpr=self.fpr)[0]
+            except (InputError, MemoryError) as err:
+                self._skip(path, "image", err)
+                continue
+            yield path, image, pred
+
+    def _write_image_outputs(self, path: Path, image: np.ndarray, pred, written: list[Path]) -> dict:
+        name = self.names[path]
+        files = {"anomaly_map": f"{name}_anomaly.png", "anomaly_npy": f"{name}_anomaly.npy", "mask": f"{name}_mask.png"}
+        written.append(self.out_dir / files["anomaly_map"])
+        rendering.save_map_png16(written[-1], pred.pixel_map, *self.map_range)
+        written.append(self.out_dir / files["anomaly_npy"])
+        save_npy(written[-1], pred.pixel_map.astype(np.float32, copy=False))
+        written.append(self.out_dir / files["mask"])
+        rendering.save_png(written[-1], pred.mask.astype(np.uint8) * np.uint8(255))
         if self.overlays:
-            files["overlay"] = f"{stem}_overlay.png"
-            overlay = rendering.overlay_image(image, pred.pixel_map, pred.mask, self.vmin, self.vmax)
-            rendering.save_png(self.out_dir / files["overlay"], overlay)
+            files["overlay"] = f"{name}_overlay.png"
+            small_image, small_map, small_mask = _thumbnail(image, pred.pixel_map, pred.mask, OVERLAY_MAX_SIDE)
+            overlay = rendering.overlay_image(small_image, small_map, small_mask, self.vmin, self.vmax)
+            written.append(self.out_dir / files["overlay"])
+            rendering.save_png(written[-1], overlay)
         return self._row(path, "image", pred.score, float(pred.mask.mean()), **files)
 
+    # ------------------------------------------------------------------ volumes
+
     def write_volume(self, path: Path, options, on_slice: Callable | None = None) -> None:
-        """``<stem>_anomaly.nii.gz`` (float32) and ``<stem>_mask.nii.gz`` (uint8) in the input's exact geometry.
+        """``<name>_anomaly.nii.gz`` (float32), ``<name>_mask.nii.gz`` (uint8) in the input's exact geometry, and
+        ``<name>_top_slices.png``, a strip of the highest-scoring slices.
 
         Slices stream from the scan through the detector into both files; skipped slices stay 0.
         ``on_slice(index, slice_image, prediction)``, if given, sees each kept slice (e.g. for a viewer).
         """
-        from normdino.io.volumes import Volume, VolumeWriter, volume_stem
+        path = Path(path)
+        self.assign_names([path])
+        self._guard(path, "volume", lambda written: self._write_volume_outputs(path, options, on_slice, written))
 
-        stem = volume_stem(path)
-        files = {"anomaly_map": f"{stem}_anomaly.nii.gz", "mask": f"{stem}_mask.nii.gz"}
+    def _write_volume_outputs(self, path: Path, options, on_slice: Callable | None, written: list[Path]) -> dict:
+        from normdino.io.volumes import Volume, VolumeWriter
+
+        name = self.names[path]
+        files = {"anomaly_map": f"{name}_anomaly.nii.gz", "mask": f"{name}_mask.nii.gz",
+                 "top_slices": f"{name}_top_slices.png"}
+        top_slices: list = []  # min-heap of (score, index, thumbnails...) of the best TOP_SLICES slices
         with Volume.open(path, volume_index=options.volume_index) as volume:
             indices = volume.slice_indices(options)
             top = TopFraction(self.detector.top_fraction, len(indices))
             n_voxels = n_anomalous = 0
-            bar = tqdm(total=len(indices), desc=stem, unit="slice", disable=not self.progress)
-            with VolumeWriter(volume, self.out_dir / files["anomaly_map"], options.axis, np.float32) as maps, \
-                    VolumeWriter(volume, self.out_dir / files["mask"], options.axis, np.uint8) as masks:
+            written += [self.out_dir / files["anomaly_map"], self.out_dir / files["mask"]]
+            with tqdm(total=len(indices), desc=name, unit="slice", disable=not self.progress) as bar, \
+                    VolumeWriter(volume, written[0], options.axis, np.float32) as maps, \
+                    VolumeWriter(volume, written[1], options.axis, np.uint8) as masks:
                 slices = volume.iter_slices(options, indices=indices)
-                while chunk := list(itertools.islice(slices, self.detector.batch_size)):
+                while chunk := list(itertools.islice(slices, max(1, self.detector.batch_size))):
                     for (index, image_slice), pred in zip(chunk, self.detector.predict([s for _, s in chunk],
                                                                                        fpr=self.fpr)):
                         maps.write(index, pred.pixel_map)
@@ -125,28 +469,117 @@ class PredictionWriter:
                         top.add(pred.pixel_map)
                         n_voxels += pred.mask.size
                         n_anomalous += int(pred.mask.sum())
+                        entry = (float(pred.score), int(index),
+                                 *_thumbnail(image_slice, pred.pixel_map, pred.mask, STRIP_SIDE))
+                        (heapq.heappush if len(top_slices) < TOP_SLICES else heapq.heappushpop)(top_slices, entry)
                         if on_slice is not None:
                             on_slice(index, image_slice, pred)
                         bar.update(1)
-            bar.close()
-        self.rows.append(self._row(path, "volume", top.mean(), n_anomalous / max(1, n_voxels), **files))
+        if top_slices:
+            written.append(self.out_dir / files["top_slices"])
+            rendering.save_png(written[-1], _slice_strip(sorted(top_slices, reverse=True), self.vmin, self.vmax))
+        else:
+            files.pop("top_slices")
+        return self._row(path, "volume", top.mean(), n_anomalous / max(1, n_voxels), **files)
+
+    # ------------------------------------------------------------------ summary and report
+
+    def summary(self) -> dict:
+        backbone = getattr(self.detector, "backbone_", None)
+        return {
+            **self.context,
+            "backbone": getattr(backbone, "name", None), "random_weights": self.random_weights,
+            "warning": RANDOM_WARNING if self.random_weights else None,
+            "fpr": self.fpr, "pixel_threshold": self.pixel_threshold, "image_threshold": self.image_threshold,
+            "score": self.detector.score, "png_map_range": list(self.map_range),
+            "png_map_meaning": "16-bit anomaly PNG value v means score = lo + v / 65535 * (hi - lo), [lo, hi] = "
+                               "png_map_range (clipped); the .npy files hold the exact float32 scores",
+            "overlay_color_range": [self.vmin, self.vmax],
+            "n_inputs": len(self.rows), "n_written": self.n_written, "n_skipped": self.n_skipped,
+            "n_anomalous": sum(row["anomalous"] == 1 for row in self.rows),
+        }
 
     def finish(self) -> Path:
-        """Write ``scores.csv`` and ``summary.json``; returns the CSV's path."""
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        csv_path = self.out_dir / "scores.csv"
-        atomic_write_text(csv_path, buffer.getvalue())
-        summary = {
-            "fpr": self.fpr, "pixel_threshold": self.pixel_threshold, "image_threshold": self.image_threshold,
-            "score": self.detector.score, "png_map_scale": self.map_scale,
-            "png_map_meaning": "16-bit anomaly PNG value v means score = v / 65535 * png_map_scale (clipped)",
-            "overlay_color_range": [self.vmin, self.vmax], "n_inputs": len(self.rows),
-        }
-        atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2))
-        return csv_path
+        """Write ``summary.json`` and ``index.html`` (scores.csv is already complete); returns the CSV's path."""
+        atomic_write_text(self.out_dir / "summary.json", json.dumps(self.summary(), indent=2) + "\n")
+        write_index(self.out_dir / "index.html", self.rows, self.summary())
+        return self.csv_path
+
+
+def _remove(paths: Iterable[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------- index.html
+
+
+_INDEX_CSS = """<style>
+.table-wrap { overflow-x:auto; max-width:100%; }
+td.path { white-space:normal; word-break:break-all; min-width:14em; max-width:28em; }
+td.why { white-space:normal; max-width:36em; }
+img.thumb { display:block; max-width:420px; max-height:220px; width:auto; height:auto; border-radius:4px; }
+.verdict-anomalous { color:#b3261e; font-weight:600; }
+.verdict-skipped { color:#8a6d00; }
+dl.setting { display:grid; grid-template-columns:max-content 1fr; gap:4px 18px; margin:0; }
+dl.setting dt { color:#57606a; } dl.setting dd { margin:0; font-variant-numeric:tabular-nums; }
+</style>"""
+
+
+def format_score(value: float | str) -> str:
+    """Scores and thresholds everywhere in the report: four decimals (e.g. 0.1234, -12.5000)."""
+    return f"{float(value):.4f}"
+
+
+def _index_row(row: dict) -> str:
+    e = html.escape
+    preview_file = row.get("overlay") or row.get("top_slices")
+    preview = (f'<a href="{e(preview_file, quote=True)}"><img class="thumb" loading="lazy" '
+               f'src="{e(preview_file, quote=True)}" alt="overlay of {e(row["input"], quote=True)}"></a>'
+               if preview_file else "&mdash;")
+    if row["status"] != "ok":
+        return (f"<tr><td>{preview}</td><td class=\"path\">{e(row['input'])}</td><td>{e(row['kind'])}</td>"
+                f"<td class=\"verdict-skipped\">skipped</td><td class=\"num\">&mdash;</td><td class=\"num\">&mdash;</td>"
+                f"<td class=\"why\">{e(row['message'])}</td></tr>")
+    verdict = "anomalous" if int(row["anomalous"]) else "normal"
+    links = " ".join(f'<a href="{e(row[c], quote=True)}">{label}</a>' for c, label in
+                     (("anomaly_map", "map"), ("anomaly_npy", "npy"), ("mask", "mask"), ("overlay", "overlay"),
+                      ("top_slices", "slices")) if row.get(c))
+    return (f"<tr><td>{preview}</td><td class=\"path\">{e(row['input'])}</td><td>{e(row['kind'])}</td>"
+            f"<td class=\"verdict-{verdict}\">{verdict}</td><td class=\"num\">{format_score(row['score'])}</td>"
+            f"<td class=\"num\">{float(row['anomalous_fraction']):.2%}</td><td>{links}</td></tr>")
+
+
+def write_index(path: Path, rows: Sequence[dict], summary: dict) -> None:
+    """``index.html``: the inputs, most anomalous first, with overlay thumbnails, verdicts and scores."""
+    from normdino.evaluation.report import html_report
+
+    e = html.escape
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -float(r["score"]))
+    ordered = ok + [r for r in rows if r["status"] != "ok"]
+    head = ("<tr><th>Preview</th><th>Input</th><th>Kind</th><th>Verdict</th><th class=\"num\">Image score</th>"
+            "<th class=\"num\">Anomalous area</th><th>Files / reason</th></tr>")
+    table = (f"{_INDEX_CSS}<div class=\"table-wrap\"><table><thead>{head}</thead><tbody>\n"
+             + "\n".join(_index_row(r) for r in ordered) + "\n</tbody></table></div>")
+    setting = [
+        ("Inputs", f"{summary['n_inputs']} ({summary['n_anomalous']} anomalous, {summary['n_skipped']} skipped)"),
+        ("False-positive rate", f"{float(summary['fpr']):.1%} of healthy pixels / images"),
+        ("Pixel threshold", format_score(summary["pixel_threshold"])),
+        ("Image threshold", format_score(summary["image_threshold"])),
+        ("Score", str(summary["score"])), ("Backbone", str(summary.get("backbone"))),
+        ("Random weights", "yes" if summary["random_weights"] else "no"),
+        *((key.replace("_", " ").capitalize(), str(summary[key])) for key in ("model",) if summary.get(key)),
+    ]
+    setting_html = "<dl class=\"setting\">" + "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in setting) + "</dl>"
+    html_report(path, "normdino predictions", [("Setting", setting_html), ("Inputs, most anomalous first", table)],
+                warning=summary.get("warning"),
+                subtitle="Overlays: image | anomaly heat map | predicted mask contour; scores.csv has every number.")
+
+
+# ---------------------------------------------------------------------- volumes' image score
 
 
 class TopFraction:
