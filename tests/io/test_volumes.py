@@ -724,3 +724,21 @@ def test_merge_slice_settings_field_by_field(stored, given, expected):
     merged = volumes.merge_slice_settings(stored, given)
     assert {key: merged[key] for key in expected} == expected
     SliceOptions(normalization=merged["normalization"], window=merged["window"], fallback=merged["fallback"])
+
+
+def test_hidden_files_are_skipped_and_fifos_refused(tmp_path):
+    import os
+
+    pixels = np.random.default_rng(9).integers(0, 1000, size=(6, 7, 3)).astype(np.int16)
+    write_dicom_series(tmp_path / "series", pixels)
+    (tmp_path / "series" / "._slice000.dcm").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert Volume.open(tmp_path / "series").shape == (6, 7, 3)
+    root = tmp_path / "volumes"
+    root.mkdir()
+    save_nifti(root / "a.nii.gz", random_volume(), np.eye(4))
+    (root / "._a.nii.gz").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert list_volumes(root) == [root / "a.nii.gz"]
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.nii.gz")
+        with pytest.raises(InputError, match="not a regular file"):
+            Volume.open(tmp_path / "pipe.nii.gz")

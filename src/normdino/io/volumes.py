@@ -103,7 +103,8 @@ def _looks_like_dicom(path: Path) -> bool:
 def _dicom_files(folder: Path, limit: int | None = None) -> list[Path]:
     """DICOM files directly in ``folder`` (sorted by name); probe at most ``limit`` files."""
     found = []
-    for probed, entry in enumerate(sorted(folder.iterdir())):
+    entries = [entry for entry in sorted(folder.iterdir()) if not entry.name.startswith(".")]  # ._x.dcm: AppleDouble
+    for probed, entry in enumerate(entries):
         if limit is not None and probed >= limit:
             break
         if entry.is_file() and _looks_like_dicom(entry):
@@ -133,7 +134,7 @@ def list_volumes(path: str | os.PathLike) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise InputError(f"{path} is neither a NIfTI file, a DICOM folder nor a folder of volumes.")
-    found = [child for child in sorted(path.iterdir()) if is_volume(child)]
+    found = [child for child in sorted(path.iterdir()) if not child.name.startswith(".") and is_volume(child)]
     if not found:
         raise InputError(f"No NIfTI (.nii, .nii.gz) or DICOM series found in {path}.")
     return found
@@ -630,6 +631,8 @@ class Volume:
                 raise InputError(f"--volume-index {volume_index} was given but {path} is a DICOM series with one volume.")
             source, affine = _open_dicom_series(path)
             return cls(path, "dicom", source.shape, affine, source, files=tuple(source.files))
+        if not path.is_file():  # a FIFO or device: opening it could block forever
+            raise InputError(f"{path} is not a regular file (a FIFO, socket or device?): pass a volume file or folder.")
         if _is_nifti_name(path):
             return cls._open_nifti(path, volume_index)
         if path.suffix.lower() == ".dcm" or _looks_like_dicom(path):
