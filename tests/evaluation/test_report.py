@@ -1,5 +1,6 @@
 """Visual outputs: colour map, overlays, PNG writers, SVG charts and HTML reports."""
 
+import re
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -160,36 +161,42 @@ def _parse_svg(text: str) -> ET.Element:
     return root
 
 
-def test_svg_curve_is_well_formed_with_legend_and_points_inside_frame():
+def _group(root: ET.Element, gid: str) -> ET.Element:
+    return next(g for g in root.iter(SVG + "g") if g.get("id") == gid)
+
+
+def _path_points(group: ET.Element) -> np.ndarray:
+    """The (x, y) vertices of the first path in a matplotlib SVG group (commands M/L, SVG coordinates)."""
+    d = next(group.iter(SVG + "path")).get("d")
+    numbers = [float(v) for v in d.replace("M", " ").replace("L", " ").replace("z", " ").split()]
+    return np.array(numbers).reshape(-1, 2)
+
+
+def test_svg_curve_is_well_formed_with_legend_and_curves_in_data_order():
     x = np.linspace(0, 1, 500)
-    svg = svg_curve(
-        x,
-        x**0.3,
-        "ROC <pixels> & more",
-        "false positive rate",
-        "true positive rate",
-        diagonal=True,
-        label="dpmm",
-        series=[("memory bank", x, x**0.5)],
-        xlim=(0, 1),
-        ylim=(0, 1),
-    )
+    svg = svg_curve(x, x**0.3, "ROC <pixels> & more", "false positive rate", "true positive rate", diagonal=True,
+                    label="dpmm", series=[("memory bank", x, x**0.5)], xlim=(0, 1), ylim=(0, 1))
     root = _parse_svg(svg)
     texts = [t.text for t in root.iter(SVG + "text")]
     assert "ROC <pixels> & more" in texts and "dpmm" in texts and "memory bank" in texts
-    paths = [p for p in root.iter(SVG + "path")]
-    assert len(paths) == 2
-    frame = next(r for r in root.iter(SVG + "rect") if r.get("fill") == "none")
-    x0, y0 = float(frame.get("x")), float(frame.get("y"))
-    x1, y1 = x0 + float(frame.get("width")), y0 + float(frame.get("height"))
-    for p in paths:
-        coords = np.array([[float(v) for v in pt.split(",")] for pt in p.get("d")[1:].split(" L")])
-        assert coords[:, 0].min() >= x0 - 0.05 and coords[:, 0].max() <= x1 + 0.05
-        assert coords[:, 1].min() >= y0 - 0.05 and coords[:, 1].max() <= y1 + 0.05
-        assert coords[0, 0] == pytest.approx(x0, abs=0.06) and coords[0, 1] == pytest.approx(y1, abs=0.06)
-    # Non-finite points are dropped, an empty chart still renders.
+    assert "false positive rate" in texts and "1.0" in texts
+    chance, first, second = (_path_points(_group(root, g)) for g in ("chance", "curve-0", "curve-1"))
+    # the chance line runs from the plot's bottom-left to its top-right corner: the frame of the data
+    (left, bottom), (right, top) = chance[0], chance[-1]
+    assert left < right and top < bottom  # SVG y grows downwards
+    for points in (first, second):
+        assert points[:, 0].min() >= left - 0.05 and points[:, 0].max() <= right + 0.05
+        assert points[:, 1].min() >= top - 0.05 and points[:, 1].max() <= bottom + 0.05
+        assert points[0] == pytest.approx([left, bottom], abs=0.06)
+    # at x = 0.25, x**0.3 = 0.66 and x**0.5 = 0.5 of the plot's height (matplotlib may thin the vertices)
+    at = left + 0.25 * (right - left)
+    for points, expected in ((first, 0.25**0.3), (second, 0.5)):
+        y = np.interp(at, points[:, 0], points[:, 1])
+        assert (bottom - y) / (bottom - top) == pytest.approx(expected, abs=0.01)
+    # Non-finite points are dropped, an empty chart still renders; no date or XML prolog in the markup.
     _parse_svg(svg_curve([0, np.nan, 1], [0, 1, np.inf], "t", "x", "y"))
     _parse_svg(svg_curve(None, None, "empty", "x", "y"))
+    assert svg.startswith("<svg") and "<metadata>" not in svg
     with pytest.raises(InputError, match="same length"):
         svg_curve([0, 1], [0], "t", "x", "y")
 
@@ -199,7 +206,11 @@ def test_svg_histograms_well_formed():
     root = _parse_svg(svg_histograms(np.arange(10), np.arange(10)[::-1], edges, "scores"))
     texts = [t.text for t in root.iter(SVG + "text")]
     assert "normal pixels (n=45)" in texts and "anomalous pixels (n=45)" in texts
-    assert len(list(root.iter(SVG + "path"))) == 2
+    normal, anomalous = (_path_points(_group(root, f"histogram-{i}")) for i in range(2))
+    # rising vs falling fractions: the normal histogram's last step is higher (smaller y) than its first
+    tops_normal = np.unique(np.round(normal[:, 1], 3))
+    assert normal[:, 1].min() < normal[:, 1].max() and anomalous[:, 1].min() < anomalous[:, 1].max()
+    assert len(tops_normal) >= 10
     with pytest.raises(InputError, match="bin edges"):
         svg_histograms(np.ones(3), np.ones(3), edges, "bad")
 
@@ -230,7 +241,8 @@ def test_html_report_contains_sections_warning_images_and_is_atomic(tmp_path):
     for heading in ("Results", "Curves", "Cases"):
         assert f"<h2>{heading}</h2>" in text
     assert "<svg" in text and "data:image/png;base64," in text
-    assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")  # self-contained
+    assert not re.findall(r"(?:src|href)=\"https?://", text)  # self-contained: nothing fetched
+    assert "http://" not in re.sub(r"http://www\.w3\.org/[\w/]+", "", text)  # only XML namespace names
     html_report(tmp_path / "plain.html", "t", [("Only", "<p>x</p>")])
     assert 'class="warning"' not in (tmp_path / "plain.html").read_text()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html"]

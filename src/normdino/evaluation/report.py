@@ -7,6 +7,8 @@ import html
 import io
 import logging
 import math
+import re
+import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -23,26 +25,8 @@ SERIES_COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9
 
 
 # ---------------------------------------------------------------------------------------------------- SVG charts
-
-_FONT_FAMILY = "-apple-system, 'Segoe UI', Helvetica, Arial, sans-serif"
-
-
-def _nice_ticks(lo: float, hi: float, target: int = 5) -> np.ndarray:
-    """Round tick values covering [lo, hi] with about ``target`` intervals (steps of 1, 2, 2.5 or 5 × 10^k)."""
-    if not hi > lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    raw = (hi - lo) / target
-    power = 10.0 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw * 0.999)
-    start, stop = math.floor(lo / step + 1e-9) * step, math.ceil(hi / step - 1e-9) * step
-    return np.round(np.arange(start, stop + step / 2, step), 12)
-
-
-def _tick_label(value: float, step: float) -> str:
-    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) if step < 1 else 0
-    if step < 1 and abs(round(step * 10**decimals) - step * 10**decimals) > 1e-6:
-        decimals += 1
-    return f"{value:.{decimals}f}"
+# Drawn by matplotlib (no pyplot state: one Figure per chart) and embedded as inline SVG, so a report stays one
+# self-contained file. Text stays text (svg.fonttype "none"): searchable, and small.
 
 
 def _finite_xy(xs: Any, ys: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -53,96 +37,32 @@ def _finite_xy(xs: Any, ys: Any) -> tuple[np.ndarray, np.ndarray]:
     return x[keep], y[keep]
 
 
-class _Axes:
-    """Maps data to SVG coordinates inside a plot frame and draws the frame, grid, ticks and labels."""
+def _figure(width: int, height: int):
+    from matplotlib.figure import Figure
 
-    def __init__(self, width: int, height: int, xlim: tuple[float, float], ylim: tuple[float, float]):
-        self.left, self.right, self.top, self.bottom = 58, width - 16, 38, height - 46
-        self.width, self.height = width, height
-        self.xticks, self.yticks = _nice_ticks(*xlim), _nice_ticks(*ylim)
-        self.x0, self.x1 = float(self.xticks[0]), float(self.xticks[-1])
-        self.y0, self.y1 = float(self.yticks[0]), float(self.yticks[-1])
-
-    def px(self, x: np.ndarray) -> np.ndarray:
-        return self.left + (np.asarray(x) - self.x0) / (self.x1 - self.x0) * (self.right - self.left)
-
-    def py(self, y: np.ndarray) -> np.ndarray:
-        return self.bottom - (np.asarray(y) - self.y0) / (self.y1 - self.y0) * (self.bottom - self.top)
-
-    def frame(self, title: str, xlabel: str, ylabel: str) -> list[str]:
-        e = html.escape
-        out = [
-            f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.width}" height="{self.height}" '
-            f'viewBox="0 0 {self.width} {self.height}" font-family="{e(_FONT_FAMILY)}" font-size="11" role="img">',
-            f"<title>{e(title)}</title>",
-            f'<rect x="0" y="0" width="{self.width}" height="{self.height}" fill="#ffffff"/>',
-            f'<text x="{self.width / 2:.1f}" y="20" text-anchor="middle" '
-            f'font-size="13" font-weight="600" fill="#1f2328">{e(title)}</text>',
-        ]
-        xstep = float(self.xticks[1] - self.xticks[0]) if len(self.xticks) > 1 else 1.0
-        ystep = float(self.yticks[1] - self.yticks[0]) if len(self.yticks) > 1 else 1.0
-        for t in self.xticks:
-            x = float(self.px(t))
-            out.append(f'<line x1="{x:.1f}" y1="{self.top}" x2="{x:.1f}" y2="{self.bottom}" stroke="#eaeef2"/>')
-            out.append(
-                f'<text x="{x:.1f}" y="{self.bottom + 15}" text-anchor="middle" '
-                f'fill="#57606a">{_tick_label(t, xstep)}</text>'
-            )
-        for t in self.yticks:
-            y = float(self.py(t))
-            out.append(f'<line x1="{self.left}" y1="{y:.1f}" x2="{self.right}" y2="{y:.1f}" stroke="#eaeef2"/>')
-            out.append(
-                f'<text x="{self.left - 6}" y="{y + 3.5:.1f}" text-anchor="end" '
-                f'fill="#57606a">{_tick_label(t, ystep)}</text>'
-            )
-        out.append(
-            f'<rect x="{self.left}" y="{self.top}" width="{self.right - self.left}" height="{self.bottom - self.top}" '
-            'fill="none" stroke="#8c959f"/>'
-        )
-        cx, cy = (self.left + self.right) / 2, (self.top + self.bottom) / 2
-        out.append(f'<text x="{cx:.1f}" y="{self.height - 10}" text-anchor="middle" fill="#1f2328">{e(xlabel)}</text>')
-        out.append(
-            f'<text x="16" y="{cy:.1f}" text-anchor="middle" fill="#1f2328" '
-            f'transform="rotate(-90 16 {cy:.1f})">{e(ylabel)}</text>'
-        )
-        return out
-
-    def legend(self, entries: list[tuple[str, str, str]], corner: str) -> list[str]:
-        """Legend box with (name, colour, kind) entries, kind 'line' or 'fill'; corner 'br' or 'tr'."""
-        if not entries:
-            return []
-        width = 34 + 6.2 * max(len(name) for name, _, _ in entries)
-        height = 8 + 16 * len(entries)
-        x = self.right - width - 8
-        y = self.bottom - height - 8 if corner == "br" else self.top + 8
-        out = [
-            f'<rect x="{x:.1f}" y="{y:.1f}" width="{width:.1f}" height="{height}" '
-            'rx="3" fill="#ffffff" fill-opacity="0.9" stroke="#d0d7de"/>'
-        ]
-        for i, (name, color, kind) in enumerate(entries):
-            ly = y + 12 + 16 * i
-            if kind == "fill":
-                out.append(
-                    f'<rect x="{x + 8:.1f}" y="{ly - 5:.1f}" width="16" height="10" '
-                    f'fill="{color}" fill-opacity="0.45" stroke="{color}"/>'
-                )
-            else:
-                out.append(
-                    f'<line x1="{x + 8:.1f}" y1="{ly:.1f}" x2="{x + 24:.1f}" '
-                    f'y2="{ly:.1f}" stroke="{color}" stroke-width="2.5"/>'
-                )
-            out.append(f'<text x="{x + 30:.1f}" y="{ly + 3.5:.1f}" fill="#1f2328">{html.escape(name)}</text>')
-        return out
+    figure = Figure(figsize=(width / 100, height / 100), dpi=100, layout="constrained")
+    return figure, figure.add_subplot()
 
 
-def _path(px: np.ndarray, py: np.ndarray) -> str:
-    """SVG path data through the points, rounded to 0.1 px with consecutive duplicates dropped (keeps files small)."""
-    pts = np.round(np.stack([px, py], axis=1), 1)
-    if len(pts) > 1:
-        keep = np.ones(len(pts), dtype=bool)
-        keep[1:] = np.any(pts[1:] != pts[:-1], axis=1)
-        pts = pts[keep]
-    return "M" + " L".join(f"{x:.1f},{y:.1f}" for x, y in pts)
+def _style(axes, title: str, xlabel: str, ylabel: str) -> None:
+    axes.set_title(title, fontsize=11, fontweight="bold")
+    axes.set_xlabel(xlabel, fontsize=9)
+    axes.set_ylabel(ylabel, fontsize=9)
+    axes.tick_params(labelsize=8)
+    axes.grid(color="#eaeef2", linewidth=0.8)
+    axes.set_axisbelow(True)
+
+
+def _svg(figure) -> str:
+    """The figure as an inline ``<svg>`` element (no XML prolog, no date, stable ids)."""
+    import matplotlib
+
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "normdino", "font.family": "sans-serif"}):
+        figure.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None}, facecolor="white")
+    text = buffer.getvalue()
+    text = text[text.index("<svg"):]
+    return re.sub(r"\s*<metadata>.*?</metadata>", "", text, count=1, flags=re.DOTALL)
 
 
 def svg_curve(
@@ -161,46 +81,26 @@ def svg_curve(
 ) -> str:
     """An inline SVG line chart of (xs, ys) (None to skip) plus named ``series``, with a legend when curves are named.
 
-    ``diagonal`` draws the chance line y = x (for ROC curves). Limits default to nice round numbers around the data.
+    ``diagonal`` draws the chance line y = x (for ROC curves). Curve i is the SVG group ``id="curve-i"``.
     """
     curves: list[tuple[str, np.ndarray, np.ndarray]] = []
     if xs is not None:
         curves.append((label or "", *_finite_xy(xs, ys)))
     for name, sx, sy in series or []:
         curves.append((str(name), *_finite_xy(sx, sy)))
-    all_x = np.concatenate([c[1] for c in curves] + [np.zeros(0)])
-    all_y = np.concatenate([c[2] for c in curves] + [np.zeros(0)])
-    if xlim is None:
-        xlim = (float(all_x.min()), float(all_x.max())) if all_x.size else (0.0, 1.0)
-    if ylim is None:
-        ylim = (float(all_y.min()), float(all_y.max())) if all_y.size else (0.0, 1.0)
-    axes = _Axes(width, height, xlim, ylim)
-    out = axes.frame(title, xlabel, ylabel)
-    out.append(
-        f'<clipPath id="plot-{id(axes)}"><rect x="{axes.left}" y="{axes.top}" '
-        f'width="{axes.right - axes.left}" height="{axes.bottom - axes.top}"/></clipPath>'
-    )
-    out.append(f'<g clip-path="url(#plot-{id(axes)})">')
+    figure, axes = _figure(width, height)
+    _style(axes, title, xlabel, ylabel)
     if diagonal:
-        lo, hi = max(axes.x0, axes.y0), min(axes.x1, axes.y1)
-        out.append(
-            f'<line x1="{float(axes.px(lo)):.1f}" y1="{float(axes.py(lo)):.1f}" x2="{float(axes.px(hi)):.1f}" '
-            f'y2="{float(axes.py(hi)):.1f}" stroke="#8c959f" stroke-dasharray="4 4"/>'
-        )
-    entries = []
+        axes.plot([0, 1], [0, 1], color="#8c959f", linestyle="--", linewidth=1, gid="chance")
     for i, (name, x, y) in enumerate(curves):
-        color = SERIES_COLORS[i % len(SERIES_COLORS)]
-        if x.size:
-            out.append(
-                f'<path d="{_path(axes.px(x), axes.py(y))}" fill="none" stroke="{color}" stroke-width="2" '
-                'stroke-linejoin="round" stroke-linecap="round"/>'
-            )
-        if name:
-            entries.append((name, color, "line"))
-    out.append("</g>")
-    out += axes.legend(entries, "br" if diagonal else "tr")
-    out.append("</svg>")
-    return "\n".join(out)
+        axes.plot(x, y, color=SERIES_COLORS[i % len(SERIES_COLORS)], linewidth=1.8, label=name or None, gid=f"curve-{i}")
+    if xlim is not None:
+        axes.set_xlim(*xlim)
+    if ylim is not None:
+        axes.set_ylim(*ylim)
+    if any(name for name, _, _ in curves):
+        axes.legend(loc="lower right" if diagonal else "best", fontsize=8, frameon=True)
+    return _svg(figure)
 
 
 def svg_histograms(
@@ -219,24 +119,16 @@ def svg_histograms(
     for h in hists:
         if h.size != edges.size - 1:
             raise InputError(f"svg_histograms: {h.size} counts need {h.size + 1} bin edges, got {edges.size}.")
-    fractions = [h / h.sum() if h.sum() > 0 else h for h in hists]
-    top = max(float(f.max()) if f.size else 0.0 for f in fractions) or 1.0
-    axes = _Axes(width, height, (float(edges[0]), float(edges[-1])), (0.0, top))
-    out = axes.frame(title, xlabel, "fraction of pixels")
-    entries = []
-    for i, (name, frac, count) in enumerate(zip(labels, fractions, hists, strict=True)):
+    figure, axes = _figure(width, height)
+    _style(axes, title, xlabel, "fraction of pixels")
+    for i, (name, counts) in enumerate(zip(labels, hists, strict=True)):
+        fraction = counts / counts.sum() if counts.sum() > 0 else counts
         color = SERIES_COLORS[i]
-        xs = np.repeat(edges, 2)[1:-1]
-        ys = np.repeat(frac, 2)
-        px = np.concatenate([[axes.px(edges[0])], axes.px(xs), [axes.px(edges[-1])]])
-        py = np.concatenate([[axes.py(0.0)], axes.py(ys), [axes.py(0.0)]])
-        out.append(
-            f'<path d="{_path(px, py)} Z" fill="{color}" fill-opacity="0.35" stroke="{color}" stroke-width="1.5"/>'
-        )
-        entries.append((f"{name} (n={int(count.sum()):,})", color, "fill"))
-    out += axes.legend(entries, "tr")
-    out.append("</svg>")
-    return "\n".join(out)
+        axes.stairs(fraction, edges, fill=True, alpha=0.35, color=color, gid=f"histogram-{i}",
+                    label=f"{name} (n={int(counts.sum()):,})")
+        axes.stairs(fraction, edges, color=color, linewidth=1.2)
+    axes.legend(fontsize=8)
+    return _svg(figure)
 
 
 # ---------------------------------------------------------------------------------------------------- HTML
