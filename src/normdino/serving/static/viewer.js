@@ -99,7 +99,9 @@ function currentModel() { return state.models.find((m) => m.name === $("model").
 function showModel() {
   const m = currentModel();
   if (!m) return;
-  $("model-info").textContent = `${m.method} · ${m.backbone} · FPR ${pct(m.fpr_range[0])}–${pct(m.fpr_range[1])}`;
+  const backbone = m.backbone.split("/").filter(Boolean).pop() || m.backbone;  // a local folder: its last part
+  $("model-info").textContent = `${m.method} · ${backbone} · calibrated FPR ${pct(m.fpr_range[0])}–${pct(m.fpr_range[1])}`;
+  $("model-info").title = `backbone: ${m.backbone}`;
   $("random-banner").classList.toggle("hidden", !m.random_weights);
 }
 
