@@ -56,6 +56,33 @@ def _image_with_mask(rank: int, image: int) -> tuple[np.ndarray, np.ndarray | No
     return scores, mask
 
 
+def _token_share(rank: int) -> TokenSet:
+    patches = np.random.default_rng(rank).normal(size=(2 + rank, 1, 2, 2, 3)).astype(np.float16)
+    return TokenSet(patches, [(8, 8)] * (2 + rank))
+
+
+class _MeanMethod:
+    """A stand-in NormativeMethod: the mean token (and the order-sensitive first token) of train, val's count."""
+
+    name = "mean"
+
+    def fit(self, train: TokenSet, val: TokenSet | None = None) -> "_MeanMethod":
+        flat = train.flat_layer(-1).astype(np.float64)
+        self.mean_ = torch.from_numpy(np.concatenate([flat.mean(0), flat[0]]))
+        self.fit_info_ = {"n_train": len(train), "n_val": 0 if val is None else len(val), "fitted_here": dist.rank()}
+        return self
+
+    def fit_info(self) -> dict:
+        return dict(self.fit_info_)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean_}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], info: dict | None = None) -> "_MeanMethod":
+        self.mean_, self.fit_info_ = tensors["mean"], dict(info or {})
+        return self
+
+
 def _mixture(covariance: str) -> DirichletProcessMixture:
     return DirichletProcessMixture(n_components=K, covariance_type=covariance, seed=3)
 
@@ -123,6 +150,9 @@ def _worker(rank: int, out: str) -> None:
             results["on_main_error"] = f"own: {err}"
         except dist.DistributedError as err:
             results["on_main_error"] = str(err)
+        # any method: shares gathered, fitted on rank 0, its state installed everywhere
+        method = dist.fit_on_main(_MeanMethod(), _token_share(rank), _token_share(rank + 5))
+        results["fit_on_main"] = [method.mean_.tolist(), method.fit_info()]
         # faults: a user error on rank 1 alone ends the block on both ranks with one message
         try:
             with dist.failing_together("token extraction"):
@@ -222,6 +252,16 @@ def test_metric_accumulators_summed_across_ranks_equal_one_process(two_ranks: Pa
     for r in range(WORLD):
         got = json.loads((two_ranks / f"results-{r}.json").read_text())["metrics"]
         np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_any_method_fits_on_rank_0_with_every_share_and_its_state_reaches_all(two_ranks: Path) -> None:
+    train = [_token_share(r) for r in range(WORLD)]
+    whole = TokenSet(np.concatenate([t.patches for t in train]), sum([t.shapes for t in train], []))
+    want = _MeanMethod().fit(whole)
+    for r in range(WORLD):
+        mean, info = json.loads((two_ranks / f"results-{r}.json").read_text())["fit_on_main"]
+        np.testing.assert_allclose(mean, want.mean_.numpy(), rtol=1e-12)
+        assert info == {"n_train": 5, "n_val": 15, "fitted_here": 0}  # 2+3 train, 7+8 validation images
 
 
 def test_a_failing_rank_ends_every_rank_with_its_message(two_ranks: Path) -> None:

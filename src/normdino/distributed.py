@@ -268,6 +268,35 @@ def on_main(compute: Callable[[], dict[str, torch.Tensor]], what: str) -> dict[s
     return broadcast_tensors(result)
 
 
+def fit_on_main(method: Any, train: "TokenSet", val: "TokenSet | None" = None) -> Any:
+    """Fit any NormativeMethod under torchrun: every rank's shares gathered, ``fit`` on rank 0, its state everywhere.
+
+    The generic path for methods without a sharded fit (memory bank, coreset, HiMatch, ...): the result is
+    exactly the single-process fit on the whole data (same tokens in the same order), installed on every rank
+    through ``state_dict`` / ``load_state_dict`` so each rank can score its share of the calibration images.
+    It saves no time, only makes the method usable in a torchrun job. In a plain run it is ``method.fit``.
+    """
+    if not is_distributed():
+        return method.fit(train, val)
+    train_all = gather_token_set(train)
+    has_val = all_gather_object(val is not None)
+    if any(has_val) and not all(has_val):
+        raise DistributedError("some ranks have validation tokens and others none; give every rank a share (possibly empty) or none.")
+    val_all = gather_token_set(val) if val is not None else None
+    info: list[dict] = []
+
+    def fit_here() -> dict[str, torch.Tensor]:
+        method.fit(train_all, val_all)
+        info.append(method.fit_info())
+        return method.state_dict()
+
+    state = on_main(fit_here, f"the {getattr(method, 'name', '') or type(method).__name__} fit")
+    fit_info = broadcast_object(info[0] if info else None)
+    if not is_main():
+        method.load_state_dict(state, fit_info)
+    return method
+
+
 def gather_scores(samples: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
     """Every rank's healthy scores (e.g. calibration pixel samples) as one flat array, in rank order.
 
@@ -375,6 +404,6 @@ def payload_bytes(*tensors: torch.Tensor) -> int:
 __all__ = [
     "DistributedError", "PeerFailedError", "is_distributed", "rank", "world_size", "is_main", "launched_by_torchrun", "backend_for",
     "init_from_env", "shutdown", "shard_range", "shard", "all_reduce_sum", "global_sum", "global_mean", "broadcast",
-    "broadcast_tensors", "broadcast_object", "all_gather_object", "gather_rows", "gather_token_set", "on_main", "gather_scores", "thresholds_at_fprs", "reduce_accumulator", "barrier", "failing_together",
+    "broadcast_tensors", "broadcast_object", "all_gather_object", "gather_rows", "gather_token_set", "on_main", "fit_on_main", "gather_scores", "thresholds_at_fprs", "reduce_accumulator", "barrier", "failing_together",
     "payload_bytes",
 ]
