@@ -153,6 +153,10 @@ def _worker(rank: int, out: str) -> None:
         # any method: shares gathered, fitted on rank 0, its state installed everywhere
         method = dist.fit_on_main(_MeanMethod(), _token_share(rank), _token_share(rank + 5))
         results["fit_on_main"] = [method.mean_.tolist(), method.fit_info()]
+        # a split decided on every rank's sources, mapped back to each rank's own items
+        sources = [f"s{rank}-{i}" for i in range(3 + rank)]  # rank 0: 3 items, rank 1: 4
+        everything = dist.gather_list(sources)
+        results["split"] = [len(everything), dist.local_indices(np.array([0, 2, 3, 6]), len(sources)).tolist()]
         # faults: a user error on rank 1 alone ends the block on both ranks with one message
         try:
             with dist.failing_together("token extraction"):
@@ -270,6 +274,7 @@ def test_a_failing_rank_ends_every_rank_with_its_message(two_ranks: Path) -> Non
         assert results["broadcast"] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
         assert results["token_set"] == [[0.0, 1.0, 1.0], [[4, 5], [5, 5], [5, 5]], ["r0-0", "r1-0", "r1-1"]]
         assert results["on_main"] == [2, 0, 1]
+        assert results["split"] == [7, [0, 2] if r == 0 else [0, 3]]
         want = "own: no rows to select from." if r == 0 else "rank 0 failed during the coreset selection: no rows to select from."
         assert results["on_main_error"] == want
         assert results["fault"] == "rank 1 of 2 failed during token extraction: image b.png cannot be read."

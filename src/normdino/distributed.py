@@ -268,6 +268,28 @@ def on_main(compute: Callable[[], dict[str, torch.Tensor]], what: str) -> dict[s
     return broadcast_tensors(result)
 
 
+def gather_list(items: Sequence[T]) -> list[T]:
+    """Every rank's list (small picklable items: file names, sources) concatenated in rank order."""
+    return [item for part in all_gather_object(list(items)) for item in part]
+
+
+def local_indices(global_indices: np.ndarray, n_local: int) -> np.ndarray:
+    """The entries of ``global_indices`` (positions in the rank-order concatenation) that fall in this rank's
+    ``n_local`` items, as local positions: e.g. a held-out split decided on all ranks' sources at once."""
+    counts = all_gather_object(int(n_local))
+    start = sum(counts[: rank()])
+    g = np.asarray(global_indices, dtype=np.int64)
+    return g[(g >= start) & (g < start + n_local)] - start
+
+
+def fit_method(method: Any, train: "TokenSet", val: "TokenSet | None" = None) -> Any:
+    """``method.fit`` on this rank's shares: sharded when the method says it can (``fits_shards = True``, the
+    DPMM's EM), else :func:`fit_on_main`; a plain ``method.fit`` without a process group."""
+    if not is_distributed() or getattr(method, "fits_shards", False):
+        return method.fit(train, val)
+    return fit_on_main(method, train, val)
+
+
 def fit_on_main(method: Any, train: "TokenSet", val: "TokenSet | None" = None) -> Any:
     """Fit any NormativeMethod under torchrun: every rank's shares gathered, ``fit`` on rank 0, its state everywhere.
 
@@ -404,6 +426,6 @@ def payload_bytes(*tensors: torch.Tensor) -> int:
 __all__ = [
     "DistributedError", "PeerFailedError", "is_distributed", "rank", "world_size", "is_main", "launched_by_torchrun", "backend_for",
     "init_from_env", "shutdown", "shard_range", "shard", "all_reduce_sum", "global_sum", "global_mean", "broadcast",
-    "broadcast_tensors", "broadcast_object", "all_gather_object", "gather_rows", "gather_token_set", "on_main", "fit_on_main", "gather_scores", "thresholds_at_fprs", "reduce_accumulator", "barrier", "failing_together",
+    "broadcast_tensors", "broadcast_object", "all_gather_object", "gather_rows", "gather_token_set", "on_main", "fit_on_main", "fit_method", "gather_list", "local_indices", "gather_scores", "thresholds_at_fprs", "reduce_accumulator", "barrier", "failing_together",
     "payload_bytes",
 ]
