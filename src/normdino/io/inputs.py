@@ -107,7 +107,8 @@ def _matches(text: str) -> list[Path] | None:
     if os.path.lexists(path):
         return [path]
     if glob.has_magic(text):
-        matches = [Path(m) for m in sorted(glob.glob(str(path))) if not _is_hidden(Path(m))]
+        wants_hidden = path.name.startswith(".")  # a pattern such as ".x*" asks for hidden names
+        matches = [Path(m) for m in sorted(glob.glob(str(path))) if wants_hidden or not _is_hidden(Path(m))]
         return matches or None
     return None
 
