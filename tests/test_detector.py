@@ -2,6 +2,7 @@
 
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,8 +33,9 @@ def fitted(phantoms, tiny_dinov2_dir):
 def test_fit_learns_prototypes_and_summary(fitted):
     assert fitted.prototypes_.ndim == 2 and 1 <= fitted.prototypes_.shape[0] <= 16
     assert fitted.grid_shape_ == (8, 8)  # 112 px / patch 14
-    assert len(fitted.history_) == 3 and 1 <= fitted.best_epoch_ + 1 <= 3
-    assert fitted.history_[fitted.best_epoch_] == max(fitted.history_)
+    history, best = fitted.training_summary_["val_log_likelihood"], fitted.training_summary_["best_epoch"]
+    assert len(history) == 3 and 1 <= best <= 3
+    assert history[best - 1] == max(history)
     assert fitted.training_summary_["n_train_images"] == 12
     assert fitted.training_summary_["n_val_images"] == 10
 
@@ -118,9 +120,138 @@ def test_model_file_errors(fitted, tmp_path):
     (tmp_path / "cut.normdino").write_bytes(good.read_bytes()[:-100])
     with pytest.raises(ModelFileError, match="truncated"):
         AnomalyDetector.load(tmp_path / "cut.normdino")
-    _rewrite_header(good, tmp_path / "future.normdino", lambda m: m.update(format_version="2.0"))
+    _rewrite_header(good, tmp_path / "future.normdino", lambda m: m.update(format_version="3.0"))
     with pytest.raises(ModelFileError, match="upgrade normdino"):
         AnomalyDetector.load(tmp_path / "future.normdino")
     _rewrite_header(good, tmp_path / "other.normdino", lambda m: m.update(format="something-else"))
     with pytest.raises(ModelFileError, match="not a normdino model"):
         AnomalyDetector.load(tmp_path / "other.normdino")
+
+
+def test_dpmm_maps_and_thresholds_equal_those_recorded_before_the_method_interface(phantoms, tiny_dinov2_dir):
+    """tests/data/dpmm_regression.json was written by the detector before the move (see record_dpmm_regression.py)."""
+    import torch
+
+    recorded = json.loads((Path(__file__).parent / "data" / "dpmm_regression.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the recording used one thread: same reduction order, same bits
+    try:
+        detector = AnomalyDetector(backbone=str(tiny_dinov2_dir), image_size=112, n_components=16, epochs=3,
+                                   batch_images=4, progress=False, seed=0)
+        detector.fit(_pngs(phantoms / "train" / "good"), _pngs(phantoms / "valid" / "good" / "img"))
+        predictions = detector.predict(_pngs(phantoms / "test" / "Ungood" / "img"), fpr=0.05)
+    finally:
+        torch.set_num_threads(threads)
+    assert detector.training_summary_["best_epoch"] == recorded["best_epoch"] + 1
+    assert detector.method_.n_prototypes == recorded["n_prototypes"]
+    np.testing.assert_allclose(detector.calibration_fprs_, recorded["calibration_fprs"], rtol=0, atol=0)
+    np.testing.assert_allclose(detector.pixel_thresholds_, recorded["pixel_thresholds"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(detector.image_thresholds_, recorded["image_thresholds"], rtol=0, atol=1e-6)
+    for prediction, patch_map, score in zip(predictions, recorded["patch_maps"], recorded["scores"]):
+        np.testing.assert_allclose(prediction.patch_map, patch_map, rtol=0, atol=1e-6)
+        assert prediction.score == pytest.approx(score, abs=1e-6)
+
+
+METHODS = {
+    "dpmm": dict(n_components=8, epochs=2, batch_images=4),
+    "dpmm-likelihood": dict(n_components=8, epochs=2, batch_images=4),
+    "anomalydino": {},
+    "anomalydino-1shot": {},
+    "patchcore-30": {},
+    "himatch": dict(layers=(1, 2), clusters=4, retrieve_k=2),
+    "dpmm-multistage": dict(layers=(1, 2), n_components=8, epochs=2, batch_images=4),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_fits_saves_loads_and_predicts_bit_identically(method, phantoms, tiny_dinov2_dir, tmp_path):
+    from normdino.cli import main
+
+    detector = AnomalyDetector(method=method, backbone=str(tiny_dinov2_dir), image_size=56, progress=False,
+                               **METHODS[method])
+    detector.fit(_pngs(phantoms / "train" / "good")[:8], _pngs(phantoms / "valid" / "good" / "img")[:6])
+    paths = _pngs(phantoms / "test" / "Ungood" / "img")
+    before = detector.predict(paths)
+    saved = detector.save(tmp_path / f"{method}.normdino")
+    loaded = AnomalyDetector.load(saved, progress=False)
+    assert loaded.method_name == method and type(loaded.method_) is type(detector.method_)
+    for a, b in zip(before, loaded.predict(paths)):
+        np.testing.assert_array_equal(a.patch_map, b.patch_map)
+        np.testing.assert_array_equal(a.mask, b.mask)
+        assert a.score == b.score and a.is_anomalous == b.is_anomalous
+    assert main(["info", str(saved), "--json"]) == 0
+
+
+def test_info_json_names_the_method(phantoms, tiny_dinov2_dir, tmp_path, capsys):
+    from normdino.cli import main
+
+    detector = AnomalyDetector(method="patchcore-30", backbone=str(tiny_dinov2_dir), image_size=56, progress=False)
+    saved = detector.fit(_pngs(phantoms / "train" / "good")[:6]).save(tmp_path / "pc.normdino")
+    capsys.readouterr()
+    assert main(["info", str(saved), "--json"]) == 0
+    header = json.loads(capsys.readouterr().out)
+    assert header["method"]["name"] == "patchcore-30" and header["method"]["params"]["coreset_size"] == "30"
+    assert main(["info", str(saved)]) == 0
+    assert "patchcore-30" in capsys.readouterr().out
+
+
+def test_a_detector_built_from_a_backbone_instance_saves_a_file_that_loads(phantoms, tmp_path):
+    from normdino.features.backbone import Backbone
+
+    backbone = Backbone.random("dinov2_vits14", seed=3, tiny=True, image_size=70)
+    detector = AnomalyDetector(method="anomalydino-1shot", backbone=backbone, progress=False)
+    detector.fit(_pngs(phantoms / "train" / "good")[:6])
+    loaded = AnomalyDetector.load(detector.save(tmp_path / "m.normdino"), progress=False)
+    assert loaded.backbone_.is_random and loaded.backbone_.image_size == 70
+    image = _pngs(phantoms / "test" / "Ungood" / "img")[0]
+    np.testing.assert_array_equal(loaded.predict([image])[0].pixel_map, detector.predict([image])[0].pixel_map)
+
+
+def test_method_hyper_parameters_are_checked_before_any_work(tmp_path):
+    with pytest.raises(InputError, match="no hyper-parameter shots"):
+        AnomalyDetector(method="dpmm", shots=3).fit(["/does/not/matter.png"])
+    with pytest.raises(InputError, match="n_components must be at least 1"):
+        AnomalyDetector(n_components=0).fit(["/does/not/matter.png"])
+    with pytest.raises(InputError, match="sigma must be at least 0"):
+        AnomalyDetector(sigma=-2).fit(["/does/not/matter.png"])
+    with pytest.raises(InputError, match="sigma must be of type float"):
+        AnomalyDetector(sigma=float("nan")).fit(["/does/not/matter.png"])
+    with pytest.raises(InputError, match="batch_size must be at least 1"):
+        AnomalyDetector(batch_size=0).fit(["/does/not/matter.png"])
+
+
+def test_python_api_takes_a_folder_string(phantoms, tiny_dinov2_dir):
+    detector = AnomalyDetector(method="anomalydino-1shot", backbone=str(tiny_dinov2_dir), image_size=56,
+                               progress=False)
+    detector.fit(str(phantoms / "train" / "good"), str(phantoms / "valid" / "good" / "img"))
+    assert detector.training_summary_["n_train_images"] == 12
+    assert len(detector.predict(str(phantoms / "test" / "Ungood" / "img"))) == 3
+
+
+def test_held_out_split_keeps_each_source_on_one_side():
+    from normdino.detector import held_out_split
+
+    sources = [f"volume{v}" for v in range(6) for _ in range(5)]  # 6 volumes of 5 slices
+    train, val = held_out_split(sources, 0.2, seed=0)
+    assert len(train) + len(val) == 30 and len(val) >= 5
+    assert not {sources[i] for i in train} & {sources[i] for i in val}
+    assert {sources[i] for i in val} == {sources[i] for i in val}
+    again = held_out_split(sources, 0.2, seed=0)
+    assert np.array_equal(again[1], val)
+
+
+def test_volume_slices_are_held_out_by_volume(tiny_dinov2_dir):
+    rng = np.random.default_rng(0)
+    slices = [rng.random((40, 40)).astype(np.float32) for _ in range(12)]
+    sources = []
+
+    def stream():
+        for i, s in enumerate(slices):
+            sources.append(f"vol{i // 4}")  # three volumes of four slices
+            yield s
+
+    detector = AnomalyDetector(method="anomalydino", backbone=str(tiny_dinov2_dir), image_size=56, progress=False,
+                               val_fraction=0.3)
+    detector.fit(stream(), sources=sources)
+    assert detector.training_summary_["n_val_images"] == 4  # one whole volume
+    assert detector.training_summary_["n_train_images"] == 8

@@ -20,9 +20,14 @@ _EXPORTS = {
     "DirichletProcessMixture": "normdino.methods.mixture",
     "AnomalyDetector": "normdino.detector",
     "Prediction": "normdino.detector",
-    # baselines and evaluation
-    "MemoryBank": "normdino.methods.baselines",
-    "Coreset": "normdino.methods.baselines",
+    # every method behind one interface, by name
+    "NormativeMethod": "normdino.methods.base",
+    "create_method": "normdino.methods.registry",
+    "available_methods": "normdino.methods.registry",
+    "DPMM": "normdino.methods.dpmm",
+    "MemoryBank": "normdino.methods.memory_bank",
+    "Coreset": "normdino.methods.memory_bank",
+    # evaluation
     "load_dataset": "normdino.evaluation.datasets",
     "PixelScoreAccumulator": "normdino.evaluation.metrics",
     # data for trying things out, and errors

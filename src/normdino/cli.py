@@ -6,6 +6,7 @@ Every user error ends in one readable line on stderr and exit code 1; usage erro
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -34,6 +35,44 @@ def _fpr(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    """A whole number >= 1 (batch sizes, epochs, counts), checked before any work starts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """A finite number >= 0 (smoothing sigma); NaN and infinity are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value >= 0.0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """A finite number > 0 (limits such as --max-megapixels)."""
+    value = _non_negative_float(text)
+    if value == 0.0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """A number in [0, 1] (e.g. --min-foreground)."""
+    value = _non_negative_float(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 1, got {text}")
+    return value
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log messages, only errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -45,7 +84,7 @@ def _add_volume_options(parser: argparse.ArgumentParser) -> None:
         "predict and evaluate take the model's axis and intensity settings unless given again")
     group.add_argument("--axis", default=None, help="slicing axis: axial, coronal, sagittal, or an array axis 0/1/2 (default axial)")
     group.add_argument("--slices", default=None, help="slice range along the axis, e.g. 60:100")
-    group.add_argument("--min-foreground", type=float, default=0.0, help="skip slices whose foreground fraction is below this (0..1)")
+    group.add_argument("--min-foreground", type=_fraction, default=0.0, help="skip slices whose foreground fraction is below this (0..1)")
     group.add_argument("--window", default=None, help="CT window in HU as LOW,HIGH, e.g. -200,250 (default: percentile clipping)")
     group.add_argument("--percentiles", default=None, help="MRI intensity clipping percentiles (default 0.5,99.5)")
     group.add_argument("--normalization", choices=("percentile", "window", "dtype", "none"), default=None,
@@ -54,7 +93,8 @@ def _add_volume_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--volume-index", type=int, default=None, help="which volume of a 4D NIfTI to use")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(estimator_options: bool = False) -> argparse.ArgumentParser:
+    """The parser; ``estimator_options`` adds every method's hyper-parameters to fit and bench (imports torch)."""
     parser = argparse.ArgumentParser(
         prog="normdino",
         description="Anomaly detection and segmentation in medical images with a normative model of DINO patch embeddings.")
@@ -65,21 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("normal", nargs="+", help="healthy training images: folders, globs, files, NIfTI/DICOM volumes")
     fit.add_argument("-o", "--output", required=True, help="model file to write (e.g. model.normdino)")
     fit.add_argument("--val", nargs="+", default=None, help="healthy validation images for model selection and thresholds (default: hold out 10%% of the training images)")
-    fit.add_argument("--backbone", default="dinov2_vits14", help="hub name, alias (dinov2_vits14, dinov3_vits16, ...), local directory, or 'random' (meaningless quality, for trying things out)")
-    fit.add_argument("--image-size", type=int, default=448, help="backbone input side in pixels (default 448)")
-    fit.add_argument("--layer", type=int, default=-1, help="transformer layer of the tokens (default -1: last, after the final norm)")
-    fit.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the tokens (ablation)")
-    fit.add_argument("--epochs", type=int, default=40, help="EM epochs (default 40)")
-    fit.add_argument("--components", type=int, default=500, help="truncation level K of the mixture (default 500)")
-    fit.add_argument("--covariance", choices=("diag", "spherical", "full"), default="diag", help="covariance type (default diag)")
-    fit.add_argument("--score", choices=("cosine", "euclidean", "likelihood"), default="cosine", help="anomaly score (default cosine, the paper's)")
-    fit.add_argument("--sigma", type=float, default=0.0, help="Gaussian smoothing of the pixel maps, in pixels (default 0)")
-    fit.add_argument("--fpr", type=_fpr, nargs="+", default=[0.01, 0.05, 0.10], help="false-positive rates to calibrate (default 0.01 0.05 0.10)")
-    fit.add_argument("--batch-size", type=int, default=8, help="images per backbone forward pass (default 8)")
-    fit.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help=f"token cache folder (default {DEFAULT_CACHE})")
+    fit.add_argument("--method", default=None, help="normative method: dpmm (default, the paper's), dpmm-euclidean, "
+                     "dpmm-likelihood, anomalydino, anomalydino-1shot / -Nshot, patchcore-10%%, patchcore-1024, "
+                     "patchcore-150, himatch, ... ('normdino fit --help' lists each method's settings)")
+    fit.add_argument("--backbone", default=None, help="hub name, alias (dinov2_vits14, dinov3_vits16, ...), local directory, or 'random' (meaningless quality, for trying things out); default dinov2_vits14")
+    fit.add_argument("--cache-dir", default=None, help=f"token cache folder (default {DEFAULT_CACHE})")
     fit.add_argument("--no-cache", action="store_true", help="do not cache tokens on disk")
-    fit.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--device", default=None, help="cpu, cuda or mps (default cpu)")
+    if estimator_options:
+        from normdino.config import add_param_options
+
+        add_param_options(fit)
     _add_volume_options(fit)
     _add_common(fit)
 
@@ -90,7 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--fpr", type=_fpr, default=None, help="false-positive rate of the masks (default: the model's, 0.05)")
     predict.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
     predict.add_argument("--backbone", default=None, help="where to load the backbone weights from, if not the name saved in the model")
-    predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--batch-size", type=_positive_int, default=8, help="images per backbone forward pass (default 8)")
+    predict.add_argument("--overwrite", action="store_true",
+                         help="replace the results of an earlier predict in OUTPUT (without it, a folder that already "
+                              "holds files is refused, so no earlier result is ever lost)")
+    predict.add_argument("--strict", action="store_true",
+                         help="stop at the first input that cannot be read (default: skip it with a warning and a "
+                              "'skipped' row in scores.csv saying why)")
+    predict.add_argument("--max-megapixels", type=_positive_float, default=None,
+                         help="refuse images larger than this (default 64: predict needs about 40 bytes per pixel)")
     predict.add_argument("--device", default="cpu")
     _add_volume_options(predict)
     _add_common(predict)
@@ -102,9 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="fit and predict on generated phantoms; prints pixel AUROC and where the outputs are")
     demo.add_argument("-o", "--output", default="normdino-demo", help="folder for the phantoms, model and outputs (default ./normdino-demo)")
     demo.add_argument("--backbone", default="dinov2_vits14", help="backbone (default dinov2_vits14; 'random' runs without weights, quality meaningless)")
-    demo.add_argument("--image-size", type=int, default=448)
-    demo.add_argument("--epochs", type=int, default=10)
-    demo.add_argument("--components", type=int, default=200)
+    demo.add_argument("--image-size", type=_positive_int, default=448)
+    demo.add_argument("--epochs", type=_positive_int, default=10)
+    demo.add_argument("--components", type=_positive_int, default=200)
     demo.add_argument("--seed", type=int, default=0)
     _add_common(demo)
 
@@ -125,18 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated, of: dpmm, dpmm-euclidean, dpmm-likelihood (the ablation's scores on the same mixture), "
                             "anomalydino, anomalydino-1shot, patchcore-10%%, patchcore-1024, patchcore-150 "
                             "(default dpmm,anomalydino,anomalydino-1shot,patchcore-150)")
-    bench.add_argument("--backbone", default="dinov2_vits14", help="backbone of every method (default dinov2_vits14; 'random' for timing only)")
-    bench.add_argument("--image-size", type=int, default=448)
-    bench.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the tokens (ablation)")
-    bench.add_argument("--epochs", type=int, default=40)
-    bench.add_argument("--components", type=int, default=500)
-    bench.add_argument("--covariance", choices=("diag", "spherical", "full"), default="diag")
-    bench.add_argument("--max-train", type=int, default=None, help="use at most this many training images (seeded subset)")
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--device", default="cpu")
-    _add_report_options(bench, "normdino-bench")
+    bench.add_argument("--backbone", default=None, help="backbone of every method (default dinov2_vits14; 'random' for timing only)")
+    bench.add_argument("--max-train", type=_positive_int, default=None, help="use at most this many training images (seeded subset)")
+    bench.add_argument("--device", default=None)
+    if estimator_options:
+        from normdino.config import add_param_options
+
+        add_param_options(bench)
+    _add_report_options(bench, "normdino-bench", estimator=estimator_options)
     _add_common(bench)
     _add_serve_parser(sub)
+    _add_reproduce_parser(sub)
     return parser
 
 
@@ -155,15 +198,51 @@ def _add_serve_parser(sub) -> None:
     _add_common(serve)
 
 
-def _add_report_options(parser: argparse.ArgumentParser, default_dir: str) -> None:
+def _add_reproduce_parser(sub) -> None:
+    rep = sub.add_parser("reproduce", help="the DPMM paper's Tables 1-3 on the BMAD sets, each cell beside the published figure")
+    rep.add_argument("root", help="folder holding BraTS2021_slice/, Liver/ (or its hist_DIY/ variant) and RESC/")
+    rep.add_argument("-o", "--output", default="repro", help="folder for tables.md, tables.json, results.json, report.html (default ./repro)")
+    rep.add_argument("--datasets", default="brats,liver,resc", help="comma-separated BMAD sets (default brats,liver,resc)")
+    rep.add_argument("--backbone", default="dinov2_vits14", help="backbone of every method (default dinov2_vits14; 'random' for timing only)")
+    rep.add_argument("--image-size", type=_positive_int, default=448)
+    rep.add_argument("--epochs", type=_positive_int, default=40)
+    rep.add_argument("--components", type=_positive_int, default=500)
+    rep.add_argument("--covariance", choices=("diag", "spherical", "full"), default="diag")
+    rep.add_argument("--sigma", type=_non_negative_float, default=0.0, help="Gaussian smoothing of the pixel maps (default 0)")
+    rep.add_argument("--max-train", type=_positive_int, default=None, help="use at most this many training images per set (seeded subset)")
+    rep.add_argument("--max-eval", type=_positive_int, default=None, help="evaluate on a seeded subset of at most this many images per set")
+    rep.add_argument("--timing-images", type=int, default=10, help="images timed at batch size 1 (default 10; 0: no timing)")
+    rep.add_argument("--batch-size", type=_positive_int, default=8)
+    rep.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="token cache folder")
+    rep.add_argument("--no-cache", action="store_true")
+    rep.add_argument("--device", default="cpu")
+    rep.add_argument("--seed", type=int, default=0)
+    _add_statistics_options(rep, seeds_default="0,1,2,3,4")
+    _add_common(rep)
+
+
+def _add_statistics_options(parser: argparse.ArgumentParser, seeds_default: str = "0") -> None:
+    group = parser.add_argument_group("statistics")
+    group.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of images for 95%% intervals (0: none; default 1000)")
+    group.add_argument("--compare", action="append", default=[], metavar="A,B", help="paired permutation test of method A against B on image-wise pixel AUROC/AUPR (repeatable)")
+    group.add_argument("--permutations", type=_positive_int, default=10000, help="permutations of each paired test (default 10000)")
+    group.add_argument("--seeds", default=seeds_default, help=f"seeds of the few-shot methods, reported as max/mean/min (default {seeds_default})")
+    group.add_argument("--foreground", default="auto", help="auto (intensity rule), none, or a folder of foreground masks: metrics and thresholds also inside the body/brain (default auto)")
+
+
+def _add_report_options(parser: argparse.ArgumentParser, default_dir: str, estimator: bool = False) -> None:
+    """Output and evaluation options; ``estimator``: --sigma and --batch-size come from the estimator settings."""
     parser.add_argument("-o", "--output", default=default_dir, help=f"folder for results.json, results.md and report.html (default ./{default_dir})")
     parser.add_argument("--json", default=None, help="write the JSON results here instead of OUTPUT/results.json")
-    parser.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of the pixel maps (default: the model's / 0)")
+    if not estimator:
+        parser.add_argument("--sigma", type=_non_negative_float, default=None, help="Gaussian smoothing of the pixel maps (default: the model's / 0)")
     parser.add_argument("--timing-images", type=int, default=10, help="images timed at batch size 1 (default 10)")
-    parser.add_argument("--max-eval", type=int, default=None, help="evaluate on a seeded subset of at most this many images (labels kept in proportion)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-eval", type=_positive_int, default=None, help="evaluate on a seeded subset of at most this many images (labels kept in proportion)")
+    if not estimator:
+        parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="token cache folder")
     parser.add_argument("--no-cache", action="store_true")
+    _add_statistics_options(parser)
 
 
 # ---------------------------------------------------------------------- commands
@@ -203,24 +282,107 @@ def _intensity_settings(options) -> dict:
             "percentiles": ",".join(map(str, options.percentiles)), "image_intensity": IMAGE_INTENSITY}
 
 
+FIT_DEFAULTS = {"method": "dpmm", "backbone": "dinov2_vits14", "device": "cpu", "cache_dir": str(DEFAULT_CACHE)}
+
+
+def _estimator_settings(args, method: str | None = None) -> tuple[dict, dict, dict]:
+    """(all settings, detector kwargs, method hyper-parameters) from defaults, --config and the command line.
+
+    An option given for a method that does not take it is an error, not silently ignored.
+    """
+    from normdino.config import declared_params, resolve_settings, split_settings
+
+    settings = resolve_settings(args, FIT_DEFAULTS)
+    method = method or settings["method"]
+    detector_kwargs, method_params = split_settings(settings, method)
+    params = declared_params()
+    for name, (param, users) in params.items():
+        if getattr(args, name, None) is not None and "detector" not in users and name not in method_params \
+                and name != "seed" and args.command == "fit":
+            raise NormdinoError(f"{param.cli_flag} is a setting of {', '.join(users)}, not of method {method}")
+    for name, (param, _) in params.items():  # every value (command line or --config) against its declaration, before any work
+        if settings.get(name) is not None:
+            param.check(settings[name], param.cli_flag)
+    return settings, detector_kwargs, method_params
+
+
+RANDOM_HINT = ("Without weights, 'normdino {command} --backbone random' runs the same pipeline with random weights "
+               "(timing only, quality meaningless).")
+
+
+def _check_fit_output(output: Path, train, val) -> None:
+    """Before any work: the model file can be written, and it is not one of the inputs (it would replace it)."""
+    from normdino.errors import OutputError
+    from normdino.files import check_writable_file
+    from normdino.io.reading import IMAGE_SUFFIXES
+
+    check_writable_file(output, "model file")
+    target = output.resolve()
+    inputs = [*train.images, *train.volumes, *((val.images + val.volumes) if val else [])]
+    if any(Path(p).resolve() == target for p in inputs):
+        raise OutputError(f"-o {output} is one of the training or validation inputs; writing the model there would "
+                          "destroy it: give another file name, e.g. model.normdino")
+    if output.exists() and output.name.lower().endswith((*IMAGE_SUFFIXES, ".nii", ".nii.gz", ".dcm")):
+        raise OutputError(f"-o {output} is an existing image or volume; a model would replace it: give another file "
+                          "name, e.g. model.normdino")
+
+
+def _warn_if_validation_overlaps(train, val) -> None:
+    """Validation images that are also training images make the calibrated false-positive rates optimistic."""
+    if val is None:
+        return
+    training = {Path(p).resolve() for p in [*train.images, *train.volumes]}
+    validation = [*val.images, *val.volumes]
+    shared = sum(Path(p).resolve() in training for p in validation)
+    if shared:
+        log.warning("%d of the %d validation inputs are also training inputs: thresholds calibrated on them give "
+                    "optimistic (too low) false-positive rates; use healthy images the model is not fitted on",
+                    shared, len(validation))
+
+
+def _save_model(detector, output: str) -> None:
+    """Save the model; a full disk or a vanished folder is one sentence, not a serializer traceback."""
+    from normdino.errors import OutputError
+
+    try:
+        detector.save(output)
+    except OSError as err:
+        raise OutputError(f"cannot write the model file {output}: {err.strerror or err}") from None
+    except Exception as err:  # safetensors reports I/O failures as its own SafetensorError
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise OutputError(f"cannot write the model file {output}: {err}") from None
+
+
 def cmd_fit(args) -> int:
     from normdino.detector import AnomalyDetector
     from normdino.io.inputs import resolve_inputs, training_images
 
+    settings, detector_kwargs, method_params = _estimator_settings(args)
+    if args.print_config:
+        from normdino.config import to_yaml
+
+        print(to_yaml(settings), end="")
+        return 0
     train = resolve_inputs(args.normal)
     val = resolve_inputs(args.val) if args.val else None
+    _check_fit_output(Path(args.output), train, val)
+    _warn_if_validation_overlaps(train, val)
     options = _slice_options(args) if train.volumes or (val and val.volumes) else None
     detector = AnomalyDetector(
-        backbone=args.backbone, image_size=args.image_size, layer=args.layer, normalize=not args.no_normalize,
-        n_components=args.components, covariance_type=args.covariance, epochs=args.epochs, score=args.score,
-        sigma=args.sigma, fprs=sorted(set(args.fpr)), cache_dir=None if args.no_cache else args.cache_dir,
-        device=args.device, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
-        volume_settings=_intensity_settings(options))
-    detector.fit(training_images(train, options), training_images(val, options) if val else None)
-    detector.save(args.output)
+        method=settings["method"], backbone=settings["backbone"], device=settings["device"],
+        cache_dir=None if args.no_cache else settings["cache_dir"], progress=not args.quiet,
+        volume_settings=_intensity_settings(options), **detector_kwargs, **method_params)
+    from normdino.errors import WeightsNotFoundError
+
+    try:
+        detector.fit(training_images(train, options), training_images(val, options) if val else None)
+    except WeightsNotFoundError as err:
+        raise WeightsNotFoundError(f"{err} {RANDOM_HINT.format(command='fit')}") from None
+    _save_model(detector, args.output)
     summary = detector.training_summary_
-    log.info("wrote %s: %d prototypes from %d training images (best epoch %d)", args.output,
-             summary["n_prototypes"], summary["n_train_images"], summary["best_epoch"])
+    log.info("wrote %s: %s with %d prototypes from %d training images", args.output, detector.method_name,
+             summary["n_prototypes"], summary["n_train_images"])
     return 0
 
 
@@ -229,46 +391,86 @@ def cmd_predict(args) -> int:
     from normdino.io.inputs import resolve_inputs
     from normdino.io.writing import PredictionWriter
 
+    from normdino.io.writing import DEFAULT_MAX_MEGAPIXELS, check_image_sizes, prepare_results_folder
+
+    # Everything that can be checked is checked before the model and its backbone load.
+    inputs = resolve_inputs(args.inputs)
+    prepare_results_folder(Path(args.output), args.overwrite, check_only=True)
+    max_megapixels = args.max_megapixels or DEFAULT_MAX_MEGAPIXELS
+    check_image_sizes(inputs.images, max_megapixels, strict=args.strict)
     detector = AnomalyDetector.load(args.model, backbone=args.backbone, device=args.device, progress=not args.quiet)
     detector.batch_size = args.batch_size
-    inputs = resolve_inputs(args.inputs)
     options = _slice_options(args, detector.volume_settings) if inputs.volumes else None
     writer = PredictionWriter(detector, Path(args.output), fpr=args.fpr, overlays=not args.no_overlays,
-                              progress=not args.quiet)
-    writer.write_images(inputs.images)
-    for volume in inputs.volumes:
-        writer.write_volume(volume, options)
-    csv_path = writer.finish()
-    log.info("wrote maps for %d inputs and %s", writer.n_written, csv_path)
+                              progress=not args.quiet, overwrite=args.overwrite, strict=args.strict,
+                              max_megapixels=max_megapixels, context={"model": str(args.model)})
+    writer.assign_names([*inputs.images, *inputs.volumes])
+    finished = False
+    try:
+        writer.write_images(inputs.images)
+        for volume in inputs.volumes:
+            writer.write_volume(volume, options)
+        csv_path = writer.finish()
+        finished = True
+    finally:
+        if not finished:  # an interrupted run still gets a report of what it finished (scores.csv is complete)
+            try:
+                writer.finish()
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                pass
+    if writer.n_written == 0:
+        raise NormdinoError(f"none of the {writer.n_skipped} inputs could be read; {csv_path} says why for each")
+    if writer.n_skipped:
+        log.warning("%d of %d inputs were skipped; %s says why", writer.n_skipped, len(writer.rows), csv_path)
+    log.info("wrote maps for %d inputs, %s and %s", writer.n_written, csv_path, csv_path.parent / "index.html")
     return 0
 
 
 def cmd_info(args) -> int:
-    from normdino.detector import read_model_file
+    """Describe a model from its header and calibration tables, read without importing torch (fast)."""
+    from normdino.errors import ModelFileError
 
-    header, tensors = read_model_file(args.model)
+    try:
+        return _print_info(args)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        raise ModelFileError(f"{args.model} has a malformed normdino header or calibration tables ({err!r})") from None
+
+
+def _print_info(args) -> int:
+    import numpy as np
+
+    from normdino.files import read_safetensors_arrays
+    from normdino.model_file import read_header
+
+    header = read_header(args.model)
     if args.json:
         print(json.dumps(header, indent=2))
         return 0
+    if "method" not in header:  # an older format: the full reader converts it (this imports torch)
+        from normdino.model_file import read_model_file
+
+        header, _ = read_model_file(args.model)
+    tables = read_safetensors_arrays(args.model, ["calibration.fprs", "calibration.pixel_thresholds",
+                                                  "calibration.image_thresholds"])
     backbone, params, training = header["backbone"], header["detector"], header.get("training", {})
+    method = header["method"]
+    settings = ", ".join(f"{k}={v}" for k, v in method["params"].items())
     lines = [
         f"normdino model {args.model} (format {header['format_version']}, written by normdino {header['normdino_version']})",
+        f"  method        {method['name']}  ({settings})",
         f"  backbone      {backbone['name']}{'  [RANDOM WEIGHTS: quality meaningless]' if backbone['is_random'] else ''}",
-        f"                patch {backbone['patch_size']}, input {backbone['image_size']} px, layers {backbone['layers']}, dim {backbone['embed_dim']}",
-        f"  mixture       K={header['mixture'].get('n_components')}, {header['mixture'].get('covariance_type')} covariance, "
-        f"{tensors['prototypes'].shape[0]} active prototypes",
-        f"  score         {params['score']} (normalised tokens: {params['normalize']}, smoothing sigma {params['sigma']})",
-        f"  training      {training.get('n_train_images', '?')} images, {training.get('n_train_tokens', '?')} tokens, "
-        f"best epoch {training.get('best_epoch', '?')} of {params['epochs']}",
+        f"                patch {backbone['patch_size']}, input {backbone['image_size']} px, layers {backbone['layers']}, "
+        f"dim {backbone['embed_dim']}, {backbone.get('precision', 'fp32')} on {backbone.get('runtime', 'torch')}",
+        f"  state         {training.get('n_prototypes', '?')} prototypes; smoothing sigma {params.get('sigma', 0)}",
+        f"  training      {training.get('n_train_images', '?')} images, {training.get('n_train_tokens', '?')} tokens"
+        + (f", best epoch {training['best_epoch']}" if training.get("best_epoch") else ""),
         f"  calibration   {training.get('n_val_images', '?')} healthy validation images"
         f"{' (held out from the training images)' if training.get('val_held_out') else ''}",
     ]
-    from normdino.detector import _threshold_from_table
-
-    fprs = tensors["calibration.fprs"].numpy()
-    for fpr in params["fprs"]:
-        pixel = _threshold_from_table(fprs, tensors["calibration.pixel_thresholds"].numpy(), fpr)
-        image = _threshold_from_table(fprs, tensors["calibration.image_thresholds"].numpy(), fpr)
+    log_fprs = np.log(tables["calibration.fprs"])  # thresholds interpolated in log-FPR, as the detector does
+    for fpr in params.get("fprs", []):
+        pixel = float(np.interp(np.log(fpr), log_fprs, tables["calibration.pixel_thresholds"]))
+        image = float(np.interp(np.log(fpr), log_fprs, tables["calibration.image_thresholds"]))
         lines.append(f"    FPR {fpr:>5.1%}   pixel threshold {pixel:.4f}   image threshold {image:.4f}")
     print("\n".join(lines))
     return 0
@@ -323,52 +525,68 @@ def cmd_evaluate(args) -> int:
 
     dataset = load_dataset(args.data, args.layout)
     healthy, test = evaluation_token_sets(detector.backbone_, dataset, cache_dir, args.batch_size, not args.quiet,
-                                          args.max_eval)
-    scorer = detector_scorer(detector, "dpmm" if detector.score == "cosine" else f"dpmm-{detector.score}")
+                                          args.max_eval, cls=detector.method_.feature_request().cls)
+    scorer = detector_scorer(detector)
     results = evaluate_methods([scorer], detector.backbone_, healthy, test, sigma, detector.top_fraction,
-                               args.timing_images)
+                               args.timing_images, **_statistics(args, 0))
     context = {"model": args.model, "data": args.data, "layout": dataset.layout, **dataset.summary(),
                "healthy_used": len(healthy.shapes), "evaluated": len(test.shapes),
                "backbone": detector.backbone_.name, "sigma": sigma}
     paths = write_outputs(results, [scorer], detector.backbone_, Path(args.output), f"normdino evaluate: {dataset.name}",
-                          context, Path(args.json) if args.json else None, sigma)
+                          context, Path(args.json) if args.json else None, sigma,
+                          comparisons=_comparisons(results, args, 0))
     _print_results(paths, [r.row for r in results], detector.backbone_.is_random)
     return 0
 
 
 def cmd_bench(args) -> int:
     from normdino.detector import AnomalyDetector
-    from normdino.evaluation.datasets import load_dataset
     from normdino.errors import InputError
-    from normdino.evaluation.protocol import evaluate_methods, evaluation_token_sets, fit_methods, subset, token_set, write_outputs
+    from normdino.evaluation.datasets import load_dataset
+    from normdino.evaluation.protocol import (create_methods, evaluate_methods, evaluation_token_sets, feature_union,
+                                              fit_methods, subset, token_set, write_outputs)
+    from normdino.features.tokens import FeatureRequest
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not names:
         raise InputError("--methods is empty")
+    settings, detector_kwargs, _ = _estimator_settings(args, method=names[0])
+    seed = settings["seed"]
+    methods = []
+    seeds = _seeds(args.seeds)
+    for name in names:
+        _, method_params = _split_for(settings, name)
+        for run_seed in seeds if "shot" in name else (seed,):  # few-shot methods: one fit per seed
+            created = create_methods([name], **{**method_params, "seed": run_seed})
+            if "shot" in name and len(seeds) > 1:
+                created[0].name = f"{name}@{run_seed}"
+            methods.extend(created)
     dataset = load_dataset(args.data, args.layout)
     if not dataset.train:
         raise InputError(f"{args.data} has no training images (train/good)")
-    train_images = subset(dataset.train, args.max_train, args.seed)
-    cache_dir = None if args.no_cache else Path(args.cache_dir)
-    sigma = args.sigma or 0.0
-    backbone = AnomalyDetector(backbone=args.backbone, image_size=args.image_size, normalize=not args.no_normalize,
-                               device=args.device, seed=args.seed)._build_backbone()
+    train_images = subset(dataset.train, args.max_train, seed)
+    cache_dir = None if args.no_cache else Path(settings["cache_dir"])
+    sigma = settings["sigma"]
+    layers, cls = feature_union(methods)
+    maker = AnomalyDetector(backbone=settings["backbone"], device=settings["device"], **detector_kwargs)
+    backbone = maker.build_backbone(FeatureRequest(layers=layers, cls=cls))
     progress = not args.quiet
-    train = token_set(backbone, train_images, cache_dir, args.batch_size, progress)
-    healthy, test = evaluation_token_sets(backbone, dataset, cache_dir, args.batch_size, progress, args.max_eval,
-                                          args.seed)
-    params = dict(n_components=args.components, covariance_type=args.covariance, epochs=args.epochs, sigma=sigma,
-                  image_size=args.image_size, normalize=not args.no_normalize, progress=progress)
-    scorers = fit_methods(methods, backbone, train, healthy, params, seed=args.seed)
-    results = evaluate_methods(scorers, backbone, healthy, test, sigma, 0.01, args.timing_images)
+    batch = settings["batch_size"]
+    train = token_set(backbone, train_images, cache_dir, batch, progress, cls=cls)
+    healthy, test = evaluation_token_sets(backbone, dataset, cache_dir, batch, progress, args.max_eval, seed, cls=cls)
+    scorers = fit_methods(methods, layers, train, healthy.tokens, device=backbone.device, progress=progress)
+    results = evaluate_methods(scorers, backbone, healthy, test, sigma, settings["top_fraction"], args.timing_images,
+                               **_statistics(args, seed))
     context = {"data": args.data, "layout": dataset.layout, **dataset.summary(), "train_used": len(train_images),
                "healthy_used": len(healthy.shapes), "evaluated": len(test.shapes),
                "backbone": backbone.name, "random_weights": backbone.is_random, "image_size": backbone.image_size,
-               "normalized_tokens": not args.no_normalize, "epochs": args.epochs, "components": args.components,
-               "covariance": args.covariance, "sigma": sigma, "device": args.device}
+               "normalized_tokens": backbone.normalize, "layers": list(backbone.layers), "sigma": sigma,
+               "device": str(backbone.device), "methods": {m.name: m.get_params() for m in methods}}
+    summaries = _seed_summaries(results, names, seeds)
     paths = write_outputs(results, scorers, backbone, Path(args.output), f"normdino bench: {dataset.name}", context,
-                          Path(args.json) if args.json else None, sigma)
-    _print_results(paths, [r.row for r in results], backbone.is_random)
+                          Path(args.json) if args.json else None, sigma, comparisons=_comparisons(results, args, seed),
+                          summary_rows=summaries)
+    _print_results(paths, [r.row for r in results] + summaries, backbone.is_random)
     return 0
 
 
@@ -388,31 +606,168 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _pairs(values: list[str]) -> tuple[tuple[str, str], ...]:
+    """--compare A,B values as pairs; a usage error names a malformed one."""
+    pairs = []
+    for value in values:
+        parts = [p.strip() for p in value.split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise NormdinoError(f"--compare takes two method names as A,B; got {value!r}")
+        pairs.append((parts[0], parts[1]))
+    return tuple(pairs)
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise NormdinoError(f"--seeds takes integers as 0,1,2; got {text!r}") from None
+    if not seeds:
+        raise NormdinoError("--seeds is empty")
+    return seeds
+
+
+def _statistics(args, seed: int) -> dict:
+    """evaluate_methods' statistics options from --foreground, --bootstrap."""
+    from normdino.evaluation.foreground import foreground_from_option
+
+    return {"foreground": foreground_from_option(args.foreground), "n_bootstrap": args.bootstrap, "seed": seed,
+            "progress": not args.quiet}
+
+
+def _comparisons(results, args, seed: int) -> list[dict] | None:
+    """Paired permutation tests asked for with --compare (None when none)."""
+    if not args.compare:
+        return None
+    from normdino.evaluation.assess import compare_methods
+
+    return compare_methods(results, _pairs(args.compare), args.permutations, seed)
+
+
+def _seed_summaries(results, names: list[str], seeds: tuple[int, ...]) -> list[dict]:
+    """One max/mean/min row per few-shot method run over several seeds."""
+    from normdino.evaluation.assess import seed_summary
+
+    if len(seeds) < 2:
+        return []
+    return [seed_summary(name, [r.row for r in results if r.row["method"].startswith(f"{name}@")])
+            for name in names if "shot" in name]
+
+
+def cmd_reproduce(args) -> int:
+    from normdino.evaluation.protocol import RANDOM_WARNING
+    from normdino.evaluation.reproduce import Settings, reproduce
+
+    settings = Settings(
+        datasets=tuple(d.strip().lower() for d in args.datasets.split(",") if d.strip()), backbone=args.backbone,
+        image_size=args.image_size, epochs=args.epochs, components=args.components, covariance=args.covariance,
+        seeds=_seeds(args.seeds), seed=args.seed, n_bootstrap=args.bootstrap, n_permutations=args.permutations,
+        compare=_pairs(args.compare), foreground=args.foreground, max_train=args.max_train, max_eval=args.max_eval,
+        timing_images=args.timing_images, batch_size=args.batch_size,
+        cache_dir=None if args.no_cache else Path(args.cache_dir), device=args.device, sigma=args.sigma,
+        progress=not args.quiet)
+    paths = reproduce(args.root, Path(args.output), settings)
+    print((Path(paths["markdown"])).read_text())
+    if args.backbone == "random" or args.backbone.startswith("random:"):
+        print(f"WARNING: {RANDOM_WARNING}")
+    print(f"tables: {paths['markdown']}  {paths['json']}  results: {paths['results']}  report: {paths['html']}")
+    return 0
+
+
+def _split_for(settings: dict, method: str) -> tuple[dict, dict]:
+    from normdino.config import split_settings
+
+    return split_settings(settings, method)
+
+
+ESTIMATOR_COMMANDS = ("fit", "bench")
 COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "info": cmd_info, "demo": cmd_demo,
-            "evaluate": cmd_evaluate, "bench": cmd_bench, "serve": cmd_serve}
+            "evaluate": cmd_evaluate, "bench": cmd_bench, "serve": cmd_serve,
+            "reproduce": cmd_reproduce}
+
+
+class _ProgressAwareHandler(logging.StreamHandler):
+    """Prints log lines through ``tqdm.write``, which lifts any progress bar off the line first."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
 
 
 def _configure_logging(quiet: bool, verbose: bool) -> None:
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    """INFO to stderr; ``-q``: errors only (no warnings, no progress bars of the libraries); ``-v``: debug."""
+    import os
+    import warnings
+
+    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = _ProgressAwareHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
+    root.setLevel(logging.ERROR if quiet else logging.WARNING)
     logging.getLogger("normdino").setLevel(level)
+    if quiet:
+        warnings.filterwarnings("ignore")
+        for library in ("transformers", "huggingface_hub", "torch"):
+            logging.getLogger(library).setLevel(logging.ERROR)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        if "transformers" in sys.modules:  # already imported (a caller of main): switch its bars off directly
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+def _end_progress_bars() -> None:
+    """Close every open progress bar, so that a message printed next starts on a line of its own and no bar is
+    redrawn after it."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error being reported
+            pass
+
+
+#: errno values that mean "this output cannot be written" (full disk, quota, read-only, permissions).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+def _error(command: str, message: str) -> int:
+    _end_progress_bars()
+    print(f"normdino {command}: error: {message}", file=sys.stderr)
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(estimator_options=bool(argv) and argv[0] in ESTIMATOR_COMMANDS)
     args = parser.parse_args(argv)
     _configure_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
     handler = COMMANDS[args.command]
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a closed pipe (| head) shows up here, not in an interpreter-exit traceback
+        return code
     except NormdinoError as err:
-        print(f"normdino {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return _error(args.command, str(err))
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as a SIGPIPE would
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except MemoryError:
+        return _error(args.command, "ran out of memory; use smaller inputs, a smaller --batch-size or a machine "
+                                    "with more memory")
+    except OSError as err:
+        if err.errno not in _WRITE_ERRNOS:
+            raise
+        verb = "write" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG) else "access"
+        return _error(args.command, f"cannot {verb} {err.filename or 'a file'}: {err.strerror}")
     except KeyboardInterrupt:
+        _end_progress_bars()
         print("normdino: interrupted", file=sys.stderr)
         return 130
 

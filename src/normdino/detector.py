@@ -1,38 +1,52 @@
-"""The anomaly detector: backbone tokens + Dirichlet process mixture + calibrated thresholds, in one model file."""
+"""The anomaly detector: a frozen DINO backbone + one normative method + thresholds calibrated on healthy images.
+
+Any registered method (``dpmm``, ``anomalydino``, ``patchcore-150``, ``himatch`` ...) fits, saves, loads
+and predicts through this one class; the model file records the method's name, hyper-parameters and
+learned tensors and rebuilds it through the registry.
+"""
 
 from __future__ import annotations
 
-import copy
-import itertools
-import json
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, Union
+from typing import Any, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from normdino import __version__
-from normdino.methods import scoring
 from normdino.errors import InputError, ModelFileError
-from normdino.files import atomic_path, read_safetensors
 from normdino.evaluation.metrics import thresholds_at_fprs
+from normdino.features.tokens import FeatureRequest, Tokens, TokenSet
+from normdino.methods import registry
+from normdino.methods import scoring
+from normdino.methods.base import NormativeMethod, Param
 
 log = logging.getLogger(__name__)
 
 ImageLike = Union[str, Path, np.ndarray]
 
-MODEL_FORMAT = "normdino-model"
-MODEL_FORMAT_VERSION = (1, 0)
 DEFAULT_FPRS = (0.01, 0.05, 0.10)
 # Calibration keeps the healthy score quantiles on this grid of FPRs, so any FPR can be asked for at predict time.
-_FPR_GRID = np.unique(np.concatenate([np.geomspace(1e-4, 0.5, 240), DEFAULT_FPRS]))
+FPR_GRID = np.unique(np.concatenate([np.geomspace(1e-4, 0.5, 240), DEFAULT_FPRS]))
 _MAX_CALIBRATION_PIXELS = 50_000_000
-_RANDOM_BACKBONE = "random"
+RANDOM_BACKBONE = "random"
+
+#: Hyper-parameters of the detector itself (those of each method are declared by the method).
+DETECTOR_PARAMS: tuple[Param, ...] = (
+    Param("image_size", int, "input resolution in pixels (rounded down to a multiple of the patch size)", minimum=14),
+    Param("normalize", bool, "L2-normalise the patch tokens (the paper does)"),
+    Param("sigma", float, "Gaussian smoothing of pixel maps, in pixels (0 = none)", minimum=0.0, maximum=1000.0),
+    Param("fprs", float, "false-positive rates to report thresholds for (any FPR in 1e-4..0.5 works at predict time)",
+          flag="--fpr", nargs="+", minimum=1e-4, maximum=0.5),
+    Param("default_fpr", float, "FPR used by predict when none is given", minimum=1e-4, maximum=0.5),
+    Param("top_fraction", float, "image score = mean of this top fraction of pixel scores", minimum=1e-6, maximum=1.0),
+    Param("val_fraction", float, "fraction of training sources held out for calibration when no --val is given",
+          minimum=0.0, maximum=0.9),
+    Param("batch_size", int, "images per backbone forward pass", minimum=1),
+    Param("seed", int, "random seed (few-shot image choice, coreset start, mixture initialisation)"),
+)
 
 
 @dataclass
@@ -57,7 +71,7 @@ def image_shape(image: ImageLike) -> tuple[int, int]:
     return file_shape(image)
 
 
-def _threshold_from_table(fprs: np.ndarray, thresholds: np.ndarray, fpr: float) -> float:
+def threshold_from_table(fprs: np.ndarray, thresholds: np.ndarray, fpr: float) -> float:
     """Threshold at ``fpr``, interpolated in log-FPR between the calibrated grid points."""
     if not 0.0 < fpr < 1.0:
         raise InputError(f"the false-positive rate must lie strictly between 0 and 1, got {fpr}")
@@ -66,27 +80,51 @@ def _threshold_from_table(fprs: np.ndarray, thresholds: np.ndarray, fpr: float) 
     return float(np.interp(np.log(fpr), np.log(fprs), thresholds))
 
 
+def held_out_split(sources: Sequence[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) image indices with whole sources (volumes, files) on one side, ~``fraction`` held out.
+
+    Slices of one volume never land on both sides: neighbouring slices would make the FPR optimistic.
+    """
+    groups = list(dict.fromkeys(sources))
+    order = np.random.default_rng(seed).permutation(len(groups))
+    target = max(1, int(round(fraction * len(sources))))
+    counts = {g: 0 for g in groups}
+    for s in sources:
+        counts[s] += 1
+    held: set[str] = set()
+    total = 0
+    for i in order:
+        if total >= target or len(held) == len(groups) - 1:
+            break
+        held.add(groups[i])
+        total += counts[groups[i]]
+    is_val = np.array([s in held for s in sources])
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def _check_detector_params(values: dict) -> dict:
+    checked = {}
+    for param in DETECTOR_PARAMS:
+        if param.name in values:
+            checked[param.name] = param.check(values[param.name], "AnomalyDetector")
+    return checked
+
+
 class AnomalyDetector:
     """Fit a normative model of DINO patch tokens on healthy images; predict anomaly maps, scores and masks.
 
-    Hyper-parameters follow the paper (Schulthess & Konukoglu, MICCAI 2025): DINOv2 ViT-S/14 at 448 px,
-    L2-normalised last-layer tokens, a diagonal DP mixture with K=500, 40 epochs of 12-image batches,
-    score = 1 - max cosine to the active component means.
+    ``method`` is a registered name (``dpmm`` by default, the method of Schulthess & Konukoglu, MICCAI 2025)
+    or a :class:`NormativeMethod` instance; extra keyword arguments are that method's hyper-parameters
+    (e.g. ``n_components=500, epochs=40`` for ``dpmm``). Calibration sets pixel and image thresholds on
+    healthy validation images for any FPR in 1e-4..0.5.
     """
 
     def __init__(
         self,
-        backbone="dinov2_vits14",
+        method: str | NormativeMethod = "dpmm",
+        backbone: Any = "dinov2_vits14",
         image_size: int = 448,
-        layer: int = -1,
         normalize: bool = True,
-        n_components: int = 500,
-        covariance_type: str = "diag",
-        epochs: int = 40,
-        batch_images: int = 12,
-        update_rate: float = 0.2,
-        alpha: float = 2.0,
-        score: str = "cosine",
         sigma: float = 0.0,
         fprs: Sequence[float] = DEFAULT_FPRS,
         default_fpr: float = 0.05,
@@ -98,18 +136,12 @@ class AnomalyDetector:
         seed: int = 0,
         progress: bool = True,
         volume_settings: dict | None = None,
+        **method_params: Any,
     ):
+        self.method = method
         self.backbone = backbone
         self.image_size = image_size
-        self.layer = layer
         self.normalize = normalize
-        self.n_components = n_components
-        self.covariance_type = covariance_type
-        self.epochs = epochs
-        self.batch_images = batch_images
-        self.update_rate = update_rate
-        self.alpha = alpha
-        self.score = score
         self.sigma = sigma
         self.fprs = fprs
         self.default_fpr = default_fpr
@@ -121,197 +153,219 @@ class AnomalyDetector:
         self.seed = seed
         self.progress = progress
         self.volume_settings = volume_settings
+        self.method_params = method_params
 
     # ------------------------------------------------------------------ parameters
-
-    _PARAMS = (
-        "image_size", "layer", "normalize", "n_components", "covariance_type", "epochs", "batch_images",
-        "update_rate", "alpha", "score", "sigma", "fprs", "default_fpr", "top_fraction", "val_fraction", "seed",
-        "volume_settings",
-    )
+    @property
+    def method_name(self) -> str:
+        return self.method if isinstance(self.method, str) else (self.method.name or type(self.method).__name__)
 
     def get_params(self) -> dict:
-        """The JSON-able hyper-parameters saved with the model (the backbone is saved separately)."""
-        params = {name: getattr(self, name) for name in self._PARAMS}
+        """The JSON-able detector hyper-parameters saved with the model (backbone and method are saved apart)."""
+        params = {p.name: getattr(self, p.name) for p in DETECTOR_PARAMS}
         params["fprs"] = [float(f) for f in self.fprs]
+        params["volume_settings"] = self.volume_settings
         return params
 
-    # ------------------------------------------------------------------ backbone and tokens
+    def _check_params(self) -> None:
+        checked = _check_detector_params({p.name: getattr(self, p.name) for p in DETECTOR_PARAMS})
+        for name, value in checked.items():
+            setattr(self, name, value)
+        if not self.fprs:
+            raise InputError("give at least one false-positive rate")
 
-    def _build_backbone(self):
+    def _build_method(self) -> NormativeMethod:
+        """A fresh method from the name and hyper-parameters (the seed is the detector's unless given)."""
+        if isinstance(self.method, NormativeMethod):
+            if self.method_params:
+                raise InputError("pass method hyper-parameters to the method instance, not to AnomalyDetector")
+            return self.method
+        cls = registry.method_class(self.method)
+        accepted = {p.name for p in cls.PARAMS}
+        unknown = sorted(set(self.method_params) - accepted)
+        if unknown:
+            raise InputError(f"method {self.method!r} has no hyper-parameter {', '.join(unknown)}; "
+                             f"it takes {', '.join(sorted(accepted))}")
+        params = {"seed": self.seed, **self.method_params}
+        return registry.create(self.method, **params)
+
+    # ------------------------------------------------------------------ backbone and tokens
+    def build_backbone(self, request: FeatureRequest):
         from normdino.features.backbone import Backbone
 
         if isinstance(self.backbone, Backbone):
-            return self.backbone
+            return _with_layers(self.backbone, request)
         name = str(self.backbone)
-        if name == _RANDOM_BACKBONE or name.startswith(_RANDOM_BACKBONE + ":"):
-            arch = name.partition(":")[2] or "dinov2_vits14"
-            return Backbone.random(arch, seed=self.seed, image_size=self.image_size,
-                                   layers=(self.layer,), normalize=self.normalize, device=self.device)
-        return Backbone.from_pretrained(name, image_size=self.image_size, layers=(self.layer,),
-                                        normalize=self.normalize, device=self.device)
+        common = dict(image_size=self.image_size, layers=request.layers, normalize=self.normalize, device=self.device)
+        if name == RANDOM_BACKBONE or name.startswith(RANDOM_BACKBONE + ":") or name.startswith(RANDOM_BACKBONE + "-"):
+            arch, seed, tiny = parse_random_name(name, self.seed)
+            return Backbone.random(arch, seed=seed, tiny=tiny, **common)
+        return Backbone.from_pretrained(name, **common)
 
     def _backbone_spec(self, backbone) -> dict:
         """How to rebuild the backbone when the model file is loaded."""
         name = self.backbone if isinstance(self.backbone, (str, Path)) else backbone.name
+        if backbone.is_random and isinstance(self.backbone, str) and self.backbone.startswith(RANDOM_BACKBONE) \
+                and not Path(self.backbone).exists():
+            name = backbone.name  # random-[tiny-]ARCH-seedN: rebuilds the same weights
         return {"name": str(name), "identifier": backbone.identifier, "is_random": bool(backbone.is_random),
                 "patch_size": backbone.patch_size, "embed_dim": backbone.embed_dim,
-                "image_size": backbone.image_size, "layers": list(backbone.layers)}
+                "image_size": backbone.image_size, "layers": list(backbone.layers), "normalize": backbone.normalize,
+                "precision": getattr(backbone, "precision", "fp32"), "runtime": getattr(backbone, "runtime", "torch")}
 
-    def _tokens(self, images: Iterable[ImageLike]) -> tuple[np.ndarray, list[tuple[int, int]]]:
-        """(N, h, w, D) float16 tokens and the (H, W) of each image.
+    def _token_set(self, images: Iterable[ImageLike], cls: bool, sources: list[str]) -> TokenSet:
+        """Float16 tokens of files (through the token cache) or arrays (streamed), with sizes and sources.
 
-        A list of files goes through the token cache; anything else (arrays, a generator of volume slices)
-        is streamed through the backbone in batches, so it is never all in memory as images.
+        ``sources`` names the file or volume of each image; for a stream it fills as the stream is read.
         """
-        from normdino.features.cache import extract_tokens
+        from normdino.features.cache import embed_arrays, extract_tokens
 
         if isinstance(images, (list, tuple)) and images and all(isinstance(im, (str, Path)) for im in images):
-            paths = [Path(p) for p in images]
             cache_dir = Path(self.cache_dir) if self.cache_dir is not None else None
-            tokens = extract_tokens(self.backbone_, paths, cache_dir=cache_dir, batch_size=self.batch_size,
-                                    progress=self.progress)
-            return tokens, [image_shape(p) for p in paths]
-        chunks, shapes = [], []
-        for arrays in _batches(_as_arrays(images), self.batch_size):
-            shapes.extend(a.shape[:2] for a in arrays)
-            chunks.append(self._embed(arrays).to(torch.float16).numpy())
-        if not chunks:
+            return extract_tokens(self.backbone_, [Path(p) for p in images], cache_dir=cache_dir,
+                                  batch_size=self.batch_size, progress=self.progress, cls=cls)
+        arrays = (image if isinstance(image, np.ndarray) else _read(image) for image in images)
+        tokens = embed_arrays(self.backbone_, arrays, batch_size=self.batch_size, cls=cls, progress=self.progress)
+        if len(tokens) == 0:
             raise InputError("no training images were given")
-        return np.concatenate(chunks), shapes
+        if len(sources) == len(tokens):
+            tokens.sources = list(sources)
+        return tokens
 
-    def _embed(self, arrays: list[np.ndarray]) -> torch.Tensor:
-        """(B, h, w, D) tokens of a batch of image arrays."""
+    def _embed(self, arrays: list[np.ndarray]) -> Tokens:
+        """Tokens of a batch of image arrays, on the detector's device."""
         batch = torch.stack([self.backbone_.preprocess(a) for a in arrays])
-        with torch.inference_mode():
-            return self.backbone_(batch)
+        out = self.backbone_.encode(batch.to(self.backbone_.device))
+        return Tokens(out.patch_tokens, out.cls_tokens if self.method_.feature_request().cls else None)
 
     # ------------------------------------------------------------------ fit
-
-    def fit(self, normal_images: Iterable[ImageLike], val_normal_images: Iterable[ImageLike] | None = None):
+    def fit(self, normal_images: Iterable[ImageLike], val_normal_images: Iterable[ImageLike] | None = None,
+            sources: list[str] | None = None):
         """Learn the normative model from healthy images and calibrate thresholds on healthy validation images.
 
-        Images are files, arrays, or any iterable of them (e.g. a generator of volume slices). Without
-        validation images, a seeded ``val_fraction`` of the training images is held out for model selection
-        and calibration (calibrating on training images would understate the false-positive rate).
+        Images are folders, globs, files, arrays, or any iterable of them (e.g. a generator of volume slices).
+        Without validation images, a seeded ``val_fraction`` of the training sources (whole volumes or files)
+        is held out for model selection and calibration. ``sources``: for a stream of slices, a list that
+        names each slice's volume as it is produced (see ``normdino.io.inputs.training_images``).
         """
-        for fpr in self.fprs:
-            if not 0.0 < float(fpr) < 1.0:
-                raise InputError(f"false-positive rates must lie strictly between 0 and 1, got {fpr}")
-        if self.score not in scoring.SCORE_METHODS:
-            raise InputError(f"unknown score {self.score!r}; choose one of {', '.join(scoring.SCORE_METHODS)}")
+        from normdino.io.inputs import expand_images
 
-        started = time.perf_counter()
-        self.backbone_ = self._build_backbone()
-        tokens, shapes = self._tokens(normal_images)
+        self._check_params()
+        method = self._build_method()
+        method.check_params()
+        train_sources: list[str] = sources if sources is not None else []
+        val_sources: list[str] = []
+        normal_images = expand_images(normal_images, sources=None if sources is not None else train_sources)
         if val_normal_images is not None:
-            val_tokens, val_shapes = self._tokens(val_normal_images)
-        elif self.val_fraction > 0 and len(shapes) >= 4:
-            order = np.random.default_rng(self.seed).permutation(len(shapes))
-            n_val = max(1, int(round(self.val_fraction * len(shapes))))
-            val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
-            val_tokens, val_shapes = tokens[val_idx], [shapes[i] for i in val_idx]
-            tokens, shapes = tokens[train_idx], [shapes[i] for i in train_idx]
-            log.info("no validation images given: holding out %d of %d training images for calibration",
-                     n_val, n_val + len(train_idx))
+            val_normal_images = expand_images(val_normal_images, sources=val_sources)
+        started = time.perf_counter()
+        request = method.feature_request()
+        self.backbone_ = self.build_backbone(request)
+        train = self._token_set(normal_images, request.cls, train_sources)
+        held_out = val_normal_images is None
+        if val_normal_images is not None:
+            val = self._token_set(val_normal_images, request.cls, val_sources)
+        elif self.val_fraction > 0 and len(set(train.sources)) >= 2 and len(train) >= 4:
+            train_idx, val_idx = held_out_split(train.sources, self.val_fraction, self.seed)
+            train, val = train.subset(train_idx), train.subset(val_idx)
+            log.info("no validation images given: holding out %d of %d training images (%d sources) for calibration",
+                     len(val), len(val) + len(train), len(set(val.sources)))
         else:
             log.warning("calibrating thresholds on the training images: false-positive rates will be optimistic")
-            val_tokens, val_shapes = tokens, shapes
+            val = train
         extraction_s = time.perf_counter() - started
-        self.fit_tokens(tokens, shapes, val_tokens, val_shapes, held_out=val_normal_images is None)
+        self.fit_tokens(train, val, method=method, held_out=held_out)
         self.training_summary_["extraction_seconds"] = round(extraction_s, 3)
         return self
 
-    def fit_tokens(self, tokens: np.ndarray, shapes: list[tuple[int, int]], val_tokens: np.ndarray,
-                   val_shapes: list[tuple[int, int]], held_out: bool = False):
-        """Fit the mixture on precomputed (N, h, w, D) tokens, keep the best epoch, calibrate on the validation tokens.
+    def fit_tokens(self, train: TokenSet, val: TokenSet, method: NormativeMethod | None = None,
+                   held_out: bool = False) -> "AnomalyDetector":
+        """Fit the method on precomputed tokens, then calibrate on the healthy validation tokens.
 
-        The backbone that produced the tokens must be this detector's (``backbone_``, built if absent).
+        The tokens must come from this detector's backbone (``backbone_``, built if absent).
         """
-        from normdino.methods.mixture import DirichletProcessMixture
-
+        self._check_params()
+        method = method if method is not None else self._build_method()
         if not hasattr(self, "backbone_"):
-            self.backbone_ = self._build_backbone()
-        n, h, w, d = tokens.shape
-        mixture = DirichletProcessMixture(
-            n_components=self.n_components, covariance_type=self.covariance_type,
-            update_rate=self.update_rate, alpha=self.alpha, seed=self.seed)
-        with warnings.catch_warnings():  # read-only memory-mapped cache: scoring only reads it
-            warnings.simplefilter("ignore", UserWarning)
-            val_flat = torch.from_numpy(np.ascontiguousarray(val_tokens.reshape(-1, d)))
-        history: list[float] = []
-        best: dict = {}
-
-        def keep_best(epoch: int, model) -> bool:
-            loglik = _mean_log_likelihood(model, val_flat)
-            history.append(loglik)
-            log.info("epoch %d: mean validation log-likelihood %.4f", epoch + 1, loglik)
-            if not best or loglik > best["loglik"]:
-                best.update(loglik=loglik, epoch=epoch, model=copy.deepcopy(model))
-            return False
-
+            self.backbone_ = self.build_backbone(method.feature_request())
+        method.to(self.backbone_.device)
+        method.progress = self.progress
         started = time.perf_counter()
-        mixture.fit(tokens.reshape(-1, d), epochs=self.epochs, batch_size=self.batch_images * h * w,
-                    shuffle=True, callback=keep_best)
-        em_s = time.perf_counter() - started
-
-        self.mixture_ = best.get("model", mixture)
-        self.prototypes_ = self.mixture_.prototypes().float()
-        self.grid_shape_ = (h, w)
-        self.history_ = history
-        self.best_epoch_ = int(best.get("epoch", self.epochs - 1))
-        self._calibrate(val_tokens, val_shapes)
+        method.fit(train, val)
+        fit_s = time.perf_counter() - started
+        self.method_ = method
+        self.grid_shape_ = train.grid_shape
+        self._calibrate(val)
+        h, w = train.grid_shape
         self.training_summary_ = {
-            "n_train_images": int(n), "n_val_images": len(val_shapes), "val_held_out": held_out,
-            "n_train_tokens": int(n * h * w), "grid_shape": [h, w], "token_dim": d,
-            "image_shapes": sorted({f"{hh}x{ww}" for hh, ww in shapes}),
-            "n_prototypes": int(self.prototypes_.shape[0]), "best_epoch": self.best_epoch_ + 1,
-            "val_log_likelihood": history, "em_seconds": round(em_s, 3),
+            "n_train_images": len(train), "n_val_images": len(val), "val_held_out": held_out,
+            "n_train_tokens": int(len(train) * h * w), "grid_shape": [h, w], "token_dim": train.dim,
+            "image_shapes": sorted({f"{hh}x{ww}" for hh, ww in train.shapes}),
+            "n_prototypes": int(method.n_prototypes), "fit_seconds": round(fit_s, 3), **method.fit_info(),
         }
-        log.info("fitted: %d prototypes (best epoch %d), EM %.1f s", self.prototypes_.shape[0], self.best_epoch_ + 1, em_s)
+        log.info("fitted %s: %d prototypes in %.1f s", self.method_name, method.n_prototypes, fit_s)
         return self
 
-    def _calibrate(self, val_tokens: np.ndarray, val_shapes: list[tuple[int, int]]) -> None:
+    def _calibrate(self, val: TokenSet) -> None:
         """Thresholds at every grid FPR from the pixel and image scores of healthy validation images."""
         rng = np.random.default_rng(self.seed)
-        total = sum(hh * ww for hh, ww in val_shapes)
-        keep = min(1.0, _MAX_CALIBRATION_PIXELS / total)
+        total = sum(hh * ww for hh, ww in val.shapes)
+        keep = min(1.0, _MAX_CALIBRATION_PIXELS / max(1, total))
         pixel_samples, image_scores = [], []
-        for maps in scoring.pixel_maps(self.patch_maps, val_tokens, val_shapes, self.sigma):
+        for maps in self.pixel_maps(val):
             image_scores.append(scoring.image_score(maps, self.top_fraction))
             flat = maps.ravel()
             pixel_samples.append(flat if keep >= 1.0 else rng.choice(flat, int(np.ceil(keep * flat.size)), replace=False))
-        fprs = np.unique(np.concatenate([_FPR_GRID, np.asarray(self.fprs, dtype=np.float64)]))
+        fprs = np.unique(np.concatenate([FPR_GRID, np.asarray(self.fprs, dtype=np.float64)]))
         self.calibration_fprs_ = fprs
         self.pixel_thresholds_ = thresholds_at_fprs(pixel_samples, fprs)
         self.image_thresholds_ = thresholds_at_fprs(image_scores, fprs)
 
-    # ------------------------------------------------------------------ predict
-
+    # ------------------------------------------------------------------ scoring
     def _check_fitted(self) -> None:
-        if not hasattr(self, "mixture_"):
+        if not hasattr(self, "method_"):
             raise InputError("this AnomalyDetector is not fitted yet: call fit() or AnomalyDetector.load()")
+
+    @property
+    def prototypes_(self) -> torch.Tensor:
+        """The method's prototypes (DPMM component means, bank tokens), for methods that have them."""
+        self._check_fitted()
+        for name in ("prototypes_", "bank_"):
+            if hasattr(self.method_, name):
+                return getattr(self.method_, name)
+        raise AttributeError(f"method {self.method_name} has no prototypes")
 
     def pixel_threshold(self, fpr: float) -> float:
         """Pixel threshold giving ``fpr`` false positives on the healthy validation pixels."""
         self._check_fitted()
-        return _threshold_from_table(self.calibration_fprs_, self.pixel_thresholds_, fpr)
+        return threshold_from_table(self.calibration_fprs_, self.pixel_thresholds_, fpr)
 
     def image_threshold(self, fpr: float) -> float:
         """Image-score threshold giving ``fpr`` false positives on the healthy validation images."""
         self._check_fitted()
-        return _threshold_from_table(self.calibration_fprs_, self.image_thresholds_, fpr)
+        return threshold_from_table(self.calibration_fprs_, self.image_thresholds_, fpr)
 
-    def patch_maps(self, tokens: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """(N, h, w) patch anomaly maps of (N, h, w, D) tokens."""
-        return scoring.patch_scores(torch.as_tensor(tokens), self.score, self.prototypes_, self.mixture_)
+    def patch_maps(self, tokens: Tokens | torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(B, h, w) patch anomaly maps of tokens, on the tokens' device ((B, h, w, D) arrays are one layer)."""
+        self._check_fitted()
+        if not isinstance(tokens, Tokens):
+            tokens = Tokens(torch.as_tensor(tokens, dtype=torch.float32))
+        return self.method_.patch_scores(tokens)
+
+    def pixel_maps(self, tokens: TokenSet, chunk: int = 32) -> Iterator[np.ndarray]:
+        """Pixel map of each image of a token set, scoring ``chunk`` images at a time on the method's device."""
+        device = self.backbone_.device if hasattr(self, "backbone_") else "cpu"
+        for start in range(0, len(tokens), chunk):
+            maps = self.patch_maps(tokens.batch(start, start + chunk, device)).float().cpu()
+            for patch_map, shape in zip(maps, tokens.shapes[start:start + chunk]):
+                yield scoring.pixel_map(patch_map, shape, self.sigma)
 
     def predict_one(self, image: np.ndarray, fpr: float | None = None) -> Prediction:
         """Predict a single image array (H, W) or (H, W, 3) in [0, 1]."""
         return self.predict([image], fpr=fpr)[0]
 
     def predict(self, images: Iterable[ImageLike], fpr: float | None = None) -> list[Prediction]:
-        """Anomaly maps, scores and masks at ``fpr`` (default: ``default_fpr``) for files or arrays."""
+        """Anomaly maps, scores and masks at ``fpr`` (default: ``default_fpr``) for folders, files or arrays."""
         return list(self.iter_predict(images, fpr=fpr))
 
     def iter_predict(self, images: Iterable[ImageLike], fpr: float | None = None) -> Iterator[Prediction]:
@@ -319,8 +373,12 @@ class AnomalyDetector:
         self._check_fitted()
         fpr = self.default_fpr if fpr is None else fpr
         pixel_threshold, image_threshold = self.pixel_threshold(fpr), self.image_threshold(fpr)
-        for arrays in _batches(_as_arrays(images), self.batch_size):
-            for patch_map, array in zip(self.patch_maps(self._embed(arrays)), arrays):
+        from normdino.io.inputs import expand_images
+
+        arrays = (image if isinstance(image, np.ndarray) else _read(image) for image in expand_images(images))
+        for batch in _batches(arrays, self.batch_size):
+            maps = self.patch_maps(self._embed(batch)).float().cpu()
+            for patch_map, array in zip(maps, batch):
                 pixels = scoring.pixel_map(patch_map, array.shape[:2], self.sigma)
                 score = scoring.image_score(pixels, self.top_fraction)
                 yield Prediction(patch_map=patch_map.numpy(), pixel_map=pixels, score=score, fpr=fpr,
@@ -328,101 +386,113 @@ class AnomalyDetector:
                                  is_anomalous=bool(score > image_threshold))
 
     # ------------------------------------------------------------------ persistence
-
     def save(self, path: str | Path) -> Path:
         """Write one ``.normdino`` file: safetensors tensors plus a JSON header; nothing executable."""
+        from normdino.model_file import write_model_file
+
         self._check_fitted()
-        tensors = {f"mixture.{k}": v.contiguous() for k, v in self.mixture_.to_tensors().items()}
-        tensors["prototypes"] = self.prototypes_.contiguous()
-        tensors["calibration.fprs"] = torch.from_numpy(self.calibration_fprs_)
-        tensors["calibration.pixel_thresholds"] = torch.from_numpy(self.pixel_thresholds_)
-        tensors["calibration.image_thresholds"] = torch.from_numpy(self.image_thresholds_)
+        tensors = {f"method.{k}": v for k, v in self.method_.state_dict().items()}
+        tensors["calibration.fprs"] = torch.from_numpy(np.asarray(self.calibration_fprs_, dtype=np.float64))
+        tensors["calibration.pixel_thresholds"] = torch.from_numpy(np.asarray(self.pixel_thresholds_, dtype=np.float64))
+        tensors["calibration.image_thresholds"] = torch.from_numpy(np.asarray(self.image_thresholds_, dtype=np.float64))
         header = {
-            "format": MODEL_FORMAT,
-            "format_version": "%d.%d" % MODEL_FORMAT_VERSION,
-            "normdino_version": __version__,
+            "method": {"name": self.method_.name or self.method_name, "params": self.method_.get_params(),
+                       "info": self.method_.fit_info()},
             "backbone": self._backbone_spec(self.backbone_),
             "detector": self.get_params(),
-            "mixture": self.mixture_.get_config(),
             "training": self.training_summary_,
         }
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"normdino": json.dumps(header)})
-        return path
+        return write_model_file(path, header, tensors)
 
     @classmethod
     def load(cls, path: str | Path, backbone=None, cache_dir: str | Path | None = None,
              device: str = "cpu", progress: bool = True) -> "AnomalyDetector":
         """Load a model file written by :meth:`save`; ``backbone`` overrides where the backbone weights come from."""
-        from normdino.methods.mixture import DirichletProcessMixture
+        from normdino.model_file import read_model_file
 
         header, tensors = read_model_file(path)
-        spec = header["backbone"]
-        params = header["detector"]
-        detector = cls(backbone=backbone if backbone is not None else spec["name"], cache_dir=cache_dir,
-                       device=device, progress=progress, **params)
-        mixture_tensors = {k.removeprefix("mixture."): v for k, v in tensors.items() if k.startswith("mixture.")}
-        detector.mixture_ = DirichletProcessMixture.from_tensors(mixture_tensors, header["mixture"])
-        detector.prototypes_ = tensors["prototypes"]
+        spec, meta = header["backbone"], header["method"]
+        try:
+            detector_params = _check_detector_params(header["detector"])
+            method = registry.create(meta["name"], **meta["params"])
+            method.check_params()
+        except InputError as err:
+            raise ModelFileError(f"{path} holds invalid settings: {err}") from None
+        detector = cls(method=method, backbone=backbone if backbone is not None else spec["name"],
+                       cache_dir=cache_dir, device=device, progress=progress,
+                       volume_settings=header["detector"].get("volume_settings"), **detector_params)
+        detector.image_size = int(spec["image_size"])
+        detector.normalize = bool(spec.get("normalize", detector.normalize))
+        method.to(device)
+        state = {k.removeprefix("method."): v for k, v in tensors.items() if k.startswith("method.")}
+        method.load_state_dict(state, meta.get("info", {}))
+        detector.method_ = method
         detector.calibration_fprs_ = tensors["calibration.fprs"].numpy()
         detector.pixel_thresholds_ = tensors["calibration.pixel_thresholds"].numpy()
         detector.image_thresholds_ = tensors["calibration.image_thresholds"].numpy()
         detector.training_summary_ = header.get("training", {})
         detector.grid_shape_ = tuple(detector.training_summary_.get("grid_shape", ()))
-        detector.backbone_ = detector._build_backbone()
-        if detector.backbone_.identifier != spec["identifier"]:
-            message = (f"{path} was fitted with backbone {spec['name']} ({spec['identifier']}), but the backbone "
-                       f"loaded now is {detector.backbone_.identifier}")
-            if backbone is None:
-                raise ModelFileError(message + "; pass the same weights with --backbone")
-            log.warning(message)
+        detector.backbone_ = detector.build_backbone(method.feature_request())
+        _check_same_backbone(path, spec, detector.backbone_, overridden=backbone is not None)
         return detector
 
 
-def _as_arrays(images: Iterable[ImageLike]) -> Iterator[np.ndarray]:
-    """Image arrays from files or arrays, read lazily one at a time."""
+def _check_same_backbone(path, spec: dict, backbone, overridden: bool) -> None:
+    """Refuse other weights than the model was fitted with (unless overridden); warn on another precision/runtime."""
+    if weights_identity(backbone.identifier) != weights_identity(spec["identifier"]):
+        message = (f"{path} was fitted with backbone {spec['name']} ({spec['identifier']}), but the backbone "
+                   f"loaded now is {backbone.identifier}")
+        if not overridden:
+            raise ModelFileError(message + "; pass the same weights with --backbone")
+        log.warning(message)
+    for key in ("precision", "runtime"):
+        saved, now = spec.get(key), getattr(backbone, key, None)
+        if saved is not None and now is not None and saved != now:
+            log.warning("%s was calibrated with backbone %s %s, predictions now use %s: thresholds may be off "
+                        "by the difference in tokens", path, key, saved, now)
+
+
+def weights_identity(identifier: str) -> str:
+    """The part of a backbone identifier that names the weights and geometry: not precision, runtime or versions.
+
+    A model fitted on a GPU in bf16, or under another torch, still loads; a warning says what differs.
+    """
+    volatile = ("precision=", "runtime=", "transformers=", "torch=")
+    return "|".join(part for part in identifier.split("|") if not part.startswith(volatile))
+
+
+def parse_random_name(name: str, default_seed: int = 0) -> tuple[str, int, bool]:
+    """(arch, seed, tiny) of ``random``, ``random:ARCH`` or a saved ``random[-tiny]-ARCH-seedN`` name."""
+    if name.startswith(RANDOM_BACKBONE + ":") or name == RANDOM_BACKBONE:
+        return name.partition(":")[2] or "dinov2_vits14", default_seed, False
+    rest = name[len(RANDOM_BACKBONE) + 1:]
+    tiny = rest.startswith("tiny-")
+    rest = rest.removeprefix("tiny-")
+    arch, _, seed = rest.rpartition("-seed")
+    if not arch or not seed.isdigit():
+        raise InputError(f"cannot rebuild random backbone {name!r}: expected random[-tiny]-ARCH-seedN")
+    return arch, int(seed), tiny
+
+
+def _with_layers(backbone, request: FeatureRequest):
+    """``backbone`` itself when it gives the requested layers, else the same model giving them."""
+    n = backbone.num_layers
+    if tuple(layer % (n + 1) for layer in request.layers) == tuple(backbone.layers):
+        return backbone
+    return type(backbone)(backbone.model, backbone.name, image_size=backbone.image_size, layers=request.layers,
+                          normalize=backbone.normalize, device=backbone.device, is_random=backbone.is_random)
+
+
+def _read(path: Any) -> np.ndarray:
     from normdino.io.reading import read_image
 
-    for image in images:
-        yield image if isinstance(image, np.ndarray) else read_image(image)
+    return read_image(path)
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:
     """Consecutive lists of ``size`` items (the last may be shorter)."""
+    import itertools
+
     iterator = iter(items)
     while batch := list(itertools.islice(iterator, size)):
         yield batch
-
-
-def _mean_log_likelihood(mixture, tokens: torch.Tensor, chunk: int = 65536) -> float:
-    """Mean mixture log-likelihood of float16/32 tokens (N, D), scored in chunks."""
-    total = 0.0
-    for start in range(0, tokens.shape[0], chunk):
-        total += float(mixture.score_samples(tokens[start:start + chunk].float()).double().sum())
-    return total / max(1, tokens.shape[0])
-
-
-def read_model_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Header and tensors of a ``.normdino`` file, with one clear error for anything that is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"model file {path} does not exist")
-    metadata, tensors = read_safetensors(path, "a normdino model file")
-    try:
-        header = json.loads(metadata["normdino"])
-    except (KeyError, json.JSONDecodeError):
-        raise ModelFileError(f"{path} is a safetensors file but not a normdino model (no normdino header)") from None
-    if header.get("format") != MODEL_FORMAT:
-        raise ModelFileError(f"{path} is not a normdino model file (format {header.get('format')!r})")
-    major = int(str(header.get("format_version", "0")).split(".")[0])
-    if major != MODEL_FORMAT_VERSION[0]:
-        raise ModelFileError(
-            f"{path} was written by normdino {header.get('normdino_version', '?')} in model format "
-            f"{header.get('format_version')}; this normdino ({__version__}) reads format {MODEL_FORMAT_VERSION[0]}.x: "
-            "upgrade normdino or refit the model")
-    required = ("prototypes", "calibration.fprs", "calibration.pixel_thresholds", "calibration.image_thresholds")
-    missing = [k for k in required if k not in tensors]
-    if missing or not all(k in header for k in ("backbone", "detector", "mixture")):
-        raise ModelFileError(f"{path} is an incomplete normdino model file (missing {', '.join(missing) or 'header fields'})")
-    return header, tensors

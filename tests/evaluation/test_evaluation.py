@@ -1,18 +1,35 @@
-"""normdino evaluate / bench end to end on phantoms in the BMAD brain layout, with a tiny random backbone."""
+"""normdino evaluate / bench end to end on phantoms in the BMAD brain layout (tiny random backbone), checked
+against direct computations; the protocol's thresholds, timing passes, peak memory and strict JSON."""
 
 import json
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from normdino.cli import main
-from normdino.evaluation.protocol import PeakMemory, Scorer, TokenSet, evaluate_scorer, markdown_table
-from normdino.evaluation.datasets import Sample
+from normdino.evaluation import protocol
+from normdino.evaluation.assess import AssessedResult, assess_scorer
+from normdino.evaluation.datasets import Sample, load_dataset
+from normdino.evaluation.metrics import PixelScoreAccumulator
+from normdino.evaluation.protocol import LabelledTokens, PeakMemory, Scorer, markdown_table, write_outputs
+from normdino.evaluation.splits import calibration_folds
+from normdino.evaluation.statistics import ImageStatistics
+from normdino.features.tokens import TokenSet
 from normdino.io.phantoms import write_phantom_dataset
+from normdino.io.reading import read_image
+from normdino.methods.scoring import upsample
 
 REQUIRED_KEYS = {"method", "pixel_auroc", "pixel_aupr", "dice_fpr10", "dice_fpr5", "dice_fpr1", "image_auroc",
                  "ms_per_sample", "peak_memory_mb", "n_prototypes"}
+
+
+def _strict(text: str):
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
 
 
 @pytest.fixture(scope="module")
@@ -21,50 +38,107 @@ def bmad(tmp_path_factory):
                                  n_test_anomalous=4, size=48, seed=3)
 
 
-def test_bench_writes_one_comparison_table(bmad, tiny_dinov2_dir, tmp_path, capsys):
+def _direct_pixel_metrics(maps: list[np.ndarray], samples) -> tuple[float, float]:
+    scores = np.concatenate([m.ravel() for m in maps])
+    truth = np.concatenate([(read_image(s.mask) > 0).ravel() if s.mask else np.zeros(m.size, bool)
+                            for m, s in zip(maps, samples)])
+    return roc_auc_score(truth, scores), average_precision_score(truth, scores)
+
+
+def _image_score(pixel_map: np.ndarray, top_fraction: float = 0.01) -> float:
+    flat = np.sort(pixel_map.ravel())
+    return float(flat[-max(1, int(round(top_fraction * flat.size))):].mean())
+
+
+def test_bench_matches_a_direct_memory_bank_computation(bmad, tiny_dinov2_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["bench", str(bmad), "--methods", "dpmm,dpmm-euclidean,anomalydino,anomalydino-1shot,patchcore-150",
                  "--backbone", str(tiny_dinov2_dir), "--image-size", "56", "--epochs", "2", "--components", "8",
-                 "--timing-images", "2", "--no-cache", "-o", str(out), "--json", str(tmp_path / "r.json"), "--quiet"])
+                 "--timing-images", "2", "--no-cache", "-o", str(out), "--json", str(tmp_path / "r.json"), "--quiet",
+                 "--bootstrap", "40", "--seeds", "0,1", "--compare", "dpmm,patchcore-150", "--permutations", "99"])
     assert code == 0
-    payload = json.loads((tmp_path / "r.json").read_text())
-    rows = payload["rows"]
-    assert [r["method"] for r in rows] == ["dpmm", "dpmm-euclidean", "anomalydino", "anomalydino-1shot", "patchcore-150"]
-    for row in rows:
-        assert REQUIRED_KEYS <= set(row)
-        assert 0.0 <= row["pixel_auroc"] <= 1.0 and row["ms_per_sample"] > 0 and row["peak_memory_mb"] > 0
-    by_method = {r["method"]: r for r in rows}
-    assert by_method["anomalydino"]["n_prototypes"] == 10 * 16  # every training token: 10 images x 4x4 grid
-    assert by_method["anomalydino-1shot"]["n_prototypes"] == 16
-    assert by_method["patchcore-150"]["n_prototypes"] == 150
-    assert by_method["dpmm"]["n_prototypes"] == by_method["dpmm-euclidean"]["n_prototypes"] <= 8
-    assert payload["random_backbone"] is True
+    payload = _strict((tmp_path / "r.json").read_text())
+    rows = {r["method"]: r for r in payload["rows"]}
+    assert list(rows) == ["dpmm", "dpmm-euclidean", "anomalydino", "anomalydino-1shot@0", "anomalydino-1shot@1",
+                          "patchcore-150", "anomalydino-1shot"]
+    for name, row in rows.items():
+        if "@" in name or name == "anomalydino-1shot":
+            continue
+        assert REQUIRED_KEYS <= set(row) and row["ms_per_sample"] > 0 and row["peak_memory_mb"] > 0
+        assert row["pixel_auroc_ci"][0] <= row["pixel_auroc_ci"][1] and "fg_pixel_auroc" in row
+    assert rows["anomalydino"]["n_prototypes"] == 10 * 16  # every training token: 10 images x 4x4 grid
+    assert rows["anomalydino-1shot@0"]["n_prototypes"] == 16 and rows["patchcore-150"]["n_prototypes"] == 150
+    spread = rows["anomalydino-1shot"]["pixel_auroc_seeds"]
+    seeds = sorted(rows[f"anomalydino-1shot@{s}"]["pixel_auroc"] for s in (0, 1))
+    assert (spread["min"], spread["max"]) == pytest.approx(tuple(seeds)) and spread["mean"] == pytest.approx(np.mean(seeds))
+    assert {(c["a"], c["b"], c["metric"]) for c in payload["comparisons"]} == {
+        ("dpmm", "patchcore-150", "image-wise AUROC"), ("dpmm", "patchcore-150", "image-wise AUPR")}
+
+    # AnomalyDINO by hand: 1-NN cosine distance to every training token, bilinear upsampling, scikit-learn
+    from normdino.features.backbone import Backbone
+
+    backbone = Backbone.from_pretrained(tiny_dinov2_dir, image_size=56)
+    dataset = load_dataset(bmad)
+
+    def tokens(path):
+        with torch.inference_mode():
+            out = backbone.encode(backbone.preprocess(read_image(path))[None])
+        return out.patch_tokens[0, -1].float().numpy()  # (h, w, D), L2-normalised by the backbone
+
+    bank = np.concatenate([tokens(p).reshape(-1, tokens(p).shape[-1]) for p in dataset.train])
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    maps = []
+    for sample in dataset.test:
+        t = tokens(sample.image)
+        distance = 1 - (t.reshape(-1, t.shape[-1]) @ bank.T).max(axis=1)
+        maps.append(upsample(distance.reshape(t.shape[:2]), read_image(sample.image).shape[:2]))
+    auroc, aupr = _direct_pixel_metrics(maps, dataset.test)
+    assert rows["anomalydino"]["pixel_auroc"] == pytest.approx(auroc, abs=2e-3)
+    assert rows["anomalydino"]["pixel_aupr"] == pytest.approx(aupr, abs=5e-3)
+    image_scores = [_image_score(m) for m in maps]
+    assert rows["anomalydino"]["image_auroc"] == pytest.approx(
+        roc_auc_score([s.label for s in dataset.test], image_scores), abs=1e-6)
     html = (out / "report.html").read_text()
     assert "RANDOM weights" in html and "<svg" in html and "Best and worst cases" in html
-    assert "| dpmm |" in (out / "results.md").read_text()
+    markdown = (out / "results.md").read_text()
+    assert "| dpmm |" in markdown and "Paired permutation tests" in markdown and "Foreground pixels only" in markdown
     assert "RANDOM weights" in capsys.readouterr().out
 
 
-def test_evaluate_a_fitted_model(bmad, tiny_dinov2_dir, tmp_path):
+def test_evaluate_matches_the_detectors_own_maps(bmad, tiny_dinov2_dir, tmp_path):
+    from normdino.detector import AnomalyDetector
+
     model = tmp_path / "m.normdino"
     assert main(["fit", str(bmad / "train" / "good"), "-o", str(model), "--val", str(bmad / "valid" / "good" / "img"),
                  "--backbone", str(tiny_dinov2_dir), "--image-size", "56", "--epochs", "1", "--components", "8",
                  "--no-cache", "--quiet"]) == 0
     assert main(["evaluate", str(model), str(bmad), "--layout", "bmad-brain", "-o", str(tmp_path / "ev"),
-                 "--timing-images", "2", "--no-cache", "--quiet"]) == 0
-    rows = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"]
+                 "--timing-images", "2", "--no-cache", "--quiet", "--bootstrap", "0", "--foreground", "none"]) == 0
+    rows = _strict((tmp_path / "ev" / "results.json").read_text())["rows"]
     assert len(rows) == 1 and REQUIRED_KEYS <= set(rows[0])
+    test = load_dataset(bmad).test
+    predictions = AnomalyDetector.load(model).predict([s.image for s in test])
+    auroc, aupr = _direct_pixel_metrics([p.pixel_map for p in predictions], test)
+    assert rows[0]["pixel_auroc"] == pytest.approx(auroc, abs=2e-3)
+    assert rows[0]["pixel_aupr"] == pytest.approx(aupr, abs=5e-3)
+    assert rows[0]["image_auroc"] == pytest.approx(roc_auc_score([s.label for s in test],
+                                                                 [p.score for p in predictions]), abs=1e-6)
 
 
-def test_evaluate_scorer_metrics_match_a_direct_computation(tmp_path):
-    """An oracle scorer (patch map = mask + small noise): AUROC 1, Dice and FPR as computed by hand."""
-    from PIL import Image
-    from sklearn.metrics import roc_auc_score
+class _Oracle:
+    """A method stub: patch score = token channel 0 + 0.01 x channel 1."""
 
+    n_prototypes = 1
+
+    def patch_scores(self, tokens):
+        return tokens.patches[:, 0, ..., 0] + 0.01 * tokens.patches[:, 0, ..., 1]
+
+    def state_bytes(self):
+        return 0
+
+
+def _oracle_sets(tmp_path, healthy_names, truth):
     rng = np.random.default_rng(0)
-    truth = [np.zeros((4, 4), bool) for _ in range(3)]
-    truth[1][1:3, 1:3] = True
-    truth[2][0, :] = True
 
     def tokens_of(masks):
         t = np.zeros((len(masks), 4, 4, 2), np.float32)
@@ -77,35 +151,114 @@ def test_evaluate_scorer_metrics_match_a_direct_computation(tmp_path):
     for i, m in enumerate(truth):
         path = tmp_path / f"mask{i}.png"
         Image.fromarray(m.astype(np.uint8) * 255).save(path)
-        samples.append(Sample(image=tmp_path / f"img{i}.png", mask=path if m.any() else None, label=int(m.any())))
-    healthy = TokenSet(tokens_of([np.zeros((4, 4), bool)] * 50), [(4, 4)] * 50)
-    test = TokenSet(tokens_of(truth), [(4, 4)] * 3, samples)
-    scorer = Scorer("oracle", lambda t: t[..., 0] + 0.01 * t[..., 1], 1)
-    row = evaluate_scorer(scorer, healthy, test).row
+        samples.append(Sample(image=tmp_path / f"P{i % 2}_{i}.png", mask=path if m.any() else None, label=int(m.any())))
+    healthy_samples = [Sample(tmp_path / n, None, 0) for n in healthy_names]
+    healthy = LabelledTokens(TokenSet(tokens_of([np.zeros((4, 4), bool)] * len(healthy_names)), [(4, 4)] * len(healthy_names)),
+                             healthy_samples)
+    test = LabelledTokens(TokenSet(tokens_of(truth), [(4, 4)] * len(truth)), samples)
+    return healthy, test
 
-    scores = (test.tokens[..., 0] + 0.01 * test.tokens[..., 1]).ravel()
-    labels = np.stack(truth).ravel()
-    assert row["pixel_auroc"] == pytest.approx(roc_auc_score(labels, scores)) == pytest.approx(1.0)
-    healthy_scores = (0.01 * healthy.tokens[..., 1]).ravel()
-    for fpr in (10, 5, 1):
-        threshold = row[f"threshold_fpr{fpr}"]
-        assert (healthy_scores > threshold).mean() <= fpr / 100 + 1e-9
-        predicted = scores > threshold
-        tp, fp, fn = (predicted & labels).sum(), (predicted & ~labels).sum(), (~predicted & labels).sum()
+
+def test_assess_scorer_metrics_match_a_direct_computation(tmp_path):
+    """An oracle scorer: AUROC, FPR thresholds and Dice as computed by hand, thresholds from another patient."""
+    truth = [np.zeros((4, 4), bool) for _ in range(4)]
+    truth[1][1:3, 1:3] = True
+    truth[2][0, :] = True
+    healthy_names = [f"P{p}_{s}.png" for p in range(2) for s in range(100, 125)]  # patients P0 and P1, as the test
+    healthy, test = _oracle_sets(tmp_path, healthy_names, truth)
+    folds = calibration_folds([s.image for s in healthy.samples], [s.image for s in test.samples])
+    assert folds.n_folds == 2
+    result = assess_scorer(Scorer("oracle", _Oracle(), [0]), healthy, test, folds=folds, n_bootstrap=30)
+    row = result.row
+
+    scores = (test.tokens.patches[:, 0, ..., 0] + 0.01 * test.tokens.patches[:, 0, ..., 1]).astype(np.float32)
+    labels = np.stack(truth)
+    assert row["pixel_auroc"] == pytest.approx(roc_auc_score(labels.ravel(), scores.ravel())) == pytest.approx(1.0)
+    healthy_scores = (0.01 * healthy.tokens.patches[:, 0, ..., 1]).astype(np.float32)
+    for t, fpr in enumerate((10, 5, 1)):
+        tp = fp = fn = 0
+        for fold in range(2):
+            calibrating = np.array([f != fold for f in folds.healthy])
+            threshold = result.thresholds[fold][t]
+            assert (healthy_scores[calibrating] > threshold).mean() <= fpr / 100 + 1e-9
+            scored = np.array([f == fold for f in folds.evaluation])
+            predicted = scores[scored] > threshold
+            tp += (predicted & labels[scored]).sum()
+            fp += (predicted & ~labels[scored]).sum()
+            fn += (~predicted & labels[scored]).sum()
         assert row[f"dice_fpr{fpr}"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
-    assert row["image_auroc"] == pytest.approx(1.0)
+    assert row["image_auroc"] == pytest.approx(1.0) and row["calibration_folds"] == 2
+    assert row["pixel_auroc_ci"] == pytest.approx([1.0, 1.0])
 
 
-def test_peak_memory_sees_an_allocation():
+def test_peak_memory_sees_an_allocation_that_only_the_sampler_can_see():
+    """The block is freed inside the ``with``: the readings at enter and exit cannot see it, only the sampler."""
     with PeakMemory() as memory:
-        block = np.ones(50 * 2**20 // 8)  # 50 MB
-        block += 1
-    baseline = PeakMemory.rss_bytes()
-    del block
-    assert memory.peak_bytes >= 40 * 2**20 and memory.peak_bytes >= baseline - 60 * 2**20
+        before = PeakMemory.rss_bytes()
+        block = np.ones(80 * 2**20 // 8)  # 80 MB, touched
+        seen, deadline = memory.n_samples_, time.monotonic() + 5
+        while memory.n_samples_ < seen + 2 and time.monotonic() < deadline:
+            time.sleep(0.001)  # wait for two samples while the block is alive
+        del block
+        after = PeakMemory.rss_bytes()
+    assert after < before + 40 * 2**20  # freed: the exit reading is no witness
+    assert memory.peak_bytes >= before + 60 * 2**20
 
 
-def test_markdown_table_has_the_paper_columns():
-    table = markdown_table([{"method": "dpmm", "pixel_auroc": 0.9, "dice_fpr5": 0.5, "n_prototypes": 150}])
+def test_timing_and_memory_are_measured_in_separate_passes(tmp_path, monkeypatch):
+    """No timed detection runs while the RSS sampler is on (it would slow the timed loop)."""
+    state = {"sampling": False, "timed": 0, "sampled": 0}
+
+    class RecordingMemory:
+        def __init__(self, device):
+            self.peak_bytes = 2**20
+
+        def __enter__(self):
+            state["sampling"] = True
+            return self
+
+        def __exit__(self, *exc):
+            state["sampling"] = False
+
+    class Backbone:
+        device = torch.device("cpu")
+
+        def preprocess(self, image):
+            return torch.zeros(3, 14, 14)
+
+        def encode(self, batch):
+            return SimpleNamespace(patch_tokens=torch.zeros(1, 1, 2, 2, 3), cls_tokens=None)
+
+    class Method(_Oracle):
+        def patch_scores(self, tokens):
+            state["sampled" if state["sampling"] else "timed"] += 1
+            return super().patch_scores(tokens)
+
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(images[-1])
+    monkeypatch.setattr(protocol, "PeakMemory", RecordingMemory)
+    ms, peak = protocol.time_detection(Backbone(), Scorer("m", Method(), [0]), images, 0.0, 0.01, warmup=1)
+    assert state["timed"] == 1 + 3 and state["sampled"] == 3  # warm-up + timed pass, then the memory pass
+    assert ms > 0 and peak == 1.0
+
+
+def test_results_json_is_strict_and_undefined_metrics_are_explained(tmp_path):
+    accumulator = PixelScoreAccumulator().add(np.linspace(0, 1, 16).reshape(4, 4), None)  # no anomalous pixel
+    row = {"method": "m", "pixel_auroc": float("nan"), "pixel_aupr": float("nan"), "image_auroc": float("nan"),
+           "ms_per_sample": 1.5, "pixel_auroc_ci": [float("nan"), float("nan")]}
+    result = AssessedResult(row, accumulator, [], ImageStatistics(3))
+    with pytest.warns(RuntimeWarning):
+        paths = write_outputs([result], [], SimpleNamespace(is_random=False), tmp_path, "t", {"x": float("inf")})
+    payload = _strict(paths["json"].read_text())
+    assert payload["rows"][0]["pixel_auroc"] is None and payload["context"]["x"] is None
+    markdown = paths["markdown"].read_text()
+    assert "| m | — |" in markdown and "written as null" in markdown
+
+
+def test_markdown_table_has_the_paper_columns_and_intervals():
+    table = markdown_table([{"method": "dpmm", "pixel_auroc": 0.9, "pixel_auroc_ci": [0.85, 0.93], "dice_fpr5": 0.5,
+                             "n_prototypes": 150}])
     assert table.splitlines()[0].startswith("| method | AUROC | AUPR | Dice@10% | Dice@5% | Dice@1%")
-    assert "| dpmm | 0.9000 |" in table
+    assert "| dpmm | 0.9000 [0.850, 0.930] |" in table

@@ -7,50 +7,64 @@ per sample at batch size 1 over the detection stage (backbone + scoring), as in 
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from normdino.methods import scoring
 from normdino.evaluation.datasets import Dataset, Sample
+from normdino.features.tokens import Tokens, TokenSet, pick_layers
+from normdino.methods import scoring
 from normdino.evaluation.metrics import PixelScoreAccumulator, image_aupr, image_auroc
 from normdino.io.reading import read_image
 
 log = logging.getLogger(__name__)
 
 EVAL_FPRS = (0.10, 0.05, 0.01)
-METHODS = ("dpmm", "dpmm-euclidean", "dpmm-likelihood", "anomalydino", "anomalydino-1shot",
-           "patchcore-10%", "patchcore-1024", "patchcore-150")
 RANDOM_WARNING = ("The backbone has RANDOM weights: detection quality in this report says nothing about "
                   "DINOv2/DINOv3. Runtime and memory figures are still honest.")
 
 
 @dataclass
-class TokenSet:
-    """Cached (N, h, w, D) float16 tokens of some images, with their sizes and (for evaluation) their samples."""
+class LabelledTokens:
+    """Tokens of evaluation images (all layers any method asked for) with their samples (label, mask)."""
 
-    tokens: np.ndarray
-    shapes: list[tuple[int, int]]
+    tokens: TokenSet
     samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        return self.tokens.shapes
 
 
 @dataclass
 class Scorer:
-    """A fitted method: (B, h, w, D) tokens -> (B, h, w) patch anomaly scores."""
+    """A fitted method as the protocol sees it: its tokens' layer positions, and its patch scores."""
 
     name: str
-    patch_maps: Callable[[torch.Tensor], torch.Tensor]
-    n_prototypes: int
+    method: object  # a fitted normdino.methods.NormativeMethod
+    positions: list[int]  # which layers of the shared tokens the method reads (in its request's order)
     fit_seconds: float = 0.0
-    state_mb: float = 0.0  # memory of what the method keeps to score with: prototypes, bank
+
+    @property
+    def n_prototypes(self) -> int:
+        return int(self.method.n_prototypes)
+
+    @property
+    def state_mb(self) -> float:
+        """Memory of what the method keeps to score with: prototypes, bank."""
+        return self.method.state_bytes() / 2**20
+
+    def patch_maps(self, tokens: Tokens) -> torch.Tensor:
+        """(B, h, w) patch scores of shared tokens (the method's own layers picked out)."""
+        cls = None if tokens.cls is None else tokens.cls[:, self.positions]
+        return self.method.patch_scores(Tokens(tokens.patches[:, self.positions], cls))
 
 
 @dataclass
@@ -66,69 +80,75 @@ class MethodResult:
 
 
 def token_set(backbone, images: Sequence[Path], cache_dir: Path | None, batch_size: int, progress: bool,
-              samples: Sequence[Sample] = ()) -> TokenSet:
-    """Tokens of image files through the token cache, with each image's (H, W)."""
+              cls: bool = False) -> TokenSet:
+    """Tokens of image files through the token cache (every layer the backbone was built with)."""
     from normdino.features.cache import extract_tokens
-    from normdino.detector import image_shape
 
-    tokens = extract_tokens(backbone, list(images), cache_dir=cache_dir, batch_size=batch_size, progress=progress)
-    return TokenSet(tokens, [image_shape(p) for p in images], list(samples))
+    return extract_tokens(backbone, list(images), cache_dir=cache_dir, batch_size=batch_size, progress=progress, cls=cls)
 
 
 # ---------------------------------------------------------------------- methods
 
 
-def detector_scorer(detector, name: str = "dpmm") -> Scorer:
-    """A fitted :class:`AnomalyDetector` as a scorer."""
-    prototypes = detector.prototypes_
-    return Scorer(name, detector.patch_maps, int(prototypes.shape[0]), detector.training_summary_.get("em_seconds", 0.0),
-                  prototypes.numel() * prototypes.element_size() / 2**20)
-
-
-def _bank_scorer(name: str, bank, train: np.ndarray) -> Scorer:
-    started = time.perf_counter()
-    bank.fit(torch.from_numpy(np.asarray(train, dtype=np.float32)))
-    elapsed = time.perf_counter() - started
-
-    def patch_maps(tokens: torch.Tensor) -> torch.Tensor:
-        return bank.score(tokens.reshape(-1, tokens.shape[-1])).reshape(tokens.shape[:-1])
-
-    return Scorer(name, patch_maps, int(bank.n_prototypes_), elapsed, bank.bank_.numel() * bank.bank_.element_size() / 2**20)
-
-
-def fit_methods(methods: Sequence[str], backbone, train: TokenSet, healthy: TokenSet, detector_params: dict,
-                seed: int = 0) -> list[Scorer]:
-    """Fit every named method on the same training tokens (the DP mixture once, whatever its score variants)."""
-    from normdino.methods.baselines import Coreset, MemoryBank
-    from normdino.detector import AnomalyDetector
-
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        from normdino.errors import InputError
-
-        raise InputError(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    d = train.tokens.shape[-1]
-    flat = train.tokens.reshape(-1, d)
-    scorers, fitted = [], None
+def feature_union(methods: Sequence) -> tuple[tuple[int, ...], bool]:
+    """The layers (in first-asked order) and CLS flag one shared forward pass must give for all ``methods``."""
+    layers: list[int] = []
     for method in methods:
-        log.info("fitting %s", method)
-        if method.startswith("dpmm"):
-            if fitted is None:
-                fitted = AnomalyDetector(backbone=backbone, seed=seed, **detector_params)
-                fitted.fit_tokens(train.tokens, train.shapes, healthy.tokens, healthy.shapes)
-            variant = copy.copy(fitted)
-            variant.score = method.partition("-")[2] or "cosine"
-            scorers.append(detector_scorer(variant, method))
-        elif method == "anomalydino":
-            scorers.append(_bank_scorer(method, MemoryBank(), flat))
-        elif method == "anomalydino-1shot":
-            shot = int(np.random.default_rng(seed).integers(len(train.shapes)))
-            scorers.append(_bank_scorer(method, MemoryBank(), train.tokens[shot].reshape(-1, d)))
+        for layer in method.feature_request().layers:
+            if layer not in layers:
+                layers.append(layer)
+    return tuple(layers), any(m.feature_request().cls for m in methods)
+
+
+def layer_positions(method, layers: Sequence[int]) -> list[int]:
+    """Positions in the shared ``layers`` of the layers ``method`` asked for."""
+    return [list(layers).index(layer) for layer in method.feature_request().layers]
+
+
+def detector_scorer(detector, name: str | None = None) -> Scorer:
+    """A fitted :class:`AnomalyDetector`'s method as a scorer on tokens of its own backbone."""
+    method = detector.method_
+    return Scorer(name or detector.method_name, method, list(range(len(method.feature_request().layers))),
+                  detector.training_summary_.get("fit_seconds", 0.0))
+
+
+def create_methods(names: Sequence[str], seed: int = 0, **params) -> list:
+    """Unfitted methods by registry name; ``params`` are hyper-parameters (each method takes those it has)."""
+    from normdino.methods import registry
+
+    return [registry.create(name, **{"seed": seed, **params}) for name in names]
+
+
+def fit_methods(methods: Sequence, layers: Sequence[int], train: TokenSet, healthy: TokenSet,
+                device: torch.device | str = "cpu", progress: bool = False) -> list[Scorer]:
+    """Fit every method on the same shared tokens; DPMM score variants share one fitted mixture."""
+    scorers: list[Scorer] = []
+    fitted_dpmm: dict[str, object] = {}
+    for method in methods:
+        positions = layer_positions(method, layers)
+        log.info("fitting %s", method.name)
+        method.to(device)
+        method.progress = progress
+        key = _dpmm_key(method)
+        started = time.perf_counter()
+        if key is not None and key in fitted_dpmm:
+            method.load_state_dict(fitted_dpmm[key].state_dict(), fitted_dpmm[key].fit_info())
+            elapsed = fitted_dpmm[key].fit_info().get("em_seconds", 0.0)
         else:
-            size = method.partition("-")[2]
-            n = float(size[:-1]) / 100 if size.endswith("%") else int(size)
-            scorers.append(_bank_scorer(method, Coreset(n, seed=seed), flat))
+            method.fit(pick_layers(train, positions), pick_layers(healthy, positions))
+            elapsed = time.perf_counter() - started
+            if key is not None:
+                fitted_dpmm[key] = method
+        scorers.append(Scorer(method.name, method, positions, elapsed))
     return scorers
+
+
+def _dpmm_key(method) -> str | None:
+    """Methods equal but for the score share one fitted mixture (the paper's ablation scores one model)."""
+    if type(method).__name__ != "DPMM":
+        return None
+    params = {k: v for k, v in method.get_params().items() if k != "score"}
+    return repr(sorted(params.items()))
 
 
 # ---------------------------------------------------------------------- measuring
@@ -155,6 +175,7 @@ class PeakMemory:
     def _sample(self) -> None:
         while not self._stop.is_set():
             self.peak_bytes = max(self.peak_bytes, self.rss_bytes())
+            self.n_samples_ += 1
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakMemory":
@@ -162,6 +183,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
         self.peak_bytes = self.rss_bytes()
+        self.n_samples_ = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -176,42 +198,63 @@ class PeakMemory:
         self.peak_bytes = max(self.peak_bytes, self.rss_bytes())
 
 
+def encode_image(backbone, image: np.ndarray) -> Tokens:
+    """Tokens of one image array, on the backbone's device."""
+    out = backbone.encode(backbone.preprocess(image)[None].to(backbone.device))
+    return Tokens(out.patch_tokens, out.cls_tokens)
+
+
+def scorer_pixel_maps(scorer: Scorer, tokens: TokenSet, sigma: float, device: torch.device | str = "cpu",
+                      chunk: int = 32):
+    """Pixel map of each image of a token set (scored ``chunk`` images at a time on ``device``)."""
+    for start in range(0, len(tokens), chunk):
+        maps = scorer.patch_maps(tokens.batch(start, start + chunk, device)).float().cpu()
+        for patch_map, shape in zip(maps, tokens.shapes[start:start + chunk]):
+            yield scoring.pixel_map(patch_map, shape, sigma)
+
+
 def time_detection(backbone, scorer: Scorer, images: Sequence[Path], sigma: float, top_fraction: float,
                    warmup: int = 1) -> tuple[float, float]:
-    """(ms per sample, peak memory in MB) of read + backbone + scoring + upsampling at batch size 1."""
+    """(ms per sample, peak memory in MB) of read + backbone + scoring + upsampling at batch size 1.
+
+    Two passes over ``images``: one timed, one under :class:`PeakMemory` (whose sampling thread, measured,
+    inflates ms/sample by ~25 %: 6.9 -> 8.6 ms for scoring alone).
+    """
     def detect(path: Path) -> float:
         image = read_image(path)
         with torch.inference_mode():
-            tokens = backbone(backbone.preprocess(image)[None])
-            patch = scorer.patch_maps(tokens)[0]
+            patch = scorer.patch_maps(encode_image(backbone, image))[0].float().cpu()
         return scoring.image_score(scoring.pixel_map(patch, image.shape[:2], sigma), top_fraction)
 
     for path in images[:warmup]:
         detect(path)
-    with PeakMemory(getattr(backbone, "device", "cpu")) as memory:
-        started = time.perf_counter()
+    started = time.perf_counter()  # the timed pass runs alone: the 1 kHz RSS sampler would slow it
+    for path in images:
+        detect(path)
+    elapsed = time.perf_counter() - started
+    with PeakMemory(getattr(backbone, "device", "cpu")) as memory:  # a second pass, for the peak only
         for path in images:
             detect(path)
-        elapsed = time.perf_counter() - started
     return 1000.0 * elapsed / max(1, len(images)), memory.peak_bytes / 2**20
 
 
 # ---------------------------------------------------------------------- protocol
 
 
-def evaluate_scorer(scorer: Scorer, healthy: TokenSet, test: TokenSet, sigma: float = 0.0,
-                    top_fraction: float = 0.01, fprs: Sequence[float] = EVAL_FPRS) -> MethodResult:
+def evaluate_scorer(scorer: Scorer, healthy: LabelledTokens, test: LabelledTokens, sigma: float = 0.0,
+                    top_fraction: float = 0.01, fprs: Sequence[float] = EVAL_FPRS,
+                    device: torch.device | str = "cpu") -> MethodResult:
     """The paper's metrics of one method: thresholds on ``healthy``, metrics over all pixels of ``test``."""
     from normdino.io.reading import read_image as read_mask
 
     calibration = PixelScoreAccumulator()
-    for maps in scoring.pixel_maps(scorer.patch_maps, healthy.tokens, healthy.shapes, sigma):
+    for maps in scorer_pixel_maps(scorer, healthy.tokens, sigma, device):
         calibration.add(maps)
     thresholds = [calibration.threshold_at_fpr(f) for f in fprs]
     accumulator = PixelScoreAccumulator(thresholds=thresholds, track_regions=True)
     image_scores, labels, cases = [], [], []
     case_threshold = thresholds[list(fprs).index(0.05)] if 0.05 in fprs else thresholds[0]
-    for maps, sample in zip(scoring.pixel_maps(scorer.patch_maps, test.tokens, test.shapes, sigma), test.samples):
+    for maps, sample in zip(scorer_pixel_maps(scorer, test.tokens, sigma, device), test.samples):
         mask = read_mask(sample.mask) > 0 if sample.mask is not None else None
         accumulator.add(maps, mask)
         image_scores.append(scoring.image_score(maps, top_fraction))
@@ -245,7 +288,7 @@ def subset(items: Sequence, n: int | None, seed: int = 0) -> list:
 
 def evaluation_token_sets(backbone, dataset: Dataset, cache_dir: Path | None, batch_size: int = 8,
                           progress: bool = True, max_eval: int | None = None,
-                          seed: int = 0) -> tuple[TokenSet, TokenSet]:
+                          seed: int = 0, cls: bool = False) -> tuple[LabelledTokens, LabelledTokens]:
     """Tokens of the healthy validation images (thresholds) and of the evaluation samples (metrics).
 
     Images in both sets (lgg-flair evaluates on its validation split) go through the backbone once.
@@ -265,26 +308,41 @@ def evaluation_token_sets(backbone, dataset: Dataset, cache_dir: Path | None, ba
         normal, anomalous = subset(normal, max_eval - n_anomalous, seed), subset(anomalous, n_anomalous, seed)
     evaluation = normal + anomalous
     images = list(dict.fromkeys([s.image for s in healthy] + [s.image for s in evaluation]))
-    everything = token_set(backbone, images, cache_dir, batch_size, progress)
+    everything = token_set(backbone, images, cache_dir, batch_size, progress, cls=cls)
     row = {path: i for i, path in enumerate(images)}
 
-    def pick(samples: list[Sample]) -> TokenSet:
-        idx = [row[s.image] for s in samples]
-        return TokenSet(everything.tokens[idx], [everything.shapes[i] for i in idx], samples)
+    def pick(samples: list[Sample]) -> LabelledTokens:
+        return LabelledTokens(everything.subset([row[s.image] for s in samples]), samples)
 
     return pick(healthy), pick(evaluation)
 
 
-def evaluate_methods(scorers: Sequence[Scorer], backbone, healthy: TokenSet, test: TokenSet, sigma: float = 0.0,
-                     top_fraction: float = 0.01, timing_images: int = 10) -> list[MethodResult]:
-    """Every scorer's metrics on the same tokens, plus its batch-1 runtime and peak memory."""
+def evaluate_methods(scorers: Sequence[Scorer], backbone, healthy: LabelledTokens, test: LabelledTokens,
+                     sigma: float = 0.0, top_fraction: float = 0.01, timing_images: int = 10, *,
+                     foreground=None, n_bootstrap: int = 0, seed: int = 0, progress: bool = False) -> list:
+    """Every scorer's metrics on the same tokens, plus its batch-1 runtime and peak memory (separate passes).
+
+    Thresholds are out of sample (evaluation.splits: patients shared by the healthy and evaluated images are
+    cross-fitted in two folds); ``foreground`` adds foreground-only numbers; ``n_bootstrap`` 95 % intervals.
+    Returns :class:`normdino.evaluation.assess.AssessedResult` rows (a MethodResult plus per-image statistics).
+    """
+    from tqdm.auto import tqdm
+
+    from normdino.evaluation.assess import assess_scorer
+    from normdino.evaluation.splits import calibration_folds
+
     timing = [s.image for s in test.samples[:timing_images]]
+    folds = calibration_folds([s.image for s in healthy.samples], [s.image for s in test.samples], seed)
+    log.info("thresholds: %s", folds.description)
     results = []
-    for scorer in scorers:
+    for scorer in tqdm(scorers, desc="evaluating methods", disable=not progress):
         log.info("evaluating %s", scorer.name)
-        result = evaluate_scorer(scorer, healthy, test, sigma, top_fraction)
-        ms, peak_mb = time_detection(backbone, scorer, timing, sigma, top_fraction)
+        result = assess_scorer(scorer, healthy, test, sigma=sigma, top_fraction=top_fraction,
+                               device=getattr(backbone, "device", "cpu"), folds=folds, foreground=foreground,
+                               n_bootstrap=n_bootstrap, seed=seed, progress=progress)
+        ms, peak_mb = time_detection(backbone, scorer, timing, sigma, top_fraction) if timing else (float("nan"),) * 2
         result.row.update(ms_per_sample=round(ms, 2), peak_memory_mb=round(peak_mb, 1))
+        result.row["calibration"] = folds.description
         results.append(result)
     return results
 
@@ -299,17 +357,44 @@ _HEADERS = {"method": "method", "pixel_auroc": "AUROC", "pixel_aupr": "AUPR", "d
             "n_prototypes": "prototypes"}
 
 
+FOREGROUND_COLUMNS = ("method", "fg_pixel_auroc", "fg_pixel_aupr", "fg_dice_fpr10", "fg_dice_fpr5", "fg_dice_fpr1",
+                      "fg_fraction")
+_HEADERS.update({f"fg_{k}": v for k, v in _HEADERS.items() if k != "method"}, fg_fraction="foreground share")
+UNDEFINED_NOTE = ("'—' marks an undefined metric (AUROC with one class only, AUPR or Dice without anomalous pixels, "
+                  "no timing); results.json writes it as null, since bare NaN is not valid JSON.")
+
+
 def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "—"
     if isinstance(value, float):
-        return "nan" if value != value else f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
-    """The comparison table in Markdown, with the paper's columns."""
-    lines = ["| " + " | ".join(_HEADERS[c] for c in TABLE_COLUMNS) + " |",
-             "|" + "|".join("---" if c == "method" else "---:" for c in TABLE_COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in TABLE_COLUMNS) + " |" for row in rows]
+def _with_interval(row: dict, column: str) -> str:
+    text = _cell(row.get(column, ""))
+    interval = row.get(f"{column}_ci")
+    if interval and text != "—" and all(v is not None and v == v for v in interval):
+        text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return text
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """The comparison table in Markdown, with the paper's columns (and 95 % intervals where computed)."""
+    lines = ["| " + " | ".join(_HEADERS[c] for c in columns) + " |",
+             "|" + "|".join("---" if c == "method" else "---:" for c in columns) + "|"]
+    lines += ["| " + " | ".join(_with_interval(row, c) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def comparisons_markdown(comparisons: Sequence[dict]) -> str:
+    """Paired permutation tests as a Markdown table."""
+    lines = ["| A | B | metric | mean A | mean B | A − B | p | images | permutations |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {c['a']} | {c['b']} | {c['metric']} | {_cell(c['mean_a'])} | {_cell(c['mean_b'])} | "
+              f"{_cell(c['mean_difference'])} | {_cell(c['p_value'])} | {c['n_images']} | {c['permutations']} |"
+              for c in comparisons]
     return "\n".join(lines)
 
 
@@ -325,7 +410,7 @@ def _case_overlays(result: MethodResult, scorer: Scorer, backbone, sigma: float,
     for kind, (dice_value, sample) in picks:
         image = read_image(sample.image)
         with torch.inference_mode():
-            patch = scorer.patch_maps(backbone(backbone.preprocess(image)[None]))[0]
+            patch = scorer.patch_maps(encode_image(backbone, image))[0].float().cpu()
         maps = scoring.pixel_map(patch, image.shape[:2], sigma)
         true_mask = read_image(sample.mask) > 0
         vmin, vmax = rendering.score_color_range(low, low + 1.25 * (threshold - low))  # any sign of score
@@ -336,15 +421,16 @@ def _case_overlays(result: MethodResult, scorer: Scorer, backbone, sigma: float,
 
 def write_outputs(results: Sequence[MethodResult], scorers: Sequence[Scorer], backbone, out_dir: Path,
                   title: str, context: dict, json_path: Path | None = None, sigma: float = 0.0,
-                  n_cases: int = 3, per_item: list[dict] | None = None) -> dict[str, Path]:
-    """results.json (rows + context), results.md, report.html with curves, histograms and case overlays."""
+                  n_cases: int = 3, per_item: list[dict] | None = None,
+                  comparisons: list[dict] | None = None, summary_rows: list[dict] | None = None) -> dict[str, Path]:
+    """results.json (rows + context, strict JSON), results.md, report.html with curves, histograms and case overlays."""
     import json
 
     from normdino.evaluation import report
     from normdino.files import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [r.row for r in results]
+    rows = [r.row for r in results] + list(summary_rows or [])  # summary rows: few-shot max/mean/min over seeds
     paths = {"json": json_path or out_dir / "results.json", "markdown": out_dir / "results.md",
              "html": out_dir / "report.html"}
     random_weights = bool(getattr(backbone, "is_random", False))
@@ -352,13 +438,24 @@ def write_outputs(results: Sequence[MethodResult], scorers: Sequence[Scorer], ba
     payload = {"title": title, "context": context, "random_backbone": random_weights, "rows": rows}
     if per_item is not None:
         payload["per_item"] = per_item
-    atomic_write_text(paths["json"], json.dumps(payload, indent=2, default=float) + "\n")
-    markdown = f"# {title}\n\n" + (f"> **Warning:** {warning}\n\n" if warning else "") + markdown_table(rows) + "\n"
+    if comparisons:
+        payload["comparisons"] = comparisons
+    atomic_write_text(paths["json"], json.dumps(report.json_safe(payload), indent=2, allow_nan=False) + "\n")
+    foreground = any("fg_pixel_auroc" in row for row in rows)
+    markdown = (f"# {title}\n\n" + (f"> **Warning:** {warning}\n\n" if warning else "") + markdown_table(rows) + "\n"
+                + (f"\n## Foreground pixels only\n\n{markdown_table(rows, FOREGROUND_COLUMNS)}\n" if foreground else "")
+                + (f"\n## Paired permutation tests\n\n{comparisons_markdown(comparisons)}\n" if comparisons else "")
+                + f"\n{UNDEFINED_NOTE}\n")
     atomic_write_text(paths["markdown"], markdown)
 
     roc = [(r.row["method"], *r.accumulator.roc_curve(400)[:2]) for r in results]
     pr = [(r.row["method"], *r.accumulator.pr_curve(400)[1::-1]) for r in results]
-    sections = [("Results", report.html_table(rows, list(TABLE_COLUMNS))),
+    sections = [("Results", report.html_table(rows, list(TABLE_COLUMNS)) + f"<p>{UNDEFINED_NOTE}</p>")]
+    if foreground:
+        sections.append(("Foreground pixels only", report.html_table(rows, list(FOREGROUND_COLUMNS))))
+    if comparisons:
+        sections.append(("Paired permutation tests", report.html_table(report.json_safe(comparisons), list(comparisons[0]))))
+    sections += [
                 ("Setting", report.html_table([{"key": k, "value": str(v)} for k, v in context.items()], ["key", "value"])),
                 ("Curves", report.charts_row(
                     report.svg_curve([], [], "Pixel ROC", "false-positive rate", "true-positive rate", diagonal=True,

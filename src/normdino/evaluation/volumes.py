@@ -98,12 +98,12 @@ def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Pa
                 scores.append(top.mean())
                 labels.append(label)
     row = {
-        "method": "dpmm" if detector.score == "cosine" else f"dpmm-{detector.score}",
+        "method": detector.method_name,
         "pixel_auroc": accumulator.auroc(), "pixel_aupr": accumulator.aupr(),
         **{f"dice_fpr{round(f * 100)}": accumulator.dice_at(t) for f, t in zip(fprs, thresholds)},
         "image_auroc": image_auroc(scores, labels) if len(set(labels)) == 2 else float("nan"),
         "image_aupr": image_aupr(scores, labels) if len(set(labels)) == 2 else float("nan"),
-        "n_prototypes": int(detector.prototypes_.shape[0]),
+        "n_prototypes": int(detector.method_.n_prototypes),
         "ms_per_sample": round(1000 * seconds / max(1, n_slices), 2),
         "peak_memory_mb": round(memory.peak_bytes / 2**20, 1),
         "n_volumes": len(pairs), "n_slices": n_slices,
@@ -112,7 +112,7 @@ def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Pa
     context = {"data": str(root), "layout": "volumes", "volumes": len(pairs), "slices_scored": n_slices,
                "axis": options.axis, "slices": str(options.slices), "normalization": options.normalization,
                "thresholds": "the model's own (calibrated at fit time)"}
-    scorer = detector_scorer(detector, row["method"])
+    scorer = detector_scorer(detector)
     paths = write_outputs([result], [scorer], detector.backbone_, out_dir, f"normdino evaluate: {root.name}",
                           context, json_path, per_item=volume_rows)
     return paths, [row]

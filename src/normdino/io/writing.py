@@ -14,7 +14,8 @@ Rules that keep results safe:
   warning (``strict`` stops at the first instead); a failed input's partial files are removed.
 * Memory is bounded: image sizes are read from the file headers before any work, images above
   ``max_megapixels`` are refused with one sentence, and batches hold at most ``BATCH_PIXELS`` pixels
-  (or one image). Peak memory is about ``BYTES_PER_PIXEL`` bytes per pixel of the largest batch.
+  (or one image). Peak memory is at most about ``BYTES_PER_PIXEL`` bytes per pixel of the largest batch plus
+  ``FIXED_BYTES`` (and the model), so the default limit of 64 megapixels needs about 2.8 GB.
 """
 
 from __future__ import annotations
@@ -51,8 +52,11 @@ RANDOM_WARNING = ("The backbone has RANDOM weights: these maps, scores and verdi
 
 #: Images larger than this are refused before any work (``--max-megapixels``).
 DEFAULT_MAX_MEGAPIXELS = 64.0
-#: Measured peak memory of predict per pixel of the largest batch (8-bit image; 16-bit adds ~16 B/px while reading).
+#: Peak memory of predict per pixel of the largest batch, an upper bound: measured +14 B/px of peak RSS from a
+#: 2000x2000 to a 5000x5000 8-bit PNG (tiny backbone); 16-bit images add ~20 B/px while they are read.
 BYTES_PER_PIXEL = 40
+#: Memory that does not grow with the image: the overlay drawn at OVERLAY_MAX_SIDE, PNG buffers, scratch.
+FIXED_BYTES = 200_000_000
 #: A batch holds at most this many pixels, or one image.
 BATCH_PIXELS = 16_000_000
 #: Overlay panels are drawn at most this many pixels on their long side (they are for looking at, not measuring).
@@ -178,7 +182,8 @@ def check_image_sizes(paths: Sequence[Path], max_megapixels: float = DEFAULT_MAX
             found[path] = shape
         except InputError as err:
             if strict:
-                raise
+                raise InputError(f"{err} (stopped by --strict before any work; without it such inputs are "
+                                 "skipped)") from None
             found[path] = str(err)
     return found
 
@@ -295,7 +300,8 @@ class PredictionWriter:
         self.vmin, self.vmax = rendering.score_color_range(detector.pixel_threshold(0.5), detector.pixel_threshold(1e-4))
         # The 16-bit PNG maps store scores over map_range (clipped); cosine distances live in [0, 1] in practice.
         span = self.vmax - self.vmin
-        self.map_range = (0.0, 1.0) if detector.score == "cosine" else (self.vmin - 4 * span, self.vmax + 4 * span)
+        bounded = detector.method_.score_range
+        self.map_range = bounded if bounded is not None else (self.vmin - 4 * span, self.vmax + 4 * span)
         prepare_results_folder(self.out_dir, overwrite)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.out_dir / "scores.csv"
@@ -378,42 +384,42 @@ class PredictionWriter:
         sizes = check_image_sizes(paths, self.max_megapixels, self.strict)
         with tqdm(total=len(paths), desc="predict", unit="img", disable=not self.progress) as bar:
             for batch in _batches_by_pixels(list(sizes.items()), max(1, self.detector.batch_size), BATCH_PIXELS):
-                for path, size in batch:
-                    if isinstance(size, str):  # unreadable header or too large: its row says why
-                        self._skip(path, "image", InputError(size))
-                        bar.update(1)
-                for path, image, pred in self._predict_batch([p for p, s in batch if not isinstance(s, str)]):
-                    self._guard(path, "image", lambda written: self._write_image_outputs(path, image, pred, written))
-                    if on_image is not None:
-                        on_image(path, image, pred)
+                results = self._predict_batch([p for p, size in batch if not isinstance(size, str)])
+                for path, size in batch:  # rows in input order
+                    outcome = InputError(size) if isinstance(size, str) else results[path]
+                    if isinstance(outcome, BaseException):  # unreadable, too large, or failed to score
+                        self._skip(path, "image", outcome)
+                    else:
+                        image, pred = outcome
+                        self._guard(path, "image", lambda written: self._write_image_outputs(path, image, pred, written))
+                        if on_image is not None:
+                            on_image(path, image, pred)
                     bar.update(1)
 
-    def _read(self, path: Path) -> np.ndarray | None:
+    def _predict_batch(self, paths: list[Path]) -> dict[Path, tuple[np.ndarray, object] | BaseException]:
+        """(image, prediction) of each path, or the error that stops it; a batch that fails is retried image by image."""
         from normdino.io.reading import read_image
 
+        results: dict[Path, tuple[np.ndarray, object] | BaseException] = {}
+        images: dict[Path, np.ndarray] = {}
+        for path in paths:
+            try:
+                images[path] = read_image(path)
+            except (InputError, MemoryError) as err:
+                results[path] = err
         try:
-            return read_image(path)
-        except (InputError, MemoryError) as err:
-            self._skip(path, "image", err)
-            return None
-
-    def _predict_batch(self, paths: list[Path]) -> Iterator[tuple[Path, np.ndarray, object]]:
-        """(path, image, prediction) of each readable image; a batch that fails is retried image by image."""
-        pairs = [(p, im) for p in paths if (im := self._read(p)) is not None]
-        try:
-            preds = self.detector.predict([im for _, im in pairs], fpr=self.fpr) if len(pairs) > 1 else None
+            preds = self.detector.predict(list(images.values()), fpr=self.fpr) if len(images) > 1 else None
         except (InputError, MemoryError):
             preds = None
         if preds is not None:
-            yield from ((p, im, pred) for (p, im), pred in zip(pairs, preds))
-            return
-        for path, image in pairs:  # one image, or find the image the batch failed on and keep the others
+            results.update({path: (image, pred) for (path, image), pred in zip(images.items(), preds)})
+            return results
+        for path, image in images.items():  # one image, or find the image the batch failed on and keep the others
             try:
-                pred = self.detector.predict([image], fpr=self.fpr)[0]
+                results[path] = (image, self.detector.predict([image], fpr=self.fpr)[0])
             except (InputError, MemoryError) as err:
-                self._skip(path, "image", err)
-                continue
-            yield path, image, pred
+                results[path] = err
+        return results
 
     def _write_image_outputs(self, path: Path, image: np.ndarray, pred, written: list[Path]) -> dict:
         name = self.names[path]
@@ -491,7 +497,7 @@ class PredictionWriter:
             "backbone": getattr(backbone, "name", None), "random_weights": self.random_weights,
             "warning": RANDOM_WARNING if self.random_weights else None,
             "fpr": self.fpr, "pixel_threshold": self.pixel_threshold, "image_threshold": self.image_threshold,
-            "score": self.detector.score, "png_map_range": list(self.map_range),
+            "method": self.detector.method_name, "png_map_range": list(self.map_range),
             "png_map_meaning": "16-bit anomaly PNG value v means score = lo + v / 65535 * (hi - lo), [lo, hi] = "
                                "png_map_range (clipped); the .npy files hold the exact float32 scores",
             "overlay_color_range": [self.vmin, self.vmax],
@@ -569,7 +575,7 @@ def write_index(path: Path, rows: Sequence[dict], summary: dict) -> None:
         ("False-positive rate", f"{float(summary['fpr']):.1%} of healthy pixels / images"),
         ("Pixel threshold", format_score(summary["pixel_threshold"])),
         ("Image threshold", format_score(summary["image_threshold"])),
-        ("Score", str(summary["score"])), ("Backbone", str(summary.get("backbone"))),
+        ("Method", str(summary.get("method"))), ("Backbone", str(summary.get("backbone"))),
         ("Random weights", "yes" if summary["random_weights"] else "no"),
         *((key.replace("_", " ").capitalize(), str(summary[key])) for key in ("model",) if summary.get(key)),
     ]

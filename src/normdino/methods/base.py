@@ -24,7 +24,7 @@ from normdino.features.tokens import FeatureRequest, Tokens, TokenSet
 class Param:
     """One hyper-parameter: its name in ``__init__``, type, help, and the CLI flag (default ``--name-with-dashes``).
 
-    ``choices`` restricts the values; ``minimum`` bounds numbers from below (inclusive) for validation.
+    ``choices`` restricts the values; ``minimum``/``maximum`` bound numbers (inclusive) for validation.
     """
 
     name: str
@@ -33,6 +33,7 @@ class Param:
     flag: str | None = None
     choices: tuple | None = None
     minimum: float | None = None
+    maximum: float | None = None
     nargs: str | None = None  # "+" for lists (e.g. layers)
 
     @property
@@ -58,6 +59,8 @@ class Param:
                 raise InputError(f"{owner}: {self.name} must be one of {', '.join(map(str, self.choices))}, got {item!r}")
             if self.minimum is not None and isinstance(item, (int, float)) and not item >= self.minimum:
                 raise InputError(f"{owner}: {self.name} must be at least {self.minimum:g}, got {item!r}")
+            if self.maximum is not None and isinstance(item, (int, float)) and not item <= self.maximum:
+                raise InputError(f"{owner}: {self.name} must be at most {self.maximum:g}, got {item!r}")
         return converted
 
 
@@ -132,6 +135,12 @@ class NormativeMethod(ABC):
     def n_prototypes(self) -> int:
         """How many reference vectors a query token is compared with (prototypes, bank tokens)."""
         return 0
+
+    @property
+    def score_range(self) -> tuple[float, float] | None:
+        """Where scores live in practice: (0, 1) for cosine distances; None when unbounded (Euclidean, likelihood)."""
+        kind = getattr(self, "metric", getattr(self, "score", "cosine"))
+        return (0.0, 1.0) if kind == "cosine" else None
 
     def state_bytes(self) -> int:
         """Bytes of what the method keeps to score with."""

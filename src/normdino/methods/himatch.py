@@ -87,7 +87,7 @@ RETRIEVAL_CENTROIDS = 8
 VARIANCE_FLOOR = 1e-12
 """Added to every variance before it is inverted in the fusion weights."""
 FUSIONS = ("uncertainty", "pixel", "mean")
-_FIT_BATCH = 16  # images per k-means / scoring batch at fit
+_FIT_BATCH = 32  # images per k-means / scoring batch at fit
 _STAT_KEYS = ("stage_mean", "stage_std", "pixel_mean", "pixel_std")
 
 LAYERS_PARAM = Param("layers", int, "backbone layers (hidden_states indices, shallow to deep) used as stages; "

@@ -78,6 +78,16 @@ def create(name: str, **params: Any) -> NormativeMethod:
     return method
 
 
+def create_method(name: str, **params: Any) -> NormativeMethod:
+    """Alias of :func:`create` for the package root: ``normdino.create_method("patchcore-150")``."""
+    return create(name, **params)
+
+
+def available_methods() -> list[str]:
+    """Alias of :func:`available` for the package root."""
+    return available()
+
+
 def available() -> list[str]:
     """Example names of every registered method (families and their common variants)."""
     _load_builtin()

@@ -33,12 +33,14 @@ def nearest_prototype(
     prototypes: torch.Tensor | np.ndarray,
     metric: str = "cosine",
     *,
+    prototypes_normalized: bool = False,
     max_chunk_elements: int = 1 << 24,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance to the nearest prototype and its index, per token.
+    """Distance to the nearest prototype and its index, per token, computed on the tokens' device.
 
-    cosine: 1 − max cosine similarity (tokens and prototypes are L2-normalised chunk by chunk);
-    euclidean: min ‖x − p‖ via ‖x‖² + ‖p‖² − 2 x·p. Computed in float32 over prototype chunks.
+    cosine: 1 − max cosine similarity (tokens, and prototypes unless ``prototypes_normalized``, are
+    L2-normalised chunk by chunk); euclidean: min ‖x − p‖ via ‖x‖² + ‖p‖² − 2 x·p. Float32 over
+    prototype chunks. Tokens and prototypes must be on one device: nothing is moved behind the caller's back.
     """
     if metric not in DISTANCES:
         raise InputError(f"Unknown metric {metric!r}; choose one of {', '.join(DISTANCES)}.")
@@ -48,6 +50,8 @@ def nearest_prototype(
         raise InputError(f"prototypes must have shape (K, D) with K > 0, got {tuple(protos.shape)}.")
     if x.shape[-1] != protos.shape[1]:
         raise InputError(f"tokens have dimension {x.shape[-1]} but prototypes have {protos.shape[1]}; use the same backbone for both.")
+    if x.device != protos.device:
+        raise InputError(f"tokens are on {x.device} but prototypes on {protos.device}; move the method with .to(device).")
     batch_shape = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1]).float()
     m, k = x.shape[0], protos.shape[0]
@@ -55,8 +59,8 @@ def nearest_prototype(
         x = F.normalize(x, dim=1)
     query_chunk = max(1, min(m, 4096))
     proto_chunk = max(1, min(k, max_chunk_elements // query_chunk))
-    best = torch.full((m,), -math.inf if metric == "cosine" else math.inf)
-    best_index = torch.zeros(m, dtype=torch.long)
+    best = torch.full((m,), -math.inf if metric == "cosine" else math.inf, device=x.device)
+    best_index = torch.zeros(m, dtype=torch.long, device=x.device)
     with torch.no_grad():
         for q0 in range(0, m, query_chunk):
             q = x[q0:q0 + query_chunk]
@@ -65,14 +69,15 @@ def nearest_prototype(
             for p0 in range(0, k, proto_chunk):
                 p = protos[p0:p0 + proto_chunk].float()
                 if metric == "cosine":
-                    values, idx = (q @ F.normalize(p, dim=1).T).max(dim=1)
+                    values, idx = (q @ (p if prototypes_normalized else F.normalize(p, dim=1)).T).max(dim=1)
                     better = values > best_q
                 else:
                     d2 = q_sq + (p * p).sum(1) - 2.0 * (q @ p.T)
                     values, idx = d2.min(dim=1)
                     better = values < best_q
-                best_q[better] = values[better]
-                index_q[better] = idx[better] + p0
+                # torch.where, not boolean indexing: no data-dependent shapes, no host synchronisation on a GPU
+                best_q.copy_(torch.where(better, values, best_q))
+                index_q.copy_(torch.where(better, idx + p0, index_q))
     distance = 1.0 - best if metric == "cosine" else best.clamp_min(0.0).sqrt()
     return distance.reshape(batch_shape), best_index.reshape(batch_shape)
 
@@ -88,12 +93,28 @@ def score_tokens(
     return nearest_prototype(tokens, prototypes, metric, max_chunk_elements=max_chunk_elements)[0]
 
 
+def normalized_rows(rows: np.ndarray | torch.Tensor, device: torch.device | str = "cpu",
+                    max_chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """(N, D) float32 L2-normalised copy of ``rows`` (e.g. a float16 memory map) on ``device``, one chunk at a time.
+
+    The only copy made: no intermediate float32 copy of the whole input.
+    """
+    n, d = rows.shape
+    out = torch.empty((n, d), dtype=torch.float32, device=device)
+    step = max(1, max_chunk_elements // max(1, d))
+    for start in range(0, n, step):
+        part = rows[start:start + step]
+        chunk = torch.from_numpy(np.array(part, dtype=np.float32)) if isinstance(part, np.ndarray) else part
+        out[start:start + step] = F.normalize(chunk.to(device=device, dtype=torch.float32), dim=1)
+    return out
+
+
 def negative_best_likelihood(tokens: torch.Tensor, mixture) -> torch.Tensor:
     """Minus the log-density of the most likely active component (weight included): the ablation's likelihood score."""
     flat = tokens.reshape(-1, tokens.shape[-1]).float()
     active = mixture.active_
     log_weights = mixture.log_weights_.float()[active]
-    out = torch.empty(flat.shape[0], dtype=torch.float32)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
     for start in range(0, flat.shape[0], _CHUNK):
         log_prob = mixture.log_prob_components(flat[start:start + _CHUNK])[:, active].float()
         out[start:start + _CHUNK] = -(log_prob + log_weights).max(dim=1).values

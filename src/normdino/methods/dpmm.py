@@ -1,0 +1,176 @@
+"""The DPMM method (Schulthess & Konukoglu, MICCAI 2025): a Dirichlet process mixture of healthy patch tokens.
+
+Fit: batched EM over all training tokens (12-image batches, 40 epochs), keeping the epoch with the best
+mean log-likelihood on the healthy validation tokens. Score: 1 − max cosine to the means of the active
+components (``cosine``, the paper's), or the Euclidean distance to the nearest mean, or minus the
+log-density of the best component (``likelihood``), for the paper's ablation.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from normdino.errors import InputError, ModelFileError
+from normdino.features.tokens import FeatureRequest, Tokens, TokenSet
+from normdino.methods.base import NormativeMethod, Param
+from normdino.methods.memory_bank import LAYER, SEED
+from normdino.methods.mixture import COVARIANCE_TYPES, DirichletProcessMixture
+from normdino.methods.registry import register
+from normdino.methods.scoring import DISTANCES, SCORE_METHODS, negative_best_likelihood, score_tokens
+
+logger = logging.getLogger(__name__)
+
+_VAL_CHUNK = 65536
+
+
+def _score_variant(variant: str) -> dict:
+    if variant not in SCORE_METHODS:
+        raise InputError(f"dpmm variants are the scores {', '.join('dpmm-' + s for s in SCORE_METHODS)}, got dpmm-{variant}")
+    return {"score": variant}
+
+
+def mean_log_likelihood(mixture: DirichletProcessMixture, tokens: TokenSet, device: torch.device | str,
+                        position: int = -1) -> tuple[float, int]:
+    """(sum of the mixture log-likelihood, count) over every token of one layer, scored in chunks on ``device``."""
+    flat = tokens.flat_layer(position)
+    total = 0.0
+    for start in range(0, flat.shape[0], _VAL_CHUNK):
+        chunk = torch.from_numpy(flat[start:start + _VAL_CHUNK].astype("float32")).to(device)
+        total += float(mixture.score_samples(chunk).double().sum())
+    return total, int(flat.shape[0])
+
+
+@register("dpmm", variants=_score_variant, examples=("dpmm", "dpmm-euclidean", "dpmm-likelihood"))
+class DPMM(NormativeMethod):
+    """Dirichlet process mixture over L2-normalised patch tokens of one layer; prototypes = active component means."""
+
+    PARAMS = (
+        Param("n_components", int, "DPMM: truncation K of the Dirichlet process mixture", flag="--components", minimum=1),
+        Param("covariance_type", str, "DPMM: covariance of each component", flag="--covariance", choices=COVARIANCE_TYPES),
+        Param("epochs", int, "DPMM: EM epochs over the training tokens", minimum=1),
+        Param("batch_images", int, "DPMM: images per EM batch (the paper: 12)", minimum=1),
+        Param("update_rate", float, "DPMM: EMA rate rho of the batched EM statistics", minimum=1e-9),
+        Param("alpha", float, "DPMM: initial concentration alpha", minimum=1e-9),
+        Param("weight_threshold", float, "DPMM: components with weight above this are prototypes", minimum=0.0),
+        Param("score", str, "DPMM: anomaly score of a token", choices=SCORE_METHODS),
+        LAYER, SEED,
+    )
+
+    def __init__(self, n_components: int = 500, covariance_type: str = "diag", epochs: int = 40, batch_images: int = 12,
+                 update_rate: float = 0.2, alpha: float = 2.0, weight_threshold: float = 1e-6, score: str = "cosine",
+                 layer: int = -1, seed: int = 0) -> None:
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.epochs = epochs
+        self.batch_images = batch_images
+        self.update_rate = update_rate
+        self.alpha = alpha
+        self.weight_threshold = weight_threshold
+        self.score = score
+        self.layer = layer
+        self.seed = seed
+
+    def feature_request(self) -> FeatureRequest:
+        return FeatureRequest(layers=(self.layer,))
+
+    def _mixture(self) -> DirichletProcessMixture:
+        return DirichletProcessMixture(
+            n_components=self.n_components, covariance_type=self.covariance_type, update_rate=self.update_rate,
+            alpha=self.alpha, weight_threshold=self.weight_threshold, seed=self.seed,
+            device=getattr(self, "device", None))
+
+    def fit(self, train: TokenSet, val: TokenSet | None = None, progress: bool = False) -> "DPMM":
+        """Batched EM over the training tokens; keep the epoch with the best validation log-likelihood.
+
+        Without ``val`` the last epoch is kept. ``progress`` shows one bar over the epochs.
+        """
+        self.check_params()
+        device = getattr(self, "device", "cpu")
+        h, w = train.grid_shape
+        mixture = self._mixture()
+        history: list[float] = []
+        best: dict = {}
+        bar = tqdm(total=self.epochs, desc="DPMM EM", unit="epoch", disable=not progress)
+
+        def keep_best(epoch: int, model: DirichletProcessMixture) -> bool:
+            bar.update(1)
+            if val is None:
+                return False
+            total, count = mean_log_likelihood(model, val, device)
+            loglik = total / max(1, count)
+            history.append(loglik)
+            bar.set_postfix(val_loglik=f"{loglik:.2f}", active=int(model.active_.sum()))
+            logger.info("epoch %d: mean validation log-likelihood %.4f", epoch + 1, loglik)
+            if not best or loglik > best["loglik"]:
+                best.update(loglik=loglik, epoch=epoch, model=copy.deepcopy(model))
+            return False
+
+        started = time.perf_counter()
+        try:
+            mixture.fit(train.flat_layer(-1), epochs=self.epochs, batch_size=self.batch_images * h * w,
+                        shuffle=True, callback=keep_best)
+        finally:
+            bar.close()
+        self.mixture_ = best.get("model", mixture)
+        self._set_prototypes()
+        best_epoch = int(best.get("epoch", self.epochs - 1))
+        self.fit_info_ = {"best_epoch": best_epoch + 1, "val_log_likelihood": history,
+                          "em_seconds": round(time.perf_counter() - started, 3), "n_prototypes": self.n_prototypes,
+                          "n_train_tokens": int(len(train) * h * w)}
+        logger.info("DPMM: %d prototypes (best epoch %d)", self.n_prototypes, best_epoch + 1)
+        return self
+
+    def _set_prototypes(self) -> None:
+        self.prototypes_ = self.mixture_.prototypes().float()
+
+    @property
+    def n_prototypes(self) -> int:
+        return int(self.prototypes_.shape[0]) if hasattr(self, "prototypes_") else 0
+
+    def patch_scores(self, tokens: Tokens) -> torch.Tensor:
+        self.check_fitted("mixture_")
+        layer = tokens.layer(-1)
+        if self.score in DISTANCES:
+            return score_tokens(layer, self.prototypes_, self.score)
+        return negative_best_likelihood(layer, self.mixture_)
+
+    def to(self, device: torch.device | str) -> "DPMM":
+        self.device = device
+        if hasattr(self, "mixture_"):
+            self.mixture_.to(device)
+            self.prototypes_ = self.prototypes_.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        self.check_fitted("mixture_")
+        tensors = {f"mixture.{k}": v for k, v in self.mixture_.to_tensors().items()}
+        tensors["prototypes"] = self.prototypes_.cpu().contiguous()
+        return tensors
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], info: dict | None = None) -> "DPMM":
+        mixture_tensors = {k.removeprefix("mixture."): v for k, v in tensors.items() if k.startswith("mixture.")}
+        config = self._mixture().get_config()
+        mixture = DirichletProcessMixture.from_tensors(mixture_tensors, config)
+        sticks = mixture.sticks_
+        if bool(((sticks < 0) | (sticks > 1)).any()):
+            raise ModelFileError("the mixture's stick-breaking ratios lie outside [0, 1]; the file is corrupt")
+        if bool((mixture.covariances_ <= 0).any()) and self.covariance_type != "full":
+            raise ModelFileError("the mixture holds non-positive variances; the file is corrupt")
+        if bool((mixture.stat_count_ < 0).any()):
+            raise ModelFileError("the mixture holds negative component counts; the file is corrupt")
+        self.mixture_ = mixture
+        self._set_prototypes()
+        if self.n_prototypes == 0:
+            raise ModelFileError("the mixture has no active component; the file is corrupt")
+        if "prototypes" in tensors and not torch.equal(tensors["prototypes"].float(), self.prototypes_):
+            raise ModelFileError("the stored prototypes do not match the stored mixture; the file is corrupt")
+        self.fit_info_ = dict(info or {})
+        device = getattr(self, "device", None)
+        if device is not None:
+            self.to(device)
+        return self
