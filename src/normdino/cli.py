@@ -158,6 +158,7 @@ def build_parser(estimator_options: bool = False) -> argparse.ArgumentParser:
     evaluate.add_argument("--layout", default="auto", choices=("auto", "bmad-brain", "bmad-liver", "bmad-resc", "folders", "volumes"))
     _add_report_options(evaluate, "normdino-evaluation")
     evaluate.add_argument("--backbone", default=None, help="where to load the backbone weights from, if not the name saved in the model")
+    evaluate.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu); the model may come from any device")
     evaluate.add_argument("--mask-suffix", default="_mask", help="volumes layout: mask of scan.nii.gz is scan<SUFFIX>.nii.gz (default _mask)")
     _add_volume_options(evaluate)
     _add_common(evaluate)
@@ -509,7 +510,7 @@ def cmd_evaluate(args) -> int:
     from normdino.evaluation.protocol import detector_scorer, evaluate_methods, evaluation_token_sets, write_outputs
 
     cache_dir = None if args.no_cache else Path(args.cache_dir)
-    detector = AnomalyDetector.load(args.model, backbone=args.backbone, progress=not args.quiet)
+    detector = AnomalyDetector.load(args.model, backbone=args.backbone, device=args.device, progress=not args.quiet)
     detector.batch_size = args.batch_size
     sigma = detector.sigma if args.sigma is None else args.sigma
     if args.layout == "volumes":

@@ -1,0 +1,54 @@
+"""GPU checks (skipped without CUDA): every method fits, predicts and benches on cuda; a CUDA model predicts on CPU."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from normdino import AnomalyDetector
+from normdino.io.phantoms import write_phantom_dataset
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+METHODS = {
+    "dpmm": dict(n_components=8, epochs=2, batch_images=4),
+    "dpmm-likelihood": dict(n_components=8, epochs=2, batch_images=4),
+    "anomalydino": {},
+    "anomalydino-1shot": {},
+    "patchcore-30": {},
+    "himatch": dict(layers=(1, 2), clusters=4, retrieve_k=2),
+    "dpmm-multistage": dict(layers=(1, 2), n_components=8, epochs=2, batch_images=4),
+}
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    return write_phantom_dataset(tmp_path_factory.mktemp("phantoms"), n_train=10, n_valid=6, n_test_normal=2,
+                                 n_test_anomalous=3, size=64, seed=0)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_fit_on_cuda_predict_on_cuda_and_cpu(method, phantoms, tiny_dinov2_dir, tmp_path):
+    train = sorted((phantoms / "train" / "good").glob("*.png"))
+    val = sorted((phantoms / "valid" / "good" / "img").glob("*.png"))
+    test = sorted((phantoms / "test" / "Ungood" / "img").glob("*.png"))
+    detector = AnomalyDetector(method=method, backbone=str(tiny_dinov2_dir), image_size=56, device="cuda",
+                               progress=False, **METHODS[method]).fit(train, val)
+    assert detector.backbone_.device.type == "cuda"
+    on_gpu = detector.predict(test)
+    path = detector.save(tmp_path / "gpu.normdino")
+    on_cpu = AnomalyDetector.load(path, device="cpu", progress=False).predict(test)  # bf16 fitted, fp32 now: warns
+    for a, b in zip(on_gpu, on_cpu):
+        assert a.pixel_map.shape == b.pixel_map.shape
+        assert np.corrcoef(a.pixel_map.ravel(), b.pixel_map.ravel())[0, 1] > 0.9  # bf16 vs fp32 tokens
+
+
+def test_bench_and_evaluate_on_cuda(phantoms, tiny_dinov2_dir, tmp_path):
+    from normdino.cli import main
+
+    assert main(["bench", str(phantoms), "--methods", ",".join(METHODS), "--backbone", str(tiny_dinov2_dir),
+                 "--image-size", "56", "--epochs", "2", "--components", "8", "--device", "cuda", "--no-cache",
+                 "--timing-images", "2", "-o", str(tmp_path / "b"), "--quiet"]) == 0
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
+    assert len(rows) == len(METHODS) and all(r["ms_per_sample"] > 0 for r in rows)
