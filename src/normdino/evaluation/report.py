@@ -9,7 +9,7 @@ import logging
 import math
 import re
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -129,6 +129,29 @@ def svg_histograms(
         axes.stairs(fraction, edges, color=color, linewidth=1.2)
     axes.legend(fontsize=8)
     return _svg(figure)
+
+
+# ---------------------------------------------------------------------------------------------------- JSON
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf as None and numpy scalars/paths as plain values, so ``json.dumps(allow_nan=False)``
+    writes strict JSON (bare NaN is not JSON; an undefined metric, e.g. AUROC with one class, becomes null)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------- HTML

@@ -1,0 +1,455 @@
+"""``normdino reproduce``: the DPMM paper's Tables 1-3 on the BMAD sets, each cell beside the published figure.
+
+For each BMAD set found under the root (:func:`normdino.evaluation.datasets.find_bmad`) one backbone pass
+fills one token cache of *unnormalised* tokens; the normalised methods get an L2-normalised copy of the
+training tokens and normalise evaluation tokens on the fly, so the ablation's "normalised or not" costs no
+second cache. Methods: DPMM with the cosine, Euclidean and likelihood scores, each on normalised and raw
+tokens; AnomalyDINO full-shot and 1-shot over ``--seeds`` (max/mean/min); PatchCore 10 %, 1024 and 150.
+Thresholds are out of sample (:mod:`normdino.evaluation.splits`); metrics come with 95 % bootstrap intervals
+over images, whole-image and foreground-only; DPMM is compared with each baseline by a paired permutation
+test on image-wise pixel AUROC/AUPR.
+
+Outputs in ``-o``: ``tables.md``, ``tables.json`` (strict JSON: undefined metrics are null), ``report.html``
+(one self-contained file) and ``results.json`` (every row, interval and test).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from normdino.errors import InputError
+from normdino.evaluation.report import json_safe
+
+log = logging.getLogger(__name__)
+
+BMAD_NAMES = {"brats": "BraTS2021", "liver": "Liver (BTCV + LiTS)", "resc": "RESC"}
+
+# ---------------------------------------------------------------------- the paper's published figures
+#
+# Schulthess & Konukoglu, "Anomaly Detection by Clustering DINO Embeddings using a Dirichlet Process
+# Mixture", MICCAI 2025. TO BE FILLED FROM THE PAPER: the paper was not at hand when this table was written,
+# so every figure is None ("not filled in") and no number here was invented. Enter each as printed,
+# as (BraTS, Liver, RESC); AUROC, AUPR and Dice as fractions in [0, 1] (the paper's percentages / 100),
+# runtime in ms per sample, memory in GB. Cells with None show "to be filled" and no difference.
+_ = None
+PAPER_FIGURES: dict[str, dict[str, dict[str, tuple[float | None, float | None, float | None]]]] = {
+    "table1": {  # AUROC, AUPR (pixel level), ms per sample, GB
+        "dpmm":              {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "ms_per_sample": (_, _, _), "peak_memory_gb": (_, _, _)},
+        "anomalydino":       {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "ms_per_sample": (_, _, _), "peak_memory_gb": (_, _, _)},
+        "anomalydino-1shot": {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "ms_per_sample": (_, _, _), "peak_memory_gb": (_, _, _)},
+        "patchcore-10%":     {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "ms_per_sample": (_, _, _), "peak_memory_gb": (_, _, _)},
+        "patchcore-1024":    {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "ms_per_sample": (_, _, _), "peak_memory_gb": (_, _, _)},
+        "patchcore-150":     {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "ms_per_sample": (_, _, _), "peak_memory_gb": (_, _, _)},
+    },
+    "table2": {  # Dice at thresholds giving 10 / 5 / 1 % FPR on healthy validation images
+        "dpmm":              {"dice_fpr10": (_, _, _), "dice_fpr5": (_, _, _), "dice_fpr1": (_, _, _)},
+        "anomalydino":       {"dice_fpr10": (_, _, _), "dice_fpr5": (_, _, _), "dice_fpr1": (_, _, _)},
+        "anomalydino-1shot": {"dice_fpr10": (_, _, _), "dice_fpr5": (_, _, _), "dice_fpr1": (_, _, _)},
+        "patchcore-10%":     {"dice_fpr10": (_, _, _), "dice_fpr5": (_, _, _), "dice_fpr1": (_, _, _)},
+        "patchcore-1024":    {"dice_fpr10": (_, _, _), "dice_fpr5": (_, _, _), "dice_fpr1": (_, _, _)},
+        "patchcore-150":     {"dice_fpr10": (_, _, _), "dice_fpr5": (_, _, _), "dice_fpr1": (_, _, _)},
+    },
+    "table3": {  # ablation: score x normalised embeddings
+        "dpmm":                   {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "dice_fpr5": (_, _, _)},
+        "dpmm-euclidean":         {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "dice_fpr5": (_, _, _)},
+        "dpmm-likelihood":        {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "dice_fpr5": (_, _, _)},
+        "dpmm-raw":               {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "dice_fpr5": (_, _, _)},
+        "dpmm-euclidean-raw":     {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "dice_fpr5": (_, _, _)},
+        "dpmm-likelihood-raw":    {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "dice_fpr5": (_, _, _)},
+    },
+}
+del _
+PAPER_NOTE = ("Published figures: TO BE FILLED FROM THE PAPER (normdino.evaluation.reproduce.PAPER_FIGURES); "
+              "none is filled in yet, so the 'paper' and 'difference' columns are empty.")
+
+TABLES = {
+    "table1": ("Table 1: pixel-level detection, runtime and memory",
+               ("pixel_auroc", "pixel_aupr", "ms_per_sample", "peak_memory_gb")),
+    "table2": ("Table 2: Dice at the thresholds giving 10 / 5 / 1 % FPR on healthy images",
+               ("dice_fpr10", "dice_fpr5", "dice_fpr1")),
+    "table3": ("Table 3: ablation of the DPMM score and of embedding normalisation",
+               ("pixel_auroc", "pixel_aupr", "dice_fpr5")),
+}
+METHOD_LABELS = {
+    "dpmm": "DPMM (cosine, normalised)", "dpmm-euclidean": "DPMM Euclidean, normalised",
+    "dpmm-likelihood": "DPMM likelihood, normalised", "dpmm-raw": "DPMM cosine, raw",
+    "dpmm-euclidean-raw": "DPMM Euclidean, raw", "dpmm-likelihood-raw": "DPMM likelihood, raw",
+    "anomalydino": "AnomalyDINO (full)", "anomalydino-1shot": "AnomalyDINO 1-shot (mean; max/min over seeds)",
+    "patchcore-10%": "PatchCore 10 %", "patchcore-1024": "PatchCore 1024", "patchcore-150": "PatchCore 150",
+}
+METRIC_LABELS = {"pixel_auroc": "AUROC", "pixel_aupr": "AUPR", "ms_per_sample": "ms", "peak_memory_gb": "GB",
+                 "dice_fpr10": "Dice@10%", "dice_fpr5": "Dice@5%", "dice_fpr1": "Dice@1%", "image_auroc": "image AUROC"}
+DPMM_SCORES = ("dpmm", "dpmm-euclidean", "dpmm-likelihood")
+BANKS = ("anomalydino", "patchcore-10%", "patchcore-1024", "patchcore-150")
+FEW_SHOT = "anomalydino-1shot"
+
+
+@dataclass
+class Settings:
+    """Everything ``reproduce`` needs besides the root; the CLI's options, one to one."""
+
+    datasets: tuple[str, ...] = ("brats", "liver", "resc")
+    backbone: str = "dinov2_vits14"
+    image_size: int = 448
+    epochs: int = 40
+    components: int = 500
+    covariance: str = "diag"
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    seed: int = 0
+    n_bootstrap: int = 1000
+    n_permutations: int = 10_000
+    compare: tuple[tuple[str, str], ...] = ()
+    foreground: str = "auto"
+    max_train: int | None = None
+    max_eval: int | None = None
+    timing_images: int = 10
+    batch_size: int = 8
+    cache_dir: Path | None = None
+    device: str = "cpu"
+    sigma: float = 0.0
+    top_fraction: float = 0.01
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------- tokens and methods
+
+
+def build_backbone(name: str, image_size: int, layers: Sequence[int], device: str, seed: int = 0):
+    """The backbone of every method, returning UNnormalised tokens (``random`` / ``random:ARCH`` for random weights)."""
+    from normdino.features.backbone import Backbone
+
+    if name == "random" or name.startswith("random:"):
+        return Backbone.random(name.partition(":")[2] or "dinov2_vits14", seed=seed, image_size=image_size,
+                               layers=tuple(layers), normalize=False, device=device)
+    return Backbone.from_pretrained(name, image_size=image_size, layers=tuple(layers), normalize=False, device=device)
+
+
+def normalized_copy(tokens, chunk: int = 64):
+    """An L2-normalised float16 copy of a token set (patches and CLS), computed ``chunk`` images at a time."""
+    from normdino.features.tokens import TokenSet
+
+    def normalize(array: np.ndarray | None) -> np.ndarray | None:
+        if array is None:
+            return None
+        out = np.empty(array.shape, np.float16)
+        for start in range(0, len(array), chunk):
+            x = np.asarray(array[start:start + chunk], np.float32)
+            out[start:start + chunk] = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        return out
+
+    return TokenSet(normalize(tokens.patches), tokens.shapes, normalize(tokens.cls), tokens.sources)
+
+
+def normalizing(scorer):
+    """The scorer fed L2-normalised tokens: a method fitted on normalised tokens scoring the raw token cache."""
+    from normdino.evaluation.protocol import Scorer
+    from normdino.features.tokens import Tokens
+
+    class NormalizingScorer(Scorer):
+        def patch_maps(self, tokens: Tokens) -> torch.Tensor:
+            cls = None if tokens.cls is None else torch.nn.functional.normalize(tokens.cls.float(), dim=-1)
+            return super().patch_maps(Tokens(torch.nn.functional.normalize(tokens.patches.float(), dim=-1), cls))
+
+    return NormalizingScorer(scorer.name, scorer.method, scorer.positions, scorer.fit_seconds)
+
+
+def _fit(names: Sequence[str], layers, train, healthy, settings: Settings, seed: int, rename: dict[str, str],
+         normalize: bool) -> list:
+    from normdino.evaluation.protocol import create_methods, fit_methods
+
+    methods = create_methods(names, seed=seed, epochs=settings.epochs, n_components=settings.components,
+                             covariance_type=settings.covariance)
+    scorers = fit_methods(methods, layers, train, healthy, device=settings.device, progress=settings.progress)
+    for scorer in scorers:
+        scorer.name = rename.get(scorer.name, scorer.name)
+    return [normalizing(s) for s in scorers] if normalize else scorers
+
+
+# ---------------------------------------------------------------------- one data set
+
+
+def _labelled(backbone, healthy_samples, evaluation_samples, settings: Settings):
+    from normdino.evaluation.protocol import LabelledTokens, token_set
+
+    images = list(dict.fromkeys([s.image for s in healthy_samples] + [s.image for s in evaluation_samples]))
+    tokens = token_set(backbone, images, settings.cache_dir, settings.batch_size, settings.progress)
+    row = {path: i for i, path in enumerate(images)}
+
+    def pick(samples):
+        return LabelledTokens(tokens.subset([row[s.image] for s in samples]), list(samples))
+
+    return pick(healthy_samples), pick(evaluation_samples)
+
+
+def _evaluation_samples(dataset, settings: Settings) -> list:
+    from normdino.evaluation.protocol import subset
+
+    evaluation = dataset.evaluation
+    normal = [s for s in evaluation if s.label == 0]
+    anomalous = [s for s in evaluation if s.label == 1]
+    if settings.max_eval is not None and len(evaluation) > settings.max_eval:
+        n_anomalous = min(len(anomalous), max(1, round(settings.max_eval * len(anomalous) / len(evaluation))))
+        normal = subset(normal, settings.max_eval - n_anomalous, settings.seed)
+        anomalous = subset(anomalous, n_anomalous, settings.seed)
+    return normal + anomalous
+
+
+def reproduce_dataset(name: str, folder: Path, layout: str, settings: Settings) -> dict:
+    """Every method of the paper on one BMAD set: rows, few-shot summaries and paired tests (JSON-able)."""
+    from normdino.evaluation.assess import assess_scorer, compare_methods, seed_summary
+    from normdino.evaluation.datasets import load_dataset
+    from normdino.evaluation.foreground import foreground_from_option
+    from normdino.evaluation.protocol import create_methods, feature_union, subset, time_detection, token_set
+    from normdino.evaluation.splits import calibration_folds, drop_training_groups
+
+    started = time.perf_counter()
+    dataset = load_dataset(folder, layout)
+    if not dataset.train:
+        raise InputError(f"{folder} has no training images")
+    train_paths = subset(dataset.train, settings.max_train, settings.seed)
+    healthy_samples = drop_training_groups(dataset.healthy_validation, train_paths)
+    if settings.max_eval is not None:
+        healthy_samples = subset(healthy_samples, settings.max_eval, settings.seed)
+    evaluation_samples = _evaluation_samples(dataset, settings)
+    if not healthy_samples or not evaluation_samples:
+        raise InputError(f"{folder} needs healthy validation images and evaluation images")
+    layers, _ = feature_union(create_methods(list(DPMM_SCORES) + list(BANKS) + [FEW_SHOT], seed=settings.seed))
+    backbone = build_backbone(settings.backbone, settings.image_size, layers, settings.device, settings.seed)
+    log.info("%s: %d training, %d healthy calibration, %d evaluated images", name, len(train_paths),
+             len(healthy_samples), len(evaluation_samples))
+    train_raw = token_set(backbone, train_paths, settings.cache_dir, settings.batch_size, settings.progress)
+    healthy, test = _labelled(backbone, healthy_samples, evaluation_samples, settings)
+    folds = calibration_folds([s.image for s in healthy_samples], [s.image for s in evaluation_samples], settings.seed)
+    foreground = foreground_from_option(settings.foreground)
+    train_n, healthy_n = normalized_copy(train_raw), normalized_copy(healthy.tokens)
+    timing = [s.image for s in evaluation_samples[:settings.timing_images]]
+
+    rows, results = [], []
+
+    def run(scorers, extra: dict | None = None) -> list:
+        done = []
+        for scorer in scorers:
+            result = assess_scorer(scorer, healthy, test, sigma=settings.sigma, top_fraction=settings.top_fraction,
+                                   device=backbone.device, folds=folds, foreground=foreground,
+                                   n_bootstrap=settings.n_bootstrap, seed=settings.seed, progress=settings.progress)
+            ms, peak_mb = (time_detection(backbone, scorer, timing, settings.sigma, settings.top_fraction)
+                           if timing else (math.nan, math.nan))  # --timing-images 0: no timing
+            result.row.update(ms_per_sample=round(ms, 3), peak_memory_mb=round(peak_mb, 1),
+                              peak_memory_gb=round(peak_mb / 1024, 4), **(extra or {}))
+            done.append(result)
+        return done
+
+    rename = {"dpmm-euclidean": "dpmm-euclidean", "dpmm-likelihood": "dpmm-likelihood"}
+    results += run(_fit(DPMM_SCORES, layers, train_n, healthy_n, settings, settings.seed, rename, normalize=True))
+    results += run(_fit(DPMM_SCORES, layers, train_raw, healthy.tokens, settings, settings.seed,
+                        {m: f"{m}-raw" for m in DPMM_SCORES}, normalize=False))
+    results += run(_fit(BANKS, layers, train_n, healthy_n, settings, settings.seed, {}, normalize=True))
+    shots = []
+    for seed in settings.seeds:
+        shots += run(_fit([FEW_SHOT], layers, train_n, healthy_n, settings, seed, {FEW_SHOT: f"{FEW_SHOT}@{seed}"},
+                          normalize=True), {"seed": seed})
+    rows = [r.row for r in results + shots]
+    summaries = [seed_summary(FEW_SHOT, [r.row for r in shots])] if shots else []
+    pairs = [("dpmm", b) for b in BANKS] + [p for p in settings.compare if p not in [("dpmm", b) for b in BANKS]]
+    comparisons = compare_methods(results + shots, pairs, settings.n_permutations, settings.seed)
+    return {
+        "dataset": name, "folder": str(folder), "layout": layout, **dataset.summary(),
+        "train_used": len(train_paths), "healthy_used": len(healthy_samples), "evaluated": len(evaluation_samples),
+        "calibration": folds.description, "foreground": foreground.description if foreground else "none",
+        "backbone": backbone.name, "random_weights": bool(backbone.is_random), "image_size": backbone.image_size,
+        "seconds": round(time.perf_counter() - started, 1),
+        "rows": rows, "few_shot": summaries, "comparisons": comparisons,
+    }
+
+
+# ---------------------------------------------------------------------- tables
+
+
+def _paper(table: str, method: str, metric: str, dataset: str) -> float | None:
+    figures = PAPER_FIGURES.get(table, {}).get(method, {}).get(metric)
+    if figures is None or dataset not in ("brats", "liver", "resc"):
+        return None
+    return figures[("brats", "liver", "resc").index(dataset)]
+
+
+def table_cells(per_dataset: Sequence[dict], foreground: bool = False) -> list[dict]:
+    """Every cell of Tables 1-3: ours (with its interval or seed spread), the paper's figure and the difference."""
+    cells = []
+    for table, (_, metrics) in TABLES.items():
+        methods = list(PAPER_FIGURES[table])
+        for data in per_dataset:
+            rows = {r["method"]: r for r in data["rows"]} | {s["method"]: s for s in data["few_shot"]}
+            for method in methods:
+                row = rows.get(method)
+                if row is None:
+                    continue
+                for metric in metrics:
+                    key = f"fg_{metric}" if foreground and metric.startswith(("pixel", "dice")) else metric
+                    ours = row.get(key)
+                    paper = None if foreground else _paper(table, method, metric, data["dataset"])
+                    ci = row.get(f"{key}_ci")
+                    cells.append({"table": table + ("_foreground" if foreground else ""), "dataset": data["dataset"],
+                                  "method": method, "metric": metric, "ours": ours,
+                                  "ci": ci, "seeds": row.get(f"{key}_seeds"), "paper": paper,
+                                  "difference": None if paper is None or ours is None or ours != ours else ours - paper})
+    return cells
+
+
+def _number(value: float | None, metric: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if metric in ("ms_per_sample",):
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def _ours_text(cell: dict) -> str:
+    text = _number(cell["ours"], cell["metric"])
+    if cell.get("seeds"):
+        s = cell["seeds"]
+        text += f" (max {_number(s['max'], cell['metric'])} / min {_number(s['min'], cell['metric'])})"
+    elif cell.get("ci") and cell["ci"][0] is not None and not (isinstance(cell["ci"][0], float) and math.isnan(cell["ci"][0])):
+        text += f" [{_number(cell['ci'][0], cell['metric'])}, {_number(cell['ci'][1], cell['metric'])}]"
+    return text
+
+
+def _paper_text(cell: dict) -> str:
+    return "to be filled" if cell["paper"] is None else _number(cell["paper"], cell["metric"])
+
+
+def _difference_text(cell: dict) -> str:
+    d = cell["difference"]
+    return "—" if d is None else f"{d:+.3f}"
+
+
+def markdown_tables(cells: Sequence[dict], per_dataset: Sequence[dict], warning: str | None) -> str:
+    """All tables in Markdown, one sub-table per data set; the random-weights warning above every table."""
+    lines = ["# normdino reproduce: the DPMM paper's tables", ""]
+    if warning:
+        lines += [f"> **Warning:** {warning}", ""]
+    lines += [f"_{PAPER_NOTE}_", "",
+              "Cells: ours [95 % bootstrap interval over images]; few-shot rows: mean (max / min over seeds). "
+              "'—' marks an undefined metric (e.g. AUPR without anomalous pixels), written as null in JSON.", ""]
+    tables = list(TABLES) + [t + "_foreground" for t in ("table1", "table2", "table3")]
+    for table in tables:
+        base = table.replace("_foreground", "")
+        title, metrics = TABLES[base]
+        foreground = table.endswith("_foreground")
+        lines += [f"## {title}{' — foreground pixels only (thresholds on healthy foreground)' if foreground else ''}", ""]
+        if warning:
+            lines += [f"> **Warning:** {warning}", ""]
+        for data in per_dataset:
+            these = [c for c in cells if c["table"] == table and c["dataset"] == data["dataset"]]
+            if not these:
+                continue
+            lines += [f"### {BMAD_NAMES.get(data['dataset'], data['dataset'])}", ""]
+            header = ["method"] + [h for m in metrics for h in
+                                   ((METRIC_LABELS[m],) if foreground else (METRIC_LABELS[m], "paper", "Δ"))]
+            lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+            for method in dict.fromkeys(c["method"] for c in these):
+                by_metric = {c["metric"]: c for c in these if c["method"] == method}
+                row = [METHOD_LABELS.get(method, method)]
+                for m in metrics:
+                    c = by_metric.get(m)
+                    if c is None:
+                        row += ["—"] if foreground else ["—", "—", "—"]
+                    else:
+                        row += [_ours_text(c)] if foreground else [_ours_text(c), _paper_text(c), _difference_text(c)]
+                lines.append("| " + " | ".join(row) + " |")
+            lines.append("")
+    lines += ["## Paired permutation tests (image-wise pixel AUROC / AUPR over anomalous images)", ""]
+    if warning:
+        lines += [f"> **Warning:** {warning}", ""]
+    lines += ["| data set | A | B | metric | mean A | mean B | A − B | p | images |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for data in per_dataset:
+        for c in data["comparisons"]:
+            lines.append(f"| {data['dataset']} | {c['a']} | {c['b']} | {c['metric']} | {_number(c['mean_a'], '')} | "
+                         f"{_number(c['mean_b'], '')} | {_number(c['mean_difference'], '')} | "
+                         f"{_number(c['p_value'], '')} | {c['n_images']} |")
+    lines += ["", "## Setting", ""]
+    for data in per_dataset:
+        keys = ("folder", "train_used", "healthy_used", "evaluated", "calibration", "foreground", "backbone",
+                "image_size", "seconds")
+        lines.append(f"- **{data['dataset']}**: " + "; ".join(f"{k}: {data[k]}" for k in keys))
+    return "\n".join(lines) + "\n"
+
+
+def html_report(path: Path, cells: Sequence[dict], per_dataset: Sequence[dict], warning: str | None) -> None:
+    """One self-contained HTML page with every table (and the warning banner)."""
+    from normdino.evaluation import report
+
+    sections = [("About these tables", f"<p>{PAPER_NOTE}</p><p>Cells: ours [95 % bootstrap interval over images]; "
+                 "few-shot rows: mean (max / min over seeds). &mdash; marks an undefined metric.</p>")]
+    for table in list(TABLES) + [t + "_foreground" for t in TABLES]:
+        base = table.replace("_foreground", "")
+        title, metrics = TABLES[base]
+        foreground = table.endswith("_foreground")
+        for data in per_dataset:
+            these = [c for c in cells if c["table"] == table and c["dataset"] == data["dataset"]]
+            if not these:
+                continue
+            rows, columns = [], ["method"]
+            for m in metrics:
+                columns += [METRIC_LABELS[m]] if foreground else [METRIC_LABELS[m], f"{METRIC_LABELS[m]} paper",
+                                                                  f"{METRIC_LABELS[m]} Δ"]
+            for method in dict.fromkeys(c["method"] for c in these):
+                by_metric = {c["metric"]: c for c in these if c["method"] == method}
+                row = {"method": METHOD_LABELS.get(method, method)}
+                for m in metrics:
+                    c = by_metric.get(m)
+                    row[METRIC_LABELS[m]] = _ours_text(c) if c else "—"
+                    if not foreground:
+                        row[f"{METRIC_LABELS[m]} paper"] = _paper_text(c) if c else "—"
+                        row[f"{METRIC_LABELS[m]} Δ"] = _difference_text(c) if c else "—"
+                rows.append(row)
+            heading = f"{title}{' (foreground only)' if foreground else ''}: {BMAD_NAMES.get(data['dataset'], data['dataset'])}"
+            body = (f'<p class="warning">{warning}</p>' if warning else "") + report.html_table(rows, columns)
+            sections.append((heading, body))
+    comparisons = [{"data set": d["dataset"], **{k: c[k] for k in ("a", "b", "metric", "mean_difference", "p_value", "n_images")}}
+                   for d in per_dataset for c in d["comparisons"]]
+    if comparisons:
+        sections.append(("Paired permutation tests", report.html_table(json_safe(comparisons), list(comparisons[0]))))
+    report.html_report(path, "normdino reproduce: the DPMM paper's tables", sections, warning=warning)
+
+
+def write_tables(per_dataset: Sequence[dict], out_dir: Path) -> dict[str, Path]:
+    """tables.md, tables.json, results.json and report.html in ``out_dir`` (atomically)."""
+    from normdino.evaluation.protocol import RANDOM_WARNING
+    from normdino.files import atomic_write_text
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    random_weights = any(d.get("random_weights") for d in per_dataset)
+    warning = RANDOM_WARNING if random_weights else None
+    cells = table_cells(per_dataset) + table_cells(per_dataset, foreground=True)
+    paths = {"markdown": out_dir / "tables.md", "json": out_dir / "tables.json",
+             "results": out_dir / "results.json", "html": out_dir / "report.html"}
+    tables = {}
+    for cell in cells:
+        tables.setdefault(cell["table"], {"warning": warning, "title": TABLES[cell["table"].replace("_foreground", "")][0],
+                                          "cells": []})["cells"].append(cell)
+    atomic_write_text(paths["json"], json.dumps(json_safe({"random_backbone": random_weights, "paper_note": PAPER_NOTE,
+                                                           "tables": tables}), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(paths["results"], json.dumps(json_safe({"random_backbone": random_weights, "warning": warning,
+                                                              "datasets": list(per_dataset)}), indent=2,
+                                                   allow_nan=False) + "\n")
+    atomic_write_text(paths["markdown"], markdown_tables(cells, per_dataset, warning))
+    html_report(paths["html"], cells, per_dataset, warning)
+    return paths
+
+
+def reproduce(root: str | Path, out_dir: str | Path, settings: Settings) -> dict[str, Path]:
+    """Find the BMAD sets under ``root``, run every method on each, write the tables to ``out_dir``."""
+    from normdino.evaluation.datasets import find_bmad
+
+    found = find_bmad(root, tuple(settings.datasets))
+    per_dataset = [reproduce_dataset(name, folder, layout, settings) for name, (folder, layout) in found.items()]
+    return write_tables(per_dataset, Path(out_dir))
