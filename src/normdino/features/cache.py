@@ -1,29 +1,64 @@
-"""Token cache: the backbone runs once per data set; later fits read float16 tokens from a memory-mapped .npy.
+"""Token store: each image's tokens are computed once per backbone setting and reused by any later command.
 
-A cache file is keyed by ``backbone.identifier`` (model, weights, resolution, layers, normalisation,
-precision, preprocessing) and the SHA-256 of every image file's bytes in order, so renaming files
-keeps it valid while any change of content, order or setting computes a new one. Files are written
-atomically; stale ones are never deleted automatically (delete the folder to reclaim space).
+Layout of a cache folder (format 2)::
+
+    tokens-<40 hex>/            a shard: the tokens of one requested image list, in its order
+        patches.npy             (N, L, h, w, D) float16
+        cls.npy                 (N, L, D) float16, when CLS tokens are stored
+        index.json              backbone identifier; per image its entry key, the SHA-256 of the file,
+                                the path it had, and the CRC-32 of its token bytes
+    .tokens-<40 hex>.<host>-<pid>.tmp/    a shard being written
+
+An image's entry key is SHA-256(format, ``backbone.identifier``, SHA-256 of the file's bytes, CLS stored), so
+renaming a file keeps its tokens and any change of content, weights or setting misses. A list that matches
+a shard (same entries, same order) is served as read-only memory maps of that shard, without a copy. Any
+other list gets a new shard: rows found in any shard are copied (one extra copy, read and written row by row
+with ordinary file I/O, so resident memory stays small), missing rows are computed in batches. The
+1338-image lgg-flair training set (1 GB at L=1) is thus one shard, assembled with at most one copy.
+
+Fault tolerance: shards are written with ordinary writes (never a memory map, whose writes on a full disk
+kill the process with SIGBUS) after a free-space check, and ENOSPC becomes one InputError sentence; a shard
+appears by renaming its folder, so a killed writer leaves only a ``.tmp`` folder, removed on next use once
+its process is gone (or after a day); every row's CRC-32 is checked before it is served, so a file altered
+on disk, even at the same size, is recomputed with a warning. Old shards are never deleted: delete the
+folder to reclaim space.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import itertools
 import json
 import logging
+import os
+import re
+import shutil
+import socket
+import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from normdino.errors import InputError
-from normdino.files import atomic_path, atomic_write_text
+from normdino.features.tokens import TokenSet
+from normdino.io.reading import image_shape
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+STALE_SECONDS = 24 * 3600  # a temporary untouched this long is stale even if its writer cannot be checked
+_TMP_PATTERN = re.compile(r"\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)(\.old)?\.tmp$")
+_FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
+# ---------------------------------------------------------------------- keys and folder checks
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file's bytes, with an InputError naming a file that cannot be read."""
     digest = hashlib.sha256()
@@ -36,80 +71,460 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(identifier: str, file_hashes: Sequence[str], all_layers: bool = False) -> str:
-    """Hex key of one cache entry: backbone settings + ordered content hashes."""
-    payload = json.dumps(
-        {"format": CACHE_FORMAT, "backbone": identifier, "all_layers": bool(all_layers), "files": list(file_hashes)}
-    )
+def entry_key(identifier: str, file_hash: str, cls: bool) -> str:
+    """Hex key of one image's tokens: backbone settings + the file's content hash + whether CLS is stored."""
+    payload = json.dumps({"format": CACHE_FORMAT, "backbone": identifier, "image": file_hash, "cls": bool(cls)})
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def cache_path(cache_dir: Path, key: str) -> Path:
-    """Where the tokens of ``key`` live inside ``cache_dir``."""
-    return Path(cache_dir) / f"tokens-{key[:40]}.npy"
+def shard_name(keys: Sequence[str]) -> str:
+    """Folder name of the shard that holds exactly ``keys`` in this order."""
+    return "tokens-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:40]
 
 
+def check_cache_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and make sure files can be written there; one InputError sentence otherwise.
+
+    The CLI calls it before any work, so a wrong ``--cache-dir`` fails in a second rather than after extraction.
+    """
+    root = Path(path).expanduser()
+    if root.exists() and not root.is_dir():
+        raise InputError(f"Token cache folder {root} is a file, not a folder; pass a folder to --cache-dir.")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".probe.{_writer_tag()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise InputError(
+            f"Token cache folder {root} is not writable ({err.strerror or err}); pass a writable --cache-dir "
+            "or leave it out."
+        ) from None
+    return root
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Delete temporaries (``.*.tmp``) in ``root`` whose writer has exited or that are a day old; return them."""
+    removed = []
+    now = time.time()
+    for path in root.glob(".*.tmp"):
+        if not _is_stale(path, now):
+            continue
+        try:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        except FileNotFoundError:
+            continue  # another process removed it first
+        except OSError as err:
+            logger.warning("Cannot remove the stale temporary %s (%s)", path, err.strerror or err)
+            continue
+        logger.info("Removed stale temporary %s", path)
+        removed.append(path)
+    return removed
+
+
+def _writer_tag() -> str:
+    """'<host>-<pid>' of this process, embedded in temporary names so that others can tell when it is gone."""
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:64] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _is_stale(path: Path, now: float) -> bool:
+    """True when a temporary's writer (same host, pid in its name) has exited, or it is untouched for a day."""
+    try:
+        age = now - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age > STALE_SECONDS:
+        return True
+    match = _TMP_PATTERN.search(path.name)
+    host, pid = _writer_tag().rsplit("-", 1)
+    if match is None or match["host"] != host or match["pid"] == pid or os.name == "nt":
+        return False  # another host, our own, or a system where signal 0 cannot probe a process
+    try:
+        os.kill(int(match["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, but belongs to another user
+        return False
+    return False
+
+
+# ---------------------------------------------------------------------- public API
 def extract_tokens(
     backbone,
-    paths: Sequence[Path],
+    images: Sequence[Path],
     cache_dir: Path | None = None,
     batch_size: int = 8,
     progress: bool = True,
-    all_layers: bool = False,
+    cls: bool = False,
     num_workers: int = 0,
-) -> np.ndarray:
-    """(N, h, w, D) float16 patch tokens of the images (last requested layer; (N, L, h, w, D) with ``all_layers``).
+) -> TokenSet:
+    """Float16 tokens of image files: patches (N, L, h, w, D) over ``backbone.layers``, CLS (N, L, D) with ``cls``.
 
-    With ``cache_dir`` the result is a read-only memory map of the cache file, reused when nothing changed.
+    Without ``cache_dir`` they are computed into memory; with it each image's tokens are read from the store
+    when any earlier call computed them (read-only memory maps when the list matches a shard as a whole).
     """
-    paths = [Path(p) for p in paths]
+    paths = [Path(p) for p in images]
     if not paths:
         raise InputError("No images were given to extract tokens from.")
-    grid_h, grid_w = backbone.grid_shape()
-    layer_axis = (len(backbone.layers),) if all_layers else ()
-    shape = (len(paths), *layer_axis, grid_h, grid_w, backbone.embed_dim)
+    if int(batch_size) < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}.")
+    shapes = [image_shape(p) for p in paths]  # fails on a missing or broken file before any work
+    sources = [str(p) for p in paths]
     if cache_dir is None:
-        tokens = np.empty(shape, dtype=np.float16)
-        _fill(tokens, backbone, paths, batch_size, progress, all_layers, num_workers)
-        return tokens
+        patches, cls_tokens = _allocate(backbone, len(paths), cls)
+        for start, out in backbone.iter_encoded(paths, batch_size=batch_size, progress=progress, num_workers=num_workers):
+            patches[start : start + len(out.patch_tokens)] = out.patch_tokens.half().numpy()
+            if cls_tokens is not None:
+                cls_tokens[start : start + len(out.cls_tokens)] = out.cls_tokens.half().numpy()
+        return TokenSet(patches, shapes, cls_tokens, sources)
 
+    root = check_cache_dir(cache_dir)
+    remove_stale_temporaries(root)
+    identifier = backbone.identifier
     hashes = [file_sha256(p) for p in paths]
-    target = cache_path(Path(cache_dir), cache_key(backbone.identifier, hashes, all_layers))
-    cached = _open_cached(target, shape)
-    if cached is not None:
-        logger.info("Reusing cached tokens %s", target)
-        return cached
-    logger.info("Computing tokens of %d images into %s", len(paths), target)
-    with atomic_path(target) as tmp:
-        tokens = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
-        _fill(tokens, backbone, paths, batch_size, progress, all_layers, num_workers)
-        tokens.flush()
-        del tokens
-    meta = {
-        "format": CACHE_FORMAT, "backbone": backbone.identifier, "shape": list(shape), "dtype": "float16",
-        "all_layers": bool(all_layers), "files": [{"path": str(p), "sha256": h} for p, h in zip(paths, hashes)],
-    }
-    atomic_write_text(target.with_suffix(".json"), json.dumps(meta, indent=1))
-    return np.load(target, mmap_mode="r")
+    wanted = [entry_key(identifier, h, cls) for h in hashes]
+    candidates = [wanted] if cls else [wanted, [entry_key(identifier, h, True) for h in hashes]]
+    corrupt: set[str] = set()
+    for keys in candidates:  # the whole list in one shard: no copy
+        shard = _Shard.open(root / shard_name(keys))
+        if shard is None or shard.keys != keys:
+            continue
+        bad = shard.corrupt_rows()
+        if not bad:
+            logger.info("Reusing cached tokens %s", shard.folder)
+            return shard.token_set(shapes, sources, cls)
+        logger.warning(
+            "Cached tokens of %d image(s) in %s fail their checksum (e.g. %s); recomputing them",
+            len(bad), shard.folder, shard.sources[bad[0]],
+        )
+        corrupt.add(shard.folder.name)
+    shard = _assemble(backbone, root, identifier, paths, hashes, cls, batch_size, progress, num_workers, corrupt)
+    return shard.token_set(shapes, sources, cls)
 
 
-def _fill(tokens: np.ndarray, backbone, paths, batch_size, progress, all_layers, num_workers) -> None:
-    """Write the backbone's tokens batch by batch into a preallocated float16 array (never the whole float32 set)."""
-    for start, out in backbone.iter_encoded(paths, batch_size=batch_size, progress=progress, num_workers=num_workers):
-        batch = out.patch_tokens if all_layers else out.patch_tokens[:, -1]
-        tokens[start : start + len(batch)] = batch.half().numpy()
+def embed_arrays(
+    backbone,
+    arrays: Iterable[np.ndarray],
+    batch_size: int = 8,
+    cls: bool = False,
+    progress: bool = True,
+    sources: Sequence[str] | None = None,
+) -> TokenSet:
+    """Float16 tokens of image arrays ((H, W) or (H, W, 3), uint8 or floats in [0, 1]), streamed batch by batch.
+
+    Only one batch of images is held at a time; the tokens go into memory (preallocated when ``arrays`` has a
+    length, else gathered and joined once). ``sources`` names each image (default: its position).
+    """
+    if int(batch_size) < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}.")
+    total = len(arrays) if hasattr(arrays, "__len__") else None
+    patches, cls_tokens = _allocate(backbone, total, cls) if total is not None else (None, None)
+    patch_parts: list[np.ndarray] = []
+    cls_parts: list[np.ndarray] = []
+    shapes: list[tuple[int, int]] = []
+    with tqdm(total=total, unit="img", desc="DINO tokens", disable=not progress) as bar:
+        for batch in _batched(arrays, int(batch_size)):
+            out = backbone.encode(torch.stack([backbone.preprocess(a) for a in batch]))
+            start, stop = len(shapes), len(shapes) + len(batch)
+            shapes.extend((int(a.shape[0]), int(a.shape[1])) for a in batch)
+            if patches is not None:  # known length: straight into the result
+                patches[start:stop] = out.patch_tokens.cpu().half().numpy()
+                if cls_tokens is not None:
+                    cls_tokens[start:stop] = out.cls_tokens.cpu().half().numpy()
+            else:
+                patch_parts.append(out.patch_tokens.cpu().half().numpy())
+                if cls:
+                    cls_parts.append(out.cls_tokens.cpu().half().numpy())
+            bar.update(len(batch))
+    if not shapes:
+        raise InputError("No images were given to embed.")
+    if patches is None:
+        patches = np.concatenate(patch_parts)
+        cls_tokens = np.concatenate(cls_parts) if cls else None
+    names = [str(s) for s in sources] if sources is not None else []
+    if names and len(names) != len(shapes):
+        raise InputError(f"{len(shapes)} images were embedded but {len(names)} sources were given.")
+    return TokenSet(patches, shapes, cls_tokens, names)
 
 
-def _open_cached(target: Path, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The cached memory map when it exists and has the expected shape and dtype, else None."""
-    if not target.is_file():
-        return None
+# ---------------------------------------------------------------------- shards
+@dataclass
+class _Shard:
+    """One committed shard: its folder and its index."""
+
+    folder: Path
+    identifier: str
+    has_cls: bool
+    shape: tuple[int, ...]
+    keys: list[str]
+    crcs: list[int]
+    sources: list[str]
+
+    @classmethod
+    def open(cls, folder: Path) -> "_Shard | None":
+        """The shard in ``folder`` when its index is readable, else None (with a warning when it is corrupt)."""
+        index_file = folder / "index.json"
+        if not index_file.is_file():
+            return None
+        try:
+            index = json.loads(index_file.read_text())
+            if index["format"] != CACHE_FORMAT:
+                return None
+            shard = cls(
+                folder, str(index["identifier"]), bool(index["cls"]), tuple(int(n) for n in index["shape"]),
+                list(index["keys"]), [int(c) for c in index["crc32"]], list(index["sources"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            logger.warning("Ignoring the unreadable token cache index %s (%s)", index_file, err)
+            return None
+        if not (len(shard.keys) == len(shard.crcs) == len(shard.sources) == shard.shape[0]):
+            logger.warning("Ignoring the inconsistent token cache index %s", index_file)
+            return None
+        return shard
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:])) * 2
+
+    @property
+    def cls_row_bytes(self) -> int:
+        return int(self.shape[1] * self.shape[-1]) * 2 if self.has_cls else 0
+
+    def rows(self, indices: Iterable[int]) -> Iterator[tuple[int, bytes | None, bytes | None]]:
+        """(index, patch bytes, CLS bytes) of rows; bytes are None when a row is unreadable or fails its CRC."""
+        with contextlib.ExitStack() as stack:
+            try:
+                patches = stack.enter_context(open(self.folder / "patches.npy", "rb"))
+                cls_file = stack.enter_context(open(self.folder / "cls.npy", "rb")) if self.has_cls else None
+                patch_offset = _data_offset(patches)
+                cls_offset = _data_offset(cls_file) if cls_file is not None else 0
+            except (OSError, ValueError):
+                patches = None
+            for i in indices:
+                row, cls_row = b"", b""
+                if patches is not None:
+                    patches.seek(patch_offset + i * self.row_bytes)
+                    row = patches.read(self.row_bytes)
+                    if cls_file is not None:
+                        cls_file.seek(cls_offset + i * self.cls_row_bytes)
+                        cls_row = cls_file.read(self.cls_row_bytes)
+                intact = len(row) == self.row_bytes and len(cls_row) == self.cls_row_bytes
+                if intact and zlib.crc32(cls_row, zlib.crc32(row)) == self.crcs[i]:
+                    yield i, row, cls_row or None
+                else:
+                    yield i, None, None
+
+    def corrupt_rows(self) -> list[int]:
+        """Indices of rows that are missing or fail their CRC-32 (reads the whole shard once)."""
+        return [i for i, row, _ in self.rows(range(len(self.keys))) if row is None]
+
+    def token_set(self, shapes: list[tuple[int, int]], sources: list[str], cls: bool) -> TokenSet:
+        """Read-only memory maps of the shard as a TokenSet (CLS only when asked for)."""
+        patches = np.load(self.folder / "patches.npy", mmap_mode="r")
+        cls_tokens = np.load(self.folder / "cls.npy", mmap_mode="r") if cls else None
+        if patches.shape != self.shape or patches.dtype != np.float16:
+            raise InputError(f"Token cache {self.folder} changed while it was read; run the command again.")
+        return TokenSet(patches, shapes, cls_tokens, sources)
+
+
+def _data_offset(handle) -> int:
+    """Byte offset of the data in an open .npy file."""
+    handle.seek(0)
+    version = np.lib.format.read_magic(handle)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    read_header(handle)
+    return handle.tell()
+
+
+def _index(root: Path, identifier: str, skip: set[str]) -> dict[str, tuple[_Shard, int]]:
+    """Every stored entry of ``identifier``: key -> (shard, row)."""
+    found: dict[str, tuple[_Shard, int]] = {}
+    for index_file in sorted(root.glob("tokens-*/index.json")):
+        if index_file.parent.name in skip:
+            continue
+        shard = _Shard.open(index_file.parent)
+        if shard is None or shard.identifier != identifier:
+            continue
+        for row, key in enumerate(shard.keys):
+            found.setdefault(key, (shard, row))
+    return found
+
+
+def _assemble(
+    backbone, root: Path, identifier: str, paths: list[Path], hashes: list[str], cls: bool,
+    batch_size: int, progress: bool, num_workers: int, corrupt: set[str],
+) -> _Shard:
+    """Write the shard of this list: rows copied from other shards, the rest computed; commit it by renaming."""
+    keys = [entry_key(identifier, h, cls) for h in hashes]
+    grid_h, grid_w = backbone.grid_shape()
+    shape = (len(paths), len(backbone.layers), grid_h, grid_w, int(backbone.embed_dim))
+    shard = _Shard(root / shard_name(keys), identifier, cls, shape, keys, [0] * len(paths), [str(p) for p in paths])
+    stored = _index(root, identifier, set())
+    found: dict[int, tuple[_Shard, int]] = {}
+    for i, h in enumerate(hashes):
+        hit = stored.get(keys[i]) or (None if cls else stored.get(entry_key(identifier, h, True)))
+        if hit is not None:
+            found[i] = hit
+    _check_free_space(root, shard, len(paths))
+    tmp = root / f".{shard.folder.name}.{_writer_tag()}.tmp"
+    tmp.mkdir()
     try:
-        cached = np.load(target, mmap_mode="r")
-    except (OSError, ValueError) as err:
-        logger.warning("Ignoring unreadable token cache %s (%s); recomputing", target, err)
-        return None
-    if cached.shape != shape or cached.dtype != np.float16:
-        logger.warning("Ignoring token cache %s of shape %s (expected %s); recomputing", target, cached.shape, shape)
-        return None
-    return cached
+        with _ShardWriter(tmp, shard) as writer:
+            missing = _copy_rows(writer, found)
+            if found:
+                logger.info("Reusing cached tokens of %d of %d images", len(paths) - len(missing), len(paths))
+            if missing:
+                logger.info("Computing tokens of %d images into %s", len(missing), shard.folder)
+                encoded = backbone.iter_encoded(
+                    [paths[i] for i in missing], batch_size=batch_size, progress=progress, num_workers=num_workers
+                )
+                for start, out in encoded:
+                    batch_patches = out.patch_tokens.half().numpy()
+                    batch_cls = out.cls_tokens.half().numpy() if cls else None
+                    for j in range(len(batch_patches)):
+                        writer.write(missing[start + j], batch_patches[j], None if batch_cls is None else batch_cls[j])
+        _commit(tmp, shard.folder, keys, corrupt)
+    except OSError as err:
+        raise _write_error(root, err) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return shard
+
+
+def _copy_rows(writer: "_ShardWriter", found: dict[int, tuple[_Shard, int]]) -> list[int]:
+    """Copy the rows found in other shards (checking their CRC); return the positions still to compute."""
+    missing = sorted(set(range(writer.shard.shape[0])) - set(found))
+    by_source: dict[Path, list[tuple[int, int]]] = {}
+    sources: dict[Path, _Shard] = {}
+    for position, (source, row) in found.items():
+        by_source.setdefault(source.folder, []).append((row, position))
+        sources[source.folder] = source
+    for folder, pairs in by_source.items():
+        source = sources[folder]
+        pairs.sort()
+        targets = dict(pairs)
+        for row, data, cls_data in source.rows([r for r, _ in pairs]):
+            if data is None:
+                logger.warning(
+                    "Cached tokens of %s in %s fail their checksum; recomputing them", source.sources[row], folder
+                )
+                missing.append(targets[row])
+                continue
+            writer.write_bytes(targets[row], data, cls_data if writer.shard.has_cls else None)
+    return sorted(missing)
+
+
+class _ShardWriter:
+    """Ordinary positional writes of rows into the .npy files of a shard being written, then its index."""
+
+    def __init__(self, folder: Path, shard: _Shard) -> None:
+        self.folder, self.shard = folder, shard
+        self.handles: list = []
+
+    def __enter__(self) -> "_ShardWriter":
+        self.patches, self.patch_offset = self._start("patches.npy", self.shard.shape)
+        if self.shard.has_cls:
+            self.cls, self.cls_offset = self._start("cls.npy", (self.shard.shape[0], self.shard.shape[1], self.shard.shape[-1]))
+        self.written = np.zeros(self.shard.shape[0], dtype=bool)
+        return self
+
+    def _start(self, name: str, shape: tuple[int, ...]):
+        handle = open(self.folder / name, "wb")
+        self.handles.append(handle)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(handle, header)
+        return handle, handle.tell()
+
+    def write(self, position: int, patches: np.ndarray, cls: np.ndarray | None) -> None:
+        """Write one image's float16 tokens at its position."""
+        self.write_bytes(
+            position, np.ascontiguousarray(patches, dtype=np.float16).tobytes(),
+            None if cls is None else np.ascontiguousarray(cls, dtype=np.float16).tobytes(),
+        )
+
+    def write_bytes(self, position: int, data: bytes, cls_data: bytes | None) -> None:
+        """Write one image's raw rows at its position and record their CRC-32."""
+        self.patches.seek(self.patch_offset + position * self.shard.row_bytes)
+        self.patches.write(data)
+        crc = zlib.crc32(data)
+        if self.shard.has_cls:
+            self.cls.seek(self.cls_offset + position * self.shard.cls_row_bytes)
+            self.cls.write(cls_data)
+            crc = zlib.crc32(cls_data, crc)
+        self.shard.crcs[position] = crc
+        self.written[position] = True
+
+    def __exit__(self, kind, value, traceback) -> None:
+        try:
+            if kind is None:
+                if not self.written.all():
+                    raise RuntimeError("a token shard was left with unwritten rows")
+                for handle in self.handles:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        finally:
+            for handle in self.handles:
+                handle.close()
+        if kind is None:
+            index = {
+                "format": CACHE_FORMAT, "identifier": self.shard.identifier, "cls": self.shard.has_cls,
+                "shape": list(self.shard.shape), "dtype": "float16", "keys": self.shard.keys,
+                "crc32": self.shard.crcs, "sources": self.shard.sources,
+            }
+            (self.folder / "index.json").write_text(json.dumps(index))
+
+
+def _commit(tmp: Path, final: Path, keys: list[str], corrupt: set[str]) -> None:
+    """Rename a finished shard folder into place; a sound shard of the same list committed meanwhile is kept."""
+    try:
+        os.rename(tmp, final)
+        return
+    except OSError as err:
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EACCES, errno.EPERM) or not final.is_dir():
+            raise
+    existing = _Shard.open(final)
+    if existing is not None and existing.keys == keys and final.name not in corrupt:
+        return  # another process wrote the same list meanwhile: its shard is as good as ours
+    trash = final.with_name(f".{final.name}.{_writer_tag()}.old.tmp")
+    os.rename(final, trash)
+    os.rename(tmp, final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _check_free_space(root: Path, shard: _Shard, n: int) -> None:
+    """Refuse, before any work, a shard that does not fit on the cache's disk."""
+    need = n * (shard.row_bytes + shard.cls_row_bytes) + (1 << 20)
+    free = shutil.disk_usage(root).free
+    if need > free:
+        raise InputError(
+            f"The token cache in {root} needs {need / 2**20:.0f} MB for {n} images but only {free / 2**20:.0f} MB "
+            "are free on that disk; free some space, pass another --cache-dir, or run without a cache."
+        )
+
+
+def _write_error(root: Path, err: OSError) -> InputError:
+    """One sentence for a failed cache write (a full disk above all)."""
+    if err.errno in _FULL_DISK:
+        return InputError(
+            f"The disk of the token cache in {root} is full ({err.strerror}); free some space, pass another "
+            "--cache-dir, or run without a cache."
+        )
+    return InputError(f"Cannot write the token cache in {root} ({err.strerror or err}).")
+
+
+# ---------------------------------------------------------------------- small helpers
+def _allocate(backbone, n: int, cls: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Empty float16 arrays for the patches (n, L, h, w, D) and, with ``cls``, the CLS tokens (n, L, D)."""
+    grid_h, grid_w = backbone.grid_shape()
+    n_layers, dim = len(backbone.layers), int(backbone.embed_dim)
+    patches = np.empty((n, n_layers, grid_h, grid_w, dim), dtype=np.float16)
+    return patches, (np.empty((n, n_layers, dim), dtype=np.float16) if cls else None)
+
+
+def _batched(items: Iterable[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    """Consecutive lists of at most ``size`` items of any iterable."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
