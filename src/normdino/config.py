@@ -81,20 +81,19 @@ def read_config(path: str | Path) -> dict:
 
 
 def resolve_settings(args: argparse.Namespace, run_defaults: dict) -> dict:
-    """Defaults < config file < command line, for every declared parameter and the run keys."""
-    from normdino.detector import AnomalyDetector
+    """Defaults < config file < command line, for the detector's and the chosen method's parameters and the run keys.
 
-    settings: dict[str, Any] = dict(run_defaults)
+    The method is chosen first (command line, else config, else default), so only its parameters appear.
+    """
+    from normdino.detector import DETECTOR_PARAMS, AnomalyDetector
+
+    config = read_config(args.config) if getattr(args, "config", None) else {}
+    method = getattr(args, "method", None) or config.get("method") or run_defaults.get("method", "dpmm")
+    settings: dict[str, Any] = {**run_defaults, "method": method}
     signature = inspect.signature(AnomalyDetector.__init__).parameters
-    for name, (param, users) in declared_params().items():
-        if name in signature and signature[name].default is not inspect.Parameter.empty:
-            settings[name] = signature[name].default
-    settings.update(_method_defaults(settings.get("method", "dpmm"), args))
-    if getattr(args, "config", None):
-        config = read_config(args.config)
-        if "method" in config:
-            settings.update(_method_defaults(config["method"], args))
-        settings.update(config)
+    settings.update({p.name: signature[p.name].default for p in DETECTOR_PARAMS})
+    settings.update(_method_defaults(method))
+    settings.update({k: v for k, v in config.items() if k != "method"})
     for name in list(declared_params()) + list(RUN_KEYS):
         value = getattr(args, name, None)
         if value is not None:
@@ -103,11 +102,11 @@ def resolve_settings(args: argparse.Namespace, run_defaults: dict) -> dict:
     return settings
 
 
-def _method_defaults(method: str, args: argparse.Namespace) -> dict:
+def _method_defaults(method: str) -> dict:
     """The hyper-parameters a method name implies (its class defaults, with the variant applied: patchcore-150)."""
     from normdino.methods import registry
 
-    params = registry.create(str(getattr(args, "method", None) or method)).get_params()
+    params = registry.create(str(method)).get_params()
     params.pop("seed", None)
     return params
 

@@ -1,0 +1,68 @@
+"""Estimator settings from one source of truth: CLI options and YAML keys come from the Param declarations."""
+
+import inspect
+
+import pytest
+import yaml
+
+from normdino.cli import build_parser, main
+from normdino.config import declared_params
+from normdino.detector import DETECTOR_PARAMS, AnomalyDetector
+from normdino.methods import registry
+
+
+def _print_config(capsys, *args):
+    assert main(["fit", "x", "-o", "m.normdino", "--print-config", *args]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_every_declared_parameter_is_an_option_of_fit_and_bench():
+    parser = build_parser(estimator_options=True)
+    sub = parser._subparsers._group_actions[0].choices  # argparse keeps sub-parsers here
+    for command in ("fit", "bench"):
+        flags = {s for a in sub[command]._actions for s in a.option_strings}
+        for name, (param, _) in declared_params().items():
+            assert param.cli_flag in flags, (command, name)
+
+
+def test_detector_params_match_its_constructor():
+    signature = inspect.signature(AnomalyDetector.__init__).parameters
+    for param in DETECTOR_PARAMS:
+        assert param.name in signature
+
+
+def test_print_config_round_trips_through_config(capsys, tmp_path):
+    settings = _print_config(capsys, "--method", "patchcore-150", "--sigma", "2", "--seed", "7")
+    assert settings["method"] == "patchcore-150" and settings["coreset_size"] == "150"
+    assert settings["sigma"] == 2.0 and settings["seed"] == 7 and settings["fprs"] == [0.01, 0.05, 0.1]
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    assert _print_config(capsys, "--config", str(path)) == settings
+
+
+def test_command_line_beats_config_beats_defaults(capsys, tmp_path):
+    path = tmp_path / "fit.yaml"
+    path.write_text("method: dpmm\nn_components: 300\nepochs: 5\n")
+    settings = _print_config(capsys, "--config", str(path), "--epochs", "9")
+    assert settings["n_components"] == 300 and settings["epochs"] == 9
+    assert settings["covariance_type"] == registry.create("dpmm").covariance_type
+
+
+def test_config_errors_are_one_sentence(capsys, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("n_componentz: 3\n")
+    assert main(["fit", "x", "-o", "m", "--config", str(path), "--print-config"]) == 1
+    assert "unknown settings n_componentz" in capsys.readouterr().err
+    path.write_text("a: [1, 2\n")
+    assert main(["fit", "x", "-o", "m", "--config", str(path), "--print-config"]) == 1
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["fit", "x", "-o", "m", "--shots", "2", "--print-config"]) == 1
+    assert "--shots is a setting of anomalydino, not of method dpmm" in capsys.readouterr().err
+
+
+def test_bad_values_exit_2_or_1_before_any_work(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "x", "-o", "m", "--covariance", "weird"])
+    assert exit_info.value.code == 2
+    assert main(["fit", str(tmp_path), "-o", str(tmp_path / "m.normdino"), "--components", "0"]) == 1
+    assert "n_components must be at least 1" in capsys.readouterr().err
