@@ -420,7 +420,11 @@ def cmd_predict(args) -> int:
             except Exception:  # noqa: BLE001 - the original error is the one to report
                 pass
     if writer.n_written == 0:
-        raise NormdinoError(f"none of the {writer.n_skipped} inputs could be read; {csv_path} says why for each")
+        first = next(row["message"] for row in writer.rows if row["status"] != "ok")
+        if writer.n_skipped == 1:
+            raise NormdinoError(first)
+        raise NormdinoError(f"none of the {writer.n_skipped} inputs could be used (the first: {first}); "
+                            f"{csv_path} says why for each")
     if writer.n_skipped:
         log.warning("%d of %d inputs were skipped; %s says why", writer.n_skipped, len(writer.rows), csv_path)
     log.info("wrote maps for %d inputs, %s and %s", writer.n_written, csv_path, csv_path.parent / "index.html")

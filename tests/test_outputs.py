@@ -1,0 +1,371 @@
+"""What predict leaves on disk: unique traceable names, no lost results, skipped bad inputs with their reason,
+an index.html to browse, colour ranges for scores of any sign, and bounded memory per pixel (issue 11)."""
+
+import csv
+import dataclasses
+import json
+import shutil
+import tracemalloc
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from normdino.cli import main
+from normdino.errors import InputError, OutputError
+from normdino.io import rendering
+from normdino.io.phantoms import write_phantom_dataset
+from normdino.io.writing import (BYTES_PER_PIXEL, FIXED_BYTES, PredictionWriter, check_image_sizes, output_names,
+                                 prepare_results_folder)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_phantom_dataset(tmp_path_factory.mktemp("out-data"), n_train=8, n_valid=6,
+                                 n_test_normal=2, n_test_anomalous=2, size=48, seed=3)
+
+
+@pytest.fixture(scope="module")
+def model(data, tiny_dinov2_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("out-model") / "model.normdino"
+    assert main(["fit", str(data / "train" / "good"), "-o", str(path), "--val", str(data / "valid" / "good" / "img"),
+                 "--backbone", str(tiny_dinov2_dir), "--image-size", "56", "--epochs", "1", "--components", "8",
+                 "--no-cache", "--quiet"]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def detector(model):
+    from normdino.detector import AnomalyDetector
+
+    return AnomalyDetector.load(model, progress=False)
+
+
+def _rows(folder):
+    with (folder / "scores.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _test_images(data):
+    return sorted((data / "test" / "good" / "img").glob("*.png")) + sorted((data / "test" / "Ungood" / "img").glob("*.png"))
+
+
+# ---------------------------------------------------------------------- names
+
+
+def test_output_names_are_unique_and_traceable(tmp_path):
+    paths = [tmp_path / "scan" / "img.png", tmp_path / "scan" / "img.jpg", tmp_path / "a" / "x" / "img.png",
+             tmp_path / "b" / "x" / "img.png", tmp_path / "p1" / "flair.nii.gz", tmp_path / "p2" / "flair.nii.gz",
+             tmp_path / "solo.png"]
+    names = output_names(paths)
+    assert names == ["img_png", "img_jpg", "a__x__img", "b__x__img", "p1__flair", "p2__flair", "solo"]
+    # case-insensitive disks: A and a collide, so both get their folder
+    assert output_names([tmp_path / "A.png", tmp_path / "sub" / "a.png"]) == [f"{tmp_path.name}__A", "sub__a"]
+    assert output_names([tmp_path / "d" / "solo.png"], taken=["solo"]) == ["d__solo"]
+
+
+def test_colliding_images_keep_every_output_and_record_their_input(detector, data, tmp_path):
+    source = _test_images(data)
+    inputs = []
+    for folder, src, suffix in (("a/x", source[0], ".png"), ("b/x", source[1], ".png"), ("scan", source[2], ".png"),
+                                ("scan", source[3], ".jpg")):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        target = tmp_path / folder / f"img{suffix}"
+        Image.open(src).convert("L").save(target)
+        inputs.append(target)
+    writer = PredictionWriter(detector, tmp_path / "out", progress=False)
+    writer.write_images(inputs)
+    writer.finish()
+    rows = _rows(tmp_path / "out")
+    assert [r["input"] for r in rows] == [str(p) for p in inputs]
+    maps = [r["anomaly_map"] for r in rows]
+    assert len(set(maps)) == 4 and all((tmp_path / "out" / m).is_file() for m in maps)
+    for row, path in zip(rows, inputs):  # each map is its own input's: compare with a direct prediction
+        expected = detector.predict([path])[0].pixel_map
+        np.testing.assert_allclose(np.load(tmp_path / "out" / row["anomaly_npy"]), expected, atol=1e-6)
+
+
+def test_volumes_with_one_file_name_get_distinct_outputs(detector, tmp_path):
+    nib = pytest.importorskip("nibabel")
+    from normdino.io.volumes import SliceOptions
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for patient in ("p1", "p2"):
+        (tmp_path / patient).mkdir()
+        paths.append(tmp_path / patient / "flair.nii.gz")
+        nib.save(nib.Nifti1Image((rng.random((40, 40, 4)) * 1000).astype(np.int16), np.eye(4)), paths[-1])
+    writer = PredictionWriter(detector, tmp_path / "out", progress=False)
+    writer.assign_names(paths)
+    for path in paths:
+        writer.write_volume(path, SliceOptions())
+    writer.finish()
+    rows = _rows(tmp_path / "out")
+    assert [r["anomaly_map"] for r in rows] == ["p1__flair_anomaly.nii.gz", "p2__flair_anomaly.nii.gz"]
+    assert [r["input"] for r in rows] == [str(p) for p in paths]
+    strip = Image.open(tmp_path / "out" / rows[0]["top_slices"])  # a strip of the top-scoring slices
+    assert strip.mode == "RGB" and strip.width > strip.height
+    maps = [np.asarray(nib.load(tmp_path / "out" / r["anomaly_map"]).dataobj) for r in rows]
+    assert not np.allclose(maps[0], maps[1])
+
+
+# ---------------------------------------------------------------------- never lose results
+
+
+def test_a_second_predict_into_the_same_folder_is_refused_without_overwrite(model, data, tmp_path, capsys):
+    out = tmp_path / "results"
+    test = data / "test"
+    assert main(["predict", str(model), str(test / "Ungood" / "img"), "-o", str(out), "--quiet"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["predict", str(model), str(test / "good" / "img"), "-o", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "already holds" in err and "--overwrite" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+    (out / "notes.txt").write_text("mine")
+    assert main(["predict", str(model), str(test / "good" / "img"), "-o", str(out), "--overwrite", "--quiet"]) == 0
+    rows = _rows(out)
+    listed = {r[c] for r in rows for c in ("anomaly_map", "anomaly_npy", "mask", "overlay") if r[c]}
+    left = {p.name for p in out.iterdir()} - listed - {"scores.csv", "summary.json", "index.html"}
+    assert left == {"notes.txt"}  # the earlier run's maps are gone (no orphans), the user's file is kept
+    assert [r["input"] for r in rows] == [str(p) for p in sorted((test / "good" / "img").glob("*.png"))]
+
+
+def test_writer_refuses_a_folder_holding_files(detector, tmp_path):
+    (tmp_path / "scores.csv").write_text("input\n")
+    with pytest.raises(OutputError, match="already holds 1 files from an earlier predict"):
+        PredictionWriter(detector, tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------------- bad inputs
+
+
+def _folder_with_a_bad_file(data, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, src in enumerate(_test_images(data)):
+        shutil.copy(src, folder / f"{i}_{'b' if i == 1 else 'ok'}.png")
+    whole = (folder / "1_b.png").read_bytes()
+    (folder / "1_b.png").write_bytes(whole[: len(whole) // 2])  # a readable header, truncated pixels, in the middle
+    return folder
+
+
+def test_a_bad_file_in_the_middle_is_skipped_with_a_row(model, data, tmp_path, capsys):
+    folder = _folder_with_a_bad_file(data, tmp_path)
+    out = tmp_path / "out"
+    assert main(["predict", str(model), str(folder), "-o", str(out), "--batch-size", "2"]) == 0
+    rows = _rows(out)
+    assert [r["status"] for r in rows] == ["ok", "skipped", "ok", "ok"]
+    assert "1_b.png" in rows[1]["message"] and rows[1]["anomaly_map"] == ""
+    assert not list(out.glob("1_b_*"))
+    assert "skipped" in capsys.readouterr().err
+    for row in rows:
+        if row["status"] == "ok":
+            assert all((out / row[c]).is_file() for c in ("anomaly_map", "anomaly_npy", "mask", "overlay"))
+
+
+def test_strict_stops_at_the_first_bad_file_and_keeps_the_rows_before(model, data, tmp_path, capsys):
+    folder = _folder_with_a_bad_file(data, tmp_path)
+    out = tmp_path / "out"
+    assert main(["predict", str(model), str(folder), "-o", str(out), "--strict", "--batch-size", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "--strict" in err and "1_b.png" in err and "Traceback" not in err
+    error_line = next(line for line in err.splitlines() if "error:" in line)
+    assert error_line.startswith("normdino predict: error:")  # not printed on a progress bar's line
+    assert err.rstrip().endswith(error_line.split("\r")[-1].rstrip())  # and no bar redrawn after it
+    rows = _rows(out)
+    assert [r["input"] for r in rows] == [str(folder / "0_ok.png")]
+    written = {p.name for p in out.iterdir()} - {"scores.csv", "summary.json", "index.html"}
+    assert written == {rows[0][c] for c in ("anomaly_map", "anomaly_npy", "mask", "overlay")}
+
+
+def test_an_input_that_fails_half_written_leaves_no_orphans(detector, data, tmp_path, monkeypatch):
+    images = _test_images(data)
+    real = rendering.overlay_image
+    calls = []
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rendering, "overlay_image", fail_second)
+    writer = PredictionWriter(detector, tmp_path / "out", progress=False)
+    writer.write_images(images)
+    writer.finish()
+    rows = _rows(tmp_path / "out")
+    assert [r["status"] for r in rows] == ["ok", "skipped", "ok", "ok"]
+    assert "memory" in rows[1]["message"]
+    assert not list((tmp_path / "out").glob(f"{images[1].stem}_*"))  # its map, .npy and mask were removed
+
+
+def test_disk_full_during_predict_is_one_sentence(model, data, tmp_path, monkeypatch, capsys):
+    import errno
+
+    real = rendering.save_png
+    calls = []
+
+    def full_disk(path, array):
+        calls.append(path)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, array)
+
+    monkeypatch.setattr(rendering, "save_png", full_disk)
+    out = tmp_path / "out"
+    assert main(["predict", str(model), str(data / "test" / "Ungood" / "img"), "-o", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    rows = _rows(out)
+    assert len(rows) == 1  # the first image (mask + overlay = 2 PNGs) is complete and listed; the second removed
+    assert {p.name for p in out.glob("*_anomaly.npy")} == {rows[0]["anomaly_npy"]}
+
+
+# ---------------------------------------------------------------------- what a person browses
+
+
+def test_index_html_shows_every_input_and_the_random_weights_flag(model, data, tmp_path):
+    folder = _folder_with_a_bad_file(data, tmp_path)
+    out = tmp_path / "out"
+    assert main(["predict", str(model), str(folder), "-o", str(out), "--quiet"]) == 0
+    rows = _rows(out)
+    page = (out / "index.html").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    for row in rows:
+        assert row["input"] in page and row["random_weights"] == "1"
+        if row["status"] == "ok":
+            assert f'src="{row["overlay"]}"' in page and f"{float(row['score']):.4f}" in page
+    assert "RANDOM weights" in page and summary["random_weights"] is True and "RANDOM" in summary["warning"]
+    assert page.count(">anomalous<") == sum(r["anomalous"] == "1" for r in rows)
+    assert page.count(">skipped<") == 1 and summary["n_skipped"] == 1 and summary["n_written"] == 3
+    assert "Image score" in page and "Anomalous area" in page and "overflow-x:auto" in page
+    ok = [r for r in rows if r["status"] == "ok"]  # most anomalous first
+    positions = [page.index(f'src="{r["overlay"]}"') for r in sorted(ok, key=lambda r: -float(r["score"]))]
+    assert positions == sorted(positions)
+
+
+# ---------------------------------------------------------------------- scores of any sign
+
+
+class _NegativeScores:
+    """A detector whose scores and thresholds are all shifted below zero, as a likelihood score is at D=384."""
+
+    method_ = SimpleNamespace(score_range=None)  # unbounded scores, as a likelihood's
+
+    def __init__(self, detector, shift=-100.0):
+        self._detector, self._shift = detector, shift
+
+    def __getattr__(self, name):
+        return getattr(self._detector, name)
+
+    def pixel_threshold(self, fpr):
+        return self._detector.pixel_threshold(fpr) + self._shift
+
+    def image_threshold(self, fpr):
+        return self._detector.image_threshold(fpr) + self._shift
+
+    def predict(self, images, fpr=None):
+        return [dataclasses.replace(p, pixel_map=p.pixel_map + np.float32(self._shift), score=p.score + self._shift,
+                                    threshold=p.threshold + self._shift) for p in self._detector.predict(images, fpr=fpr)]
+
+
+def test_negative_scores_get_a_valid_colour_range_and_exact_png_maps(detector, data, tmp_path):
+    writer = PredictionWriter(_NegativeScores(detector), tmp_path / "out", progress=False)
+    writer.write_images(_test_images(data))
+    writer.finish()
+    assert writer.vmin < writer.vmax < 0
+    for row in _rows(tmp_path / "out"):
+        exact = np.load(tmp_path / "out" / row["anomaly_npy"])
+        decoded, lo, hi = rendering.read_map_png16(tmp_path / "out" / row["anomaly_map"])
+        assert lo < exact.min() and exact.max() < hi  # the 16-bit map keeps negative scores unclipped
+        np.testing.assert_allclose(decoded, exact, atol=(hi - lo) / 65535)
+
+
+@pytest.mark.parametrize("typical, high", [(-5.0, -4.0), (-5.0, -6.0), (0.2, 0.2), (3.0, 10.0)])
+def test_score_color_range_works_for_any_sign(typical, high):
+    vmin, vmax = rendering.score_color_range(typical, high)
+    assert vmin == typical and vmax > vmin and vmax == max(high, vmax)
+
+
+# ---------------------------------------------------------------------- memory
+
+
+def test_an_image_above_the_megapixel_limit_is_refused_before_the_model_loads(model, data, tmp_path, capsys,
+                                                                              monkeypatch):
+    from normdino.detector import AnomalyDetector
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not load before the inputs are checked")
+
+    monkeypatch.setattr(AnomalyDetector, "load", no_load)
+    image = data / "test" / "good" / "img"
+    out = tmp_path / "out"
+    assert main(["predict", str(model), str(image), "-o", str(out), "--max-megapixels", "0.001", "--strict"]) == 1
+    err = capsys.readouterr().err
+    assert "megapixels" in err and "above the limit of 0.001" in err and "bytes per pixel" in err
+    assert not out.exists()
+
+
+def test_image_sizes_come_from_headers_and_name_the_limit(data, tmp_path):
+    images = _test_images(data)
+    sizes = check_image_sizes(images, max_megapixels=0.001)
+    assert all(isinstance(v, str) and "0.0 megapixels" not in v and "48x48" in v for v in sizes.values())
+    assert check_image_sizes(images) == {p: (48, 48) for p in images}
+    with pytest.raises(InputError, match="above the limit"):
+        check_image_sizes(images, max_megapixels=0.001, strict=True)
+
+
+class _FullSizeMaps:
+    """A detector stand-in whose prediction is a full-size random map, so only reading and writing are measured."""
+
+    def __init__(self, detector):
+        self._detector = detector
+
+    def __getattr__(self, name):
+        return getattr(self._detector, name)
+
+    def predict(self, images, fpr=None):
+        template = self._detector.predict([np.zeros((28, 28), np.float32)], fpr=fpr)[0]
+        preds = []
+        for image in images:
+            pixel_map = np.random.default_rng(0).random(image.shape[:2], dtype=np.float32) * 0.5
+            preds.append(dataclasses.replace(template, pixel_map=pixel_map, mask=pixel_map > template.threshold,
+                                             score=float(pixel_map.max())))
+        return preds
+
+
+def _numpy_peak_of_predicting(detector, folder, size):
+    path = folder / f"big{size}.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (size, size), dtype=np.uint8)).save(path)
+    writer = PredictionWriter(_FullSizeMaps(detector), folder / f"out{size}", progress=False)
+    tracemalloc.start()
+    try:
+        writer.write_images([path])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert _rows(folder / f"out{size}")[0]["status"] == "ok"
+    return peak
+
+
+def test_predicting_a_large_image_stays_within_the_stated_bytes_per_pixel(detector, tmp_path):
+    """Read + map + mask + every output; the old full-size float64 overlay alone grew by ~150 B per pixel."""
+    small, large = 1500, 3000
+    peak_small = _numpy_peak_of_predicting(detector, tmp_path, small)
+    peak_large = _numpy_peak_of_predicting(detector, tmp_path, large)
+    per_pixel = (peak_large - peak_small) / (large**2 - small**2)
+    assert per_pixel < BYTES_PER_PIXEL / 2  # numpy's share; scoring (torch) fits in the other half
+    assert peak_small < BYTES_PER_PIXEL / 2 * small**2 + FIXED_BYTES  # the overlay is drawn at a bounded size
+
+
+def test_results_folder_checks_need_no_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="lies under the file"):
+        prepare_results_folder(tmp_path / "file" / "out")
+    with pytest.raises(OutputError, match="is a file"):
+        prepare_results_folder(tmp_path / "file")
+    with pytest.raises(OutputError, match="not writable"):
+        prepare_results_folder("/proc/normdino-results")
+    prepare_results_folder(tmp_path / "new" / "deeper", check_only=True)
+    assert not (tmp_path / "new").exists()  # checking creates nothing
