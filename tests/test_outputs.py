@@ -369,3 +369,25 @@ def test_results_folder_checks_need_no_work(tmp_path):
         prepare_results_folder("/proc/normdino-results")
     prepare_results_folder(tmp_path / "new" / "deeper", check_only=True)
     assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+# ---------------------------------------------------------------------- report tables
+
+
+def test_report_tables_have_human_headers_one_number_format_per_column_and_never_overflow():
+    import xml.etree.ElementTree as ET
+
+    from normdino.evaluation.report import html_table
+
+    rows = [{"method": "dpmm", "pixel_auroc": 0.9, "ms_per_sample": 12.3456, "setting": "x"},
+            {"method": "anomalydino", "pixel_auroc": 0.91234, "ms_per_sample": 7.0,
+             "setting": "/a/very/long/path/to/a/data/set/that/would/run/off/the/page/train/good"}]
+    table = html_table(rows, list(rows[0]), headers={"pixel_auroc": "AUROC", "ms_per_sample": "ms/sample"})
+    root = ET.fromstring(table)
+    assert root.tag == "div" and root.get("class") == "table-wrap"  # scrolls sideways instead of overflowing
+    assert [th.text for th in root.iter("th")] == ["method", "AUROC", "ms/sample", "setting"]
+    cells = [[td.text for td in tr.iter("td")] for tr in root.iter("tr")][1:]
+    assert [c[1] for c in cells] == ["0.9000", "0.9123"] and [c[2] for c in cells] == ["12.35", "7.00"]
+    wrapped = [td for td in root.iter("td") if td.get("class") == "wrap"]
+    assert [td.text for td in wrapped] == [rows[1]["setting"]]
+

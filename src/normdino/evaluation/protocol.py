@@ -450,9 +450,9 @@ def write_outputs(results: Sequence[MethodResult], scorers: Sequence[Scorer], ba
 
     roc = [(r.row["method"], *r.accumulator.roc_curve(400)[:2]) for r in results]
     pr = [(r.row["method"], *r.accumulator.pr_curve(400)[1::-1]) for r in results]
-    sections = [("Results", report.html_table(rows, list(TABLE_COLUMNS)) + f"<p>{UNDEFINED_NOTE}</p>")]
+    sections = [("Results", report.html_table(rows, list(TABLE_COLUMNS), headers=_HEADERS) + f"<p>{UNDEFINED_NOTE}</p>")]
     if foreground:
-        sections.append(("Foreground pixels only", report.html_table(rows, list(FOREGROUND_COLUMNS))))
+        sections.append(("Foreground pixels only", report.html_table(rows, list(FOREGROUND_COLUMNS), headers=_HEADERS)))
     if comparisons:
         sections.append(("Paired permutation tests", report.html_table(report.json_safe(comparisons), list(comparisons[0]))))
     sections += [

@@ -179,6 +179,8 @@ table { border-collapse:collapse; font-size:14px; font-variant-numeric:tabular-n
 th, td { padding:6px 12px; border-bottom:1px solid #eaeef2; text-align:left; white-space:nowrap; }
 th { background:#f6f8fa; font-weight:600; border-bottom:1px solid var(--line); }
 td.num, th.num { text-align:right; }
+.table-wrap { overflow-x:auto; max-width:100%; }
+td.wrap { white-space:normal; overflow-wrap:anywhere; min-width:16em; max-width:40em; }
 tbody tr:hover { background:#f6f8fa; }
 .grid { display:grid; grid-template-columns:repeat(auto-fill, minmax(var(--thumb, 520px), 1fr)); gap:16px; }
 figure { margin:0; background:#181a20; border-radius:6px; overflow:hidden; }
@@ -258,19 +260,43 @@ def _format_cell(value: Any, fmt: str | Callable[[Any], str] | None) -> tuple[st
     return html.escape(text), numeric
 
 
-def html_table(rows: list[dict], columns: list[str], formats: dict | None = None) -> str:
-    """An HTML table of ``rows`` over ``columns``; ``formats`` maps a column to a format spec (".3f") or a callable."""
+def _column_format(values: list) -> Callable[[Any], str] | None:
+    """One number format per column: the same decimals for every float in it (4, 2 or 0, by its largest value)."""
+    floats = [abs(float(v)) for v in values if isinstance(v, (float, np.floating)) and math.isfinite(v)]
+    if not floats:
+        return None
+    largest = max(floats)
+    decimals = 4 if largest < 10 else 2 if largest < 1000 else 0
+    return lambda v: f"{float(v):.{decimals}f}" if isinstance(v, (float, np.floating)) else str(v)
+
+
+#: Text cells longer than this may wrap (paths, settings), so a table never runs off the page.
+_WRAP_AT = 40
+_WRAP_CLASS = ' class="wrap"'
+
+
+def html_table(rows: list[dict], columns: list[str], formats: dict | None = None, headers: dict | None = None) -> str:
+    """An HTML table of ``rows`` over ``columns``, in a box that scrolls sideways rather than overflowing.
+
+    ``formats`` maps a column to a format spec (".3f") or a callable (default: one decimals count per column);
+    ``headers`` maps a column to its human header (default: the key with spaces for underscores).
+    """
     formats = formats or {}
-    cells = [[_format_cell(row.get(col), formats.get(col)) for col in columns] for row in rows]
+    headers = headers or {}
+    column_formats = [formats.get(col) or _column_format([row.get(col) for row in rows]) for col in columns]
+    cells = [[_format_cell(row.get(col), fmt) for col, fmt in zip(columns, column_formats)] for row in rows]
     numeric_col = [
         any(c[j][1] for c in cells) and all(c[j][1] or c[j][0] == "&mdash;" for c in cells) for j in range(len(columns))
     ]
     attr = [' class="num"' if numeric else "" for numeric in numeric_col]
-    head = "".join(f"<th{attr[j]}>{html.escape(str(col))}</th>" for j, col in enumerate(columns))
+    head = "".join(f"<th{attr[j]}>{html.escape(str(headers.get(col, str(col).replace('_', ' '))))}</th>"
+                   for j, col in enumerate(columns))
     body = "\n".join(
-        "<tr>" + "".join(f"<td{attr[j]}>{text}</td>" for j, (text, _) in enumerate(row)) + "</tr>" for row in cells
+        "<tr>" + "".join(f"<td{attr[j] or (_WRAP_CLASS if len(text) > _WRAP_AT else '')}>{text}</td>"
+                         for j, (text, _) in enumerate(row)) + "</tr>" for row in cells
     )
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+    return (f'<div class="table-wrap"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n'
+            "</table></div>")
 
 
 def image_grid_html(items: list[tuple[str, np.ndarray]], thumb_width: int = 520) -> str:
