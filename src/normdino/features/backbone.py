@@ -31,6 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from normdino.errors import InputError, ModelFileError, WeightsNotFoundError
+from normdino.features.runtimes import (
+    Runner, check_supported, graph_runner, hidden_tokens, resolve_precision, torch_int8_model,
+)
 from normdino.io.reading import read_image
 
 logger = logging.getLogger(__name__)
@@ -186,6 +189,8 @@ class Backbone:
         normalize: bool = True,
         device: str | torch.device = "cpu",
         is_random: bool = False,
+        runtime: str = "torch",
+        precision: str | None = None,
     ) -> None:
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -207,7 +212,10 @@ class Backbone:
         self.normalize = bool(normalize)
         self.is_random = bool(is_random)
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
-        self.precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        self.runtime = str(runtime)
+        self.precision = resolve_precision(precision, self.device)
+        check_supported(self.runtime, self.precision, self.device)
+        self._runner = self._build_runner()
         if self.is_random:
             logger.warning(
                 "Backbone %s has RANDOM weights: its tokens are meaningless for detection quality; "
@@ -223,11 +231,18 @@ class Backbone:
         layers: Sequence[int] = (-1,),
         normalize: bool = True,
         device: str | torch.device = "cpu",
+        runtime: str = "torch",
+        precision: str | None = None,
     ) -> "Backbone":
-        """Load a hub name, an alias, a ``save_pretrained`` folder or a ``.safetensors`` file beside its config.json."""
+        """Load a hub name, an alias, a ``save_pretrained`` folder or a ``.safetensors`` file beside its config.json.
+
+        ``runtime`` (torch, onnx, openvino) and ``precision`` (fp32, int8, bf16; None: bf16 on CUDA, else fp32)
+        choose how the forward pass runs (see normdino.features.runtimes).
+        """
         model, name = load_model(name_or_path)
         is_random = bool(getattr(model.config, RANDOM_MARKER, False))
-        return cls(model, name, image_size, layers, normalize, device, is_random=is_random)
+        return cls(model, name, image_size, layers, normalize, device, is_random=is_random, runtime=runtime,
+                   precision=precision)
 
     @classmethod
     def random(
@@ -288,15 +303,11 @@ class Backbone:
         pixels = self._check_pixels(pixel_values)
         batch, _, height, width = pixels.shape
         grid_h, grid_w = height // self.patch_size, width // self.patch_size
-        need_hidden = any(layer != self.num_layers for layer in self.layers)
         with torch.inference_mode(), self._autocast():
-            out = self.model(pixel_values=pixels, output_hidden_states=need_hidden)
-            final_norm = self._final_norm()
-            per_layer = [
-                out.last_hidden_state if layer == self.num_layers else final_norm(out.hidden_states[layer])
-                for layer in self.layers
-            ]
-            tokens = torch.stack(per_layer, dim=1).float()
+            if self._runner is None:
+                tokens = hidden_tokens(self.model, pixels, self.layers).float()
+            else:
+                tokens = self._runner(self._check_graph_size(pixels))
             cls_tokens = tokens[:, :, 0]
             patches = tokens[:, :, self.num_prefix_tokens :].reshape(batch, len(self.layers), grid_h, grid_w, -1)
             if self.normalize:
@@ -378,15 +389,38 @@ class Backbone:
         return norm
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast on CUDA (faster there); plain fp32 elsewhere."""
-        if self.precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast when precision is bf16 (CUDA, or a CPU with bf16 instructions); plain fp32 otherwise."""
+        if self.precision == "bf16" and self._runner is None:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _build_runner(self) -> Runner | None:
+        """None for torch fp32/bf16; torch INT8 runs a quantised copy; onnx/openvino load a cached export.
+
+        ``self.model`` stays the fp32 model in every case, so the weights digest and derived backbones see it.
+        """
+        if self.runtime == "torch":
+            if self.precision != "int8":
+                return None
+            quantised, layers = torch_int8_model(self.model), self.layers
+            return lambda pixels: hidden_tokens(quantised, pixels, layers).float()
+        return graph_runner(self.runtime, self.precision, self.model, self.weights_digest, self.image_size,
+                            self.layers)
+
+    def _check_graph_size(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Exported graphs have a fixed input size: refuse any other in one sentence."""
+        if tuple(pixels.shape[-2:]) != (self.image_size, self.image_size):
+            raise InputError(
+                f"The {self.runtime} runtime was exported for {self.image_size}x{self.image_size} inputs, got "
+                f"{pixels.shape[-2]}x{pixels.shape[-1]}; use Backbone.preprocess or --runtime torch."
+            )
+        return pixels
 
     def __repr__(self) -> str:
         return (
             f"Backbone({self.name!r}, image_size={self.image_size}, layers={self.layers}, "
-            f"normalize={self.normalize}, device='{self.device}', random={self.is_random})"
+            f"normalize={self.normalize}, device='{self.device}', runtime={self.runtime!r}, "
+            f"precision={self.precision!r}, random={self.is_random})"
         )
 
 
