@@ -570,6 +570,9 @@ def cmd_bench(args) -> int:
     if not dataset.train:
         raise InputError(f"{args.data} has no training images (train/good)")
     train_images = subset(dataset.train, args.max_train, seed)
+    from normdino.evaluation.splits import without_training_patients
+
+    dataset = without_training_patients(dataset, train_images)  # calibration never on a training patient's slices
     cache_dir = None if args.no_cache else Path(settings["cache_dir"])
     sigma = settings["sigma"]
     layers, cls = feature_union(methods)

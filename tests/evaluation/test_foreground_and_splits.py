@@ -80,3 +80,16 @@ def test_training_patients_are_dropped_from_calibration(tmp_path):
     assert [s.image.name for s in drop_training_groups(healthy, [tmp_path / "P1_9.png"])] == ["P2_4.png"]
     with pytest.raises(InputError, match="hold out whole patients"):
         drop_training_groups(healthy, [tmp_path / "P1_1.png", tmp_path / "P2_1.png"])
+
+
+def test_without_training_patients_keeps_lesions_and_other_patients(tmp_path):
+    from normdino.evaluation.datasets import Dataset, Sample
+    from normdino.evaluation.splits import without_training_patients
+
+    valid = [Sample(tmp_path / "P1_3.png", None, 0), Sample(tmp_path / "P2_4.png", None, 0),
+             Sample(tmp_path / "P1_5.png", tmp_path / "m.png", 1)]
+    dataset = Dataset("d", [tmp_path / "P1_9.png"], valid)
+    trimmed = without_training_patients(dataset, dataset.train)
+    assert [s.image.name for s in trimmed.valid] == ["P2_4.png", "P1_5.png"] and len(dataset.valid) == 3
+    with pytest.raises(InputError, match="hold out whole patients"):
+        without_training_patients(dataset, [tmp_path / "P1_1.png", tmp_path / "P2_1.png"])

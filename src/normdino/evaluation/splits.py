@@ -24,7 +24,7 @@ from normdino.errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["group_key", "CalibrationFolds", "calibration_folds", "drop_training_groups"]
+__all__ = ["group_key", "CalibrationFolds", "calibration_folds", "drop_training_groups", "without_training_patients"]
 
 _SLICE_SUFFIX = re.compile(r"^(?P<group>.+?)[_\-](?:slice[_\-]?)?\d+$", re.IGNORECASE)
 
@@ -104,3 +104,26 @@ def drop_training_groups(healthy: Sequence, train: Sequence[Path], path_of=lambd
         raise InputError("every healthy calibration image comes from a training patient/volume; "
                          "hold out whole patients for calibration")
     return kept
+
+
+def without_training_patients(dataset, train: Sequence[Path]):
+    """A copy of ``dataset`` whose healthy validation/test images exclude patients/volumes also in ``train``.
+
+    Those slices would set thresholds (and be scored) on near copies of training slices: optimistic FPRs.
+    """
+    import dataclasses
+
+    train_groups = {group_key(p) for p in train}
+
+    def keep(samples: list) -> list:
+        return [s for s in samples if s.label == 1 or group_key(s.image) not in train_groups]
+
+    trimmed = dataclasses.replace(dataset, valid=keep(dataset.valid), test=keep(dataset.test))
+    dropped = len(dataset.valid) + len(dataset.test) - len(trimmed.valid) - len(trimmed.test)
+    if dropped:
+        log.warning("%d healthy validation/test images come from patients/volumes that are also in training; "
+                    "they are left out (split by patient, not by slice).", dropped)
+    if dataset.healthy_validation and not trimmed.healthy_validation:
+        raise InputError("every healthy validation image comes from a training patient/volume; "
+                         "hold out whole patients for calibration")
+    return trimmed
