@@ -118,11 +118,12 @@ def _worker(rank: int, out: str) -> None:
             model = _mixture(covariance)
             history = _fit_with_selection(model, _local_batches(rank), _validation(rank), True)
             np.savez(f"{out}/list-{covariance}-{rank}.npz", **_summary(model, history))
-        # an array share, split into ceil(N_global / batch_size) parts on each rank
+        # array shares: the global batches are exactly a one-process fit's (shuffled or not)
         share = _clustered(300 + 57 * rank, seed=77 + rank)
-        model = _mixture("diag")
-        history = _fit_with_selection(model, share, _validation(rank), True, batch_size=160, shuffle=False)
-        np.savez(f"{out}/array-{rank}.npz", **_summary(model, history))
+        for shuffle in (True, False):
+            model = _mixture("diag")
+            history = _fit_with_selection(model, share, _validation(rank), True, batch_size=160, shuffle=shuffle)
+            np.savez(f"{out}/array-{shuffle}-{rank}.npz", **_summary(model, history))
         # rows of different counts gathered in rank order; thresholds over all ranks' scores
         rows = np.arange(6 * (rank + 2), dtype=np.float32).reshape(-1, 2) + 100 * rank
         np.save(f"{out}/gathered-{rank}.npy", dist.gather_rows(rows))
@@ -227,15 +228,14 @@ def test_two_ranks_fit_the_same_mixture_as_one_process(two_ranks: Path, covarian
         _assert_same_model(dict(np.load(two_ranks / f"list-{covariance}-{r}.npz")), want)
 
 
-def test_array_shares_are_split_into_global_batches(two_ranks: Path) -> None:
-    shares = [_clustered(300 + 57 * r, seed=77 + r) for r in range(WORLD)]
-    n_batches = -(-sum(len(s) for s in shares) // 160)  # ceil(N_global / batch_size)
-    parts = [np.array_split(s, n_batches) for s in shares]
-    batches = [np.concatenate([p[i] for p in parts]) for i in range(n_batches)]
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_array_shares_fit_the_one_process_model_of_the_whole_array(two_ranks: Path, shuffle: bool) -> None:
+    whole = np.concatenate([_clustered(300 + 57 * r, seed=77 + r) for r in range(WORLD)])
     model = _mixture("diag")
-    history = _fit_with_selection(model, batches, np.concatenate([_validation(r) for r in range(WORLD)]), False, shuffle=False)
+    val = np.concatenate([_validation(r) for r in range(WORLD)])
+    history = _fit_with_selection(model, whole, val, False, batch_size=160, shuffle=shuffle)
     for r in range(WORLD):
-        _assert_same_model(dict(np.load(two_ranks / f"array-{r}.npz")), _summary(model, history))
+        _assert_same_model(dict(np.load(two_ranks / f"array-{shuffle}-{r}.npz")), _summary(model, history))
 
 
 def test_rows_gathered_in_rank_order_and_thresholds_equal_one_process(two_ranks: Path) -> None:

@@ -33,6 +33,9 @@ EPS = 1e-12
 """The tiny constant of the M-step and stick equations (mu = S / (N + EPS), ...)."""
 RESP_FLOOR = 1e-30
 """Responsibilities below this are set to exactly zero (keeps matrix products free of subnormal numbers)."""
+EXACT_SHUFFLE_MAX_ROWS = 1 << 25
+"""Under torchrun, up to this many rows in all (32 768 images of 1024 tokens) the global batches are exactly a
+one-process fit's (every rank draws the global permutation, 8 bytes a row); above, each rank shuffles its own share."""
 KMEANS_PP_MAX_ROWS = 4096
 """k-means++ seeding draws from a random subsample of at most max(this, 4 K) rows of the first batch."""
 _LOG_RESP_FLOOR = math.log(RESP_FLOOR)
@@ -624,7 +627,7 @@ class DirichletProcessMixture:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
         sync = distributed and dist.is_distributed()
-        batches = _batch_source(X, int(batch_size), _global_batch_count(X, int(batch_size)) if sync else None)
+        batches = _batch_source(X, int(batch_size), _shard_layout(X) if sync else None)
         g = _generator(self.seed, 2, int(getattr(self, "n_iter_", 0)))
         for epoch in range(epochs):
             total, rows = 0.0, 0
@@ -760,32 +763,43 @@ def _logsumexp_columns(a: torch.Tensor) -> torch.Tensor:
     return (a - top).clamp_min_(-87.0).exp_().sum(0).log_().add_(top.squeeze(0))
 
 
-def _global_batch_count(X: Any, batch_size: int) -> int | None:
-    """ceil(rows on all ranks / batch_size) for an array X (the same on every rank); None for lists of batches."""
+def _shard_layout(X: Any) -> tuple[int, int] | None:
+    """(first global row of this rank's share, rows on all ranks) for an array X; None for lists of batches."""
     if not isinstance(X, (torch.Tensor, np.ndarray)):
         return None
-    total = int(round(dist.global_sum(float(X.shape[0]) if X.ndim == 2 else 0.0)))
-    if total == 0:
+    counts = dist.all_gather_object(int(X.shape[0]) if X.ndim == 2 else 0)
+    if sum(counts) == 0:
         raise InputError("X is empty on every rank (0 rows); pass at least one sample.")
-    return -(-total // batch_size)
+    return sum(counts[: dist.rank()]), sum(counts)
 
 
-def _batch_source(X: Any, batch_size: int, n_batches: int | None = None) -> Callable[[torch.Generator | None], Iterator[Any]]:
+def _batch_source(X: Any, batch_size: int, shard: tuple[int, int] | None = None) -> Callable[[torch.Generator | None], Iterator[Any]]:
     """A function giving, per epoch, the batches of X (rows permuted with the generator, or in order without one).
 
-    ``n_batches`` fixes how many parts an array is split into (a torchrun rank's share; parts may be empty).
+    ``shard`` = (first global row, global rows): X is a torchrun rank's contiguous share of a larger array.
+    Up to EXACT_SHUFFLE_MAX_ROWS global rows every rank draws the one-process permutation of all rows and
+    keeps its own rows of each batch, so the global batches are exactly those of a one-process fit; above
+    it (a global permutation would cost 8 bytes per row on every rank) each rank permutes its own rows into
+    as many batches. Parts may be empty.
     """
     if isinstance(X, (torch.Tensor, np.ndarray)):
         if X.ndim != 2:
             raise InputError(f"X must be a 2-D array of shape (n_samples, n_features), got shape {tuple(X.shape)}.")
         n = X.shape[0]
-        if n == 0 and n_batches is None:
+        if n == 0 and shard is None:
             raise InputError("X is empty (0 rows); pass at least one sample.")
-        n_batches = -(-n // batch_size) if n_batches is None else n_batches
+        start, n_global = shard if shard is not None else (0, n)
+        n_batches = -(-n_global // batch_size)
+        exact = shard is not None and n_global <= EXACT_SHUFFLE_MAX_ROWS
+
+        def permutation(g: torch.Generator | None) -> torch.Tensor:
+            size = n_global if exact else n
+            return torch.randperm(size, generator=g) if g is not None else torch.arange(size)
 
         def array_batches(g: torch.Generator | None) -> Iterator[Any]:
-            order = torch.randperm(n, generator=g) if g is not None else torch.arange(n)
-            for part in torch.tensor_split(order, n_batches):
+            for part in torch.tensor_split(permutation(g), n_batches):
+                if exact:  # this rank's rows of the global batch, as local row numbers
+                    part = part[(part >= start) & (part < start + n)] - start
                 if len(part) == 0:
                     yield X[:0]
                 elif g is None:  # contiguous rows: a plain slice, also for memory maps
