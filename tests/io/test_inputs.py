@@ -96,3 +96,23 @@ def test_training_sources_name_the_volume_of_every_slice(folder, tmp_path):
     files: list[str] = []
     assert training_images(resolve_inputs([folder]), None, files) == [folder / "a.png", folder / "b.png"]
     assert files == [str(folder / "a.png"), str(folder / "b.png")]
+
+
+def test_expand_images_says_what_the_model_must_record(folder, tmp_path):
+    nib = pytest.importorskip("nibabel")
+    from normdino.cli import _intensity_settings
+    from normdino.io.volumes import SliceOptions, merge_slice_settings
+
+    settings: dict = {}
+    expand_images(str(folder), settings=settings)
+    assert settings == {"image_intensity": "dtype"}  # 2D only: volumes scored later get the same rule
+    assert merge_slice_settings(settings, {})["normalization"] == "dtype"
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 2), np.uint8), np.eye(4)), tmp_path / "v.nii.gz")
+    settings = {}
+    expand_images([folder / "a.png", tmp_path / "v.nii.gz"], settings=settings)
+    assert settings["normalization"] == "percentile" and settings["image_intensity"] == "dtype"
+    options = SliceOptions(window=(-200, 250), axis=1)
+    settings = {}
+    expand_images(tmp_path / "v.nii.gz", options, settings=settings)
+    assert settings == _intensity_settings(options)  # the CLI records the same thing
+    assert merge_slice_settings(settings, {})["window"] == [-200.0, 250.0]

@@ -183,7 +183,8 @@ def _with_sources(images: Iterable, sources: list[str] | None) -> Iterator:
         yield image
 
 
-def expand_images(images, options=None, sources: list[str] | None = None) -> list[Path] | Iterator[np.ndarray]:
+def expand_images(images, options=None, sources: list[str] | None = None,
+                  settings: dict | None = None) -> list[Path] | Iterator[np.ndarray]:
     """What the Python API's fit/predict take, made into what the detector iterates over.
 
     ``images``: a folder, glob or file (``str`` or ``Path``), a list of them (mixed freely), a single
@@ -192,16 +193,27 @@ def expand_images(images, options=None, sources: list[str] | None = None) -> lis
     :class:`InputError`. Image files only give a list of paths (cacheable); with volumes, a stream of
     the images and then the volumes' slices cut as ``options`` (a ``SliceOptions``) say.
     ``sources`` as in :func:`training_images`; each passed-through array is its own source.
+    ``settings`` (optional dict) is filled with what the model should record as ``volume_settings``
+    (io.volumes.recorded_settings): the 2D rule, plus the slicing ``options`` when volumes were found.
     """
+    from normdino.io.volumes import SliceOptions, recorded_settings
+
     if isinstance(images, (str, os.PathLike)):
-        return training_images(resolve_inputs([images]), options, sources)
+        images = [images]
+    if isinstance(images, (list, tuple)) and images and all(isinstance(item, (str, os.PathLike)) for item in images):
+        inputs = resolve_inputs(images)
+        if inputs.volumes and options is None:
+            options = SliceOptions()
+        if settings is not None:
+            settings.update(recorded_settings(options if inputs.volumes else None))
+        return training_images(inputs, options, sources)
+    if settings is not None:
+        settings.update(recorded_settings(None))
     if isinstance(images, np.ndarray):
         if images.ndim in (2, 3) and not (images.ndim == 3 and images.shape[2] not in (1, 3, 4)):
             images = [images]  # one (H, W) or (H, W, C) image; otherwise a stack of images along axis 0
         return list(_with_sources(images, sources))
     if isinstance(images, (list, tuple)):
-        if all(isinstance(item, (str, os.PathLike)) for item in images):
-            return training_images(resolve_inputs(images), options, sources)
         paths = [item for item in images if isinstance(item, (str, os.PathLike))]
         resolved = resolve_inputs(paths) if paths else Inputs()  # check every path now
         if resolved.volumes:

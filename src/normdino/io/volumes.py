@@ -270,6 +270,18 @@ def merge_slice_settings(stored: Mapping[str, Any] | None, given: Mapping[str, A
     return settings
 
 
+def recorded_settings(options: SliceOptions | None) -> dict[str, Any]:
+    """The JSON-able ``volume_settings`` a model keeps: the 2D intensity rule, and how volumes were sliced and
+    scaled if it was fitted on volumes (``options``; None for 2D images only). :func:`merge_slice_settings` reads it."""
+    from normdino.io.reading import IMAGE_INTENSITY
+
+    if options is None:
+        return {"image_intensity": IMAGE_INTENSITY}
+    return {"axis": options.axis, "normalization": options.normalization,
+            "window": list(options.window) if options.window is not None else None,
+            "percentiles": ",".join(map(str, options.percentiles)), "image_intensity": IMAGE_INTENSITY}
+
+
 # --------------------------------------------------------------------------- sources
 
 
