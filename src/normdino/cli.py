@@ -78,6 +78,17 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """--runtime and --precision of the backbone forward pass (normdino.features.runtimes); None: the default,
+    or for predict/evaluate the one recorded in the model file."""
+    group = parser.add_argument_group("backbone runtime", "how the DINO forward pass runs; tokens differ slightly")
+    group.add_argument("--runtime", choices=("torch", "onnx", "openvino"), default=None,
+                       help="torch, onnx (ONNX Runtime, CPU) or openvino (CPU); exported graphs are cached once per weights")
+    group.add_argument("--precision", choices=("fp32", "int8", "bf16"), default=None,
+                       help="fp32, int8 (CPU: dynamic INT8 Linear layers, mean token cosine >= 0.99 to fp32) or "
+                            "bf16 (CUDA or CPUs with bf16 instructions); default bf16 on CUDA, else fp32")
+
+
 def _add_volume_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "volumes (NIfTI / DICOM)",
@@ -117,6 +128,7 @@ def build_parser(estimator_options: bool = False) -> argparse.ArgumentParser:
 
         add_param_options(fit)
     _add_volume_options(fit)
+    _add_runtime_options(fit)
     _add_common(fit)
 
     predict = sub.add_parser("predict", help="anomaly maps, masks, overlays and scores for images or volumes")
@@ -137,6 +149,7 @@ def build_parser(estimator_options: bool = False) -> argparse.ArgumentParser:
                          help="refuse images larger than this (default 64: predict needs about 40 bytes per pixel)")
     predict.add_argument("--device", default="cpu")
     _add_volume_options(predict)
+    _add_runtime_options(predict)
     _add_common(predict)
 
     info = sub.add_parser("info", help="describe a model file")
@@ -161,6 +174,7 @@ def build_parser(estimator_options: bool = False) -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu); the model may come from any device")
     evaluate.add_argument("--mask-suffix", default="_mask", help="volumes layout: mask of scan.nii.gz is scan<SUFFIX>.nii.gz (default _mask)")
     _add_volume_options(evaluate)
+    _add_runtime_options(evaluate)
     _add_common(evaluate)
 
     bench = sub.add_parser("bench", help="fit and evaluate several methods on the same tokens; one comparison table and report")
@@ -178,6 +192,7 @@ def build_parser(estimator_options: bool = False) -> argparse.ArgumentParser:
 
         add_param_options(bench)
     _add_report_options(bench, "normdino-bench", estimator=estimator_options)
+    _add_runtime_options(bench)
     _add_common(bench)
     _add_serve_parser(sub)
     _add_reproduce_parser(sub)
