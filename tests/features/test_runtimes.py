@@ -1,0 +1,160 @@
+"""Backbone runtimes (issue 15): every runtime/precision reproduces torch fp32 tokens within its stated bound."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import pytest
+import torch
+
+from normdino.errors import InputError
+from normdino.features import runtimes
+from normdino.features.backbone import Backbone
+from normdino.features.runtimes import FIDELITY, check_supported, token_cosines
+
+SIZE = 56  # 4x4 patches of 14, 3.5x3.5 of 16 -> 48 for DINOv3 (rounded down to its patch size)
+LAYERS = (1, -1)  # an intermediate layer (final norm applied) and the last
+FAST = [("torch", "int8"), ("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32")]
+ARCH_DIRS = ["tiny_dinov2_dir", "tiny_dinov2_reg_dir", "tiny_dinov3_dir"]
+
+
+def _needs(runtime: str) -> None:
+    for module in {"onnx": ["onnxruntime", "onnx"], "openvino": ["openvino", "onnx"]}.get(runtime, []):
+        pytest.importorskip(module)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runtime_cache(tmp_path_factory):
+    """Exported graphs go to a fresh folder for this module, never to ~/.cache."""
+    folder = tmp_path_factory.mktemp("runtimes")
+    old = os.environ.get(runtimes.CACHE_ENV)
+    os.environ[runtimes.CACHE_ENV] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop(runtimes.CACHE_ENV, None)
+    else:
+        os.environ[runtimes.CACHE_ENV] = old
+
+
+def _pixels(seed: int, size: int, batch: int = 3) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch_dir", ARCH_DIRS)
+@pytest.mark.parametrize("runtime,precision", FAST)
+def test_runtime_reproduces_torch_fp32(request, arch_dir, runtime, precision):
+    _needs(runtime)
+    folder = request.getfixturevalue(arch_dir)
+    reference = Backbone.from_pretrained(folder, image_size=SIZE, layers=LAYERS)
+    fast = Backbone.from_pretrained(folder, image_size=SIZE, layers=LAYERS, runtime=runtime, precision=precision)
+    assert (fast.runtime, fast.precision) == (runtime, precision)
+    pixels = _pixels(1, reference.image_size)
+    ref, out = reference.encode(pixels), fast.encode(pixels)
+    assert out.patch_tokens.shape == ref.patch_tokens.shape and out.cls_tokens.shape == ref.cls_tokens.shape
+    bound = FIDELITY[(runtime, precision)]
+    for a, b in ((ref.patch_tokens, out.patch_tokens), (ref.cls_tokens, out.cls_tokens)):
+        assert float(token_cosines(a, b).mean()) >= bound
+    if precision == "fp32":  # the same arithmetic up to summation order
+        torch.testing.assert_close(out.patch_tokens, ref.patch_tokens, atol=2e-5, rtol=0)
+        torch.testing.assert_close(out.cls_tokens, ref.cls_tokens, atol=2e-5, rtol=0)
+    else:  # quantised: close, but not the fp32 numbers
+        assert not torch.equal(out.patch_tokens, ref.patch_tokens)
+    norms = out.patch_tokens.norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
+
+
+def test_reference_is_hf_output(tiny_dinov2_reg_dir):
+    """The torch path (what every runtime is compared with) is transformers' own output: registers dropped."""
+    backbone = Backbone.from_pretrained(tiny_dinov2_reg_dir, image_size=SIZE, layers=LAYERS, normalize=False)
+    pixels = _pixels(2, SIZE, batch=2)
+    with torch.inference_mode():
+        out = backbone.model(pixel_values=pixels, output_hidden_states=True)
+        intermediate = backbone.model.layernorm(out.hidden_states[1])
+    got = backbone.encode(pixels)
+    torch.testing.assert_close(got.patch_tokens[:, 0].reshape(2, -1, 32), intermediate[:, 5:])
+    torch.testing.assert_close(got.patch_tokens[:, 1].reshape(2, -1, 32), out.last_hidden_state[:, 5:])
+    torch.testing.assert_close(got.cls_tokens[:, 1], out.last_hidden_state[:, 0])
+
+
+def test_export_happens_once(tiny_dinov2_dir, runtime_cache, monkeypatch, caplog):
+    _needs("onnx")
+    first = Backbone.from_pretrained(tiny_dinov2_dir, image_size=42, runtime="onnx", precision="int8")
+    files = sorted(p.name for p in runtime_cache.glob("*.onnx"))
+    assert len(files) >= 2  # the fp32 graph and its INT8 version
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(runtimes, "export_onnx", refuse)
+    monkeypatch.setattr(runtimes, "quantize_onnx", refuse)
+    again = Backbone.from_pretrained(tiny_dinov2_dir, image_size=42, runtime="onnx", precision="int8")
+    assert sorted(p.name for p in runtime_cache.glob("*.onnx")) == files
+    pixels = _pixels(3, 42)
+    torch.testing.assert_close(again.encode(pixels).patch_tokens, first.encode(pixels).patch_tokens)
+    # other weights (another seed) are another key: export is needed, and here refused
+    with pytest.raises(AssertionError, match="exported again"):
+        Backbone.random("dinov2_vits14", seed=5, tiny=True, image_size=42, runtime="onnx")
+
+
+def test_identifier_differs_per_runtime_and_precision(tiny_dinov2_dir):
+    _needs("onnx")
+    _needs("openvino")
+    pairs = [("torch", "fp32"), *FAST]
+    backbones = [Backbone.from_pretrained(tiny_dinov2_dir, image_size=SIZE, runtime=r, precision=p) for r, p in pairs]
+    assert len({b.identifier for b in backbones}) == len(pairs)
+    assert len({b.weights_digest for b in backbones}) == 1  # the same fp32 weights behind every runtime
+    for backbone, (runtime, precision) in zip(backbones, pairs):
+        assert f"runtime={runtime}" in backbone.identifier and f"precision={precision}" in backbone.identifier
+
+
+@pytest.mark.parametrize(
+    "runtime,precision,device,message",
+    [
+        ("openvino", "int8", "cpu", "OpenVINO INT8 needs post-training quantisation"),
+        ("onnx", "bf16", "cpu", "bf16 is offered with --runtime torch only"),
+        ("torch", "int8", "cuda", "INT8 runs on the CPU only"),
+        ("onnx", "fp32", "cuda", "The onnx runtime runs on the CPU only"),
+        ("tensorrt", "fp32", "cpu", "Unknown runtime 'tensorrt'"),
+        ("torch", "bf16", "mps", "bf16 is offered on CUDA GPUs and CPUs with bf16 instructions"),
+    ],
+)
+def test_unsupported_combinations_are_refused(runtime, precision, device, message):
+    with pytest.raises(InputError, match=message):
+        check_supported(runtime, precision, torch.device(device))
+
+
+def test_unknown_precision_and_cpu_bf16(tiny_dinov2_dir):
+    with pytest.raises(InputError, match="Unknown precision 'fp8'"):
+        Backbone.from_pretrained(tiny_dinov2_dir, image_size=SIZE, precision="fp8")
+    if runtimes.cpu_has_bf16():
+        assert Backbone.from_pretrained(tiny_dinov2_dir, image_size=SIZE, precision="bf16").precision == "bf16"
+    else:
+        with pytest.raises(InputError, match="This CPU has no bf16 instructions"):
+            Backbone.from_pretrained(tiny_dinov2_dir, image_size=SIZE, precision="bf16")
+
+
+def test_default_precision_is_fp32_on_cpu(tiny_dinov2_dir):
+    backbone = Backbone.from_pretrained(tiny_dinov2_dir, image_size=SIZE)
+    assert (backbone.runtime, backbone.precision) == ("torch", "fp32")
+
+
+def test_missing_package_is_one_sentence(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    with pytest.raises(InputError, match=r"needs the Python package openvino: install it with `pip install 'normdino\[fast\]'`"):
+        check_supported("openvino", "fp32", torch.device("cpu"))
+
+
+def test_exported_graph_refuses_another_input_size(tiny_dinov2_dir):
+    _needs("onnx")
+    backbone = Backbone.from_pretrained(tiny_dinov2_dir, image_size=SIZE, runtime="onnx")
+    with pytest.raises(InputError, match=r"exported for 56x56 inputs, got 70x70"):
+        backbone.encode(_pixels(4, 70, batch=1))
+
+
+def test_quantiser_logs_stay_quiet(tiny_dinov2_dir, caplog):
+    _needs("onnx")
+    with caplog.at_level(logging.INFO):
+        Backbone.random("dinov2_vits14", seed=9, tiny=True, image_size=SIZE, runtime="onnx", precision="int8")
+    assert not [r for r in caplog.records if r.name == "root"]
