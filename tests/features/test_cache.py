@@ -154,6 +154,17 @@ def test_each_image_is_reused_by_any_later_list(backbone, images, tmp_path, monk
     assert with_cls.patches[0].tobytes() == first_bytes[0]
 
 
+def test_repeated_images_in_a_list(backbone, images, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    calls = _count_encoded(monkeypatch, backbone)
+    twice = extract_tokens(backbone, [images[0], images[1], images[0]], cache, progress=False)
+    assert twice.patches[0].tobytes() == twice.patches[2].tobytes()
+    copied = extract_tokens(backbone, [images[1], images[0], images[0], images[1]], cache, progress=False)
+    assert sum(calls) == 3  # the second list is copied from the first, one source row to two places
+    assert copied.patches[[1, 2]].tobytes() == twice.patches[[0, 2]].tobytes()
+    assert copied.patches[[0, 3]].tobytes() == twice.patches[[1, 1]].tobytes()
+
+
 def test_changed_content_recomputes_only_that_image(backbone, images, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     original = np.array(extract_tokens(backbone, images, cache, progress=False).patches)
@@ -371,16 +382,18 @@ def test_only_temporaries_of_gone_writers_or_old_ones_are_removed(tmp_path):
     host = "".join(c if c.isalnum() or c == "_" else "_" for c in socket.gethostname())[:64]
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
-    gone = tmp_path / f".tokens-ab.{host}-{finished.pid}.tmp"
-    alive = tmp_path / f".tokens-cd.{host}-{os.getppid()}.tmp"
-    other_host = tmp_path / f".tokens-ef.elsewhere-{finished.pid}.tmp"
+    gone = tmp_path / f".tokens-ab.{host}-{finished.pid}.0a1b2c3d.tmp"
+    alive = tmp_path / f".tokens-cd.{host}-{os.getppid()}.0a1b2c3d.tmp"
+    other_host = tmp_path / f".tokens-ef.elsewhere-{finished.pid}.0a1b2c3d.tmp"
+    ours_but_dead = tmp_path / f".tokens-12.{host}-{os.getpid()}.0a1b2c3d.old.tmp"  # a past process with our pid
     old = tmp_path / ".tokens-old.npy.x1y2.tmp"
-    for path in (gone, alive, other_host):
+    for path in (gone, alive, other_host, ours_but_dead):
         path.mkdir()
     old.write_bytes(b"")
     day_ago = time.time() - 2 * 24 * 3600
     os.utime(old, (day_ago, day_ago))
-    assert sorted(p.name for p in remove_stale_temporaries(tmp_path)) == sorted([gone.name, old.name])
+    removed = sorted(p.name for p in remove_stale_temporaries(tmp_path))
+    assert removed == sorted([gone.name, old.name, ours_but_dead.name])
     assert alive.exists() and other_host.exists()
 
 

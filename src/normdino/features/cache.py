@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import time
@@ -54,8 +55,9 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2
 STALE_SECONDS = 24 * 3600  # a temporary untouched this long is stale even if its writer cannot be checked
-_TMP_PATTERN = re.compile(r"\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)(\.old)?\.tmp$")
+_TMP_PATTERN = re.compile(r"\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[0-9a-f]+(\.old)?\.tmp$")
 _FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_WRITING: set[str] = set()  # names of the temporaries this process is writing now
 
 
 # ---------------------------------------------------------------------- keys and folder checks
@@ -92,9 +94,9 @@ def check_cache_dir(path: str | os.PathLike) -> Path:
         raise InputError(f"Token cache folder {root} is a file, not a folder; pass a folder to --cache-dir.")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".probe.{_writer_tag()}.tmp"
+        probe = root / _temporary_name("probe")
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as err:
         raise InputError(
             f"Token cache folder {root} is not writable ({err.strerror or err}); pass a writable --cache-dir "
@@ -128,6 +130,11 @@ def _writer_tag() -> str:
     return f"{host}-{os.getpid()}"
 
 
+def _temporary_name(stem: str, suffix: str = ".tmp") -> str:
+    """'.<stem>.<host>-<pid>.<random>.tmp': unique, hidden, and telling which process writes it."""
+    return f".{stem}.{_writer_tag()}.{secrets.token_hex(4)}{suffix}"
+
+
 def _is_stale(path: Path, now: float) -> bool:
     """True when a temporary's writer (same host, pid in its name) has exited, or it is untouched for a day."""
     try:
@@ -138,8 +145,12 @@ def _is_stale(path: Path, now: float) -> bool:
         return True
     match = _TMP_PATTERN.search(path.name)
     host, pid = _writer_tag().rsplit("-", 1)
-    if match is None or match["host"] != host or match["pid"] == pid or os.name == "nt":
-        return False  # another host, our own, or a system where signal 0 cannot probe a process
+    if match is None or match["host"] != host:
+        return False  # not ours to judge before a day has passed
+    if match["pid"] == pid:
+        return path.name not in _WRITING  # our pid, but not one of our writes: a dead process had this pid
+    if os.name == "nt":
+        return False  # signal 0 cannot probe a process there
     try:
         os.kill(int(match["pid"]), 0)
     except ProcessLookupError:
@@ -367,9 +378,10 @@ def _assemble(
         if hit is not None:
             found[i] = hit
     _check_free_space(root, shard, len(paths))
-    tmp = root / f".{shard.folder.name}.{_writer_tag()}.tmp"
-    tmp.mkdir()
+    tmp = root / _temporary_name(shard.folder.name)
+    _WRITING.add(tmp.name)
     try:
+        tmp.mkdir()
         with _ShardWriter(tmp, shard) as writer:
             missing = _copy_rows(writer, found)
             if found:
@@ -390,6 +402,7 @@ def _assemble(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        _WRITING.discard(tmp.name)
     return shard
 
 
@@ -403,16 +416,15 @@ def _copy_rows(writer: "_ShardWriter", found: dict[int, tuple[_Shard, int]]) -> 
         sources[source.folder] = source
     for folder, pairs in by_source.items():
         source = sources[folder]
-        pairs.sort()
-        targets = dict(pairs)
-        for row, data, cls_data in source.rows([r for r, _ in pairs]):
+        pairs.sort()  # read each source file front to back (a row may serve several positions)
+        for (row, position), (_, data, cls_data) in zip(pairs, source.rows([r for r, _ in pairs])):
             if data is None:
                 logger.warning(
                     "Cached tokens of %s in %s fail their checksum; recomputing them", source.sources[row], folder
                 )
-                missing.append(targets[row])
+                missing.append(position)
                 continue
-            writer.write_bytes(targets[row], data, cls_data if writer.shard.has_cls else None)
+            writer.write_bytes(position, data, cls_data if writer.shard.has_cls else None)
     return sorted(missing)
 
 
@@ -487,7 +499,7 @@ def _commit(tmp: Path, final: Path, keys: list[str], corrupt: set[str]) -> None:
     existing = _Shard.open(final)
     if existing is not None and existing.keys == keys and final.name not in corrupt:
         return  # another process wrote the same list meanwhile: its shard is as good as ours
-    trash = final.with_name(f".{final.name}.{_writer_tag()}.old.tmp")
+    trash = final.with_name(_temporary_name(final.name, ".old.tmp"))
     os.rename(final, trash)
     os.rename(tmp, final)
     shutil.rmtree(trash, ignore_errors=True)
