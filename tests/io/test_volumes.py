@@ -742,3 +742,22 @@ def test_hidden_files_are_skipped_and_fifos_refused(tmp_path):
         os.mkfifo(tmp_path / "pipe.nii.gz")
         with pytest.raises(InputError, match="not a regular file"):
             Volume.open(tmp_path / "pipe.nii.gz")
+
+
+@pytest.mark.shared_data
+def test_lgg_flair_volume_slices_equal_its_png_slices_under_the_png_rule(lgg_flair):
+    import re
+
+    from normdino.io.reading import read_image
+
+    patient = "TCGA_CS_4942_19970222"
+    pngs = sorted((lgg_flair / "valid").glob(f"*/img/{patient}_*.png"))
+    assert len(pngs) > 10
+    with Volume.open(lgg_flair / "volumes" / "valid" / f"{patient}_flair.nii.gz") as volume:
+        slices = dict(volume.iter_slices(SliceOptions(normalization="dtype", fallback="percentile")))
+    matched = 0
+    for png in pngs:
+        k = int(re.search(r"_(\d+)\.png$", png.name).group(1))
+        image = read_image(png)
+        matched += any(np.array_equal(slices.get(j), image) for j in (k - 1, k))  # 1- or 0-based names
+    assert matched == len(pngs)
