@@ -252,6 +252,7 @@ class _NegativeScores:
     """A detector whose scores and thresholds are all shifted below zero, as a likelihood score is at D=384."""
 
     method_ = SimpleNamespace(score_range=None)  # unbounded scores, as a likelihood's
+    score = "likelihood"  # what the pre-method-interface writer looked at
 
     def __init__(self, detector, shift=-100.0):
         self._detector, self._shift = detector, shift
