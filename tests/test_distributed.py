@@ -325,3 +325,66 @@ def test_torchrun_environment_and_backend() -> None:
     assert not dist.launched_by_torchrun({k: v for k, v in env.items() if k != "MASTER_PORT"})
     assert dist.backend_for("cuda:1") == "nccl" and dist.backend_for("cpu") == "gloo"
     assert os.environ.get("WORLD_SIZE") in (None, "1") or dist.is_distributed() is False
+
+
+# ---------------------------------------------------------------------- the detector on rank shares
+
+DETECTOR_CASES = {
+    "dpmm": dict(method="dpmm", n_components=8, epochs=2, batch_images=4),
+    "anomalydino": dict(method="anomalydino"),
+    "patchcore-30": dict(method="patchcore-30"),
+    "dpmm-held-out": dict(method="dpmm", n_components=8, epochs=2, batch_images=4, val_fraction=0.25),
+}
+
+
+def _detector_fit(case: str, backbone: str, data: Path, share=lambda items: items):
+    from normdino.detector import AnomalyDetector
+
+    kwargs = dict(DETECTOR_CASES[case])
+    detector = AnomalyDetector(backbone=backbone, image_size=56, progress=False, **kwargs)
+    train = sorted((data / "train" / "good").glob("*.png"))
+    val = None if case.endswith("held-out") else sorted((data / "valid" / "good" / "img").glob("*.png"))
+    detector.fit(share(train), None if val is None else share(val))
+    state = {f"state.{k}": v.numpy() for k, v in detector.method_.state_dict().items()}
+    summary = {k: detector.training_summary_[k] for k in ("n_train_images", "n_val_images", "n_train_tokens", "image_shapes")}
+    summary["best_epoch"] = detector.training_summary_.get("best_epoch")
+    return {"pixel": detector.pixel_thresholds_, "image": detector.image_thresholds_, **state}, summary
+
+
+def _detector_worker(rank: int, out: str, backbone: str, data: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD)
+    try:
+        for case in DETECTOR_CASES:
+            arrays, summary = _detector_fit(case, backbone, Path(data), dist.shard)
+            np.savez(f"{out}/{case}-{rank}.npz", **arrays)
+            Path(f"{out}/{case}-{rank}.json").write_text(json.dumps(summary))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def phantom_data(tmp_path_factory) -> Path:
+    from normdino.io.phantoms import write_phantom_dataset
+
+    return write_phantom_dataset(tmp_path_factory.mktemp("phantoms"), n_train=12, n_valid=10,
+                                 n_test_normal=1, n_test_anomalous=1, size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def detector_ranks(tmp_path_factory, tiny_dinov2_dir, phantom_data) -> Path:
+    out = tmp_path_factory.mktemp("detector-ranks")
+    mp.start_processes(_detector_worker, args=(str(out), str(tiny_dinov2_dir), str(phantom_data)), nprocs=WORLD,
+                       start_method="fork")
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(DETECTOR_CASES))
+def test_detector_fitted_on_rank_shares_equals_one_process(case, detector_ranks, tiny_dinov2_dir, phantom_data) -> None:
+    want, want_summary = _detector_fit(case, str(tiny_dinov2_dir), phantom_data)
+    for r in range(WORLD):
+        got = dict(np.load(detector_ranks / f"{case}-{r}.npz"))
+        assert json.loads((detector_ranks / f"{case}-{r}.json").read_text()) == json.loads(json.dumps(want_summary))
+        assert sorted(got) == sorted(want)
+        for key, value in want.items():
+            np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=2e-5, err_msg=key)

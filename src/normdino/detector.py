@@ -16,8 +16,8 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 import numpy as np
 import torch
 
+from normdino import distributed as dist
 from normdino.errors import InputError, ModelFileError
-from normdino.evaluation.metrics import thresholds_at_fprs
 from normdino.features.tokens import FeatureRequest, Tokens, TokenSet
 from normdino.methods import registry
 from normdino.methods import scoring
@@ -255,18 +255,25 @@ class AnomalyDetector:
         method.check_params()
         train_sources: list[str] = sources if sources is not None else []
         val_sources: list[str] = []
-        normal_images = expand_images(normal_images, sources=None if sources is not None else train_sources)
+        recorded: dict = {}  # how the inputs were read (2D rule; slicing and scaling of volumes), kept in the model
+        normal_images = expand_images(normal_images, sources=None if sources is not None else train_sources,
+                                      settings=recorded)
+        if self.volume_settings is None and recorded:
+            self.volume_settings = recorded
         if val_normal_images is not None:
             val_normal_images = expand_images(val_normal_images, sources=val_sources)
         started = time.perf_counter()
         request = method.feature_request()
         self.backbone_ = self.build_backbone(request)
-        train = self._token_set(normal_images, request.cls, train_sources)
-        held_out = val_normal_images is None
-        if val_normal_images is not None:
-            val = self._token_set(val_normal_images, request.cls, val_sources)
-        elif self.val_fraction > 0 and len(set(train.sources)) >= 2 and len(train) >= 4:
-            train_idx, val_idx = held_out_split(train.sources, self.val_fraction, self.seed)
+        with dist.failing_together("token extraction"):  # under torchrun: this rank's share of the images
+            train = self._token_set(normal_images, request.cls, train_sources)
+            val = None if val_normal_images is None else self._token_set(val_normal_images, request.cls, val_sources)
+        held_out = val is None
+        if val is not None:
+            log.debug("validation images given: %d on this process", len(val))
+        elif self.val_fraction > 0 and len(set(all_sources := dist.gather_list(train.sources))) >= 2 and len(all_sources) >= 4:
+            split = held_out_split(all_sources, self.val_fraction, self.seed)  # over every rank's sources
+            train_idx, val_idx = (dist.local_indices(indices, len(train)) for indices in split)
             train, val = train.subset(train_idx), train.subset(val_idx)
             log.info("no validation images given: holding out %d of %d training images (%d sources) for calibration",
                      len(val), len(val) + len(train), len(set(val.sources)))
@@ -291,16 +298,17 @@ class AnomalyDetector:
         method.to(self.backbone_.device)
         method.progress = self.progress
         started = time.perf_counter()
-        method.fit(train, val)
+        dist.fit_method(method, train, val)  # method.fit(train, val), or its torchrun form on this rank's share
         fit_s = time.perf_counter() - started
         self.method_ = method
         self.grid_shape_ = train.grid_shape
         self._calibrate(val)
         h, w = train.grid_shape
         self.training_summary_ = {
-            "n_train_images": len(train), "n_val_images": len(val), "val_held_out": held_out,
-            "n_train_tokens": int(len(train) * h * w), "grid_shape": [h, w], "token_dim": train.dim,
-            "image_shapes": sorted({f"{hh}x{ww}" for hh, ww in train.shapes}),
+            "n_train_images": int(dist.global_sum(len(train))), "n_val_images": int(dist.global_sum(len(val))),
+            "val_held_out": held_out, "n_train_tokens": int(dist.global_sum(len(train) * h * w)),
+            "grid_shape": [h, w], "token_dim": train.dim,
+            "image_shapes": sorted({f"{hh}x{ww}" for hh, ww in dist.gather_list(train.shapes)}),
             "n_prototypes": int(method.n_prototypes), "fit_seconds": round(fit_s, 3), **method.fit_info(),
         }
         log.info("fitted %s: %d prototypes in %.1f s", self.method_name, method.n_prototypes, fit_s)
@@ -308,18 +316,20 @@ class AnomalyDetector:
 
     def _calibrate(self, val: TokenSet) -> None:
         """Thresholds at every grid FPR from the pixel and image scores of healthy validation images."""
-        rng = np.random.default_rng(self.seed)
-        total = sum(hh * ww for hh, ww in val.shapes)
+        rng = np.random.default_rng(self.seed + dist.rank())
+        total = dist.global_sum(sum(hh * ww for hh, ww in val.shapes))  # under torchrun: every rank's pixels
         keep = min(1.0, _MAX_CALIBRATION_PIXELS / max(1, total))
         pixel_samples, image_scores = [], []
-        for maps in self.pixel_maps(val):
-            image_scores.append(scoring.image_score(maps, self.top_fraction))
-            flat = maps.ravel()
-            pixel_samples.append(flat if keep >= 1.0 else rng.choice(flat, int(np.ceil(keep * flat.size)), replace=False))
+        with dist.failing_together("calibration"):
+            for maps in self.pixel_maps(val):
+                image_scores.append(scoring.image_score(maps, self.top_fraction))
+                flat = maps.ravel()
+                pixel_samples.append(flat if keep >= 1.0 else rng.choice(flat, int(np.ceil(keep * flat.size)), replace=False))
         fprs = np.unique(np.concatenate([FPR_GRID, np.asarray(self.fprs, dtype=np.float64)]))
         self.calibration_fprs_ = fprs
-        self.pixel_thresholds_ = thresholds_at_fprs(pixel_samples, fprs)
-        self.image_thresholds_ = thresholds_at_fprs(image_scores, fprs)
+        # quantiles of the healthy scores of every rank (exactly the one-process thresholds when not subsampled)
+        self.pixel_thresholds_ = dist.thresholds_at_fprs(pixel_samples, fprs)
+        self.image_thresholds_ = dist.thresholds_at_fprs(image_scores, fprs)
 
     # ------------------------------------------------------------------ scoring
     def _check_fitted(self) -> None:
@@ -375,7 +385,8 @@ class AnomalyDetector:
         pixel_threshold, image_threshold = self.pixel_threshold(fpr), self.image_threshold(fpr)
         from normdino.io.inputs import expand_images
 
-        arrays = (image if isinstance(image, np.ndarray) else _read(image) for image in expand_images(images))
+        arrays = (_checked(image, i) if isinstance(image, np.ndarray) else _read(image)
+                  for i, image in enumerate(expand_images(images)))
         for batch in _batches(arrays, self.batch_size):
             maps = self.patch_maps(self._embed(batch)).float().cpu()
             for patch_map, array in zip(maps, batch):
@@ -487,6 +498,14 @@ def _read(path: Any) -> np.ndarray:
     from normdino.io.reading import read_image
 
     return read_image(path)
+
+
+def _checked(image: np.ndarray, position: int) -> np.ndarray:
+    """An image array as given, with the same tiny-image warning files get."""
+    from normdino.io.reading import warn_if_tiny
+
+    warn_if_tiny(image.shape[:2], f"image array {position}")
+    return image
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:

@@ -15,6 +15,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from normdino import distributed as dist
 from normdino.errors import InputError, ModelFileError
 from normdino.features.tokens import FeatureRequest, Tokens, TokenSet
 from normdino.methods.base import NormativeMethod, Param
@@ -60,6 +61,8 @@ class DPMM(NormativeMethod):
         Param("score", str, "DPMM: anomaly score of a token", choices=SCORE_METHODS),
         LAYER, SEED,
     )
+    #: under torchrun each rank fits on its own share: one all-reduce of the EM statistics per step (distributed.fit_method)
+    fits_shards = True
 
     def __init__(self, n_components: int = 500, covariance_type: str = "diag", epochs: int = 40, batch_images: int = 12,
                  update_rate: float = 0.2, alpha: float = 2.0, weight_threshold: float = 1e-6, score: str = "cosine",
@@ -95,14 +98,15 @@ class DPMM(NormativeMethod):
         mixture = self._mixture()
         history: list[float] = []
         best: dict = {}
-        bar = tqdm(total=self.epochs, desc="DPMM EM", unit="epoch", disable=not progress)
+        bar = tqdm(total=self.epochs, desc="DPMM EM", unit="epoch", disable=not progress or not dist.is_main())
 
         def keep_best(epoch: int, model: DirichletProcessMixture) -> bool:
             bar.update(1)
             if val is None:
                 return False
             total, count = mean_log_likelihood(model, val, device)
-            loglik = total / max(1, count)
+            # under torchrun: summed over every rank's validation share, so all ranks keep the same epoch
+            loglik = dist.global_mean(total, count) if dist.is_distributed() else total / max(1, count)
             history.append(loglik)
             bar.set_postfix(val_loglik=f"{loglik:.2f}", active=int(model.active_.sum()))
             logger.info("epoch %d: mean validation log-likelihood %.4f", epoch + 1, loglik)
@@ -113,7 +117,7 @@ class DPMM(NormativeMethod):
         started = time.perf_counter()
         try:
             mixture.fit(train.flat_layer(-1), epochs=self.epochs, batch_size=self.batch_images * h * w,
-                        shuffle=True, callback=keep_best)
+                        shuffle=True, callback=keep_best, distributed=dist.is_distributed())
         finally:
             bar.close()
         self.mixture_ = best.get("model", mixture)
@@ -121,7 +125,7 @@ class DPMM(NormativeMethod):
         best_epoch = int(best.get("epoch", self.epochs - 1))
         self.fit_info_ = {"best_epoch": best_epoch + 1, "val_log_likelihood": history,
                           "em_seconds": round(time.perf_counter() - started, 3), "n_prototypes": self.n_prototypes,
-                          "n_train_tokens": int(len(train) * h * w)}
+                          "n_train_tokens": int(dist.global_sum(len(train) * h * w))}
         logger.info("DPMM: %d prototypes (best epoch %d)", self.n_prototypes, best_epoch + 1)
         return self
 
