@@ -388,3 +388,73 @@ def test_detector_fitted_on_rank_shares_equals_one_process(case, detector_ranks,
         assert sorted(got) == sorted(want)
         for key, value in want.items():
             np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=2e-5, err_msg=key)
+
+
+# ---------------------------------------------------------------------- the command line on 2 ranks
+
+
+def _fit_argv(train: Path, val: Path, output: Path, backbone: str) -> list[str]:
+    return ["fit", str(train), "--val", str(val), "-o", str(output), "--backbone", backbone, "--image-size", "56",
+            "--epochs", "2", "--components", "8", "--batch-images", "4", "--no-cache", "--quiet"]
+
+
+def _cli_worker(rank: int, out: str, argv_sets: list[list[str]]) -> None:
+    """Run ``normdino`` as a torchrun rank would (the group exists already); exit codes and stderr to files."""
+    import contextlib
+    import io
+
+    from normdino.cli import main
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD)
+    try:
+        for i, argv in enumerate(argv_sets):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = main(argv)
+            Path(f"{out}/cli-{i}-{rank}.json").write_text(json.dumps({"code": code, "stderr": err.getvalue()}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def cli_ranks(tmp_path_factory, tiny_dinov2_dir, phantom_data) -> Path:
+    out = tmp_path_factory.mktemp("cli-ranks")
+    broken = out / "broken-train"
+    broken.mkdir()
+    for i, png in enumerate(sorted((phantom_data / "train" / "good").glob("*.png"))[:4]):
+        (broken / f"{i}.png").write_bytes(png.read_bytes())
+    (broken / "3.png").write_bytes(b"\x89PNG not really")  # in rank 1's share (images 2-3)
+    argv_sets = [_fit_argv(phantom_data / "train" / "good", phantom_data / "valid" / "good" / "img", out / "model.normdino",
+                           str(tiny_dinov2_dir)),
+                 _fit_argv(broken, phantom_data / "valid" / "good" / "img", out / "broken.normdino", str(tiny_dinov2_dir))]
+    mp.start_processes(_cli_worker, args=(str(out), argv_sets), nprocs=WORLD, start_method="fork")
+    return out
+
+
+def test_cli_fit_on_two_ranks_writes_the_one_process_model(cli_ranks, tiny_dinov2_dir, phantom_data, tmp_path) -> None:
+    from normdino.cli import main
+    from normdino.detector import AnomalyDetector
+
+    for r in range(WORLD):
+        assert json.loads((cli_ranks / f"cli-0-{r}.json").read_text()) == {"code": 0, "stderr": ""}
+    assert main(_fit_argv(phantom_data / "train" / "good", phantom_data / "valid" / "good" / "img",
+                          tmp_path / "one.normdino", str(tiny_dinov2_dir))) == 0
+    one = AnomalyDetector.load(tmp_path / "one.normdino", progress=False)
+    two = AnomalyDetector.load(cli_ranks / "model.normdino", progress=False)
+    np.testing.assert_allclose(two.prototypes_.numpy(), one.prototypes_.numpy(), atol=2e-5)
+    np.testing.assert_allclose(two.pixel_thresholds_, one.pixel_thresholds_, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(two.image_thresholds_, one.image_thresholds_, rtol=1e-5, atol=1e-6)
+    for key in ("n_train_images", "n_val_images", "best_epoch", "n_prototypes"):
+        assert two.training_summary_[key] == one.training_summary_[key], key
+
+
+def test_cli_fit_failing_on_one_rank_ends_both_with_one_message_and_no_model(cli_ranks) -> None:
+    results = [json.loads((cli_ranks / f"cli-1-{r}.json").read_text()) for r in range(WORLD)]
+    assert [r["code"] for r in results] == [1, 1]
+    assert results[1]["stderr"] == ""  # only rank 0 speaks
+    message = results[0]["stderr"].strip()
+    assert message.startswith("normdino fit: error: rank 1 of 2 failed during token extraction: ")
+    assert "3.png" in message and len(message.splitlines()) == 1
+    assert not (cli_ranks / "broken.normdino").exists()
+    assert not [p for p in cli_ranks.iterdir() if p.name.startswith(".broken.normdino")]  # no temporary left

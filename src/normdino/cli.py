@@ -370,6 +370,59 @@ def _save_model(detector, output: str) -> None:
         raise OutputError(f"cannot write the model file {output}: {err}") from None
 
 
+# ---------------------------------------------------------------------- torchrun (torch imported only inside a job)
+
+DISTRIBUTED_COMMANDS = ("fit",)
+
+
+def _in_process_group() -> bool:
+    """True inside a torchrun job's process group (normdino.distributed is imported only there)."""
+    dist = sys.modules.get("normdino.distributed")
+    return bool(dist is not None and dist.is_distributed())
+
+
+def _is_main_rank() -> bool:
+    return not _in_process_group() or sys.modules["normdino.distributed"].is_main()
+
+
+def _my_share(inputs):
+    """This rank's contiguous share of the images and of the volumes (all of them outside a torchrun job)."""
+    if not _in_process_group():
+        return inputs
+    import dataclasses
+
+    from normdino import distributed as dist
+    from normdino.errors import InputError
+
+    if len(inputs.images) + len(inputs.volumes) < dist.world_size():
+        raise InputError(f"{len(inputs.images) + len(inputs.volumes)} inputs cannot be shared by "
+                         f"{dist.world_size()} processes; start at most that many")
+    return dataclasses.replace(inputs, images=list(dist.shard(inputs.images)), volumes=list(dist.shard(inputs.volumes)))
+
+
+def _join_torchrun_job(args) -> bool:
+    """Under torchrun (``fit``): join the job, each rank on its own GPU; ranks other than 0 stay quiet.
+
+    Returns True when this call created the process group (main() then leaves it at the end).
+    """
+    import os
+
+    joined = False
+    if args.command not in DISTRIBUTED_COMMANDS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise NormdinoError(f"normdino {args.command} does not run under torchrun yet (only "
+                            f"{', '.join(DISTRIBUTED_COMMANDS)} does); run it as one process: python -m normdino {args.command} ...")
+    if args.command in DISTRIBUTED_COMMANDS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from normdino import distributed as dist
+
+        if not dist.is_distributed():
+            device = dist.init_from_env(args.device or "cpu")
+            args.device = device if args.device is not None else None
+            joined = dist.is_distributed()
+    if _in_process_group() and not sys.modules["normdino.distributed"].is_main():
+        args.quiet = True  # progress bars and logs on rank 0 only; errors are agreed and printed there
+    return joined
+
+
 def cmd_fit(args) -> int:
     from normdino.detector import AnomalyDetector
     from normdino.io.inputs import resolve_inputs, training_images
@@ -391,11 +444,12 @@ def cmd_fit(args) -> int:
         volume_settings=_intensity_settings(options), **detector_kwargs, **method_params)
     from normdino.errors import WeightsNotFoundError
 
-    try:
-        detector.fit(training_images(train, options), training_images(val, options) if val else None)
+    try:  # under torchrun each rank embeds its contiguous share of the inputs (_my_share: all of them otherwise)
+        detector.fit(training_images(_my_share(train), options), training_images(_my_share(val), options) if val else None)
     except WeightsNotFoundError as err:
         raise WeightsNotFoundError(f"{err} {RANDOM_HINT.format(command='fit')}") from None
-    _save_model(detector, args.output)
+    if _is_main_rank():  # one model file, written by rank 0 after the last collective
+        _save_model(detector, args.output)
     summary = detector.training_summary_
     log.info("wrote %s: %s with %d prototypes from %d training images", args.output, detector.method_name,
              summary["n_prototypes"], summary["n_train_images"])
@@ -768,13 +822,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(estimator_options=bool(argv) and argv[0] in ESTIMATOR_COMMANDS)
     args = parser.parse_args(argv)
+    try:
+        joined = _join_torchrun_job(args)
+    except NormdinoError as err:
+        return _error(args.command, str(err))
     _configure_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
     handler = COMMANDS[args.command]
     try:
-        code = handler(args)
+        if _in_process_group():  # an error on any rank ends every rank with the same message
+            with sys.modules["normdino.distributed"].failing_together(args.command):
+                code = handler(args)
+        else:
+            code = handler(args)
         sys.stdout.flush()  # a closed pipe (| head) shows up here, not in an interpreter-exit traceback
         return code
     except NormdinoError as err:
+        if not _is_main_rank() and type(err).__name__ in ("DistributedError", "PeerFailedError"):
+            return 1  # every rank has this message; rank 0 prints it
         return _error(args.command, str(err))
     except BrokenPipeError:  # the reader went away (| head): stop quietly, as a SIGPIPE would
         import os
@@ -793,6 +857,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _end_progress_bars()
         print("normdino: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if joined:
+            sys.modules["normdino.distributed"].shutdown()
 
 
 if __name__ == "__main__":

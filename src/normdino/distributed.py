@@ -391,6 +391,8 @@ def failing_together(what: str) -> Iterator[None]:
         raise DistributedError(f"a rank of the job stopped during {what} ({_first_line(exc)}).") from (error or exc)
     failed = [(r, message) for r, message in enumerate(reports) if message is not None and not message.startswith(_PEER)]
     failed = failed or [(r, message[len(_PEER):]) for r, message in enumerate(reports) if message is not None]
+    if failed and len(failed) == len(reports) and len({m for _, m in failed}) == 1:
+        raise DistributedError(failed[0][1]) from error  # the same error on every rank: say it once, as it is
     if failed:
         r, message = failed[0]
         others = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
