@@ -61,6 +61,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -231,6 +232,9 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 @register("himatch", examples=("himatch",))
 class HiMatchMethod(NormativeMethod):
     """HiMatch-AD (training-free): retrieve healthy references, match per stage, fuse by reliability. See module doc."""
+
+    #: the backbone this method is meant with (the CLI may use it when --backbone is not given)
+    DEFAULT_BACKBONE: ClassVar[str] = "dinov3_vits16"
 
     PARAMS = (
         LAYERS_PARAM,
