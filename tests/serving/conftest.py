@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -28,7 +29,13 @@ def served_model(tmp_path_factory, tiny_dinov2_dir) -> Path:
                                  size=64, seed=0)
     detector = AnomalyDetector(backbone=str(tiny_dinov2_dir), image_size=112, n_components=16, epochs=2,
                                batch_images=4, progress=False, seed=0)
-    detector.fit(sorted((data / "train" / "good").glob("*.png")), sorted((data / "valid" / "good" / "img").glob("*.png")))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is enough, and it never waits on a busy second core
+    try:
+        detector.fit(sorted((data / "train" / "good").glob("*.png")),
+                     sorted((data / "valid" / "good" / "img").glob("*.png")))
+    finally:
+        torch.set_num_threads(threads)
     return detector.save(root / "brain.normdino")
 
 

@@ -80,6 +80,8 @@ def test_openapi_docs_list_the_endpoints(client):
 def test_the_viewer_page_is_served(client):
     page = client.get("/", headers={"Authorization": ""})
     assert page.status_code == 200 and 'id="file-input"' in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]  # no third-party scripts
+    assert "<script>" not in page.text and "http" not in page.text.replace("http-equiv", "")
     assert client.get("/static/viewer.js").status_code == 200
 
 

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from normdino import __version__
 from normdino.errors import NormdinoError
 from normdino.io.rendering import colormap_lut
-from normdino.serving.models import ServedModel, run_prediction
+from normdino.serving.models import ServedModel, release_memory, run_prediction
 from normdino.serving.results import ResultStore, discard
 from normdino.serving.settings import MB, ServeSettings
 from normdino.serving.uploads import UploadError, check_upload, copy_limited
@@ -37,6 +37,10 @@ log = logging.getLogger("normdino.serving")
 
 STATIC = Path(__file__).parent / "static"
 _MULTIPART_SLACK = 64 * 1024  # form boundaries and part headers around the file
+# The viewer loads nothing from elsewhere and runs no inline script; it may not be framed by another site.
+VIEWER_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
+                                             "frame-ancestors 'none'; base-uri 'none'",
+                  "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 _MEDIA_TYPES = {".png": "image/png", ".gz": "application/gzip", ".csv": "text/csv", ".json": "application/json",
                 ".npy": "application/octet-stream", ".u8": "application/octet-stream",
                 ".u16": "application/octet-stream"}
@@ -216,6 +220,8 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings = ServeSe
                         answer, names = await run_in_threadpool(run_prediction, served, upload, fpr, out_dir)
                     finally:
                         served.running -= 1
+                        if served.running == 0:
+                            await run_in_threadpool(release_memory)
             finally:
                 if queued:
                     served.waiting -= 1
@@ -260,7 +266,7 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings = ServeSe
 
     @app.get("/", include_in_schema=False)
     async def viewer() -> FileResponse:
-        return FileResponse(STATIC / "index.html", media_type="text/html")
+        return FileResponse(STATIC / "index.html", media_type="text/html", headers=VIEWER_HEADERS)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

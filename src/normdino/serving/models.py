@@ -163,6 +163,17 @@ def run_prediction(model: ServedModel, upload: Upload, fpr: float, out_dir: Path
     return answer, names
 
 
+def release_memory() -> None:
+    """Hand freed heap pages back to the system (glibc's malloc_trim), so the server's RSS returns to its
+    baseline after a large upload instead of keeping each worker thread's arena at its high-water mark."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def map_value_range(writer) -> tuple[float, float]:
     """The score range [low, high] that the writer's 16-bit maps span (value v: low + v / 65535 * (high - low))."""
     if hasattr(writer, "map_range"):

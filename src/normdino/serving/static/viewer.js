@@ -116,7 +116,8 @@ async function upload(file) {
   $("progress-text").textContent = "Uploading and processing…";
   const form = new FormData();
   form.append("file", file, file.name || "upload");
-  const fpr = state.result ? state.fpr : model.default_fpr;
+  // Keep the FPR chosen on the previous result, within this model's calibrated range.
+  const fpr = state.result ? Math.min(model.fpr_range[1], Math.max(model.fpr_range[0], state.fpr)) : model.default_fpr;
   try {
     if (state.result) api(`/results/${state.result.id}`, { method: "DELETE" }).catch(() => {});
     const answer = await (await api(`/predict?model=${encodeURIComponent(model.name)}&fpr=${fpr}`,
