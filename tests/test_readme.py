@@ -53,7 +53,7 @@ def test_readme_examples_never_write_two_predicts_into_one_results_folder():
     outputs = []
     for block in _bash_blocks(README):
         for line in block.splitlines():
-            words = shlex.split(line, comments=True)
-            if words[:2] == ["normdino", "predict"]:
+            if line.strip().startswith("normdino predict "):
+                words = shlex.split(line, comments=True)
                 outputs.append(words[words.index("-o") + 1].rstrip("/"))
     assert len(outputs) >= 2 and len(set(outputs)) == len(outputs)
