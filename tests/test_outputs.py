@@ -352,7 +352,7 @@ def _numpy_peak_of_predicting(detector, folder, size):
 
 def test_predicting_a_large_image_stays_within_the_stated_bytes_per_pixel(detector, tmp_path):
     """Read + map + mask + every output; the old full-size float64 overlay alone grew by ~150 B per pixel."""
-    small, large = 1500, 3000
+    small, large = 1000, 2000
     peak_small = _numpy_peak_of_predicting(detector, tmp_path, small)
     peak_large = _numpy_peak_of_predicting(detector, tmp_path, large)
     per_pixel = (peak_large - peak_small) / (large**2 - small**2)
