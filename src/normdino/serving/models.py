@@ -51,7 +51,7 @@ class ServedModel:
         fprs = np.asarray(det.calibration_fprs_, dtype=np.float64)
         return {
             "name": self.name,
-            "method": getattr(det, "method", "dpmm"),
+            "method": det.method_name,
             "backbone": det.backbone_.name,
             "random_weights": bool(det.backbone_.is_random),
             "fpr_range": [float(fprs[0]), float(fprs[-1])],
