@@ -255,3 +255,21 @@ def test_volume_slices_are_held_out_by_volume(tiny_dinov2_dir):
     detector.fit(stream(), sources=sources)
     assert detector.training_summary_["n_val_images"] == 4  # one whole volume
     assert detector.training_summary_["n_train_images"] == 8
+
+
+def test_runtime_and_precision_are_recorded_and_another_choice_warns(phantoms, tiny_dinov2_dir, tmp_path, caplog):
+    detector = AnomalyDetector(method="anomalydino-1shot", backbone=str(tiny_dinov2_dir), image_size=56,
+                               progress=False, precision="int8")
+    path = detector.fit(_pngs(phantoms / "train" / "good")[:6]).save(tmp_path / "int8.normdino")
+    header = json.loads(_header_json(path))
+    assert header["backbone"]["precision"] == "int8" and header["backbone"]["runtime"] == "torch"
+    same = AnomalyDetector.load(path, progress=False)
+    assert same.backbone_.precision == "int8" and "calibrated with backbone" not in caplog.text
+    fp32 = AnomalyDetector.load(path, progress=False, precision="fp32")
+    assert fp32.backbone_.precision == "fp32" and "calibrated with backbone precision int8" in caplog.text
+
+
+def _header_json(path):
+    from normdino.model_file import read_header
+
+    return json.dumps(read_header(path))

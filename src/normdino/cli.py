@@ -372,7 +372,7 @@ def _save_model(detector, output: str) -> None:
 
 # ---------------------------------------------------------------------- torchrun (torch imported only inside a job)
 
-DISTRIBUTED_COMMANDS = ("fit",)
+DISTRIBUTED_COMMANDS = ("fit", "predict")
 
 
 def _in_process_group() -> bool:
@@ -385,7 +385,7 @@ def _is_main_rank() -> bool:
     return not _in_process_group() or sys.modules["normdino.distributed"].is_main()
 
 
-def _my_share(inputs):
+def _my_share(inputs, allow_empty: bool = False):
     """This rank's contiguous share of the images and of the volumes (all of them outside a torchrun job)."""
     if not _in_process_group():
         return inputs
@@ -394,7 +394,7 @@ def _my_share(inputs):
     from normdino import distributed as dist
     from normdino.errors import InputError
 
-    if len(inputs.images) + len(inputs.volumes) < dist.world_size():
+    if not allow_empty and len(inputs.images) + len(inputs.volumes) < dist.world_size():
         raise InputError(f"{len(inputs.images) + len(inputs.volumes)} inputs cannot be shared by "
                          f"{dist.world_size()} processes; start at most that many")
     return dataclasses.replace(inputs, images=list(dist.shard(inputs.images)), volumes=list(dist.shard(inputs.volumes)))
@@ -440,6 +440,7 @@ def cmd_fit(args) -> int:
     options = _slice_options(args) if train.volumes or (val and val.volumes) else None
     detector = AnomalyDetector(
         method=settings["method"], backbone=settings["backbone"], device=settings["device"],
+        runtime=args.runtime or "torch", precision=args.precision,
         cache_dir=None if args.no_cache else settings["cache_dir"], progress=not args.quiet,
         volume_settings=_intensity_settings(options), **detector_kwargs, **method_params)
     from normdino.errors import WeightsNotFoundError
@@ -456,6 +457,45 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def _predict_shares(args, inputs, detector, options, max_megapixels: float) -> int:
+    """predict under torchrun: each rank writes the maps of its share; rank 0 writes the one scores.csv (input order),
+    summary.json and index.html from every rank's rows."""
+    from normdino import distributed as dist
+    from normdino.io.writing import PredictionWriter
+
+    def writer(main: bool) -> PredictionWriter:
+        return PredictionWriter(detector, Path(args.output), fpr=args.fpr, overlays=not args.no_overlays,
+                                progress=not args.quiet, overwrite=args.overwrite, strict=args.strict,
+                                max_megapixels=max_megapixels, context={"model": str(args.model)}, prepare=main,
+                                csv_name="scores.csv" if main else f".scores.rank{dist.rank()}.csv")
+
+    with dist.failing_together("preparing the results folder"):  # rank 0 cleans it before anyone writes
+        mine = writer(True) if dist.is_main() else None
+    mine = mine or writer(False)
+    everything = [*inputs.images, *inputs.volumes]
+    mine.assign_names(everything)  # the same unique names on every rank
+    share = _my_share(inputs, allow_empty=True)
+    with dist.failing_together("predict"):
+        mine.write_images(share.images)
+        for volume in share.volumes:
+            mine.write_volume(volume, options)
+    position = {str(p): i for i, p in enumerate(everything)}
+    rows = sorted(dist.gather_list(mine.rows), key=lambda row: position.get(row["input"], len(position)))
+    mine.adopt_rows(rows, write=dist.is_main())
+    if dist.is_main():
+        csv_path = mine.finish()
+    else:
+        mine.csv_path.unlink(missing_ok=True)
+        return 0
+    if mine.n_written == 0:
+        raise NormdinoError(f"none of the {mine.n_skipped} inputs could be read; {csv_path} says why for each")
+    if mine.n_skipped:
+        log.warning("%d of %d inputs were skipped; %s says why", mine.n_skipped, len(mine.rows), csv_path)
+    log.info("wrote maps for %d inputs on %d processes, %s and %s", mine.n_written, dist.world_size(), csv_path,
+             csv_path.parent / "index.html")
+    return 0
+
+
 def cmd_predict(args) -> int:
     from normdino.detector import AnomalyDetector
     from normdino.io.inputs import resolve_inputs
@@ -468,9 +508,12 @@ def cmd_predict(args) -> int:
     prepare_results_folder(Path(args.output), args.overwrite, check_only=True)
     max_megapixels = args.max_megapixels or DEFAULT_MAX_MEGAPIXELS
     check_image_sizes(inputs.images, max_megapixels, strict=args.strict)
-    detector = AnomalyDetector.load(args.model, backbone=args.backbone, device=args.device, progress=not args.quiet)
+    detector = AnomalyDetector.load(args.model, backbone=args.backbone, device=args.device, progress=not args.quiet,
+                                    runtime=args.runtime, precision=args.precision)
     detector.batch_size = args.batch_size
     options = _slice_options(args, detector.volume_settings) if inputs.volumes else None
+    if _in_process_group():
+        return _predict_shares(args, inputs, detector, options, max_megapixels)
     writer = PredictionWriter(detector, Path(args.output), fpr=args.fpr, overlays=not args.no_overlays,
                               progress=not args.quiet, overwrite=args.overwrite, strict=args.strict,
                               max_megapixels=max_megapixels, context={"model": str(args.model)})
@@ -583,7 +626,8 @@ def cmd_evaluate(args) -> int:
     from normdino.evaluation.protocol import detector_scorer, evaluate_methods, evaluation_token_sets, write_outputs
 
     cache_dir = None if args.no_cache else Path(args.cache_dir)
-    detector = AnomalyDetector.load(args.model, backbone=args.backbone, device=args.device, progress=not args.quiet)
+    detector = AnomalyDetector.load(args.model, backbone=args.backbone, device=args.device, progress=not args.quiet,
+                                    runtime=args.runtime, precision=args.precision)
     detector.batch_size = args.batch_size
     sigma = detector.sigma if args.sigma is None else args.sigma
     if args.layout == "volumes":
@@ -645,7 +689,8 @@ def cmd_bench(args) -> int:
     cache_dir = None if args.no_cache else Path(settings["cache_dir"])
     sigma = settings["sigma"]
     layers, cls = feature_union(methods)
-    maker = AnomalyDetector(backbone=settings["backbone"], device=settings["device"], **detector_kwargs)
+    maker = AnomalyDetector(backbone=settings["backbone"], device=settings["device"], runtime=args.runtime or "torch",
+                            precision=args.precision, **detector_kwargs)
     backbone = maker.build_backbone(FeatureRequest(layers=layers, cls=cls))
     progress = not args.quiet
     batch = settings["batch_size"]

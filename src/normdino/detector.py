@@ -136,6 +136,8 @@ class AnomalyDetector:
         seed: int = 0,
         progress: bool = True,
         volume_settings: dict | None = None,
+        runtime: str = "torch",
+        precision: str | None = None,
         **method_params: Any,
     ):
         self.method = method
@@ -153,6 +155,8 @@ class AnomalyDetector:
         self.seed = seed
         self.progress = progress
         self.volume_settings = volume_settings
+        self.runtime = runtime  # how the backbone runs (torch, onnx, openvino): recorded, not part of the identity
+        self.precision = precision  # fp32, int8, bf16; None: bf16 on CUDA, else fp32
         self.method_params = method_params
 
     # ------------------------------------------------------------------ parameters
@@ -196,7 +200,8 @@ class AnomalyDetector:
         if isinstance(self.backbone, Backbone):
             return _with_layers(self.backbone, request)
         name = str(self.backbone)
-        common = dict(image_size=self.image_size, layers=request.layers, normalize=self.normalize, device=self.device)
+        common = dict(image_size=self.image_size, layers=request.layers, normalize=self.normalize, device=self.device,
+                      runtime=self.runtime, precision=self.precision)
         if name == RANDOM_BACKBONE or name.startswith(RANDOM_BACKBONE + ":") or name.startswith(RANDOM_BACKBONE + "-"):
             arch, seed, tiny = parse_random_name(name, self.seed)
             return Backbone.random(arch, seed=seed, tiny=tiny, **common)
@@ -417,8 +422,13 @@ class AnomalyDetector:
 
     @classmethod
     def load(cls, path: str | Path, backbone=None, cache_dir: str | Path | None = None,
-             device: str = "cpu", progress: bool = True) -> "AnomalyDetector":
-        """Load a model file written by :meth:`save`; ``backbone`` overrides where the backbone weights come from."""
+             device: str = "cpu", progress: bool = True, runtime: str | None = None,
+             precision: str | None = None) -> "AnomalyDetector":
+        """Load a model file written by :meth:`save`; ``backbone`` overrides where the backbone weights come from.
+
+        ``runtime``/``precision`` default to the model's own where this device supports them (a model fitted
+        in bf16 on a GPU runs in fp32 on a CPU); a different choice gives a warning, not a refusal.
+        """
         from normdino.model_file import read_model_file
 
         header, tensors = read_model_file(path)
@@ -433,6 +443,8 @@ class AnomalyDetector:
                        cache_dir=cache_dir, device=device, progress=progress,
                        volume_settings=header["detector"].get("volume_settings"), **detector_params)
         detector.image_size = int(spec["image_size"])
+        detector.runtime = runtime or spec.get("runtime", "torch")
+        detector.precision = precision or _portable_precision(spec.get("precision"), device)
         detector.normalize = bool(spec.get("normalize", detector.normalize))
         method.to(device)
         state = {k.removeprefix("method."): v for k, v in tensors.items() if k.startswith("method.")}
@@ -463,6 +475,13 @@ def _check_same_backbone(path, spec: dict, backbone, overridden: bool) -> None:
                         "by the difference in tokens", path, key, saved, now)
 
 
+def _portable_precision(saved: str | None, device: str) -> str | None:
+    """The saved precision where the device can run it; bf16 from a GPU falls back to the device's default."""
+    if saved == "bf16" and torch.device(device).type != "cuda":
+        return None
+    return saved
+
+
 def weights_identity(identifier: str) -> str:
     """The part of a backbone identifier that names the weights and geometry: not precision, runtime or versions.
 
@@ -491,7 +510,8 @@ def _with_layers(backbone, request: FeatureRequest):
     if tuple(layer % (n + 1) for layer in request.layers) == tuple(backbone.layers):
         return backbone
     return type(backbone)(backbone.model, backbone.name, image_size=backbone.image_size, layers=request.layers,
-                          normalize=backbone.normalize, device=backbone.device, is_random=backbone.is_random)
+                          normalize=backbone.normalize, device=backbone.device, is_random=backbone.is_random,
+                          runtime=backbone.runtime, precision=backbone.precision)
 
 
 def _read(path: Any) -> np.ndarray:
