@@ -203,3 +203,13 @@ def test_info_of_a_malformed_header_is_one_sentence(tmp_path, capsys):
     assert main(["info", str(path)]) == 1
     err = capsys.readouterr().err
     assert "malformed" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "bench"])
+def test_report_folders_are_checked_before_any_work(command, data, tmp_path, capsys, no_work):
+    (tmp_path / "f").write_text("x")
+    argv = [command, *([str(tmp_path / "any.normdino")] if command == "evaluate" else []), str(data),
+            "-o", str(tmp_path / "f" / "report")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "lies under the file" in err and "Traceback" not in err

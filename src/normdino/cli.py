@@ -621,10 +621,20 @@ def _print_results(paths: dict, rows: list[dict], random_backbone: bool) -> None
     print(f"results: {paths['json']}  {paths['markdown']}  report: {paths['html']}")
 
 
+def _check_report_outputs(args) -> None:
+    """Before any work: the report folder and the --json file can be written (one sentence if not)."""
+    from normdino.files import check_writable_file, check_writable_folder
+
+    check_writable_folder(args.output, "report folder")
+    if args.json:
+        check_writable_file(args.json, "JSON results file")
+
+
 def cmd_evaluate(args) -> int:
     from normdino.detector import AnomalyDetector
     from normdino.evaluation.protocol import detector_scorer, evaluate_methods, evaluation_token_sets, write_outputs
 
+    _check_report_outputs(args)
     cache_dir = None if args.no_cache else Path(args.cache_dir)
     detector = AnomalyDetector.load(args.model, backbone=args.backbone, device=args.device, progress=not args.quiet,
                                     runtime=args.runtime, precision=args.precision)
@@ -668,6 +678,7 @@ def cmd_bench(args) -> int:
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not names:
         raise InputError("--methods is empty")
+    _check_report_outputs(args)
     settings, detector_kwargs, _ = _estimator_settings(args, method=names[0])
     seed = settings["seed"]
     methods = []
