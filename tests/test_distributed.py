@@ -417,6 +417,11 @@ def _cli_worker(rank: int, out: str, argv_sets: list[list[str]]) -> None:
         torch.distributed.destroy_process_group()
 
 
+def _predict_argv(model: Path, data: Path, output: Path) -> list[str]:
+    return ["predict", str(model), str(data / "test" / "Ungood" / "img"), str(data / "test" / "good" / "img"),
+            str(data / "valid" / "good" / "img"), "-o", str(output), "--quiet"]
+
+
 @pytest.fixture(scope="module")
 def cli_ranks(tmp_path_factory, tiny_dinov2_dir, phantom_data) -> Path:
     out = tmp_path_factory.mktemp("cli-ranks")
@@ -427,7 +432,8 @@ def cli_ranks(tmp_path_factory, tiny_dinov2_dir, phantom_data) -> Path:
     (broken / "3.png").write_bytes(b"\x89PNG not really")  # in rank 1's share (images 2-3)
     argv_sets = [_fit_argv(phantom_data / "train" / "good", phantom_data / "valid" / "good" / "img", out / "model.normdino",
                            str(tiny_dinov2_dir)),
-                 _fit_argv(broken, phantom_data / "valid" / "good" / "img", out / "broken.normdino", str(tiny_dinov2_dir))]
+                 _fit_argv(broken, phantom_data / "valid" / "good" / "img", out / "broken.normdino", str(tiny_dinov2_dir)),
+                 _predict_argv(out / "model.normdino", phantom_data, out / "predicted")]
     mp.start_processes(_cli_worker, args=(str(out), argv_sets), nprocs=WORLD, start_method="fork")
     return out
 
@@ -458,3 +464,26 @@ def test_cli_fit_failing_on_one_rank_ends_both_with_one_message_and_no_model(cli
     assert "3.png" in message and len(message.splitlines()) == 1
     assert not (cli_ranks / "broken.normdino").exists()
     assert not [p for p in cli_ranks.iterdir() if p.name.startswith(".broken.normdino")]  # no temporary left
+
+
+def test_cli_predict_on_two_ranks_writes_the_one_process_results(cli_ranks, phantom_data, tmp_path) -> None:
+    import csv
+
+    from normdino.cli import main
+
+    for r in range(WORLD):
+        assert json.loads((cli_ranks / f"cli-2-{r}.json").read_text()) == {"code": 0, "stderr": ""}
+    assert main(_predict_argv(cli_ranks / "model.normdino", phantom_data, tmp_path / "one")) == 0
+    two, one = cli_ranks / "predicted", tmp_path / "one"
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # no rank files left
+    rows2, rows1 = (list(csv.DictReader((d / "scores.csv").open())) for d in (two, one))
+    assert len(rows1) == 12 and [r["input"] for r in rows2] == [r["input"] for r in rows1]  # input order
+    for a, b in zip(rows2, rows1):
+        for key in a:
+            if key in ("score", "pixel_threshold", "image_threshold", "anomalous_fraction"):
+                assert abs(float(a[key]) - float(b[key])) < 2e-5, key
+            else:
+                assert a[key] == b[key], key
+    summary2, summary1 = (json.loads((d / "summary.json").read_text()) for d in (two, one))
+    assert summary2.keys() == summary1.keys()
+    assert summary2["n_inputs"] == summary1["n_inputs"] == 12 and summary2["n_written"] == 12

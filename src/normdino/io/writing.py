@@ -282,7 +282,7 @@ class PredictionWriter:
 
     def __init__(self, detector, out_dir: Path, fpr: float | None = None, overlays: bool = True, progress: bool = True,
                  overwrite: bool = False, strict: bool = False, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
-                 context: dict | None = None):
+                 context: dict | None = None, csv_name: str = "scores.csv", prepare: bool = True):
         self.detector = detector
         self.out_dir = Path(out_dir)
         self.fpr = detector.default_fpr if fpr is None else fpr
@@ -302,9 +302,10 @@ class PredictionWriter:
         span = self.vmax - self.vmin
         bounded = detector.method_.score_range
         self.map_range = bounded if bounded is not None else (self.vmin - 4 * span, self.vmax + 4 * span)
-        prepare_results_folder(self.out_dir, overwrite)
+        if prepare:  # False for the other torchrun ranks, which write into the folder rank 0 prepared
+            prepare_results_folder(self.out_dir, overwrite)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.csv_path = self.out_dir / "scores.csv"
+        self.csv_path = self.out_dir / csv_name
         atomic_write_text(self.csv_path, ",".join(CSV_COLUMNS) + "\n")
 
     @property
@@ -504,6 +505,16 @@ class PredictionWriter:
             "n_inputs": len(self.rows), "n_written": self.n_written, "n_skipped": self.n_skipped,
             "n_anomalous": sum(row["anomalous"] == 1 for row in self.rows),
         }
+
+    def adopt_rows(self, rows: Sequence[dict], write: bool = True) -> None:
+        """Take ``rows`` as this run's rows (e.g. every torchrun rank's, in input order) and rewrite the CSV with them."""
+        self.rows = list(rows)
+        if write:
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(self.rows)
+            atomic_write_text(self.csv_path, buffer.getvalue())
 
     def finish(self) -> Path:
         """Write ``summary.json`` and ``index.html`` (scores.csv is already complete); returns the CSV's path."""
