@@ -2,6 +2,7 @@
 
     python benchmarks/bench_backbone.py                      # ViT-S/14 and ViT-B/14, batch 1 and 8, 200 slices
     python benchmarks/bench_backbone.py --n 64 --reps 1      # shorter
+    python benchmarks/bench_backbone.py --runtimes [...]     # runtime x precision table (bench_runtimes.py options)
 
 Random weights of the same architecture: honest for time and memory, meaningless for quality.
 Each forward configuration runs in its own process so that peak RSS is its own.
@@ -88,6 +89,13 @@ def _run_child(threads: int, *args: str) -> dict:
 
 
 def main() -> None:
+    if "--runtimes" in sys.argv[1:]:  # the runtime x precision table lives in bench_runtimes.py
+        sys.argv.remove("--runtimes")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_runtimes
+
+        bench_runtimes.main()
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", nargs="+", default=["dinov2_vits14", "dinov2_vitb14"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
