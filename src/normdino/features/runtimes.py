@@ -293,6 +293,8 @@ def onnx_runner(path: Path, threads: int) -> Runner:
     options.intra_op_num_threads = int(threads)
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # idle threads sleep instead of spinning: spinning steals the cores from torch (scoring, other backbones)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - a damaged cache file
