@@ -158,3 +158,20 @@ def test_quantiser_logs_stay_quiet(tiny_dinov2_dir, caplog):
     with caplog.at_level(logging.INFO):
         Backbone.random("dinov2_vits14", seed=9, tiny=True, image_size=SIZE, runtime="onnx", precision="int8")
     assert not [r for r in caplog.records if r.name == "root"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["fit", "normal", "-o", "m.normdino"], ["predict", "m.normdino", "x.png", "-o", "out"],
+     ["evaluate", "m.normdino", "data"], ["bench", "data"]],
+)
+def test_cli_runtime_options(argv):
+    from normdino.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args([*argv, "--runtime", "onnx", "--precision", "int8"])
+    assert (args.runtime, args.precision) == ("onnx", "int8")
+    defaults = parser.parse_args(argv)
+    assert (defaults.runtime, defaults.precision) == (None, None)  # None: the default / the model file's choice
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--runtime", "tensorrt"])
