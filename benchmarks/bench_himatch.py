@@ -48,6 +48,9 @@ ROWS = [  # (label, method, params); all himatch rows keep the defaults except w
     ("dpmm-multistage (5 epochs/stage, uncertainty)", "dpmm-multistage", dict(FAST_DPMM)),
     ("dpmm-multistage mean fusion", "dpmm-multistage", dict(FAST_DPMM, fusion="mean")),
     ("anomalydino (block 12, full bank)", "anomalydino", dict(layer=12)),
+    # per-image vs per-retrieved-set clusters at a size the retrieved scope can afford (k = 3, 16 reliability images)
+    ("himatch k=3, clusters per image", "himatch", dict(retrieve_k=3, reliability_images=16)),
+    ("himatch k=3, clusters per retrieved set", "himatch", dict(retrieve_k=3, reliability_images=16, cluster_scope="retrieved")),
 ]
 
 
@@ -198,6 +201,7 @@ def main() -> None:
     parser.add_argument("--time-images", type=int, default=8, help="images timed one by one (batch 1) per row")
     parser.add_argument("--rows", default="", help="comma-separated row numbers (0-based) to run; default all")
     parser.add_argument("--skip-synthetic", action="store_true")
+    parser.add_argument("--skip-lgg", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the methods (extraction uses the default); "
                         "1 keeps small-tensor timings stable on a shared machine")
     parser.add_argument("--cache", default="/tmp/normdino-bench-himatch")
@@ -206,19 +210,21 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     chosen = [ROWS[int(i)] for i in args.rows.split(",")] if args.rows else ROWS
-    data = extract(args.data, args)
+    data = None if args.skip_lgg else extract(args.data, args)
     torch.set_num_threads(args.threads)
     report: dict = {"threads": torch.get_num_threads()}
-    report["extract_seconds_per_image"] = data["extract_seconds_per_image"]
-    print(header(f"lgg-flair, RANDOM-weight dinov3_vits16 at {args.image_size} px ({int(data['n_train'])} train, "
-                 f"{len(data['masks'])} eval images): quality NOT DINOv3's"), flush=True)
-    report["lgg"] = run_rows(chosen, data, (256, 256), args.time_images)
+    if data is not None:
+        report["extract_seconds_per_image"] = data["extract_seconds_per_image"]
+        print(header(f"lgg-flair, RANDOM-weight dinov3_vits16 at {args.image_size} px ({int(data['n_train'])} train, "
+                     f"{len(data['masks'])} eval images): quality NOT DINOv3's"), flush=True)
+        report["lgg"] = run_rows(chosen, data, (256, 256), args.time_images)
     if not args.skip_synthetic:
         print(header("synthetic tokens (16x16 grid, D=64, 4 stages; ground truth known)"), flush=True)
         report["synthetic"] = run_rows(chosen, synthetic(), None, args.time_images)
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\nbackbone extraction {1000 * data['extract_seconds_per_image']:.0f} ms/image (batch 4, 4 stages); "
-          f"peak RSS {report['peak_rss_mb']:.0f} MB; torch threads {report['threads']}")
+    if data is not None:
+        print(f"\nbackbone extraction {1000 * data['extract_seconds_per_image']:.0f} ms/image (batch 4, 4 stages)")
+    print(f"peak RSS {report['peak_rss_mb']:.0f} MB; torch threads {report['threads']}")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
 

@@ -312,7 +312,10 @@ class HiMatchMethod(NormativeMethod):
         return torch.stack([spherical_kmeans(x[:, layer], self.clusters) for layer in range(n_layers)], 1)
 
     def fit(self, train: TokenSet, val: TokenSet | None = None) -> "HiMatchMethod":
-        """Keep CLS tokens, descriptors and per-stage banks of the healthy images; estimate stage reliabilities."""
+        """Keep CLS tokens, descriptors and per-stage banks of the healthy images; estimate stage reliabilities.
+
+        ``val`` is not used: nothing is selected, and the reliabilities come from leave-one-out maps of ``train``.
+        """
         self.check_params()
         start = time.perf_counter()
         n = len(train)
