@@ -15,6 +15,7 @@ Outputs in ``-o``: ``tables.md``, ``tables.json`` (strict JSON: undefined metric
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import math
@@ -309,6 +310,8 @@ def _number(value: float | None, metric: str) -> str:
         return "—"
     if metric in ("ms_per_sample",):
         return f"{value:.1f}"
+    if metric == "p":
+        return f"{value:.2g}"
     return f"{value:.3f}"
 
 
@@ -374,7 +377,7 @@ def markdown_tables(cells: Sequence[dict], per_dataset: Sequence[dict], warning:
         for c in data["comparisons"]:
             lines.append(f"| {data['dataset']} | {c['a']} | {c['b']} | {c['metric']} | {_number(c['mean_a'], '')} | "
                          f"{_number(c['mean_b'], '')} | {_number(c['mean_difference'], '')} | "
-                         f"{_number(c['p_value'], '')} | {c['n_images']} |")
+                         f"{_number(c['p_value'], 'p')} | {c['n_images']} |")
     lines += ["", "## Setting", ""]
     for data in per_dataset:
         keys = ("folder", "train_used", "healthy_used", "evaluated", "calibration", "foreground", "backbone",
@@ -412,7 +415,7 @@ def html_report(path: Path, cells: Sequence[dict], per_dataset: Sequence[dict], 
                         row[f"{METRIC_LABELS[m]} Δ"] = _difference_text(c) if c else "—"
                 rows.append(row)
             heading = f"{title}{' (foreground only)' if foreground else ''}: {BMAD_NAMES.get(data['dataset'], data['dataset'])}"
-            body = (f'<p class="warning">{warning}</p>' if warning else "") + report.html_table(rows, columns)
+            body = (f'<p class="warning">{html.escape(warning)}</p>' if warning else "") + report.html_table(rows, columns)
             sections.append((heading, body))
     comparisons = [{"data set": d["dataset"], **{k: c[k] for k in ("a", "b", "metric", "mean_difference", "p_value", "n_images")}}
                    for d in per_dataset for c in d["comparisons"]]
