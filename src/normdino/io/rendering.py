@@ -1,9 +1,10 @@
-"""Pictures of anomaly maps: colour maps, overlay PNGs and 16-bit score-map PNGs (numpy and Pillow only)."""
+"""Pictures of anomaly maps: colour maps (matplotlib's inferno), overlay PNGs and 16-bit score-map PNGs."""
 
 from __future__ import annotations
 
 import base64
 import html
+import functools
 import io
 import logging
 import math
@@ -19,25 +20,6 @@ from normdino.files import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-# Anchor colours of an inferno-like map (black → purple → red → orange → pale yellow), evenly spaced in [0, 1];
-# its luminance rises monotonically, so it reads correctly in grey scale and for colour-blind readers.
-_INFERNO_ANCHORS = np.array(
-    [
-        (0, 0, 4),
-        (22, 11, 57),
-        (65, 12, 104),
-        (106, 23, 110),
-        (147, 38, 103),
-        (188, 55, 84),
-        (221, 81, 58),
-        (243, 120, 25),
-        (252, 165, 10),
-        (246, 215, 70),
-        (252, 255, 164),
-    ],
-    dtype=np.float64,
-)
-
 #: Contour colours in overlays: predicted mask and ground truth (red / cyan stay distinct for colour-blind readers).
 PREDICTED_COLOR = (255, 59, 48)
 TRUTH_COLOR = (0, 214, 255)
@@ -48,15 +30,19 @@ _MUTED = (150, 155, 166)
 PNG16_MAX = 65535
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_lut(n: int) -> np.ndarray:
+    from matplotlib import colormaps
+
+    lut = np.rint(colormaps["inferno"](np.linspace(0.0, 1.0, n))[:, :3] * 255).astype(np.uint8)
+    lut.setflags(write=False)
+    return lut
+
+
 def colormap_lut(n: int = 256) -> np.ndarray:
-    """The (n, 3) uint8 lookup table of the heat-map colour scale, interpolated from the anchor colours."""
-    positions = np.linspace(0.0, 1.0, len(_INFERNO_ANCHORS))
-    t = np.linspace(0.0, 1.0, n)
-    lut = np.stack([np.interp(t, positions, _INFERNO_ANCHORS[:, c]) for c in range(3)], axis=1)
-    return np.rint(lut).astype(np.uint8)
-
-
-_LUT = colormap_lut()
+    """The (n, 3) uint8 lookup table of the heat-map colour scale: matplotlib's inferno (black -> purple -> red
+    -> orange -> pale yellow; luminance rises monotonically, so it reads in grey scale and for colour-blind readers)."""
+    return _cached_lut(int(n)).copy()
 
 
 def _check_range(vmin: float, vmax: float, where: str) -> None:
@@ -87,8 +73,9 @@ def normalize(score_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
 def colorize(score_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     """Map scores to (…, 3) uint8 colours: vmin and below → black, vmax and above → pale yellow; NaN → black."""
     _check_range(vmin, vmax, "colorize")
-    index = np.rint(normalize(score_map, vmin, vmax) * (len(_LUT) - 1)).astype(np.intp)
-    return _LUT[index]
+    lut = _cached_lut(256)
+    index = np.rint(normalize(score_map, vmin, vmax) * (len(lut) - 1)).astype(np.intp)
+    return lut[index]
 
 
 def mask_contour(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
