@@ -65,7 +65,7 @@ def test_health_and_models_describe_what_is_served(client, served_model):
     listed = {m["name"]: m for m in client.get("/models").json()["models"]}
     detector = AnomalyDetector.load(served_model, progress=False)
     brain = listed["brain"]
-    assert brain["method"] == getattr(detector, "method", "dpmm")
+    assert brain["method"] == "dpmm" == detector.method_name
     assert brain["random_weights"] is True and brain["backbone"] == detector.backbone_.name
     assert brain["fpr_range"] == [pytest.approx(detector.calibration_fprs_[0]),
                                   pytest.approx(detector.calibration_fprs_[-1])]

@@ -159,7 +159,8 @@ def run_prediction(model: ServedModel, upload: Upload, fpr: float, out_dir: Path
     if upload.kind == "volume":
         answer["slices"] = [{"index": k, "score": s, "is_anomalous": bool(s > writer.image_threshold)}
                             for k, s in zip(viewer.indices, viewer.scores)]
-    names = {p.name for p in out_dir.iterdir() if p.is_file()}
+    # Everything the writer made is downloadable, except its HTML index (it links files by relative path).
+    names = {p.name for p in out_dir.iterdir() if p.is_file() and p.suffix != ".html"}
     return answer, names
 
 
