@@ -217,8 +217,8 @@ def time_detection(backbone, scorer: Scorer, images: Sequence[Path], sigma: floa
                    warmup: int = 1) -> tuple[float, float]:
     """(ms per sample, peak memory in MB) of read + backbone + scoring + upsampling at batch size 1.
 
-    Two passes over ``images``: one timed, one under :class:`PeakMemory` (whose sampling thread, measured,
-    inflates ms/sample by ~25 %: 6.9 -> 8.6 ms for scoring alone).
+    Two passes over ``images``: one timed, one under :class:`PeakMemory` (its 1 kHz sampling thread slowed
+    the timed loop when both ran together: 6.9 -> 8.6 ms/sample for scoring, as reported in issue 11).
     """
     def detect(path: Path) -> float:
         image = read_image(path)
