@@ -248,6 +248,20 @@ def test_cache_altered_at_the_same_size_is_recomputed_with_a_warning(backbone, i
     assert caplog.text == "" and sum(calls) == 1  # the rewritten shard is clean
 
 
+def test_a_moved_cache_is_verified_once_and_reused(backbone, images, tmp_path, monkeypatch, caplog):
+    good = extract_tokens(backbone, images, tmp_path / "cache", progress=False)
+    moved = shutil.copytree(tmp_path / "cache", tmp_path / "moved")  # new inodes and ctimes
+    calls = _count_encoded(monkeypatch, backbone)
+    with caplog.at_level(logging.INFO, logger="normdino.features.cache"):
+        again = extract_tokens(backbone, images, moved, progress=False)
+    assert calls == [] and "checksums verified" in caplog.text and "WARNING" not in caplog.text
+    assert again.patches.tobytes() == good.patches.tobytes()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="normdino.features.cache"):
+        extract_tokens(backbone, images, moved, progress=False)
+    assert calls == [] and "Reusing" in caplog.text and "checksums verified" not in caplog.text
+
+
 def test_truncated_or_unreadable_cache_is_recomputed(backbone, images, tmp_path, caplog):
     cache = tmp_path / "cache"
     good = np.array(extract_tokens(backbone, images, cache, progress=False).patches)
@@ -367,7 +381,8 @@ def test_a_killed_extraction_leaves_no_temporaries_after_next_use(backbone, imag
     cache = tmp_path / "cache"
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT)
-    done = subprocess.run([sys.executable, str(script), str(cache), *map(str, images)], capture_output=True, timeout=300)
+    command = [sys.executable, str(script), str(cache), *map(str, images)]
+    done = subprocess.run(command, capture_output=True, timeout=300)
     assert done.returncode == -9, done.stderr[-2000:]
     (left,) = [p.name for p in cache.iterdir() if p.name.endswith(".tmp")]
     assert left.startswith(".tokens-")

@@ -19,9 +19,11 @@ with ordinary file I/O, so resident memory stays small), missing rows are comput
 Fault tolerance: shards are written with ordinary writes (never a memory map, whose writes on a full disk
 kill the process with SIGBUS) after a free-space check, and ENOSPC becomes one InputError sentence; a shard
 appears by renaming its folder, so a killed writer leaves only a ``.tmp`` folder, removed on next use once
-its process is gone (or after a day); every row's CRC-32 is checked before it is served, so a file altered
-on disk, even at the same size, is recomputed with a warning. Old shards are never deleted: delete the
-folder to reclaim space.
+its process is gone (or after a day). Each row's CRC-32 is checked whenever it is copied, and a shard served
+whole is checked whenever its files' size, mtime, ctime or inode differ from when it was last verified (any
+write changes ctime, even at the same size with mtime put back; a moved cache is checked once), so an altered
+file is recomputed with a warning while an untouched one costs one stat. Old shards are never deleted:
+delete the folder to reclaim space.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import shutil
 import socket
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -48,6 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from normdino.errors import InputError
+from normdino.files import atomic_write_text
 from normdino.features.tokens import TokenSet
 from normdino.io.reading import image_shape
 
@@ -109,7 +113,7 @@ def remove_stale_temporaries(root: Path) -> list[Path]:
     """Delete temporaries (``.*.tmp``) in ``root`` whose writer has exited or that are a day old; return them."""
     removed = []
     now = time.time()
-    for path in root.glob(".*.tmp"):
+    for path in [*root.glob(".*.tmp"), *root.glob("tokens-*/.*.tmp")]:
         if not _is_stale(path, now):
             continue
         try:
@@ -184,7 +188,8 @@ def extract_tokens(
     sources = [str(p) for p in paths]
     if cache_dir is None:
         patches, cls_tokens = _allocate(backbone, len(paths), cls)
-        for start, out in backbone.iter_encoded(paths, batch_size=batch_size, progress=progress, num_workers=num_workers):
+        encoded = backbone.iter_encoded(paths, batch_size=batch_size, progress=progress, num_workers=num_workers)
+        for start, out in encoded:
             patches[start : start + len(out.patch_tokens)] = out.patch_tokens.half().numpy()
             if cls_tokens is not None:
                 cls_tokens[start : start + len(out.cls_tokens)] = out.cls_tokens.half().numpy()
@@ -201,9 +206,13 @@ def extract_tokens(
         shard = _Shard.open(root / shard_name(keys))
         if shard is None or shard.keys != keys:
             continue
+        if shard.unchanged():
+            logger.info("Reusing cached tokens %s", shard.folder)
+            return shard.token_set(shapes, sources, cls)
         bad = shard.corrupt_rows()
         if not bad:
-            logger.info("Reusing cached tokens %s", shard.folder)
+            logger.info("Reusing cached tokens %s (checksums verified: its files changed on disk)", shard.folder)
+            shard.record_stats()
             return shard.token_set(shapes, sources, cls)
         logger.warning(
             "Cached tokens of %d image(s) in %s fail their checksum (e.g. %s); recomputing them",
@@ -271,6 +280,7 @@ class _Shard:
     keys: list[str]
     crcs: list[int]
     sources: list[str]
+    stats: dict[str, list[int]] | None = None  # (size, mtime, ctime, inode) of the data files when last verified
 
     @classmethod
     def open(cls, folder: Path) -> "_Shard | None":
@@ -284,7 +294,7 @@ class _Shard:
                 return None
             shard = cls(
                 folder, str(index["identifier"]), bool(index["cls"]), tuple(int(n) for n in index["shape"]),
-                list(index["keys"]), [int(c) for c in index["crc32"]], list(index["sources"]),
+                list(index["keys"]), [int(c) for c in index["crc32"]], list(index["sources"]), index.get("stats"),
             )
         except (OSError, ValueError, KeyError, TypeError) as err:
             logger.warning("Ignoring the unreadable token cache index %s (%s)", index_file, err)
@@ -293,6 +303,34 @@ class _Shard:
             logger.warning("Ignoring the inconsistent token cache index %s", index_file)
             return None
         return shard
+
+    def index(self) -> dict:
+        """The JSON-able index of the shard."""
+        return {
+            "format": CACHE_FORMAT, "identifier": self.identifier, "cls": self.has_cls, "shape": list(self.shape),
+            "dtype": "float16", "keys": self.keys, "crc32": self.crcs, "sources": self.sources, "stats": self.stats,
+        }
+
+    def file_stats(self) -> dict[str, list[int]] | None:
+        """Size, mtime, ctime and inode of the data files now (None when one is missing)."""
+        names = ["patches.npy", "cls.npy"] if self.has_cls else ["patches.npy"]
+        try:
+            found = {name: (self.folder / name).stat() for name in names}
+        except OSError:
+            return None
+        return {name: [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino] for name, st in found.items()}
+
+    def record_stats(self) -> None:
+        """Remember the data files' metadata as verified (best effort: a failure only costs a re-check later)."""
+        self.stats = self.file_stats()
+        try:
+            atomic_write_text(self.folder / "index.json", json.dumps(self.index()))
+        except OSError as err:
+            logger.info("Cannot update the token cache index in %s (%s)", self.folder, err.strerror or err)
+
+    def unchanged(self) -> bool:
+        """True when no data file was touched since its CRCs were last verified (any write changes ctime)."""
+        return self.stats is not None and self.stats == self.file_stats()
 
     @property
     def row_bytes(self) -> int:
@@ -327,8 +365,18 @@ class _Shard:
                     yield i, None, None
 
     def corrupt_rows(self) -> list[int]:
-        """Indices of rows that are missing or fail their CRC-32 (reads the whole shard once)."""
-        return [i for i, row, _ in self.rows(range(len(self.keys))) if row is None]
+        """Indices of rows that are missing or fail their CRC-32 (reads the whole shard once, on a few threads:
+        file reads and zlib.crc32 release the GIL)."""
+        n = len(self.keys)
+        workers = max(1, min(8, os.cpu_count() or 1, n))
+        bounds = np.linspace(0, n, workers + 1).astype(int)
+
+        def bad_rows(span: tuple[int, int]) -> list[int]:
+            return [i for i, row, _ in self.rows(range(*span)) if row is None]
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            found = pool.map(bad_rows, zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+            return sorted(itertools.chain.from_iterable(found))
 
     def token_set(self, shapes: list[tuple[int, int]], sources: list[str], cls: bool) -> TokenSet:
         """Read-only memory maps of the shard as a TokenSet (CLS only when asked for)."""
@@ -396,7 +444,8 @@ def _assemble(
                     batch_cls = out.cls_tokens.half().numpy() if cls else None
                     for j in range(len(batch_patches)):
                         writer.write(missing[start + j], batch_patches[j], None if batch_cls is None else batch_cls[j])
-        _commit(tmp, shard.folder, keys, corrupt)
+        if _commit(tmp, shard.folder, keys, corrupt):
+            shard.record_stats()  # rows just written from checked sources: the next exact hit needs no re-check
     except OSError as err:
         raise _write_error(root, err) from None
     finally:
@@ -424,7 +473,9 @@ def _copy_rows(writer: "_ShardWriter", found: dict[int, tuple[_Shard, int]]) -> 
                 )
                 missing.append(position)
                 continue
-            writer.write_bytes(position, data, cls_data if writer.shard.has_cls else None)
+            same_layout = writer.shard.has_cls == source.has_cls  # then the stored CRC covers the same bytes
+            cls_part = cls_data if writer.shard.has_cls else None
+            writer.write_bytes(position, data, cls_part, source.crcs[row] if same_layout else None)
     return sorted(missing)
 
 
@@ -438,7 +489,8 @@ class _ShardWriter:
     def __enter__(self) -> "_ShardWriter":
         self.patches, self.patch_offset = self._start("patches.npy", self.shard.shape)
         if self.shard.has_cls:
-            self.cls, self.cls_offset = self._start("cls.npy", (self.shard.shape[0], self.shard.shape[1], self.shard.shape[-1]))
+            n, n_layers, *_, dim = self.shard.shape
+            self.cls, self.cls_offset = self._start("cls.npy", (n, n_layers, dim))
         self.written = np.zeros(self.shard.shape[0], dtype=bool)
         return self
 
@@ -456,15 +508,16 @@ class _ShardWriter:
             None if cls is None else np.ascontiguousarray(cls, dtype=np.float16).tobytes(),
         )
 
-    def write_bytes(self, position: int, data: bytes, cls_data: bytes | None) -> None:
-        """Write one image's raw rows at its position and record their CRC-32."""
+    def write_bytes(self, position: int, data: bytes, cls_data: bytes | None, crc: int | None = None) -> None:
+        """Write one image's raw rows at its position and record their CRC-32 (given when copied from a shard)."""
         self.patches.seek(self.patch_offset + position * self.shard.row_bytes)
         self.patches.write(data)
-        crc = zlib.crc32(data)
         if self.shard.has_cls:
             self.cls.seek(self.cls_offset + position * self.shard.cls_row_bytes)
             self.cls.write(cls_data)
-            crc = zlib.crc32(cls_data, crc)
+        if crc is None:
+            crc = zlib.crc32(data)
+            crc = zlib.crc32(cls_data, crc) if self.shard.has_cls else crc
         self.shard.crcs[position] = crc
         self.written[position] = True
 
@@ -473,36 +526,32 @@ class _ShardWriter:
             if kind is None:
                 if not self.written.all():
                     raise RuntimeError("a token shard was left with unwritten rows")
-                for handle in self.handles:
+                for handle in self.handles:  # no fsync: a row torn by a crash fails its CRC and is recomputed
                     handle.flush()
-                    os.fsync(handle.fileno())
         finally:
             for handle in self.handles:
                 handle.close()
         if kind is None:
-            index = {
-                "format": CACHE_FORMAT, "identifier": self.shard.identifier, "cls": self.shard.has_cls,
-                "shape": list(self.shard.shape), "dtype": "float16", "keys": self.shard.keys,
-                "crc32": self.shard.crcs, "sources": self.shard.sources,
-            }
-            (self.folder / "index.json").write_text(json.dumps(index))
+            (self.folder / "index.json").write_text(json.dumps(self.shard.index()))
 
 
-def _commit(tmp: Path, final: Path, keys: list[str], corrupt: set[str]) -> None:
-    """Rename a finished shard folder into place; a sound shard of the same list committed meanwhile is kept."""
+def _commit(tmp: Path, final: Path, keys: list[str], corrupt: set[str]) -> bool:
+    """Rename a finished shard folder into place (True); a sound shard of the same list committed meanwhile is
+    kept instead (False)."""
     try:
         os.rename(tmp, final)
-        return
+        return True
     except OSError as err:
         if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EACCES, errno.EPERM) or not final.is_dir():
             raise
     existing = _Shard.open(final)
     if existing is not None and existing.keys == keys and final.name not in corrupt:
-        return  # another process wrote the same list meanwhile: its shard is as good as ours
+        return False  # another process wrote the same list meanwhile: its shard is as good as ours
     trash = final.with_name(_temporary_name(final.name, ".old.tmp"))
     os.rename(final, trash)
     os.rename(tmp, final)
     shutil.rmtree(trash, ignore_errors=True)
+    return True
 
 
 def _check_free_space(root: Path, shard: _Shard, n: int) -> None:
