@@ -7,7 +7,7 @@ The server runs as its own process (``python -m normdino.cli serve``), as a user
 weights of the real architecture: honest for time and memory, meaningless for detection quality (none is
 printed). Reported: p50/p95 request latency, throughput, failed requests, /health latency under load, the
 server's RSS (after warm-up, peak, after the load and after its results are deleted), against a baseline
-measured in the same run: the detector's own predict time per image in this process, without a server.
+measured in the same run: the detector's own predict time per image in a fresh process, without a server.
 Uploads are lgg-flair validation slices when ../shared/data is there, generated phantoms otherwise.
 """
 
@@ -88,7 +88,7 @@ def in_thread(function, *args):
     """Run ``function(*args)`` in a worker thread, as the server runs inference, and return its result.
 
     On an oversubscribed machine, torch's OpenMP team in the main thread spins at its barriers and runs a
-    ViT forward several times slower than in a worker thread; both the set-up and the baseline avoid that.
+    ViT forward several times slower than in a worker thread; the set-up and the baseline avoid that.
     """
     out: list = []
     worker = threading.Thread(target=lambda: out.append(function(*args)))
@@ -100,15 +100,24 @@ def in_thread(function, *args):
 
 
 def direct_seconds_per_image(model: Path, images: list[Path], repeats: int) -> float:
-    """Baseline: the detector's predict on one image at a time in this process (no HTTP, no files)."""
-    from normdino import AnomalyDetector
-
-    detector = AnomalyDetector.load(model, progress=False)
-    detector.predict([images[0]])  # warm-up
-    started = time.perf_counter()
-    for i in range(repeats):
-        detector.predict([images[i % len(images)]])
-    return (time.perf_counter() - started) / repeats
+    """Baseline: the detector's predict on one image at a time, no HTTP and no files, in a fresh process
+    (like the server's: a process that has just fitted a model runs inference measurably slower)."""
+    code = ("import sys, time, threading\n"
+            "from normdino import AnomalyDetector\n"
+            "def run(out):\n"
+            "    det = AnomalyDetector.load(sys.argv[1], progress=False)\n"
+            "    paths, n = sys.argv[3:], int(sys.argv[2])\n"
+            "    det.predict([paths[0]])\n"
+            "    t = time.perf_counter()\n"
+            "    for i in range(n):\n"
+            "        det.predict([paths[i % len(paths)]])\n"
+            "    out.append((time.perf_counter() - t) / n)\n"
+            "out = []\n"
+            "worker = threading.Thread(target=run, args=(out,)); worker.start(); worker.join()\n"
+            "print(out[0])\n")
+    result = subprocess.run([sys.executable, "-c", code, str(model), str(repeats), *map(str, images)],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
 
 
 def start_server(model: Path, port: int, concurrency: int) -> subprocess.Popen:
@@ -191,7 +200,7 @@ def main() -> None:
         uploads, model, _ = in_thread(images_and_model, root, args.image_size, 8)
         images_per_request = 8 if args.volume else 1
         payloads = [volume_upload(root, uploads[:8]).read_bytes()] if args.volume else [p.read_bytes() for p in uploads]
-        direct_before = in_thread(direct_seconds_per_image, model, uploads, 6)
+        direct_before = direct_seconds_per_image(model, uploads, 6)
 
         port = free_port()
         server = start_server(model, port, args.concurrency)
@@ -212,7 +221,7 @@ def main() -> None:
             server.terminate()
             server.wait(30)
         # The machine is shared: measure the baseline again after the load and use the mean of both.
-        direct_after = in_thread(direct_seconds_per_image, model, uploads, 6)
+        direct_after = direct_seconds_per_image(model, uploads, 6)
         direct = (direct_before + direct_after) / 2
 
     lat = load["latencies"]
@@ -235,7 +244,7 @@ def main() -> None:
           f"{args.image_size} px, server concurrency {args.concurrency}); failed requests: {failed}")
     print(f"  latency p50 {figures['latency_p50_s']:.2f} s   p95 {figures['latency_p95_s']:.2f} s   "
           f"throughput {figures['throughput_requests_per_s']:.2f} req/s ({figures['throughput_images_per_s']:.2f} img/s)")
-    print(f"  baseline: direct predict {direct * 1000:.0f} ms/image in-process, worker thread (before the load "
+    print(f"  baseline: direct predict {direct * 1000:.0f} ms/image in a fresh process (before the load "
           f"{direct_before * 1000:.0f}, after {direct_after * 1000:.0f}); through the server "
           f"{figures['server_seconds_per_image_over_baseline']:.2f}x that per image")
     print(f"  /health under load: p50 {figures['health_p50_ms']:.1f} ms   p95 {figures['health_p95_ms']:.1f} ms   "

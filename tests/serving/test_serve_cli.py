@@ -53,6 +53,8 @@ def test_axial_slices_turn_to_the_radiological_view():
     lps = np.diag([-1.0, -1.0, 2.5, 1.0])
     o = slice_orientation(lps, axis=2)
     assert o.transpose and not o.flip_rows and not o.flip_cols
+    # an identity affine records no geometry: shown as stored, no letters
+    assert slice_orientation(np.eye(4), axis=2) == type(o)()
     # a coronal slice of an anisotropic volume: superior up, and its pixels 3x taller than wide
     o = slice_orientation(np.diag([1.0, 1.0, 3.0, 1.0]), axis=1)
     assert o.plane == "coronal" and o.labels[:2] == ("S", "I") and o.pixel_aspect == pytest.approx(3.0)

@@ -149,6 +149,9 @@ def test_drop_a_volume_and_scrub_its_slices(browser, server, served_model, sampl
         assert browser.execute_script("return window.normdinoViewer.maskPixels;") == \
             _expected_mask_pixels(server, browser, detector, index)
     assert "(4 of 4)" in browser.find_element("id", "slice-value").text
+    letters = [e.text for e in browser.find_elements("css selector", "#panels .panel:first-child .labels span")]
+    assert letters == ["A", "P", "R", "L"]  # radiological view: anterior up, patient's right on the left
+    assert not browser.find_element("id", "orientation-note").is_displayed()
     _set_range(browser, "slice", 2)
     _screenshot(browser, tmp_path, "viewer-volume.png")
 

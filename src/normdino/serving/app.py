@@ -94,6 +94,14 @@ class UploadSizeLimit:
         return f"The upload is larger than the server's limit of {(self.max_bytes - _MULTIPART_SLACK) / MB:g} MB."
 
 
+def _file_order(name: str) -> tuple[int, str]:
+    """Maps first, then masks, pictures, raw arrays and tables: the order a reader wants them."""
+    for rank, part in enumerate(("_anomaly.png", "_anomaly.nii", "_mask.", "_overlay.", "_top_slices.", ".npy")):
+        if part in name:
+            return rank, name
+    return 9, name
+
+
 def _validation_sentence(exc: RequestValidationError) -> str:
     """One sentence for FastAPI's list of validation errors (missing file, a query value of the wrong type)."""
     errors = exc.errors()
@@ -243,7 +251,7 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings = ServeSe
         base = f"/results/{result_id}"
         answer["id"] = result_id
         answer["expires_in_s"] = settings.result_ttl_s
-        answer["files"] = {name: f"{base}/{name}" for name in sorted(names)
+        answer["files"] = {name: f"{base}/{name}" for name in sorted(names, key=_file_order)
                            if not name.startswith("view_")}
         answer["viewer"].update(images=f"{base}/view_images.u8", maps=f"{base}/view_maps.u16",
                                 calibration=served.calibration(), colormap=colormap_lut().tolist())

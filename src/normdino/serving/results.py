@@ -157,8 +157,14 @@ class Orientation:
 
 
 def slice_orientation(affine: np.ndarray, axis: int) -> Orientation:
-    """Turn slices along array ``axis`` of a volume with this RAS affine so they show as radiologists read them."""
+    """Turn slices along array ``axis`` of a volume with this RAS affine so they show as radiologists read them.
+
+    An exactly-identity affine is what converters write when they know no geometry (no scanner gives one):
+    such slices are shown as stored, without orientation letters, rather than turned on a guess.
+    """
     affine = np.asarray(affine, dtype=np.float64)
+    if np.array_equal(affine, np.eye(4)):
+        return Orientation()
     axes = [a for a in range(3) if a != axis]
     dirs = [affine[:3, a] for a in axes]
     plane = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(affine[:3, axis])))]

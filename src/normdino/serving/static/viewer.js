@@ -165,6 +165,7 @@ function show(answer, images, maps) {
       .map(([where, text]) => `<span class="${where}">${text}</span>`).join("");
   }
   drawColorbar(answer);
+  $("orientation-note").classList.toggle("hidden", answer.kind !== "volume" || Boolean(v.plane));
   $("empty").classList.add("hidden");
   for (const id of ["panels", "colorbar-row", "result", "controls", "downloads"]) $(id).classList.remove("hidden");
   $("random-banner").classList.toggle("hidden", !answer.random_weights);
