@@ -7,10 +7,11 @@ Layout of a cache folder (format 2)::
         cls.npy                 (N, L, D) float16, when CLS tokens are stored
         index.json              backbone identifier; per image its entry key, the SHA-256 of the file,
                                 the path it had, and the CRC-32 of its token bytes
-    .tokens-<40 hex>.<host>-<pid>.tmp/    a shard being written
+    .tokens-<40 hex>.<host>-<pid>.<random>.tmp/    a shard being written
 
 An image's entry key is SHA-256(format, ``backbone.identifier``, SHA-256 of the file's bytes, CLS stored), so
-renaming a file keeps its tokens and any change of content, weights or setting misses. A list that matches
+renaming a file keeps its tokens and any change of content, weights or setting misses (a request without CLS
+also takes entries stored with CLS). A list that matches
 a shard (same entries, same order) is served as read-only memory maps of that shard, without a copy. Any
 other list gets a new shard: rows found in any shard are copied (one extra copy, read and written row by row
 with ordinary file I/O, so resident memory stays small), missing rows are computed in batches. The
