@@ -466,6 +466,8 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 def _tensor_digest(item: tuple[str, torch.Tensor]) -> bytes:
     """SHA-256 of one named tensor: name, dtype, shape and raw bytes (any dtype, any device)."""
     key, tensor = item
+    if not isinstance(tensor, torch.Tensor):  # e.g. packed parameters of a quantised module
+        return hashlib.sha256(f"{key}:{tensor!r}".encode()).digest()
     digest = hashlib.sha256(f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
     raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
     digest.update(memoryview(raw))
