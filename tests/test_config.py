@@ -66,3 +66,28 @@ def test_bad_values_exit_2_or_1_before_any_work(capsys, tmp_path):
     assert exit_info.value.code == 2
     assert main(["fit", str(tmp_path), "-o", str(tmp_path / "m.normdino"), "--components", "0"]) == 1
     assert "n_components must be at least 1" in capsys.readouterr().err
+
+
+def test_help_of_every_command_renders(capsys):
+    for command in ("fit", "bench", "predict", "evaluate", "info"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+    assert "--coreset-size" in capsys.readouterr().out
+
+
+def test_each_method_brings_its_default_backbone(capsys):
+    assert _print_config(capsys)["backbone"] == "dinov2_vits14"
+    assert _print_config(capsys, "--method", "himatch")["backbone"] == "dinov3_vits16"
+    assert _print_config(capsys, "--method", "himatch", "--backbone", "random")["backbone"] == "random"
+
+
+def test_shared_forward_pass_extracts_the_last_block_once():
+    from normdino.evaluation.protocol import feature_union, layer_positions
+
+    methods = [registry.create("dpmm"), registry.create("himatch", layers=(3, 6, 9, 12))]
+    assert feature_union(methods) == ((-1, 3, 6, 9, 12), True)
+    layers, cls = feature_union(methods, depth=12)
+    assert layers == (12, 3, 6, 9) and cls
+    assert layer_positions(methods[0], layers, 12) == [0]
+    assert layer_positions(methods[1], layers, 12) == [1, 2, 3, 0]

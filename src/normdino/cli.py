@@ -184,7 +184,7 @@ def build_parser(estimator_options: bool = False) -> argparse.ArgumentParser:
                        help="comma-separated, of: dpmm, dpmm-euclidean, dpmm-likelihood (the ablation's scores on the same mixture), "
                             "anomalydino, anomalydino-1shot, patchcore-10%%, patchcore-1024, patchcore-150 "
                             "(default dpmm,anomalydino,anomalydino-1shot,patchcore-150)")
-    bench.add_argument("--backbone", default=None, help="backbone of every method (default dinov2_vits14; 'random' for timing only)")
+    bench.add_argument("--backbone", default=None, help="backbone of every method (default: the first method's, dinov2_vits14 or dinov3_vits16 for himatch; 'random' for timing only)")
     bench.add_argument("--max-train", type=_positive_int, default=None, help="use at most this many training images (seeded subset)")
     bench.add_argument("--device", default=None)
     if estimator_options:
@@ -298,7 +298,7 @@ def _intensity_settings(options) -> dict:
             "percentiles": ",".join(map(str, options.percentiles)), "image_intensity": IMAGE_INTENSITY}
 
 
-FIT_DEFAULTS = {"method": "dpmm", "backbone": "dinov2_vits14", "device": "cpu", "cache_dir": str(DEFAULT_CACHE)}
+FIT_DEFAULTS = {"method": "dpmm", "backbone": None, "device": "cpu", "cache_dir": str(DEFAULT_CACHE)}  # backbone: the method's
 
 
 def _estimator_settings(args, method: str | None = None) -> tuple[dict, dict, dict]:
@@ -703,11 +703,17 @@ def cmd_bench(args) -> int:
     maker = AnomalyDetector(backbone=settings["backbone"], device=settings["device"], runtime=args.runtime or "torch",
                             precision=args.precision, **detector_kwargs)
     backbone = maker.build_backbone(FeatureRequest(layers=layers, cls=cls))
+    depth = backbone.num_layers
+    layers, _ = feature_union(methods, depth)  # -1 and the last block's number are one layer, extracted once
+    if tuple(layers) != tuple(backbone.layers):
+        maker.backbone = backbone
+        backbone = maker.build_backbone(FeatureRequest(layers=layers, cls=cls))
     progress = not args.quiet
     batch = settings["batch_size"]
     train = token_set(backbone, train_images, cache_dir, batch, progress, cls=cls)
     healthy, test = evaluation_token_sets(backbone, dataset, cache_dir, batch, progress, args.max_eval, seed, cls=cls)
-    scorers = fit_methods(methods, layers, train, healthy.tokens, device=backbone.device, progress=progress)
+    scorers = fit_methods(methods, layers, train, healthy.tokens, device=backbone.device, progress=progress,
+                          depth=depth)
     results = evaluate_methods(scorers, backbone, healthy, test, sigma, settings["top_fraction"], args.timing_images,
                                **_statistics(args, seed))
     context = {"data": args.data, "layout": dataset.layout, **dataset.summary(), "train_used": len(train_images),

@@ -37,7 +37,8 @@ def add_param_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("estimator settings (also from --config; each names the methods that use it)")
     for name, (param, users) in declared_params().items():
         where = "" if "detector" in users else f" [{', '.join(users)}]"
-        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": param.help + where}
+        help_text = (param.help + where).replace("%", "%%")  # argparse formats help with %
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
         if param.type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -99,6 +100,10 @@ def resolve_settings(args: argparse.Namespace, run_defaults: dict) -> dict:
         if value is not None:
             settings[name] = value
     settings["fprs"] = sorted(set(float(f) for f in settings["fprs"]))
+    if settings.get("backbone") is None:
+        from normdino.detector import default_backbone
+
+        settings["backbone"] = default_backbone(method)
     return settings
 
 

@@ -114,7 +114,8 @@ class AnomalyDetector:
     """Fit a normative model of DINO patch tokens on healthy images; predict anomaly maps, scores and masks.
 
     ``method`` is a registered name (``dpmm`` by default, the method of Schulthess & Konukoglu, MICCAI 2025)
-    or a :class:`NormativeMethod` instance; extra keyword arguments are that method's hyper-parameters
+    or a :class:`NormativeMethod` instance; ``backbone`` defaults to the method's own (DINOv2 ViT-S/14;
+    DINOv3 ViT-S/16 for ``himatch``); extra keyword arguments are that method's hyper-parameters
     (e.g. ``n_components=500, epochs=40`` for ``dpmm``). Calibration sets pixel and image thresholds on
     healthy validation images for any FPR in 1e-4..0.5.
     """
@@ -122,7 +123,7 @@ class AnomalyDetector:
     def __init__(
         self,
         method: str | NormativeMethod = "dpmm",
-        backbone: Any = "dinov2_vits14",
+        backbone: Any = None,
         image_size: int = 448,
         normalize: bool = True,
         sigma: float = 0.0,
@@ -199,17 +200,19 @@ class AnomalyDetector:
 
         if isinstance(self.backbone, Backbone):
             return _with_layers(self.backbone, request)
-        name = str(self.backbone)
+        name = str(self.backbone) if self.backbone is not None else default_backbone(self.method)
         common = dict(image_size=self.image_size, layers=request.layers, normalize=self.normalize, device=self.device,
                       runtime=self.runtime, precision=self.precision)
         if name == RANDOM_BACKBONE or name.startswith(RANDOM_BACKBONE + ":") or name.startswith(RANDOM_BACKBONE + "-"):
-            arch, seed, tiny = parse_random_name(name, self.seed)
+            arch, seed, tiny = parse_random_name(name, self.seed, default_arch=default_backbone(self.method))
             return Backbone.random(arch, seed=seed, tiny=tiny, **common)
         return Backbone.from_pretrained(name, **common)
 
     def _backbone_spec(self, backbone) -> dict:
         """How to rebuild the backbone when the model file is loaded."""
         name = self.backbone if isinstance(self.backbone, (str, Path)) else backbone.name
+        if self.backbone is None:
+            name = default_backbone(self.method)
         if backbone.is_random and isinstance(self.backbone, str) and self.backbone.startswith(RANDOM_BACKBONE) \
                 and not Path(self.backbone).exists():
             name = backbone.name  # random-[tiny-]ARCH-seedN: rebuilds the same weights
@@ -475,6 +478,12 @@ def _check_same_backbone(path, spec: dict, backbone, overridden: bool) -> None:
                         "by the difference in tokens", path, key, saved, now)
 
 
+def default_backbone(method: str | NormativeMethod) -> str:
+    """The backbone a method is meant with: its class's ``DEFAULT_BACKBONE``, else DINOv2 ViT-S/14 (the paper's)."""
+    cls = registry.method_class(method) if isinstance(method, str) else type(method)
+    return getattr(cls, "DEFAULT_BACKBONE", "dinov2_vits14")
+
+
 def _portable_precision(saved: str | None, device: str) -> str | None:
     """The saved precision where the device can run it; bf16 from a GPU falls back to the device's default."""
     if saved == "bf16" and torch.device(device).type != "cuda":
@@ -491,10 +500,10 @@ def weights_identity(identifier: str) -> str:
     return "|".join(part for part in identifier.split("|") if not part.startswith(volatile))
 
 
-def parse_random_name(name: str, default_seed: int = 0) -> tuple[str, int, bool]:
+def parse_random_name(name: str, default_seed: int = 0, default_arch: str = "dinov2_vits14") -> tuple[str, int, bool]:
     """(arch, seed, tiny) of ``random``, ``random:ARCH`` or a saved ``random[-tiny]-ARCH-seedN`` name."""
     if name.startswith(RANDOM_BACKBONE + ":") or name == RANDOM_BACKBONE:
-        return name.partition(":")[2] or "dinov2_vits14", default_seed, False
+        return name.partition(":")[2] or default_arch, default_seed, False
     rest = name[len(RANDOM_BACKBONE) + 1:]
     tiny = rest.startswith("tiny-")
     rest = rest.removeprefix("tiny-")

@@ -90,19 +90,27 @@ def token_set(backbone, images: Sequence[Path], cache_dir: Path | None, batch_si
 # ---------------------------------------------------------------------- methods
 
 
-def feature_union(methods: Sequence) -> tuple[tuple[int, ...], bool]:
-    """The layers (in first-asked order) and CLS flag one shared forward pass must give for all ``methods``."""
+def _resolved(layer: int, depth: int | None) -> int:
+    """A layer number as the backbone counts it (0..depth; -1 = depth), when the depth is known."""
+    return layer % (depth + 1) if depth is not None else layer
+
+
+def feature_union(methods: Sequence, depth: int | None = None) -> tuple[tuple[int, ...], bool]:
+    """The layers (in first-asked order) and CLS flag one shared forward pass must give for all ``methods``.
+
+    With the backbone's ``depth``, -1 and the last block's number are one layer, extracted once.
+    """
     layers: list[int] = []
     for method in methods:
         for layer in method.feature_request().layers:
-            if layer not in layers:
-                layers.append(layer)
+            if _resolved(layer, depth) not in layers:
+                layers.append(_resolved(layer, depth))
     return tuple(layers), any(m.feature_request().cls for m in methods)
 
 
-def layer_positions(method, layers: Sequence[int]) -> list[int]:
+def layer_positions(method, layers: Sequence[int], depth: int | None = None) -> list[int]:
     """Positions in the shared ``layers`` of the layers ``method`` asked for."""
-    return [list(layers).index(layer) for layer in method.feature_request().layers]
+    return [list(layers).index(_resolved(layer, depth)) for layer in method.feature_request().layers]
 
 
 def detector_scorer(detector, name: str | None = None) -> Scorer:
@@ -120,12 +128,12 @@ def create_methods(names: Sequence[str], seed: int = 0, **params) -> list:
 
 
 def fit_methods(methods: Sequence, layers: Sequence[int], train: TokenSet, healthy: TokenSet,
-                device: torch.device | str = "cpu", progress: bool = False) -> list[Scorer]:
+                device: torch.device | str = "cpu", progress: bool = False, depth: int | None = None) -> list[Scorer]:
     """Fit every method on the same shared tokens; DPMM score variants share one fitted mixture."""
     scorers: list[Scorer] = []
     fitted_dpmm: dict[str, object] = {}
     for method in methods:
-        positions = layer_positions(method, layers)
+        positions = layer_positions(method, layers, depth)
         log.info("fitting %s", method.name)
         method.to(device)
         method.progress = progress
