@@ -7,6 +7,7 @@ with a one-process computation.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ from normdino.features.tokens import TokenSet
 from normdino.methods.mixture import DirichletProcessMixture
 
 WORLD = 2
+TIMEOUT = datetime.timedelta(seconds=120)  # a collective that waits longer fails the test instead of hanging it
 K, D = 12, 16
 EPOCHS = 4
 
@@ -110,7 +112,8 @@ def _summary(model: DirichletProcessMixture, history: list[float]) -> dict[str, 
 
 def _worker(rank: int, out: str) -> None:
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD,
+                                         timeout=TIMEOUT)
     try:
         results: dict[str, object] = {}
         # the same global batches as lists of shares, shuffled alike on every rank
@@ -334,6 +337,8 @@ DETECTOR_CASES = {
     "anomalydino": dict(method="anomalydino"),
     "patchcore-30": dict(method="patchcore-30"),
     "dpmm-held-out": dict(method="dpmm", n_components=8, epochs=2, batch_images=4, val_fraction=0.25),
+    "himatch": dict(method="himatch", layers=(1, 2), clusters=4, retrieve_k=2),
+    "dpmm-multistage": dict(method="dpmm-multistage", layers=(1, 2), n_components=8, epochs=2, batch_images=4),
 }
 
 
@@ -353,7 +358,8 @@ def _detector_fit(case: str, backbone: str, data: Path, share=lambda items: item
 
 def _detector_worker(rank: int, out: str, backbone: str, data: str) -> None:
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD,
+                                         timeout=TIMEOUT)
     try:
         for case in DETECTOR_CASES:
             arrays, summary = _detector_fit(case, backbone, Path(data), dist.shard)
@@ -406,7 +412,8 @@ def _cli_worker(rank: int, out: str, argv_sets: list[list[str]]) -> None:
     from normdino.cli import main
 
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD,
+                                         timeout=TIMEOUT)
     try:
         for i, argv in enumerate(argv_sets):
             err = io.StringIO()

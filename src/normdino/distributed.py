@@ -49,9 +49,23 @@ class PeerFailedError(DistributedError):
 # ---------------------------------------------------------------------- who am I
 
 
+_ALONE = [0]  # depth of local_only() blocks: inside one, this process acts as a plain run
+
+
 def is_distributed() -> bool:
-    """True inside an initialised process group (torchrun), False in a plain run."""
-    return bool(torch.distributed.is_available() and torch.distributed.is_initialized())
+    """True inside an initialised process group (torchrun), False in a plain run or inside :func:`local_only`."""
+    return bool(not _ALONE[0] and torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Work done by one rank alone (e.g. a fit on rank 0): every helper is an identity inside, so code that
+    would otherwise start a collective (the DPMM's EM inside another method) cannot wait for absent ranks."""
+    _ALONE[0] += 1
+    try:
+        yield
+    finally:
+        _ALONE[0] -= 1
 
 
 def rank() -> int:
@@ -257,7 +271,8 @@ def on_main(compute: Callable[[], dict[str, torch.Tensor]], what: str) -> dict[s
     result, failure = None, None
     if is_main():
         try:
-            result = compute()
+            with local_only():
+                result = compute()
         except Exception as exc:  # sent to the other ranks below
             failure = exc
     message = broadcast_object(None if failure is None else _describe(failure))
@@ -427,7 +442,7 @@ def payload_bytes(*tensors: torch.Tensor) -> int:
 
 __all__ = [
     "DistributedError", "PeerFailedError", "is_distributed", "rank", "world_size", "is_main", "launched_by_torchrun", "backend_for",
-    "init_from_env", "shutdown", "shard_range", "shard", "all_reduce_sum", "global_sum", "global_mean", "broadcast",
+    "init_from_env", "shutdown", "local_only", "shard_range", "shard", "all_reduce_sum", "global_sum", "global_mean", "broadcast",
     "broadcast_tensors", "broadcast_object", "all_gather_object", "gather_rows", "gather_token_set", "on_main", "fit_on_main", "fit_method", "gather_list", "local_indices", "gather_scores", "thresholds_at_fprs", "reduce_accumulator", "barrier", "failing_together",
     "payload_bytes",
 ]
