@@ -96,15 +96,17 @@ def test_each_pick_is_the_farthest_from_previous_picks():
         assert min_to_chosen[idx[step]] >= min_to_chosen.max() - 1e-5
 
 
-def test_projected_coreset_is_k_center_in_an_independent_projection():
-    tokens = _unit(300, 64, 10)
-    idx = greedy_coreset(tokens, 15, seed=3, projection_dim=8).tolist()
-    generator = torch.Generator().manual_seed(3)
-    projected = tokens.double() @ (torch.randn(64, 8, generator=generator).double() / math.sqrt(8))
-    distances = torch.cdist(projected, projected)
-    for step in range(1, len(idx)):
-        min_to_chosen = distances[:, idx[:step]].min(dim=1).values
-        assert min_to_chosen[idx[step]] >= min_to_chosen.max() - 1e-4
+@pytest.mark.parametrize("seed", range(3))
+def test_projected_coreset_picks_one_token_of_every_cluster(seed):
+    """25 tight clusters far apart: a k-center coreset of 25 on a 16-d random projection covers each exactly once."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(25, 64, generator=g) * 3
+    tokens = (centres[:, None] + 0.05 * torch.randn(25, 20, 64, generator=g)).reshape(-1, 64)
+    idx = greedy_coreset(tokens, 25, seed=seed, projection_dim=16)
+    assert sorted((idx // 20).tolist()) == list(range(25))
+    radius = torch.cdist(tokens.double(), tokens[idx].double()).min(dim=1).values.max()
+    within = torch.cdist(tokens[:20].double(), tokens[:20].double()).max()
+    assert radius <= 2 * within  # every token is near a chosen one of its own cluster
 
 
 def test_covering_radius_within_twice_the_optimum():
