@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -243,7 +242,8 @@ def main() -> None:
     print(f"{args.clients} clients, {args.requests} requests ({figures['upload']}, ViT-S/14 random weights at "
           f"{args.image_size} px, server concurrency {args.concurrency}); failed requests: {failed}")
     print(f"  latency p50 {figures['latency_p50_s']:.2f} s   p95 {figures['latency_p95_s']:.2f} s   "
-          f"throughput {figures['throughput_requests_per_s']:.2f} req/s ({figures['throughput_images_per_s']:.2f} img/s)")
+          f"throughput {figures['throughput_requests_per_s']:.2f} req/s "
+          f"({figures['throughput_images_per_s']:.2f} img/s)")
     print(f"  baseline: direct predict {direct * 1000:.0f} ms/image in a fresh process (before the load "
           f"{direct_before * 1000:.0f}, after {direct_after * 1000:.0f}); through the server "
           f"{figures['server_seconds_per_image_over_baseline']:.2f}x that per image")

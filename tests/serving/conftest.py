@@ -80,7 +80,8 @@ def write_dicom_series(folder: Path, pixels: np.ndarray) -> None:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()
         ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID, series_uid
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.SeriesInstanceUID = series_uid
         ds.Modality, ds.PatientName = "CT", "Doe^Jane"
         ds.Rows, ds.Columns = pixels.shape[:2]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"

@@ -194,11 +194,11 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings = ServeSe
 
     @app.post("/predict", dependencies=api, tags=["api"],
               summary="Anomaly map, mask and score of an image (PNG/JPEG/TIFF), a NIfTI volume or a DICOM zip")
-    async def predict(request: Request,
-                      file: UploadFile = File(..., description="PNG, JPEG, TIFF, .nii, .nii.gz, or a zip of one DICOM series"),
-                      model: str | None = Query(None, description="model name (optional with one model)"),
-                      fpr: float | None = Query(None, description="false-positive rate of the mask, e.g. 0.05")
-                      ) -> JSONResponse:
+    async def predict(
+        file: UploadFile = File(..., description="PNG, JPEG, TIFF, .nii, .nii.gz, or a zip of one DICOM series"),
+        model: str | None = Query(None, description="model name (optional with one model)"),
+        fpr: float | None = Query(None, description="false-positive rate of the mask, e.g. 0.05"),
+    ) -> JSONResponse:
         served = pick(model)
         detector = served.detector
         fpr = float(detector.default_fpr) if fpr is None else fpr
@@ -240,7 +240,8 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings = ServeSe
         except NormdinoError as err:
             return error(400, public_message(err, job, out_dir))
         except Exception as err:  # noqa: BLE001 - the server must keep serving
-            log.error("predict failed on model %s: %s", served.name, type(err).__name__, exc_info=log.isEnabledFor(logging.DEBUG))
+            log.error("predict failed on model %s: %s", served.name, type(err).__name__,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
             return error(500, "The server failed on this upload (an internal error); it keeps serving.")
         finally:
             await file.close()

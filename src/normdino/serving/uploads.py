@@ -143,7 +143,8 @@ def _read_head(path: Path, compressed: bool, size: int) -> bytes:
         with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
             return f.read(size)
     except (OSError, EOFError, zlib.error) as err:
-        raise UploadError(f"The uploaded file is gzip-compressed but its stream is corrupt or truncated ({err}).") from None
+        raise UploadError(f"The uploaded file is gzip-compressed but its stream is corrupt or truncated "
+                          f"({err}).") from None
 
 
 def _check_nifti(path: Path, compressed: bool, max_voxels: int) -> tuple[int, ...]:
