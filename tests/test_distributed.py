@@ -440,9 +440,32 @@ def cli_ranks(tmp_path_factory, tiny_dinov2_dir, phantom_data) -> Path:
     argv_sets = [_fit_argv(phantom_data / "train" / "good", phantom_data / "valid" / "good" / "img", out / "model.normdino",
                            str(tiny_dinov2_dir)),
                  _fit_argv(broken, phantom_data / "valid" / "good" / "img", out / "broken.normdino", str(tiny_dinov2_dir)),
-                 _predict_argv(out / "model.normdino", phantom_data, out / "predicted")]
+                 _predict_argv(out / "model.normdino", phantom_data, out / "predicted"),
+                 _evaluate_argv(out / "model.normdino", phantom_data, out / "evaluated-bmad"),
+                 _evaluate_argv(out / "model.normdino", _patient_folders(phantom_data, out / "patients"), out / "evaluated-folders"),
+                 ["evaluate", str(out / "model.normdino"), str(out), "--layout", "volumes", "-o", str(out / "vol"), "--quiet"]]
     mp.start_processes(_cli_worker, args=(str(out), argv_sets), nprocs=WORLD, start_method="fork")
     return out
+
+
+def _evaluate_argv(model: Path, data: Path, output: Path) -> list[str]:
+    """Batch size 1: every image's tokens come from the same forward pass whatever its rank's share."""
+    return ["evaluate", str(model), str(data), "-o", str(output), "--bootstrap", "40", "--timing-images", "1",
+            "--batch-size", "1", "--no-cache", "--quiet"]
+
+
+def _patient_folders(phantom: Path, root: Path) -> Path:
+    """A folders-layout set whose healthy images are also evaluated: 5 patients, so thresholds are cross-fitted
+    in 2 folds; 9 normal + 10 anomalous images give shares of different sizes (healthy 5/4, evaluated 10/9)."""
+    for name in ("normal", "anomalous", "masks"):
+        (root / name).mkdir(parents=True)
+    for i, png in enumerate(sorted((phantom / "valid" / "good" / "img").glob("*.png"))[:9]):
+        (root / "normal" / f"patient{i % 5}_{i}.png").write_bytes(png.read_bytes())
+    for i, png in enumerate(sorted((phantom / "valid" / "Ungood" / "img").glob("*.png"))):
+        name = f"patient{i % 5}_{20 + i}.png"
+        (root / "anomalous" / name).write_bytes(png.read_bytes())
+        (root / "masks" / name).write_bytes((phantom / "valid" / "Ungood" / "label" / png.name).read_bytes())
+    return root
 
 
 def test_cli_fit_on_two_ranks_writes_the_one_process_model(cli_ranks, tiny_dinov2_dir, phantom_data, tmp_path) -> None:
@@ -494,3 +517,46 @@ def test_cli_predict_on_two_ranks_writes_the_one_process_results(cli_ranks, phan
     summary2, summary1 = (json.loads((d / "summary.json").read_text()) for d in (two, one))
     assert summary2.keys() == summary1.keys()
     assert summary2["n_inputs"] == summary1["n_inputs"] == 12 and summary2["n_written"] == 12
+
+
+TIMING_KEYS = ("ms_per_sample", "peak_memory_mb")
+
+
+@pytest.mark.parametrize("case", ["bmad", "folders"])
+def test_cli_evaluate_on_two_ranks_writes_the_one_process_results(case, cli_ranks, tmp_path) -> None:
+    from normdino.cli import main
+
+    index = {"bmad": 3, "folders": 4}[case]
+    for r in range(WORLD):
+        assert json.loads((cli_ranks / f"cli-{index}-{r}.json").read_text()) == {"code": 0, "stderr": ""}
+    two = cli_ranks / f"evaluated-{case}"
+    argv = _evaluate_argv(cli_ranks / "model.normdino", Path(json.loads((two / "results.json").read_text())["context"]["data"]),
+                          tmp_path / "one")
+    assert main(argv) == 0
+    one = tmp_path / "one"
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir()) == ["report.html", "results.json", "results.md"]
+    got, want = (json.loads((d / "results.json").read_text()) for d in (two, one))
+    assert got["context"].pop("processes") == WORLD and got["context"] == want["context"]
+    assert len(got["rows"]) == len(want["rows"]) == 1
+    row, expected = got["rows"][0], want["rows"][0]
+    assert sorted(row) == sorted(expected)
+    assert row["calibration_folds"] == (2 if case == "folders" else 1)
+    assert any(key.endswith("_ci") for key in row) and "fg_pixel_auroc" in row and row["aupro"] is not None
+    for key, value in expected.items():
+        if key in TIMING_KEYS:
+            continue
+        if isinstance(value, float):
+            assert row[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        elif isinstance(value, list) and value and isinstance(value[0], float):
+            assert row[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        else:
+            assert row[key] == value, key
+    assert row["ms_per_sample"] > 0  # timed on rank 0
+
+
+def test_cli_evaluate_volumes_layout_is_refused_under_torchrun_with_one_message(cli_ranks) -> None:
+    results = [json.loads((cli_ranks / f"cli-5-{r}.json").read_text()) for r in range(WORLD)]
+    assert [r["code"] for r in results] == [1, 1] and results[1]["stderr"] == ""
+    assert results[0]["stderr"].strip() == ("normdino evaluate: error: normdino evaluate --layout volumes does not run under "
+                                            "torchrun yet; run it as one process: python -m normdino evaluate ... --layout volumes")
+    assert not (cli_ranks / "vol").exists()

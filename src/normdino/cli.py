@@ -372,7 +372,7 @@ def _save_model(detector, output: str) -> None:
 
 # ---------------------------------------------------------------------- torchrun (torch imported only inside a job)
 
-DISTRIBUTED_COMMANDS = ("fit", "predict")
+DISTRIBUTED_COMMANDS = ("fit", "predict", "evaluate")
 
 
 def _in_process_group() -> bool:
@@ -643,6 +643,10 @@ def cmd_evaluate(args) -> int:
     if args.layout == "volumes":
         from normdino.evaluation.volumes import evaluate_volumes
 
+        if _in_process_group():
+            raise NormdinoError("normdino evaluate --layout volumes does not run under torchrun yet; run it as one "
+                                "process: python -m normdino evaluate ... --layout volumes")
+
         paths, rows = evaluate_volumes(detector, Path(args.data), _slice_options(args, detector.volume_settings),
                                        Path(args.output),
                                        json_path=Path(args.json) if args.json else None,
@@ -657,9 +661,13 @@ def cmd_evaluate(args) -> int:
     scorer = detector_scorer(detector)
     results = evaluate_methods([scorer], detector.backbone_, healthy, test, sigma, detector.top_fraction,
                                args.timing_images, **_statistics(args, 0))
+    if not _is_main_rank():  # under torchrun every rank holds the gathered metrics; rank 0 alone writes them
+        return 0
     context = {"model": args.model, "data": args.data, "layout": dataset.layout, **dataset.summary(),
-               "healthy_used": len(healthy.shapes), "evaluated": len(test.shapes),
+               "healthy_used": len(healthy.every_sample), "evaluated": len(test.every_sample),
                "backbone": detector.backbone_.name, "sigma": sigma}
+    if _in_process_group():
+        context["processes"] = sys.modules["normdino.distributed"].world_size()
     paths = write_outputs(results, [scorer], detector.backbone_, Path(args.output), f"normdino evaluate: {dataset.name}",
                           context, Path(args.json) if args.json else None, sigma,
                           comparisons=_comparisons(results, args, 0))

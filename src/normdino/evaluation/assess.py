@@ -5,6 +5,12 @@ Thresholds: fold k of the evaluated images is scored with thresholds set on the 
 calibrate fold k (:class:`~normdino.evaluation.splits.CalibrationFolds`; one fold when the two sets share
 no patient). Pooled Dice sums each image's TP/FP/FN at its own fold's thresholds. With a foreground, the
 same is done again on foreground pixels only (thresholds from healthy foreground pixels): keys ``fg_*``.
+
+Under torchrun (token sets that are this rank's share, ``all_samples`` set) each rank scores its share; the
+calibration accumulators are merged before thresholds are taken, the evaluation accumulators merged, and the
+per-image statistics, image scores, labels and cases gathered in input order, so every number (bootstrap
+intervals on rank 0 included) equals a one-process run's; AUPRO's region weights are float sums, equal to
+rounding. Without a process group every collective is an identity.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from normdino import distributed as dist
 from normdino.evaluation.foreground import Foreground
 from normdino.evaluation.metrics import PixelScoreAccumulator, image_aupr, image_auroc
 from normdino.evaluation.splits import CalibrationFolds
@@ -61,20 +68,27 @@ def assess_scorer(scorer, healthy, test, *, sigma: float = 0.0, top_fraction: fl
     from normdino.evaluation.protocol import scorer_pixel_maps
     from normdino.io.reading import read_image
 
+    every = [getattr(s, "every_sample", s.samples) for s in (healthy, test)]
     if folds is None:
-        folds = CalibrationFolds((0,) * len(healthy.samples), (0,) * len(test.samples), 1, "given")
+        folds = CalibrationFolds((0,) * len(every[0]), (0,) * len(every[1]), 1, "given")
+    sharded = dist.is_distributed() and getattr(test, "all_samples", None) is not None
+    first_healthy, first_test = getattr(healthy, "start", 0), getattr(test, "start", 0)  # shares' global positions
     n_folds = folds.n_folds
     calibration = [PixelScoreAccumulator() for _ in range(n_folds)]
     calibration_fg = [PixelScoreAccumulator() for _ in range(n_folds)] if foreground else []
     maps_iter = scorer_pixel_maps(scorer, healthy.tokens, sigma, device)
-    for i, maps in enumerate(tqdm(maps_iter, total=len(healthy.samples), desc=f"{scorer.name}: calibration",
-                                  disable=not progress, leave=False)):
-        fg = foreground.mask_for(healthy.samples[i].image) if foreground else None
-        for k in range(n_folds):
-            if folds.calibrates(i, k):
-                calibration[k].add(maps)
-                if fg is not None:
-                    calibration_fg[k].add(maps[fg])
+    with dist.failing_together(f"{scorer.name}: calibration"):
+        for i, maps in enumerate(tqdm(maps_iter, total=len(healthy.samples), desc=f"{scorer.name}: calibration",
+                                      disable=not progress, leave=False)):
+            fg = foreground.mask_for(healthy.samples[i].image) if foreground else None
+            for k in range(n_folds):
+                if folds.calibrates(first_healthy + i, k):
+                    calibration[k].add(maps)
+                    if fg is not None:
+                        calibration_fg[k].add(maps[fg])
+    if sharded:  # every rank's healthy pixels before any threshold is taken
+        calibration = [dist.reduce_accumulator(acc) for acc in calibration]
+        calibration_fg = [dist.reduce_accumulator(acc) for acc in calibration_fg]
     thresholds = [[acc.threshold_at_fpr(f) for f in fprs] for acc in calibration]
     thresholds_fg = [[acc.threshold_at_fpr(f) for f in fprs] for acc in calibration_fg]
 
@@ -86,27 +100,39 @@ def assess_scorer(scorer, healthy, test, *, sigma: float = 0.0, top_fraction: fl
     case_index = list(fprs).index(0.05) if 0.05 in fprs else 0
     fg_pixels = all_pixels = 0
     maps_iter = scorer_pixel_maps(scorer, test.tokens, sigma, device)
-    for j, (maps, sample) in enumerate(tqdm(zip(maps_iter, test.samples), total=len(test.samples),
-                                            desc=f"{scorer.name}: evaluation", disable=not progress, leave=False)):
-        fold = folds.evaluation[j]
-        mask = read_image(sample.mask) > 0 if sample.mask is not None else None
-        if mask is not None and mask.ndim == 3:
-            mask = mask.any(axis=-1)
-        score = scoring.image_score(maps, top_fraction)
-        accumulator.add(maps, mask)
-        stats.add(maps, mask, thresholds[fold], score, sample.label)
-        image_scores.append(score)
-        labels.append(sample.label)
-        if mask is not None and mask.any():
-            cases.append((_dice(stats.confusion[-1][case_index]), sample))
-        if foreground:
-            fg = foreground.mask_for(sample.image)
-            fg_mask = mask[fg] if mask is not None else None
-            accumulator_fg.add(maps[fg], fg_mask)
-            stats_fg.add(maps[fg], fg_mask, thresholds_fg[fold], score, sample.label)
-            fg_pixels += int(fg.sum())
-            all_pixels += fg.size
+    with dist.failing_together(f"{scorer.name}: evaluation"):
+        for j, (maps, sample) in enumerate(tqdm(zip(maps_iter, test.samples), total=len(test.samples),
+                                                desc=f"{scorer.name}: evaluation", disable=not progress, leave=False)):
+            fold = folds.evaluation[first_test + j]
+            mask = read_image(sample.mask) > 0 if sample.mask is not None else None
+            if mask is not None and mask.ndim == 3:
+                mask = mask.any(axis=-1)
+            score = scoring.image_score(maps, top_fraction)
+            accumulator.add(maps, mask)
+            stats.add(maps, mask, thresholds[fold], score, sample.label)
+            image_scores.append(score)
+            labels.append(sample.label)
+            if mask is not None and mask.any():
+                cases.append((_dice(stats.confusion[-1][case_index]), sample))
+            if foreground:
+                fg = foreground.mask_for(sample.image)
+                fg_mask = mask[fg] if mask is not None else None
+                accumulator_fg.add(maps[fg], fg_mask)
+                stats_fg.add(maps[fg], fg_mask, thresholds_fg[fold], score, sample.label)
+                fg_pixels += int(fg.sum())
+                all_pixels += fg.size
 
+    if sharded:  # every rank's images, in input order (contiguous shares gathered in rank order)
+        accumulator = dist.reduce_accumulator(accumulator)
+        accumulator_fg = dist.reduce_accumulator(accumulator_fg) if accumulator_fg is not None else None
+        parts = dist.all_gather_object((stats, stats_fg, image_scores, labels, cases, fg_pixels, all_pixels))
+        stats, stats_fg = parts[0][0], parts[0][1]
+        for part in parts[1:]:
+            stats.extend(part[0])
+            if stats_fg is not None:
+                stats_fg.extend(part[1])
+        image_scores, labels, cases = ([x for part in parts for x in part[k]] for k in (2, 3, 4))
+        fg_pixels, all_pixels = sum(part[5] for part in parts), sum(part[6] for part in parts)
     pooled = np.sum(stats.confusion, axis=0)
     row = {
         "method": scorer.name,
@@ -132,7 +158,7 @@ def assess_scorer(scorer, healthy, test, *, sigma: float = 0.0, top_fraction: fl
                for t, f in enumerate(fprs)},
             "fg_fraction": fg_pixels / max(1, all_pixels),
         })
-    if n_bootstrap > 0:
+    if n_bootstrap > 0 and dist.is_main():  # under torchrun rank 0 alone reports (the other ranks' rows go nowhere)
         for prefix, source in (("", stats), ("fg_", stats_fg)):
             if source is None:
                 continue

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from normdino import distributed as dist
 from normdino.evaluation.datasets import Dataset, Sample
 from normdino.features.tokens import Tokens, TokenSet, pick_layers
 from normdino.methods import scoring
@@ -33,14 +34,25 @@ RANDOM_WARNING = ("The backbone has RANDOM weights: detection quality in this re
 
 @dataclass
 class LabelledTokens:
-    """Tokens of evaluation images (all layers any method asked for) with their samples (label, mask)."""
+    """Tokens of evaluation images (all layers any method asked for) with their samples (label, mask).
+
+    Under torchrun ``samples`` (and ``tokens``) are this rank's contiguous share of ``all_samples``, the share
+    beginning at position ``start``; in a plain run ``all_samples`` is None and the share is everything.
+    """
 
     tokens: TokenSet
     samples: list[Sample] = field(default_factory=list)
+    all_samples: list[Sample] | None = None
+    start: int = 0
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
         return self.tokens.shapes
+
+    @property
+    def every_sample(self) -> list[Sample]:
+        """Every sample of the set (all ranks' shares together; ``samples`` in a plain run)."""
+        return self.samples if self.all_samples is None else self.all_samples
 
 
 @dataclass
@@ -315,14 +327,24 @@ def evaluation_token_sets(backbone, dataset: Dataset, cache_dir: Path | None, ba
         n_anomalous = min(len(anomalous), max(1, round(max_eval * len(anomalous) / len(dataset.evaluation))))
         normal, anomalous = subset(normal, max_eval - n_anomalous, seed), subset(anomalous, n_anomalous, seed)
     evaluation = normal + anomalous
-    images = list(dict.fromkeys([s.image for s in healthy] + [s.image for s in evaluation]))
-    everything = token_set(backbone, images, cache_dir, batch_size, progress, cls=cls)
+    if dist.is_distributed():  # under torchrun each rank extracts its contiguous share of each list
+        for what, items in (("healthy calibration", healthy), ("evaluation", evaluation)):
+            if len(items) < dist.world_size():
+                raise InputError(f"{len(items)} {what} images cannot be shared by {dist.world_size()} processes; "
+                                 "start at most that many")
+    shares = list(dist.shard(healthy)), list(dist.shard(evaluation))
+    images = list(dict.fromkeys([s.image for s in shares[0]] + [s.image for s in shares[1]]))
+    with dist.failing_together("token extraction"):
+        everything = token_set(backbone, images, cache_dir, batch_size, progress, cls=cls)
     row = {path: i for i, path in enumerate(images)}
 
-    def pick(samples: list[Sample]) -> LabelledTokens:
-        return LabelledTokens(everything.subset([row[s.image] for s in samples]), samples)
+    def pick(samples: list[Sample], share: list[Sample]) -> LabelledTokens:
+        tokens = everything.subset([row[s.image] for s in share])
+        if not dist.is_distributed():
+            return LabelledTokens(tokens, samples)
+        return LabelledTokens(tokens, share, samples, dist.shard_range(len(samples))[0])
 
-    return pick(healthy), pick(evaluation)
+    return pick(healthy, shares[0]), pick(evaluation, shares[1])
 
 
 def evaluate_methods(scorers: Sequence[Scorer], backbone, healthy: LabelledTokens, test: LabelledTokens,
@@ -339,8 +361,8 @@ def evaluate_methods(scorers: Sequence[Scorer], backbone, healthy: LabelledToken
     from normdino.evaluation.assess import assess_scorer
     from normdino.evaluation.splits import calibration_folds
 
-    timing = [s.image for s in test.samples[:timing_images]]
-    folds = calibration_folds([s.image for s in healthy.samples], [s.image for s in test.samples], seed)
+    timing = [s.image for s in test.every_sample[:timing_images]]  # under torchrun: rank 0 times, the others wait
+    folds = calibration_folds([s.image for s in healthy.every_sample], [s.image for s in test.every_sample], seed)
     log.info("thresholds: %s", folds.description)
     results = []
     for scorer in tqdm(scorers, desc="evaluating methods", disable=not progress):
@@ -348,7 +370,10 @@ def evaluate_methods(scorers: Sequence[Scorer], backbone, healthy: LabelledToken
         result = assess_scorer(scorer, healthy, test, sigma=sigma, top_fraction=top_fraction,
                                device=getattr(backbone, "device", "cpu"), folds=folds, foreground=foreground,
                                n_bootstrap=n_bootstrap, seed=seed, progress=progress)
-        ms, peak_mb = time_detection(backbone, scorer, timing, sigma, top_fraction) if timing else (float("nan"),) * 2
+        ms, peak_mb = (float("nan"),) * 2
+        with dist.failing_together(f"timing {scorer.name}"):
+            if timing and dist.is_main():
+                ms, peak_mb = time_detection(backbone, scorer, timing, sigma, top_fraction)
         result.row.update(ms_per_sample=round(ms, 2), peak_memory_mb=round(peak_mb, 1))
         result.row["calibration"] = folds.description
         results.append(result)

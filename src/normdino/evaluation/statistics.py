@@ -83,6 +83,15 @@ class ImageStatistics:
         self.scores.append(float(image_score))
         self.labels.append(int(label))
 
+    def extend(self, other: "ImageStatistics") -> "ImageStatistics":
+        """Append ``other``'s images after this one's (e.g. torchrun ranks' shares in rank order = input order)."""
+        if (other.n_thresholds, other.shift) != (self.n_thresholds, self.shift):
+            raise InputError("image statistics with different thresholds or resolution cannot be joined")
+        for mine, theirs in ((self.bins, other.bins), (self.counts, other.counts), (self.confusion, other.confusion),
+                             (self.scores, other.scores), (self.labels, other.labels)):
+            mine.extend(theirs)
+        return self
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the per-image statistics (the bound stated in the module docstring)."""
