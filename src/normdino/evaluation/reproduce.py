@@ -11,6 +11,10 @@ test on image-wise pixel AUROC/AUPR.
 
 Outputs in ``-o``: ``tables.md``, ``tables.json`` (strict JSON: undefined metrics are null), ``report.html``
 (one self-contained file) and ``results.json`` (every row, interval and test).
+
+Published figures: Schulthess & Konukoglu, MICCAI 2025, arXiv 2509.19997 (https://arxiv.org/html/2509.19997v1,
+https://papers.miccai.org/miccai-2025/paper/2425_paper.pdf). They are not filled in yet: the stored copies searched
+on 2026-11-25 gave only the abstract, not the result tables (see the comment above ``PAPER_FIGURES``).
 """
 
 from __future__ import annotations
@@ -37,8 +41,13 @@ BMAD_NAMES = {"brats": "BraTS2021", "liver": "Liver (BTCV + LiTS)", "resc": "RES
 # ---------------------------------------------------------------------- the paper's published figures
 #
 # Schulthess & Konukoglu, "Anomaly Detection by Clustering DINO Embeddings using a Dirichlet Process
-# Mixture", MICCAI 2025. TO BE FILLED FROM THE PAPER: the paper was not at hand when this table was written,
-# so every figure is None ("not filled in") and no number here was invented. Enter each as printed,
+# Mixture", MICCAI 2025, arXiv 2509.19997. Sources: https://arxiv.org/html/2509.19997v1 and
+# https://papers.miccai.org/miccai-2025/paper/2425_paper.pdf
+# (its page: https://papers.miccai.org/miccai-2025/0070-Paper2425.html).
+# TO BE FILLED FROM THE PAPER: searching the stored copies of both pages (2026-11-25) returned only their
+# beginnings (title, abstract, introduction), never the result tables, so the paper's table numbers and their
+# row/column layout are still unchecked against the keys below, every figure is None ("not filled in") and no
+# number here was invented or taken from third-party leaderboards. Enter each as printed,
 # as (BraTS, Liver, RESC); AUROC, AUPR and Dice as fractions in [0, 1] (the paper's percentages / 100),
 # runtime in ms per sample, memory in GB. Cells with None show "to be filled" and no difference.
 _ = None
