@@ -443,7 +443,9 @@ def cli_ranks(tmp_path_factory, tiny_dinov2_dir, phantom_data) -> Path:
                  _predict_argv(out / "model.normdino", phantom_data, out / "predicted"),
                  _evaluate_argv(out / "model.normdino", phantom_data, out / "evaluated-bmad"),
                  _evaluate_argv(out / "model.normdino", _patient_folders(phantom_data, out / "patients"), out / "evaluated-folders"),
-                 ["evaluate", str(out / "model.normdino"), str(out), "--layout", "volumes", "-o", str(out / "vol"), "--quiet"]]
+                 ["evaluate", str(out / "model.normdino"), str(out), "--layout", "volumes", "-o", str(out / "vol"), "--quiet"],
+                 _evaluate_argv(out / "model.normdino", _truncated_last_image(out / "patients", out / "broken-eval"),
+                                out / "evaluated-broken")]
     mp.start_processes(_cli_worker, args=(str(out), argv_sets), nprocs=WORLD, start_method="fork")
     return out
 
@@ -452,6 +454,16 @@ def _evaluate_argv(model: Path, data: Path, output: Path) -> list[str]:
     """Batch size 1: every image's tokens come from the same forward pass whatever its rank's share."""
     return ["evaluate", str(model), str(data), "-o", str(output), "--bootstrap", "40", "--timing-images", "1",
             "--batch-size", "1", "--no-cache", "--quiet"]
+
+
+def _truncated_last_image(folders: Path, root: Path) -> Path:
+    """A copy of a folders set whose last anomalous image (in rank 1's share only) has a header but no pixels."""
+    import shutil
+
+    shutil.copytree(folders, root)
+    last = sorted((root / "anomalous").glob("*.png"))[-1]
+    last.write_bytes(last.read_bytes()[:120])
+    return root
 
 
 def _patient_folders(phantom: Path, root: Path) -> Path:
@@ -560,3 +572,12 @@ def test_cli_evaluate_volumes_layout_is_refused_under_torchrun_with_one_message(
     assert results[0]["stderr"].strip() == ("normdino evaluate: error: normdino evaluate --layout volumes does not run under "
                                             "torchrun yet; run it as one process: python -m normdino evaluate ... --layout volumes")
     assert not (cli_ranks / "vol").exists()
+
+
+def test_cli_evaluate_failing_on_one_rank_ends_both_with_one_message_and_no_results(cli_ranks) -> None:
+    results = [json.loads((cli_ranks / f"cli-6-{r}.json").read_text()) for r in range(WORLD)]
+    assert [r["code"] for r in results] == [1, 1] and results[1]["stderr"] == ""
+    message = results[0]["stderr"].strip()
+    assert message.startswith("normdino evaluate: error: rank 1 of 2 failed during token extraction: ")
+    assert "patient4_29.png" in message and len(message.splitlines()) == 1
+    assert not (cli_ranks / "evaluated-broken").exists()
