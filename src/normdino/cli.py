@@ -505,7 +505,8 @@ def cmd_predict(args) -> int:
 
     # Everything that can be checked is checked before the model and its backbone load.
     inputs = resolve_inputs(args.inputs)
-    prepare_results_folder(Path(args.output), args.overwrite, check_only=True)
+    if _is_main_rank():  # under torchrun rank 0 may already be writing there when another rank gets here
+        prepare_results_folder(Path(args.output), args.overwrite, check_only=True)
     max_megapixels = args.max_megapixels or DEFAULT_MAX_MEGAPIXELS
     check_image_sizes(inputs.images, max_megapixels, strict=args.strict)
     detector = AnomalyDetector.load(args.model, backbone=args.backbone, device=args.device, progress=not args.quiet,
@@ -635,6 +636,9 @@ def cmd_evaluate(args) -> int:
     from normdino.evaluation.protocol import detector_scorer, evaluate_methods, evaluation_token_sets, write_outputs
 
     _check_report_outputs(args)
+    if args.layout == "volumes" and _in_process_group():
+        raise NormdinoError("normdino evaluate --layout volumes does not run under torchrun yet; run it as one "
+                            "process: python -m normdino evaluate ... --layout volumes")
     cache_dir = None if args.no_cache else Path(args.cache_dir)
     detector = AnomalyDetector.load(args.model, backbone=args.backbone, device=args.device, progress=not args.quiet,
                                     runtime=args.runtime, precision=args.precision)
@@ -642,10 +646,6 @@ def cmd_evaluate(args) -> int:
     sigma = detector.sigma if args.sigma is None else args.sigma
     if args.layout == "volumes":
         from normdino.evaluation.volumes import evaluate_volumes
-
-        if _in_process_group():
-            raise NormdinoError("normdino evaluate --layout volumes does not run under torchrun yet; run it as one "
-                                "process: python -m normdino evaluate ... --layout volumes")
 
         paths, rows = evaluate_volumes(detector, Path(args.data), _slice_options(args, detector.volume_settings),
                                        Path(args.output),
