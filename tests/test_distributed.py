@@ -581,3 +581,22 @@ def test_cli_evaluate_failing_on_one_rank_ends_both_with_one_message_and_no_resu
     assert message.startswith("normdino evaluate: error: rank 1 of 2 failed during token extraction: ")
     assert "patient4_29.png" in message and len(message.splitlines()) == 1
     assert not (cli_ranks / "evaluated-broken").exists()
+
+
+def test_image_statistics_of_two_shares_extended_in_order_equal_one_pass() -> None:
+    from normdino.evaluation.statistics import ImageStatistics
+
+    rng = np.random.default_rng(5)
+    images = [(rng.random((9, 7)).astype(np.float32), None if i % 3 == 0 else rng.random((9, 7)) > 0.7) for i in range(7)]
+
+    def statistics(items) -> ImageStatistics:
+        stats = ImageStatistics(2)
+        for scores, mask in items:
+            stats.add(scores + (0 if mask is None else 0.3 * mask), mask, (0.5, 0.9), float(scores.max()), int(mask is not None))
+        return stats
+
+    whole, joined = statistics(images), statistics(images[:4]).extend(statistics(images[4:]))
+    assert joined.labels == whole.labels and joined.scores == whole.scores
+    assert joined.bootstrap(30, seed=2) == whole.bootstrap(30, seed=2)
+    with pytest.raises(InputError, match="cannot be joined"):
+        whole.extend(ImageStatistics(3))
