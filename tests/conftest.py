@@ -1,5 +1,6 @@
 """Shared test settings: never reach the hub, find ../shared when it is there."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -10,6 +11,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LGG_FLAIR = SHARED_DATA / "lgg-flair"
+
+
+@pytest.fixture(autouse=True)
+def _reset_cli_logging():
+    """normdino.cli.main sets the 'normdino' logger's level (-q: errors only); later tests start from scratch."""
+    yield
+    logging.getLogger("normdino").setLevel(logging.NOTSET)
 
 
 @pytest.fixture
