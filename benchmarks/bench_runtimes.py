@@ -94,9 +94,14 @@ def _images(folder: Path, n: int) -> list[Path]:
     return paths[::step][:n]
 
 
+WEIGHTS: str | None = None  # --weights: real weights (a folder, .safetensors or cached hub name) instead of random
+
+
 def _build(arch: str, size: int, runtime: str, precision: str):
     from normdino.features.backbone import Backbone
 
+    if WEIGHTS:
+        return Backbone.from_pretrained(WEIGHTS, image_size=size, runtime=runtime, precision=precision)
     return Backbone.random(arch, image_size=size, runtime=runtime, precision=precision)
 
 
@@ -133,6 +138,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="dinov2_vits14")
     parser.add_argument("--size", type=int, default=448)
+    parser.add_argument("--weights", default=None,
+                        help="real backbone weights (folder, .safetensors, cached hub name): real fidelity figures")
     parser.add_argument("--n-fid", type=int, default=20, help="valid/Ungood slices for token fidelity")
     parser.add_argument("--n-train", type=int, default=24, help="train/good slices for the DPMM of the map correlation")
     parser.add_argument("--n-time", type=int, default=10, help="slices timed per configuration and round")
@@ -151,6 +158,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    global WEIGHTS
+    WEIGHTS = args.weights
     if args.clock == "cpu":
         global CLOCK
         CLOCK = time.process_time
@@ -173,8 +182,9 @@ def run(args, cache: Path) -> None:
     from normdino.methods.dpmm import DPMM
 
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads, {args.clock} clock, {args.arch} at {args.size} px, batch {args.batch}, "
-          f"RANDOM weights (timing honest; cosines a proxy); export cache {cache}")
+    weights = f"weights {args.weights}" if args.weights else f"{args.arch} RANDOM weights (timing honest; cosines a proxy)"
+    print(f"torch {torch.__version__}, {threads} threads, {args.clock} clock, {args.size} px, batch {args.batch}, "
+          f"{weights}; export cache {cache}")
 
     # ---- build every configuration (the first build of a graph runtime exports and quantises it)
     backbones, build_s = {}, {}
@@ -195,7 +205,8 @@ def run(args, cache: Path) -> None:
     train = torch.cat([reference.encode(torch.stack([reference.preprocess(read_image(p)) for p in train_paths[i : i + 8]]))
                        .patch_tokens for i in range(0, len(train_paths), 8)])
     train_set = TokenSet(train.numpy().astype(np.float16), [(256, 256)] * len(train))
-    dpmm = DPMM(n_components=100, epochs=5, batch_images=12, seed=0).fit(train_set)
+    components = max(2, min(100, len(train) * train.shape[2] * train.shape[3] // 2))
+    dpmm = DPMM(n_components=components, epochs=5, batch_images=12, seed=0).fit(train_set)
     maps = {key: dpmm.patch_scores(Tokens(t)).reshape(len(t), -1).double() for key, t in tokens.items()}
 
     # ---- timing, round-robin: HF forward, Backbone.encode of every configuration
@@ -226,7 +237,8 @@ def run(args, cache: Path) -> None:
     rss = {}
     if not args.no_rss:
         for runtime, precision in CONFIGS:
-            command = [sys.executable, __file__, "--arch", args.arch, "--size", str(args.size), "--n-time",
+            command = [sys.executable, __file__, "--arch", args.arch, *(["--weights", args.weights] if args.weights else []),
+                       "--size", str(args.size), "--n-time",
                        str(args.n_time), "--batch", str(args.batch), "--threads", str(threads),
                        "--child", runtime, precision]
             out = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ.copy())
@@ -266,7 +278,9 @@ def predict_table(args, backbones: dict, train_paths: list) -> None:
     from normdino.detector import AnomalyDetector
 
     reference = backbones[("torch", "fp32")]
-    detector = AnomalyDetector(backbone=reference, method="dpmm", n_components=100, epochs=3, progress=False)
+    side = reference.grid_shape()[0]
+    components = max(2, min(100, len(train_paths) * side * side // 4))
+    detector = AnomalyDetector(backbone=reference, method="dpmm", n_components=components, epochs=3, progress=False)
     detector.fit(train_paths)
     paths = _images(DATA / "valid" / "Ungood" / "img", args.n_time)
 
