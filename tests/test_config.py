@@ -91,3 +91,14 @@ def test_shared_forward_pass_extracts_the_last_block_once():
     assert layers == (12, 3, 6, 9) and cls
     assert layer_positions(methods[0], layers, 12) == [0]
     assert layer_positions(methods[1], layers, 12) == [1, 2, 3, 0]
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("x")
+    image = tmp_path / "a.png"
+    __import__("PIL.Image", fromlist=["Image"]).new("L", (32, 32)).save(image)
+    assert main(["fit", str(image), "-o", str(tmp_path / "m.normdino"), "--cache-dir", str(not_a_folder),
+                 "--backbone", "/nonexistent/weights"]) == 1
+    err = capsys.readouterr().err
+    assert str(not_a_folder) in err and "Traceback" not in err and "weights" not in err

@@ -423,6 +423,14 @@ def _join_torchrun_job(args) -> bool:
     return joined
 
 
+def _check_cache(cache_dir) -> None:
+    """A token-cache folder that is a file or not writable is one sentence before any work."""
+    if cache_dir is not None:
+        from normdino.features.cache import check_cache_dir
+
+        check_cache_dir(cache_dir)
+
+
 def cmd_fit(args) -> int:
     from normdino.detector import AnomalyDetector
     from normdino.io.inputs import resolve_inputs, training_images
@@ -437,6 +445,7 @@ def cmd_fit(args) -> int:
     val = resolve_inputs(args.val) if args.val else None
     _check_fit_output(Path(args.output), train, val)
     _warn_if_validation_overlaps(train, val)
+    _check_cache(None if args.no_cache else settings["cache_dir"])
     options = _slice_options(args) if train.volumes or (val and val.volumes) else None
     detector = AnomalyDetector(
         method=settings["method"], backbone=settings["backbone"], device=settings["device"],
@@ -640,6 +649,7 @@ def cmd_evaluate(args) -> int:
         raise NormdinoError("normdino evaluate --layout volumes does not run under torchrun yet; run it as one "
                             "process: python -m normdino evaluate ... --layout volumes")
     cache_dir = None if args.no_cache else Path(args.cache_dir)
+    _check_cache(cache_dir)
     detector = AnomalyDetector.load(args.model, backbone=args.backbone, device=args.device, progress=not args.quiet,
                                     runtime=args.runtime, precision=args.precision)
     detector.batch_size = args.batch_size
@@ -706,6 +716,7 @@ def cmd_bench(args) -> int:
 
     dataset = without_training_patients(dataset, train_images)  # calibration never on a training patient's slices
     cache_dir = None if args.no_cache else Path(settings["cache_dir"])
+    _check_cache(cache_dir)
     sigma = settings["sigma"]
     layers, cls = feature_union(methods)
     maker = AnomalyDetector(backbone=settings["backbone"], device=settings["device"], runtime=args.runtime or "torch",
