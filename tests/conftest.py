@@ -2,12 +2,15 @@
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the token cache the API uses by default: one throw-away folder per test session, never the user's home
+os.environ.setdefault("NORMDINO_CACHE_DIR", tempfile.mkdtemp(prefix="normdino-test-cache-"))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LGG_FLAIR = SHARED_DATA / "lgg-flair"

@@ -294,3 +294,13 @@ def _header_json(path):
     from normdino.model_file import read_header
 
     return json.dumps(read_header(path))
+
+
+def test_the_api_caches_tokens_by_default(phantoms, tiny_dinov2_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMDINO_CACHE_DIR", str(tmp_path / "cache"))
+    images = _pngs(phantoms / "train" / "good")[:6]
+    detector = AnomalyDetector(method="anomalydino", backbone=str(tiny_dinov2_dir), image_size=56, progress=False)
+    assert detector.token_cache_dir() == tmp_path / "cache"
+    detector.fit(images)
+    assert any((tmp_path / "cache").iterdir())
+    assert AnomalyDetector(cache_dir=None).token_cache_dir() is None

@@ -15,10 +15,11 @@ from typing import Sequence
 
 from normdino import __version__
 from normdino.errors import NormdinoError
+from normdino.files import default_cache_dir
 
 log = logging.getLogger("normdino")
 
-DEFAULT_CACHE = Path.home() / ".cache" / "normdino" / "tokens"
+DEFAULT_CACHE = default_cache_dir()
 
 
 # ---------------------------------------------------------------------- argument parsing

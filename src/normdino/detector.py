@@ -131,7 +131,7 @@ class AnomalyDetector:
         default_fpr: float = 0.05,
         top_fraction: float = 0.01,
         val_fraction: float = 0.1,
-        cache_dir: str | Path | None = None,
+        cache_dir: str | Path | bool | None = True,
         device: str = "cpu",
         batch_size: int = 8,
         seed: int = 0,
@@ -150,7 +150,7 @@ class AnomalyDetector:
         self.default_fpr = default_fpr
         self.top_fraction = top_fraction
         self.val_fraction = val_fraction
-        self.cache_dir = cache_dir
+        self.cache_dir = cache_dir  # True: the default folder ($NORMDINO_CACHE_DIR or ~/.cache/...); None: no cache
         self.device = device
         self.batch_size = batch_size
         self.seed = seed
@@ -229,7 +229,7 @@ class AnomalyDetector:
         from normdino.features.cache import embed_arrays, extract_tokens
 
         if isinstance(images, (list, tuple)) and images and all(isinstance(im, (str, Path)) for im in images):
-            cache_dir = Path(self.cache_dir) if self.cache_dir is not None else None
+            cache_dir = self.token_cache_dir()
             return extract_tokens(self.backbone_, [Path(p) for p in images], cache_dir=cache_dir,
                                   batch_size=self.batch_size, progress=self.progress, cls=cls)
         arrays = (image if isinstance(image, np.ndarray) else _read(image) for image in images)
@@ -239,6 +239,14 @@ class AnomalyDetector:
         if len(sources) == len(tokens):
             tokens.sources = list(sources)
         return tokens
+
+    def token_cache_dir(self) -> Path | None:
+        """Where tokens of image files are cached (computed once per image and backbone); None: not cached."""
+        from normdino.files import default_cache_dir
+
+        if self.cache_dir is True:
+            return default_cache_dir()
+        return Path(self.cache_dir) if self.cache_dir not in (None, False) else None
 
     def _embed(self, arrays: list[np.ndarray]) -> Tokens:
         """Tokens of a batch of image arrays, on the detector's device."""
@@ -424,7 +432,7 @@ class AnomalyDetector:
         return write_model_file(path, header, tensors)
 
     @classmethod
-    def load(cls, path: str | Path, backbone=None, cache_dir: str | Path | None = None,
+    def load(cls, path: str | Path, backbone=None, cache_dir: str | Path | bool | None = True,
              device: str = "cpu", progress: bool = True, runtime: str | None = None,
              precision: str | None = None) -> "AnomalyDetector":
         """Load a model file written by :meth:`save`; ``backbone`` overrides where the backbone weights come from.

@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Iterator
 
 
+def default_cache_dir() -> Path:
+    """The token cache folder used unless told otherwise: $NORMDINO_CACHE_DIR, else ~/.cache/normdino/tokens."""
+    return Path(os.environ.get("NORMDINO_CACHE_DIR") or Path.home() / ".cache" / "normdino" / "tokens")
+
+
 def _umask() -> int:
     """The process's umask (reading it needs setting it)."""
     mask = os.umask(0)
