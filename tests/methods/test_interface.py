@@ -1,7 +1,6 @@
 """Every registered method honours the interface: fit on a token set, scores (B, h, w) on the tokens' device,
 state round trip with bit-identical scores, parameters declared once; the registry resolves names."""
 
-import numpy as np
 import pytest
 import torch
 

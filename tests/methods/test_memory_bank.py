@@ -1,7 +1,6 @@
 """AnomalyDINO memory bank and PatchCore coreset as methods, against brute force; k-center properties."""
 
 import itertools
-import math
 
 import numpy as np
 import pytest

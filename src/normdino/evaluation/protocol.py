@@ -22,7 +22,7 @@ from normdino import distributed as dist
 from normdino.evaluation.datasets import Dataset, Sample
 from normdino.features.tokens import Tokens, TokenSet, pick_layers
 from normdino.methods import scoring
-from normdino.evaluation.metrics import PixelScoreAccumulator, image_aupr, image_auroc
+from normdino.evaluation.metrics import PixelScoreAccumulator
 from normdino.io.reading import read_image
 
 log = logging.getLogger(__name__)
@@ -259,43 +259,6 @@ def time_detection(backbone, scorer: Scorer, images: Sequence[Path], sigma: floa
 
 
 # ---------------------------------------------------------------------- protocol
-
-
-def evaluate_scorer(scorer: Scorer, healthy: LabelledTokens, test: LabelledTokens, sigma: float = 0.0,
-                    top_fraction: float = 0.01, fprs: Sequence[float] = EVAL_FPRS,
-                    device: torch.device | str = "cpu") -> MethodResult:
-    """The paper's metrics of one method: thresholds on ``healthy``, metrics over all pixels of ``test``."""
-    from normdino.io.reading import read_image as read_mask
-
-    calibration = PixelScoreAccumulator()
-    for maps in scorer_pixel_maps(scorer, healthy.tokens, sigma, device):
-        calibration.add(maps)
-    thresholds = [calibration.threshold_at_fpr(f) for f in fprs]
-    accumulator = PixelScoreAccumulator(thresholds=thresholds, track_regions=True)
-    image_scores, labels, cases = [], [], []
-    case_threshold = thresholds[list(fprs).index(0.05)] if 0.05 in fprs else thresholds[0]
-    for maps, sample in zip(scorer_pixel_maps(scorer, test.tokens, sigma, device), test.samples):
-        mask = read_mask(sample.mask) > 0 if sample.mask is not None else None
-        accumulator.add(maps, mask)
-        image_scores.append(scoring.image_score(maps, top_fraction))
-        labels.append(sample.label)
-        if mask is not None and mask.any():
-            predicted = maps > case_threshold
-            cases.append((2.0 * (predicted & mask).sum() / (predicted.sum() + mask.sum()), sample))
-    row = {
-        "method": scorer.name,
-        "pixel_auroc": accumulator.auroc(),
-        "pixel_aupr": accumulator.aupr(),
-        **{f"dice_fpr{round(f * 100)}": accumulator.dice_at(t) for f, t in zip(fprs, thresholds)},
-        "aupro": accumulator.aupro(0.3),
-        "image_auroc": image_auroc(image_scores, labels),
-        "image_aupr": image_aupr(image_scores, labels),
-        "n_prototypes": scorer.n_prototypes,
-        "fit_seconds": round(scorer.fit_seconds, 3),
-        "scorer_memory_mb": round(scorer.state_mb, 3),
-        **{f"threshold_fpr{round(f * 100)}": t for f, t in zip(fprs, thresholds)},
-    }
-    return MethodResult(row, accumulator, cases)
 
 
 def subset(items: Sequence, n: int | None, seed: int = 0) -> list:

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from normdino.errors import InputError
-from normdino.evaluation.protocol import EVAL_FPRS, MethodResult, PeakMemory, Scorer, detector_scorer, write_outputs
+from normdino.evaluation.protocol import EVAL_FPRS, MethodResult, PeakMemory, detector_scorer, write_outputs
 from normdino.evaluation.metrics import PixelScoreAccumulator, image_aupr, image_auroc
 from normdino.io.writing import TopFraction
 

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import base64
-import html
 import functools
-import io
 import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from normdino.errors import InputError
-from normdino.files import atomic_path, atomic_write_text
+from normdino.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
