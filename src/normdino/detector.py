@@ -381,10 +381,7 @@ class AnomalyDetector:
     def pixel_maps(self, tokens: TokenSet, chunk: int = 32) -> Iterator[np.ndarray]:
         """Pixel map of each image of a token set, scoring ``chunk`` images at a time on the method's device."""
         device = self.backbone_.device if hasattr(self, "backbone_") else "cpu"
-        for start in range(0, len(tokens), chunk):
-            maps = self.patch_maps(tokens.batch(start, start + chunk, device)).float().cpu()
-            for patch_map, shape in zip(maps, tokens.shapes[start:start + chunk]):
-                yield scoring.pixel_map(patch_map, shape, self.sigma)
+        return scoring.pixel_maps(self.patch_maps, tokens, self.sigma, device, chunk)
 
     def predict_one(self, image: np.ndarray, fpr: float | None = None) -> Prediction:
         """Predict a single image array (H, W) or (H, W, 3) in [0, 1]."""

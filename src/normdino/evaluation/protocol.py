@@ -227,10 +227,7 @@ def encode_image(backbone, image: np.ndarray) -> Tokens:
 def scorer_pixel_maps(scorer: Scorer, tokens: TokenSet, sigma: float, device: torch.device | str = "cpu",
                       chunk: int = 32):
     """Pixel map of each image of a token set (scored ``chunk`` images at a time on ``device``)."""
-    for start in range(0, len(tokens), chunk):
-        maps = scorer.patch_maps(tokens.batch(start, start + chunk, device)).float().cpu()
-        for patch_map, shape in zip(maps, tokens.shapes[start:start + chunk]):
-            yield scoring.pixel_map(patch_map, shape, sigma)
+    return scoring.pixel_maps(scorer.patch_maps, tokens, sigma, device, chunk)
 
 
 def time_detection(backbone, scorer: Scorer, images: Sequence[Path], sigma: float, top_fraction: float,

@@ -6,7 +6,7 @@ All functions are pure: they take tokens and prototypes (or a mixture) and retur
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -150,12 +150,16 @@ def pixel_map(patch_map: torch.Tensor | np.ndarray, size: tuple[int, int], sigma
     return smooth(upsample(patch_map, size), sigma)
 
 
-def pixel_maps(patch_maps: Callable[[torch.Tensor], torch.Tensor], tokens: np.ndarray,
-               shapes: Sequence[tuple[int, int]], sigma: float = 0.0, chunk: int = 32) -> Iterator[np.ndarray]:
-    """Pixel map of each image of cached (N, h, w, D) tokens, scoring ``chunk`` images at a time (bounded memory)."""
-    for start in range(0, len(shapes), chunk):
-        batch = torch.from_numpy(np.asarray(tokens[start:start + chunk], dtype=np.float32))
-        for patch_map, shape in zip(patch_maps(batch), shapes[start:start + chunk]):
+def pixel_maps(patch_scores: Callable, tokens, sigma: float = 0.0, device: torch.device | str = "cpu",
+               chunk: int = 32) -> Iterator[np.ndarray]:
+    """Pixel map of each image of a token set, scoring ``chunk`` images at a time on ``device`` (bounded memory).
+
+    ``tokens`` is a :class:`normdino.features.tokens.TokenSet`; ``patch_scores`` maps its float32
+    :class:`Tokens` batches to (B, h, w) scores. The one chunked loop for calibration and evaluation.
+    """
+    for start in range(0, len(tokens), chunk):
+        maps = patch_scores(tokens.batch(start, start + chunk, device)).float().cpu()
+        for patch_map, shape in zip(maps, tokens.shapes[start:start + chunk]):
             yield pixel_map(patch_map, shape, sigma)
 
 
