@@ -201,3 +201,13 @@ def test_selections_that_select_nothing_exit_1(volume_model, scans, tmp_path, ca
     err = capsys.readouterr().err
     assert "patient.nii.gz" in err and ("selects no slice" in err or "--min-foreground" in err)
     assert not list(tmp_path.glob("*_anomaly.nii.gz"))
+
+
+def test_a_volume_fitted_model_warns_when_given_2d_files(volume_model, tmp_path, capsys):
+    from PIL import Image
+
+    image = tmp_path / "slice.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8)).save(image)
+    assert main(["predict", str(volume_model), str(image), "-o", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "fitted on volumes scaled by the 'percentile' rule" in err and "1 input(s) are 2D image files" in err

@@ -424,6 +424,15 @@ def _join_torchrun_job(args) -> bool:
     return joined
 
 
+def _warn_if_trained_on_volumes(settings: dict | None, images: list) -> None:
+    """2D files are read by the fixed dtype rule; a model whose volumes were scaled per volume saw other values."""
+    rule = (settings or {}).get("normalization")
+    if images and rule not in (None, "dtype", "none"):
+        log.warning("WARNING: this model was fitted on volumes scaled by the %r rule, but %d input(s) are 2D image "
+                    "files, read by their data type's range: their intensities may not match the training volumes; "
+                    "predict on the volumes themselves, or refit on 2D images", rule, len(images))
+
+
 def _check_cache(cache_dir) -> None:
     """A token-cache folder that is a file or not writable is one sentence before any work."""
     if cache_dir is not None:
@@ -523,6 +532,7 @@ def cmd_predict(args) -> int:
                                     runtime=args.runtime, precision=args.precision)
     detector.batch_size = args.batch_size
     options = _slice_options(args, detector.volume_settings) if inputs.volumes else None
+    _warn_if_trained_on_volumes(detector.volume_settings, inputs.images)
     if _in_process_group():
         return _predict_shares(args, inputs, detector, options, max_megapixels)
     writer = PredictionWriter(detector, Path(args.output), fpr=args.fpr, overlays=not args.no_overlays,
