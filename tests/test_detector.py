@@ -304,3 +304,29 @@ def test_the_api_caches_tokens_by_default(phantoms, tiny_dinov2_dir, tmp_path, m
     detector.fit(images)
     assert any((tmp_path / "cache").iterdir())
     assert AnomalyDetector(cache_dir=None).token_cache_dir() is None
+
+
+def test_slices_named_by_patient_are_held_out_by_patient(tiny_dinov2_dir, tmp_path):
+    """lgg-flair style names (<patient>_<slice>.png): no patient lands on both sides of the held-out split."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for patient in range(5):
+        for slice_index in range(4):
+            path = tmp_path / f"TCGA_CS_49{patient}0_19970222_{slice_index + 1}.png"
+            Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(path)
+            paths.append(path)
+    detector = AnomalyDetector(method="anomalydino", backbone=str(tiny_dinov2_dir), image_size=56, progress=False,
+                               val_fraction=0.2, cache_dir=None)
+    detector.fit(paths)
+    assert detector.training_summary_["n_val_images"] == 4  # one whole patient, not 4 slices of several
+
+
+def test_held_out_groups_fall_back_to_files_for_independent_images():
+    from normdino.io.inputs import held_out_groups
+
+    lgg = [f"d/TCGA_CS_49{p}0_19970222_{s}.png" for p in range(5) for s in range(3)]
+    assert len(set(held_out_groups(lgg))) == 5
+    numbered = [f"d/img_{i:03d}.png" for i in range(10)]  # one 'patient' only: every file is its own unit
+    assert held_out_groups(numbered) == numbered
+    volumes = ["p1/flair.nii.gz", "p2/flair.nii.gz", "p3/flair.nii.gz", "p4/flair.nii.gz"]
+    assert len(set(held_out_groups(volumes))) == 4

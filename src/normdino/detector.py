@@ -260,11 +260,11 @@ class AnomalyDetector:
         """Learn the normative model from healthy images and calibrate thresholds on healthy validation images.
 
         Images are folders, globs, files, arrays, or any iterable of them (e.g. a generator of volume slices).
-        Without validation images, a seeded ``val_fraction`` of the training sources (whole volumes or files)
-        is held out for model selection and calibration. ``sources``: for a stream of slices, a list that
+        Without validation images, a seeded ``val_fraction`` of the training sources (whole volumes, whole
+        patients of ``<patient>_<slice>`` files, else files) is held out for model selection and calibration. ``sources``: for a stream of slices, a list that
         names each slice's volume as it is produced (see ``normdino.io.inputs.training_images``).
         """
-        from normdino.io.inputs import expand_images
+        from normdino.io.inputs import expand_images, held_out_groups
 
         self._check_params()
         method = self._build_method()
@@ -288,7 +288,7 @@ class AnomalyDetector:
         if val is not None:
             log.debug("validation images given: %d on this process", len(val))
         elif self.val_fraction > 0 and len(set(all_sources := dist.gather_list(train.sources))) >= 2 and len(all_sources) >= 4:
-            split = held_out_split(all_sources, self.val_fraction, self.seed)  # over every rank's sources
+            split = held_out_split(held_out_groups(all_sources), self.val_fraction, self.seed)  # all ranks' sources
             train_idx, val_idx = (dist.local_indices(indices, len(train)) for indices in split)
             train, val = train.subset(train_idx), train.subset(val_idx)
             log.info("no validation images given: holding out %d of %d training images (%d sources) for calibration",

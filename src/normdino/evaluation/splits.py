@@ -13,7 +13,6 @@ Slices of one volume are near copies of each other, so images are grouped by *so
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,32 +20,11 @@ from typing import Sequence
 import numpy as np
 
 from normdino.errors import InputError
+from normdino.io.inputs import group_key
 
 log = logging.getLogger(__name__)
 
 __all__ = ["group_key", "CalibrationFolds", "calibration_folds", "drop_training_groups", "without_training_patients"]
-
-_SLICE_SUFFIX = re.compile(r"^(?P<group>.+?)[_\-](?:slice[_\-]?)?\d+$", re.IGNORECASE)
-
-
-def group_key(path: str | Path) -> str:
-    """The volume / patient an image file belongs to: its stem without a trailing ``_<slice number>``.
-
-    ``TCGA_CS_4942_19970222_12.png`` (lgg-flair, TCGA_<site>_<patient>_<date>_<slice>) -> ``TCGA_CS_4942_19970222``;
-    ``BraTS2021_00012_slice_60.png`` -> ``BraTS2021_00012``; a name without a slice number is its own group.
-    Volume slices named ``scan.nii.gz#z=12`` (token-set sources) group by ``scan.nii.gz``.
-    """
-    text = str(path)
-    if "#" in text:
-        return text.split("#", 1)[0]
-    name = Path(text).name
-    for ext in (".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii"):
-        if name.lower().endswith(ext):
-            name = name[: -len(ext)]
-            break
-    match = _SLICE_SUFFIX.match(name)
-    return match.group("group") if match else name
-
 
 @dataclass(frozen=True)
 class CalibrationFolds:

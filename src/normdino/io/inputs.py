@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,3 +225,36 @@ def expand_images(images, options=None, sources: list[str] | None = None,
             expanded.extend(resolve_inputs([item]).images if isinstance(item, (str, os.PathLike)) else [item])
         return list(_with_sources(expanded, sources))
     return _with_sources(images, sources)
+
+
+_SLICE_SUFFIX = re.compile(r"^(?P<group>.+?)[_\-](?:slice[_\-]?)?\d+$", re.IGNORECASE)
+
+
+def group_key(path: str | Path) -> str:
+    """The volume / patient an image file belongs to: its stem without a trailing ``_<slice number>``.
+
+    ``TCGA_CS_4942_19970222_12.png`` (lgg-flair, TCGA_<site>_<patient>_<date>_<slice>) -> ``TCGA_CS_4942_19970222``;
+    ``BraTS2021_00012_slice_60.png`` -> ``BraTS2021_00012``; a name without a slice number is its own group.
+    Volume slices named ``scan.nii.gz#z=12`` (token-set sources) group by ``scan.nii.gz``.
+    """
+    text = str(path)
+    if "#" in text:
+        return text.split("#", 1)[0]
+    name = Path(text).name
+    for ext in (".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii"):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    match = _SLICE_SUFFIX.match(name)
+    return match.group("group") if match else name
+
+
+def held_out_groups(sources: Sequence[str], min_groups: int = 4) -> list[str]:
+    """The unit a held-out split must keep whole, per image: its volume, or the patient of a ``<patient>_<slice>``
+    image file in its folder when that names at least ``min_groups`` patients (else each file is its own unit).
+
+    Slices of one patient are near copies: calibrating on slices whose neighbours were trained on makes the
+    false-positive rate optimistic. Independent images named ``img_001.png`` ... fall back to one unit each.
+    """
+    keys = [str(Path(s).parent / group_key(s)) for s in sources]
+    return keys if len(set(keys)) >= min_groups else list(sources)
