@@ -392,3 +392,56 @@ def test_report_tables_have_human_headers_one_number_format_per_column_and_never
     wrapped = [td for td in root.iter("td") if td.get("class") == "wrap"]
     assert [td.text for td in wrapped] == [rows[1]["setting"]]
 
+
+
+# ---------------------------------------------------------------------- threads around the model
+
+
+@pytest.fixture
+def four_writers(monkeypatch):
+    """Four reader/writer threads, as beside a GPU (a CPU model gets one)."""
+    import normdino.io.writing as writing
+
+    monkeypatch.setattr(writing, "default_workers", lambda device="cpu": 4)
+
+
+def test_writer_threads_give_the_serial_rows_in_input_order(model, data, tmp_path, monkeypatch):
+    folder = _folder_with_a_bad_file(data, tmp_path)
+    for extra in _test_images(data):
+        (folder / f"9_{extra.name}").write_bytes(extra.read_bytes())
+    assert main(["predict", str(model), str(folder), "-o", str(tmp_path / "serial"), "--batch-size", "2", "-q"]) == 0
+    import normdino.io.writing as writing
+
+    monkeypatch.setattr(writing, "default_workers", lambda device="cpu": 4)
+    assert main(["predict", str(model), str(folder), "-o", str(tmp_path / "threads"), "--batch-size", "2", "-q"]) == 0
+    serial, threads = _rows(tmp_path / "serial"), _rows(tmp_path / "threads")
+    assert len(serial) == 8 and [r["status"] for r in serial].count("skipped") == 1
+    assert threads == serial
+    for name in {r["anomaly_npy"] for r in serial} - {""}:
+        np.testing.assert_array_equal(np.load(tmp_path / "threads" / name), np.load(tmp_path / "serial" / name))
+
+
+def test_a_full_disk_under_writer_threads_leaves_only_listed_files(model, data, tmp_path, monkeypatch, capsys,
+                                                                   four_writers):
+    import errno
+    import threading
+
+    real = rendering.save_png
+    calls, lock = [], threading.Lock()
+
+    def full_disk(path, array):
+        with lock:
+            calls.append(path)
+            fail = len(calls) >= 4
+        if fail:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, array)
+
+    monkeypatch.setattr(rendering, "save_png", full_disk)
+    out = tmp_path / "out"
+    assert main(["predict", str(model), str(data / "test" / "Ungood" / "img"), "-o", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    listed = {r[c] for r in _rows(out) for c in ("anomaly_map", "anomaly_npy", "mask", "overlay")}
+    outputs = {p.name for p in out.iterdir()} - {"scores.csv", "summary.json", "index.html"}
+    assert outputs <= listed and len(_rows(out)) <= 1  # at most the first image finished; nothing half-written

@@ -22,6 +22,7 @@ from normdino.features.tokens import FeatureRequest, Tokens, TokenSet
 from normdino.methods import registry
 from normdino.methods import scoring
 from normdino.methods.base import NormativeMethod, Param
+from normdino.parallel import default_workers, ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -248,10 +249,9 @@ class AnomalyDetector:
             return default_cache_dir()
         return Path(self.cache_dir) if self.cache_dir not in (None, False) else None
 
-    def _embed(self, arrays: list[np.ndarray]) -> Tokens:
-        """Tokens of a batch of image arrays, on the detector's device."""
-        batch = torch.stack([self.backbone_.preprocess(a) for a in arrays])
-        out = self.backbone_.encode(batch.to(self.backbone_.device))
+    def _embed(self, pixels: list[torch.Tensor]) -> Tokens:
+        """Tokens of a batch of preprocessed images, on the detector's device."""
+        out = self.backbone_.encode(torch.stack(pixels).to(self.backbone_.device))
         return Tokens(out.patch_tokens, out.cls_tokens if self.method_.feature_request().cls else None)
 
     # ------------------------------------------------------------------ fit
@@ -398,12 +398,18 @@ class AnomalyDetector:
         pixel_threshold, image_threshold = self.pixel_threshold(fpr), self.image_threshold(fpr)
         from normdino.io.inputs import expand_images
 
-        arrays = (_checked(image, i) if isinstance(image, np.ndarray) else _read(image)
-                  for i, image in enumerate(expand_images(images)))
-        for batch in _batches(arrays, self.batch_size):
-            maps = self.patch_maps(self._embed(batch)).float().cpu()
-            for patch_map, array in zip(maps, batch):
-                pixels = scoring.pixel_map(patch_map, array.shape[:2], self.sigma)
+        def load(item: tuple[int, ImageLike]) -> tuple[tuple[int, ...], torch.Tensor]:
+            position, image = item
+            array = _checked(image, position) if isinstance(image, np.ndarray) else _read(image)
+            return array.shape[:2], self.backbone_.preprocess(array)
+
+        # threads read and preprocess the next images while the model scores this batch
+        workers = default_workers(self.backbone_.device)
+        loaded = ordered_map(load, enumerate(expand_images(images)), workers, ahead=max(2 * workers, 2 * self.batch_size))
+        for batch in _batches(loaded, self.batch_size):
+            maps = self.patch_maps(self._embed([pixels for _, pixels in batch])).float().cpu()
+            for patch_map, (shape, _) in zip(maps, batch):
+                pixels = scoring.pixel_map(patch_map, shape, self.sigma)
                 score = scoring.image_score(pixels, self.top_fraction)
                 yield Prediction(patch_map=patch_map.numpy(), pixel_map=pixels, score=score, fpr=fpr,
                                  threshold=pixel_threshold, mask=pixels > pixel_threshold,

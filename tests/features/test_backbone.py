@@ -255,7 +255,7 @@ def test_embed_images_from_paths_and_arrays(tiny_dinov2_dir, tmp_path):
     torch.testing.assert_close(from_arrays, manual, atol=1e-5, rtol=1e-5)
     both = backbone.embed_images(paths[:2], progress=False, all_layers=True)
     assert both.shape == (2, 2, 4, 4, 32)
-    with_workers = backbone.embed_images(paths, batch_size=2, progress=False, num_workers=2)
+    with_workers = backbone.embed_images(paths, batch_size=2, progress=False, workers=2)
     torch.testing.assert_close(with_workers, from_paths, rtol=0, atol=0)
     with pytest.raises(InputError, match="batch_size"):
         backbone.embed_images(paths, batch_size=0)

@@ -111,7 +111,8 @@ def test_embed_arrays_streams_and_matches_files(backbone, images, monkeypatch):
     original = backbone.encode
     monkeypatch.setattr(backbone, "encode", lambda pixels: (seen_at_call.append(len(pulled)), original(pixels))[1])
     streamed = embed_arrays(backbone, stream(), batch_size=2, cls=True, progress=False, sources=list("abcde"))
-    assert seen_at_call == [2, 4, 5] and calls == [2, 2, 1]  # never more than one batch of images held
+    # bounded look-ahead: at the i-th forward, the batch in the model plus at most two batches read ahead
+    assert calls == [2, 2, 1] and all(seen <= min(5, 2 * (i + 3)) for i, seen in enumerate(seen_at_call))
     assert streamed.patches.tobytes() == from_files.patches.tobytes()
     assert streamed.cls.tobytes() == from_files.cls.tobytes()
     assert streamed.shapes == from_files.shapes and streamed.sources == list("abcde")
@@ -318,7 +319,7 @@ class FakeBackbone:  # the store's view of a backbone, without loading transform
     def grid_shape(self):
         return 32, 32  # 64 KiB of float16 per image
 
-    def iter_encoded(self, paths, batch_size=8, progress=True, num_workers=0):
+    def iter_encoded(self, paths, batch_size=8, progress=True, workers=None, dtype=None):
         for number, start in enumerate(range(0, len(paths), batch_size), 1):
             if number == self.die_at_batch:
                 os.kill(os.getpid(), signal.SIGKILL)  # kill -9 in the middle of the extraction

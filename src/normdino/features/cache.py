@@ -52,9 +52,10 @@ import torch
 from tqdm.auto import tqdm
 
 from normdino.errors import InputError
-from normdino.files import atomic_write_text
 from normdino.features.tokens import TokenSet
+from normdino.files import atomic_write_text
 from normdino.io.reading import image_shape
+from normdino.parallel import default_workers, ordered_map
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def extract_tokens(
     batch_size: int = 8,
     progress: bool = True,
     cls: bool = False,
-    num_workers: int = 0,
+    workers: int | None = None,
 ) -> TokenSet:
     """Float16 tokens of image files: patches (N, L, h, w, D) over ``backbone.layers``, CLS (N, L, D) with ``cls``.
 
@@ -189,11 +190,12 @@ def extract_tokens(
     sources = [str(p) for p in paths]
     if cache_dir is None:
         patches, cls_tokens = _allocate(backbone, len(paths), cls)
-        encoded = backbone.iter_encoded(paths, batch_size=batch_size, progress=progress, num_workers=num_workers)
+        encoded = backbone.iter_encoded(paths, batch_size=batch_size, progress=progress, workers=workers,
+                                        dtype=torch.float16)
         for start, out in encoded:
-            patches[start : start + len(out.patch_tokens)] = out.patch_tokens.half().numpy()
+            patches[start : start + len(out.patch_tokens)] = out.patch_tokens.numpy()
             if cls_tokens is not None:
-                cls_tokens[start : start + len(out.cls_tokens)] = out.cls_tokens.half().numpy()
+                cls_tokens[start : start + len(out.cls_tokens)] = out.cls_tokens.numpy()
         return TokenSet(patches, shapes, cls_tokens, sources)
 
     root = check_cache_dir(cache_dir)
@@ -220,7 +222,7 @@ def extract_tokens(
             len(bad), shard.folder, shard.sources[bad[0]],
         )
         corrupt.add(shard.folder.name)
-    shard = _assemble(backbone, root, identifier, paths, hashes, cls, batch_size, progress, num_workers, corrupt)
+    shard = _assemble(backbone, root, identifier, paths, hashes, cls, batch_size, progress, workers, corrupt)
     return shard.token_set(shapes, sources, cls)
 
 
@@ -234,8 +236,8 @@ def embed_arrays(
 ) -> TokenSet:
     """Float16 tokens of image arrays ((H, W) or (H, W, 3), uint8 or floats in [0, 1]), streamed batch by batch.
 
-    Only one batch of images is held at a time; the tokens go into memory (preallocated when ``arrays`` has a
-    length, else gathered and joined once). ``sources`` names each image (default: its position).
+    At most three batches of images are held at a time (one in the model, two read ahead by threads); the
+    tokens go into memory (preallocated when ``arrays`` has a length, else gathered and joined once). ``sources`` names each image (default: its position).
     """
     if int(batch_size) < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}.")
@@ -244,19 +246,24 @@ def embed_arrays(
     patch_parts: list[np.ndarray] = []
     cls_parts: list[np.ndarray] = []
     shapes: list[tuple[int, int]] = []
+    # threads preprocess the next images while the model runs (the stream itself is read in this thread)
+    prepared = ordered_map(lambda a: (a.shape[:2], backbone.preprocess(a)), arrays,
+                           default_workers(getattr(backbone, "device", "cpu")), ahead=2 * int(batch_size))
     with tqdm(total=total, unit="img", desc="DINO tokens", disable=not progress) as bar:
-        for batch in _batched(arrays, int(batch_size)):
-            out = backbone.encode(torch.stack([backbone.preprocess(a) for a in batch]))
+        for batch in _batched(prepared, int(batch_size)):
+            out = backbone.encode(torch.stack([pixels for _, pixels in batch]))
             start, stop = len(shapes), len(shapes) + len(batch)
-            shapes.extend((int(a.shape[0]), int(a.shape[1])) for a in batch)
+            shapes.extend((int(shape[0]), int(shape[1])) for shape, _ in batch)
+            batch_patches = out.patch_tokens.to(torch.float16).cpu().numpy()
+            batch_cls = out.cls_tokens.to(torch.float16).cpu().numpy() if cls else None
             if patches is not None:  # known length: straight into the result
-                patches[start:stop] = out.patch_tokens.cpu().half().numpy()
+                patches[start:stop] = batch_patches
                 if cls_tokens is not None:
-                    cls_tokens[start:stop] = out.cls_tokens.cpu().half().numpy()
+                    cls_tokens[start:stop] = batch_cls
             else:
-                patch_parts.append(out.patch_tokens.cpu().half().numpy())
+                patch_parts.append(batch_patches)
                 if cls:
-                    cls_parts.append(out.cls_tokens.cpu().half().numpy())
+                    cls_parts.append(batch_cls)
             bar.update(len(batch))
     if not shapes:
         raise InputError("No images were given to embed.")
@@ -413,7 +420,7 @@ def _index(root: Path, identifier: str, skip: set[str]) -> dict[str, tuple[_Shar
 
 def _assemble(
     backbone, root: Path, identifier: str, paths: list[Path], hashes: list[str], cls: bool,
-    batch_size: int, progress: bool, num_workers: int, corrupt: set[str],
+    batch_size: int, progress: bool, workers: int | None, corrupt: set[str],
 ) -> _Shard:
     """Write the shard of this list: rows copied from other shards, the rest computed; commit it by renaming."""
     keys = [entry_key(identifier, h, cls) for h in hashes]
@@ -438,7 +445,8 @@ def _assemble(
             if missing:
                 logger.info("Computing tokens of %d images into %s", len(missing), shard.folder)
                 encoded = backbone.iter_encoded(
-                    [paths[i] for i in missing], batch_size=batch_size, progress=progress, num_workers=num_workers
+                    [paths[i] for i in missing], batch_size=batch_size, progress=progress, workers=workers,
+                    dtype=torch.float16,
                 )
                 for start, out in encoded:
                     batch_patches = out.patch_tokens.half().numpy()

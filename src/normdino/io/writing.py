@@ -21,6 +21,7 @@ Rules that keep results safe:
 from __future__ import annotations
 
 import csv
+import functools
 import heapq
 import html
 import io
@@ -28,7 +29,8 @@ import itertools
 import json
 import logging
 import os
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -39,6 +41,7 @@ from tqdm.auto import tqdm
 from normdino.errors import InputError, OutputError
 from normdino.files import atomic_path, atomic_write_text, check_writable_folder
 from normdino.io import rendering
+from normdino.parallel import default_workers, ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -354,24 +357,21 @@ class PredictionWriter:
 
     def _guard(self, source: Path, kind: str, work: Callable[[list[Path]], dict]) -> None:
         """Run ``work(written)`` for one input; on failure remove the files it wrote, then skip it or stop."""
-        written: list[Path] = []
-        try:
-            row = work(written)
-        except (InputError, MemoryError) as err:
-            _remove(written)
-            self._skip(source, kind, err)
-            return
-        except OSError as err:
-            _remove(written)
-            if not _is_output_error(err, self.out_dir):
-                self._skip(source, kind, InputError(f"cannot read {source}: {err.strerror or err}"))
-                return
-            raise OutputError(f"cannot write {err.filename or self.out_dir}: {err.strerror or err}; the "
+        self._settle(source, kind, _attempt(work)[0])
+
+    def _settle(self, source: Path, kind: str, outcome: dict | BaseException) -> None:
+        """Record one input's outcome (its row, or the error of an attempt): append, skip it, or stop."""
+        if isinstance(outcome, dict):
+            self._append(outcome)
+        elif isinstance(outcome, (InputError, MemoryError)):
+            self._skip(source, kind, outcome)
+        elif isinstance(outcome, OSError) and not _is_output_error(outcome, self.out_dir):
+            self._skip(source, kind, InputError(f"cannot read {source}: {outcome.strerror or outcome}"))
+        elif isinstance(outcome, OSError):
+            raise OutputError(f"cannot write {outcome.filename or self.out_dir}: {outcome.strerror or outcome}; the "
                               f"{self.n_written} inputs finished before are listed in {self.csv_path}") from None
-        except BaseException:
-            _remove(written)
-            raise
-        self._append(row)
+        else:
+            raise outcome
 
     # ------------------------------------------------------------------ images
 
@@ -379,35 +379,59 @@ class PredictionWriter:
         """Maps (16-bit PNG + .npy), mask PNG and overlay PNG for each 2D image.
 
         ``on_image(path, image, prediction)``, if given, sees each image and its prediction (e.g. for a viewer).
+        Threads read the next images and encode the PNGs of the last ones while the model runs; rows are
+        recorded in input order all the same.
         """
         paths = [Path(p) for p in paths]
         self.assign_names(paths)
         sizes = check_image_sizes(paths, self.max_megapixels, self.strict)
+        workers = default_workers(getattr(getattr(self.detector, "backbone_", None), "device", "cpu"))
+        # (path, the future of its write or None, the error or (image, prediction)), in input order
+        pending: deque[tuple[Path, Future | None, object]] = deque()
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="normdino-write")
         with tqdm(total=len(paths), desc="predict", unit="img", disable=not self.progress) as bar:
-            for batch in _batches_by_pixels(list(sizes.items()), max(1, self.detector.batch_size), BATCH_PIXELS):
-                results = self._predict_batch([p for p, size in batch if not isinstance(size, str)])
-                for path, size in batch:  # rows in input order
-                    outcome = InputError(size) if isinstance(size, str) else results[path]
-                    if isinstance(outcome, BaseException):  # unreadable, too large, or failed to score
-                        self._skip(path, "image", outcome)
-                    else:
-                        image, pred = outcome
-                        self._guard(path, "image", lambda written: self._write_image_outputs(path, image, pred, written))
-                        if on_image is not None:
-                            on_image(path, image, pred)
-                    bar.update(1)
+            def settle_oldest() -> None:
+                path, future, payload = pending.popleft()
+                if future is None:  # unreadable, too large, or failed to score
+                    self._skip(path, "image", payload)
+                else:
+                    self._settle(path, "image", future.result()[0])
+                    if on_image is not None:
+                        on_image(path, *payload)
+                bar.update(1)
 
-    def _predict_batch(self, paths: list[Path]) -> dict[Path, tuple[np.ndarray, object] | BaseException]:
-        """(image, prediction) of each path, or the error that stops it; a batch that fails is retried image by image."""
-        from normdino.io.reading import read_image
+            try:
+                for batch in _batches_by_pixels(list(sizes.items()), max(1, self.detector.batch_size), BATCH_PIXELS):
+                    results = self._predict_batch([p for p, size in batch if not isinstance(size, str)], workers)
+                    for path, size in batch:
+                        outcome = InputError(size) if isinstance(size, str) else results[path]
+                        if isinstance(outcome, BaseException):
+                            pending.append((path, None, outcome))
+                        else:
+                            write = functools.partial(self._write_image_outputs, path, *outcome)
+                            pending.append((path, pool.submit(_attempt, write), outcome))
+                        while len(pending) > 2 * workers:
+                            settle_oldest()
+                while pending:
+                    settle_oldest()
+            finally:  # stopped early: let the writes under way end, and remove the files of unrecorded inputs
+                pool.shutdown(wait=True, cancel_futures=True)
+                for _, future, _ in pending:
+                    if future is not None and not future.cancelled():
+                        _remove(future.result()[1])
 
+    def _predict_batch(self, paths: list[Path], workers: int = 0) -> dict[Path, tuple[np.ndarray, object] | BaseException]:
+        """(image, prediction) of each path, or the error that stops it; a batch that fails is retried image by image.
+
+        ``workers`` threads read the images.
+        """
         results: dict[Path, tuple[np.ndarray, object] | BaseException] = {}
         images: dict[Path, np.ndarray] = {}
-        for path in paths:
-            try:
-                images[path] = read_image(path)
-            except (InputError, MemoryError) as err:
-                results[path] = err
+        for path, image in zip(paths, ordered_map(_read_or_error, paths, workers)):
+            if isinstance(image, BaseException):
+                results[path] = image
+            else:
+                images[path] = image
         try:
             preds = self.detector.predict(list(images.values()), fpr=self.fpr) if len(images) > 1 else None
         except (InputError, MemoryError):
@@ -521,6 +545,26 @@ class PredictionWriter:
         atomic_write_text(self.out_dir / "summary.json", json.dumps(self.summary(), indent=2) + "\n")
         write_index(self.out_dir / "index.html", self.rows, self.summary())
         return self.csv_path
+
+
+def _read_or_error(path: Path) -> np.ndarray | InputError | MemoryError:
+    """The image at ``path``, or the error that says why it cannot be read."""
+    from normdino.io.reading import read_image
+
+    try:
+        return read_image(path)
+    except (InputError, MemoryError) as err:
+        return err
+
+
+def _attempt(work: Callable[[list[Path]], dict]) -> tuple[dict | BaseException, list[Path]]:
+    """(row, files) of ``work(written)``; on failure (error, files), the files it wrote removed. Any thread."""
+    written: list[Path] = []
+    try:
+        return work(written), written
+    except BaseException as err:  # re-raised, or turned into a skipped row, by PredictionWriter._settle
+        _remove(written)
+        return err, written
 
 
 def _remove(paths: Iterable[Path]) -> None:
