@@ -52,3 +52,17 @@ def test_bench_and_evaluate_on_cuda(phantoms, tiny_dinov2_dir, tmp_path):
                  "--timing-images", "2", "-o", str(tmp_path / "b"), "--quiet"]) == 0
     rows = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
     assert len(rows) == len(METHODS) and all(r["ms_per_sample"] > 0 for r in rows)
+
+
+def test_bf16_on_cuda_runs_bf16_weights_at_any_size_and_keeps_the_fp32_model(tiny_dinov2_dir):
+    from normdino.features.backbone import Backbone
+
+    fp32 = Backbone.from_pretrained(tiny_dinov2_dir, image_size=56, device="cuda", precision="fp32")
+    bf16 = Backbone.from_pretrained(tiny_dinov2_dir, image_size=56, device="cuda")
+    assert bf16.precision == "bf16" and "precision=bf16/weights" in bf16.identifier
+    assert next(bf16.model.parameters()).dtype == torch.float32  # the digest and derived backbones see fp32
+    g = torch.Generator().manual_seed(0)
+    for side in (56, 70):
+        pixels = torch.randn(2, 3, side, side, generator=g)
+        cos = torch.nn.functional.cosine_similarity(bf16(pixels), fp32(pixels), dim=-1)
+        assert cos.shape == (2, side // 14, side // 14) and float(cos.mean()) > 0.999

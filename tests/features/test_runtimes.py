@@ -153,6 +153,15 @@ def test_exported_graph_refuses_another_input_size(tiny_dinov2_dir):
         backbone.encode(_pixels(4, 70, batch=1))
 
 
+def test_torch_int8_takes_any_input_size_like_torch_fp32(tiny_dinov2_dir):
+    fp32 = Backbone.from_pretrained(tiny_dinov2_dir, image_size=SIZE)
+    int8 = Backbone.from_pretrained(tiny_dinov2_dir, image_size=SIZE, precision="int8")
+    pixels = _pixels(4, 70, batch=2)
+    tokens, reference = int8(pixels), fp32(pixels)
+    assert tokens.shape == reference.shape == (2, 5, 5, 32)
+    assert float(torch.nn.functional.cosine_similarity(tokens, reference, dim=-1).mean()) > 0.99
+
+
 def test_quantiser_logs_stay_quiet(tiny_dinov2_dir, caplog):
     _needs("onnx")
     with caplog.at_level(logging.INFO):

@@ -125,7 +125,9 @@ class NormativeMethod(ABC):
         return dict(getattr(self, "fit_info_", {}))
 
     def to(self, device: torch.device | str) -> "NormativeMethod":
-        """Move the learned tensors to ``device`` (every attribute ending in ``_`` that is a tensor)."""
+        """Move the learned tensors to ``device`` (every attribute ending in ``_`` that is a tensor) and fit there
+        from now on (``self.device``, which methods read with ``getattr(self, "device", "cpu")``)."""
+        self.device = device
         for key, value in vars(self).items():
             if key.endswith("_") and isinstance(value, torch.Tensor):
                 setattr(self, key, value.to(device))
