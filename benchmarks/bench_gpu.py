@@ -261,6 +261,7 @@ def pipeline(args, device: torch.device) -> dict:
     from normdino.features.cache import extract_tokens
     from normdino.io.phantoms import write_phantom_dataset
     from normdino.io.reading import read_image
+    from normdino.parallel import default_workers
 
     out: dict = {"cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -312,12 +313,53 @@ def pipeline(args, device: torch.device) -> dict:
             scoring.pixel_map(patch_map, array.shape[:2], detector.sigma)
         out["pixel_map_ms_per_image"] = 1000 * (time.perf_counter() - t0) / len(cpu_maps)
 
-        for workers in (0, min(8, os.cpu_count() or 1)):
+        for workers in (1, default_workers(device)):
             t0 = time.perf_counter()
-            extract_tokens(backbone, test, cache_dir=None, batch_size=batch, progress=False, num_workers=workers)
+            extract_tokens(backbone, test, cache_dir=None, batch_size=batch, progress=False, workers=workers)
             sync(device)
             out[f"extract_images_per_s_workers{workers}"] = len(test) / (time.perf_counter() - t0)
+
+        # the command a user runs: normdino predict, every output written (maps, masks, overlays, CSV, report)
+        from normdino.cli import main
+
+        model = detector.save(Path(tmp) / "model.normdino")
+        folder = Path(tmp) / "predict-in"
+        folder.mkdir()
+        for i, path in enumerate(test):
+            (folder / f"{i:04d}.png").write_bytes(path.read_bytes())
+        warm_up = Path(tmp) / "warm-up"
+        warm_up.mkdir()
+        for path in test[:2]:
+            (warm_up / path.name).write_bytes(path.read_bytes())
+        for label, source, workers in (("warm-up", warm_up, 1), ("serial", folder, 1), ("threads", folder, None)):
+            with fixed_workers(workers):
+                command = ["predict", str(model), str(source), "-o", str(Path(tmp) / f"out-{label}"), "-q",
+                           "--batch-size", str(batch), "--device", str(device)]
+                t0 = time.perf_counter()
+                assert main(command) == 0
+                if label != "warm-up":
+                    out[f"cli_predict_images_per_s_{label}"] = len(test) / (time.perf_counter() - t0)
     return out
+
+
+@contextlib.contextmanager
+def fixed_workers(workers: int | None):
+    """Every loader/writer pool at ``workers`` threads (None: normdino's default) for one measurement."""
+    import normdino.detector
+    import normdino.features.backbone
+    import normdino.features.cache
+    import normdino.io.writing
+
+    modules = (normdino.detector, normdino.features.backbone, normdino.features.cache, normdino.io.writing)
+    saved = [module.default_workers for module in modules]
+    if workers is not None:
+        for module in modules:
+            module.default_workers = lambda device="cpu": workers
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, saved):
+            module.default_workers = original
 
 
 # ---------------------------------------------------------------------- 4. EM step
@@ -404,8 +446,8 @@ def print_report(result: dict) -> None:
         print(f"  per image: read {p['read_ms_per_image']:.2f} ms, preprocess {p['preprocess_ms_per_image']:.2f} ms, "
               f"forward {p['forward_ms_per_image']:.3f} ms, patch scores {p['patch_scores_ms_per_image']:.3f} ms, "
               f"pixel map {p['pixel_map_ms_per_image']:.2f} ms (CPU threads {p['cpu_threads']} of {p['cpu_count']})")
-        workers = {k: v for k, v in p.items() if k.startswith("extract_images_per_s")}
-        print(f"  extract_tokens img/s: {workers}")
+        rates = {k: round(v, 1) for k, v in p.items() if "images_per_s_" in k}
+        print(f"  img/s by loader/writer threads: {rates}")
     for r in result.get("em", []):
         print(f"EM {r}")
 
