@@ -48,7 +48,8 @@ def test_bench_and_evaluate_on_cuda(phantoms, tiny_dinov2_dir, tmp_path):
     from normdino.cli import main
 
     assert main(["bench", str(phantoms), "--methods", ",".join(METHODS), "--backbone", str(tiny_dinov2_dir),
-                 "--image-size", "56", "--epochs", "2", "--components", "8", "--device", "cuda", "--no-cache",
+                 "--image-size", "56", "--epochs", "2", "--components", "8", "--layers", "1", "2", "--clusters", "4",
+                 "--retrieve-k", "2", "--device", "cuda", "--no-cache",
                  "--timing-images", "2", "-o", str(tmp_path / "b"), "--quiet"]) == 0
     rows = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
     assert len(rows) == len(METHODS) and all(r["ms_per_sample"] > 0 for r in rows)
