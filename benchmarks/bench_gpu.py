@@ -331,10 +331,12 @@ def pipeline(args, device: torch.device) -> dict:
         warm_up.mkdir()
         for path in test[:2]:
             (warm_up / path.name).write_bytes(path.read_bytes())
-        for label, source, workers in (("warm-up", warm_up, 1), ("serial", folder, 1), ("threads", folder, None)):
+        runs = (("warm-up", warm_up, 1, []), ("serial", folder, 1, []), ("threads", folder, None, []),
+                ("threads_no_overlays", folder, None, ["--no-overlays"]))
+        for label, source, workers, extra in runs:
             with fixed_workers(workers):
                 command = ["predict", str(model), str(source), "-o", str(Path(tmp) / f"out-{label}"), "-q",
-                           "--batch-size", str(batch), "--device", str(device)]
+                           "--batch-size", str(batch), "--device", str(device), *extra]
                 t0 = time.perf_counter()
                 assert main(command) == 0
                 if label != "warm-up":
@@ -424,7 +426,7 @@ def print_report(result: dict) -> None:
     if result.get("ceilings"):
         print(f"ceilings: {result['ceilings']}")
     print(f"\n{'model':<15}{'mode':<34}{'batch':>6}{'ms/img':>9}{'img/s':>9}{'TFLOP/s':>9}{'mean cos':>10}{'p1 cos':>9}")
-    for r in result["forward"]:
+    for r in result.get("forward", []):
         if "ms_per_image" in r:
             extra = f"  compile {r['compile_s']:.0f} s, x{r['speedup_vs_eager']:.2f} vs eager" if "compile_s" in r else ""
             print(f"{r['arch']:<15}{r['mode']:<34}{r['batch']:>6}{r['ms_per_image']:>9.3f}{r['images_per_s']:>9.0f}"
@@ -465,6 +467,8 @@ def main() -> None:
     parser.add_argument("--epochs-fit", type=int, default=40, help="epochs of the whole EM fit at the paper's size")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compilation)")
     parser.add_argument("--budget-s", type=float, default=420, help="skip torch.compile past this many seconds")
+    parser.add_argument("--only", nargs="+", choices=("forward", "backbone_gap", "em", "pipeline"),
+                        help="run these sections only")
     parser.add_argument("--smoke", action="store_true", help="tiny models, 56 px, few reps: checks the script")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
@@ -488,6 +492,8 @@ def main() -> None:
     if args.pipeline_images:
         steps.append(("pipeline", lambda: pipeline(args, device)))
     for key, step in steps:
+        if args.only and key not in args.only:
+            continue
         try:
             result[key] = step()
         except Exception as err:  # keep the other sections' figures
@@ -496,7 +502,7 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps(result, indent=1, default=str))
     if args.compile and device.type == "cuda":
-        result["forward"] += compile_rows(args, device, pixels, started + args.budget_s)
+        result.setdefault("forward", []).extend(compile_rows(args, device, pixels, started + args.budget_s))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
     print_report(result)
