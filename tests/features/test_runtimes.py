@@ -184,3 +184,44 @@ def test_cli_runtime_options(argv):
     assert (defaults.runtime, defaults.precision) == (None, None)  # None: the default / the model file's choice
     with pytest.raises(SystemExit):
         parser.parse_args([*argv, "--runtime", "tensorrt"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_onnx_image_parallel_batch_equals_images_one_by_one(tiny_dinov2_dir, runtime_cache, precision):
+    """A batch run image-parallel on single-threaded sessions gives each image's own tokens, in order."""
+    _needs("onnx")
+    backbone = Backbone.from_pretrained(tiny_dinov2_dir, image_size=SIZE, layers=LAYERS)
+    path = runtimes.exported_onnx(backbone.model, backbone.weights_digest, SIZE, backbone.layers, precision, runtime_cache)
+    pixels = _pixels(5, SIZE, batch=5)  # 5 images over 2 workers: an uneven share
+    batched = runtimes.onnx_runner(path, threads=2)(pixels)
+    alone = runtimes.onnx_runner(path, threads=1)
+    one_by_one = torch.cat([alone(image[None]) for image in pixels])
+    torch.testing.assert_close(batched, one_by_one, atol=1e-6, rtol=0)
+    assert batched.shape[0] == 5 and not torch.allclose(batched[0], batched[1])
+    if precision == "fp32":  # and each image's tokens are the torch fp32 tokens
+        reference = runtimes.hidden_tokens(backbone.model, pixels, backbone.layers)
+        torch.testing.assert_close(batched, reference, atol=2e-5, rtol=0)
+
+
+def test_onnx_small_batch_uses_the_multithreaded_session(tiny_dinov2_dir, runtime_cache, monkeypatch):
+    """Fewer images than threads: one run of the threads-thread session, no image-parallel runs."""
+    _needs("onnx")
+    backbone = Backbone.from_pretrained(tiny_dinov2_dir, image_size=SIZE, layers=LAYERS)
+    path = runtimes.exported_onnx(backbone.model, backbone.weights_digest, SIZE, backbone.layers, "fp32", runtime_cache)
+    made = []
+    real = runtimes.onnx_session
+
+    def recording(p, threads):
+        session = real(p, threads)
+        calls = []
+        made.append((threads, calls))
+        original = session.run
+        monkeypatch.setattr(session, "run", lambda *a, **k: calls.append(len(a[1]["pixels"])) or original(*a, **k),
+                            raising=False)
+        return session
+
+    monkeypatch.setattr(runtimes, "onnx_session", recording)
+    run = runtimes.onnx_runner(path, threads=3)
+    run(_pixels(6, SIZE, batch=2))
+    run(_pixels(7, SIZE, batch=4))
+    assert [(threads, calls) for threads, calls in made] == [(3, [2]), (1, [1, 1, 1, 1])]

@@ -11,7 +11,12 @@ Measured on this project's 2-core AVX2 EPYC (benchmarks/bench_runtimes.py, ViT-S
 weights, so the cosines are a proxy): torch fp32 570 ms/image at 2 threads (57 % of the measured fp32 FMA peak);
 onnx int8 1.32x faster (1.45x in single-thread CPU time), mean token cosine 0.9998, 1st percentile 0.9995;
 torch int8 1.24x (1.37x); onnx/openvino fp32 exact (cosine 1.0) and 0.96x (1.07x / 1.12x single-thread).
-bf16 on a CPU without bf16 instructions is 5-25x slower than fp32, hence refused there.
+bf16 on a CPU without bf16 instructions is 5-25x slower than fp32, hence refused there. Batches of 4-8 run
+image-parallel on single-threaded ONNX Runtime sessions: onnx int8 1.53x (batch 4) and 1.62x (batch 8) over torch
+fp32 at the same batch, 1.41x over torch's best batch (1).
+Not offered, measured slower or no faster here (benchmarks/bench_int8_candidates.py): OpenVINO + NNCF INT8 (0.8x;
+oneDNN has no fast INT8 GEMM without VNNI), NNCF weight-only INT8, ONNX Runtime MatMulNBits, int8 attention matmuls.
+No runtime tried reaches 2x on AVX2 without VNNI: attention (31 % of the FLOPs) found no kernel faster than fp32.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import logging
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -96,7 +102,7 @@ def check_supported(runtime: str, precision: str, device: torch.device) -> None:
         if runtime == "openvino":
             raise InputError(
                 "OpenVINO INT8 needs post-training quantisation with calibration images (NNCF), which normdino "
-                "does not do; use --runtime onnx --precision int8."
+                "does not do (measured slower than fp32 on CPUs without VNNI); use --runtime onnx --precision int8."
             )
     if runtime != "torch":
         _require(runtime)
@@ -291,7 +297,30 @@ def torch_int8_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def onnx_runner(path: Path, threads: int) -> Runner:
-    """An ONNX Runtime CPU session on ``path``: (B, 3, S, S) float tensor -> (B, L, T, D) float tensor."""
+    """ONNX Runtime CPU sessions on ``path``: (B, 3, S, S) float tensor -> (B, L, T, D) float tensor.
+
+    A batch of at least ``threads`` images runs image-parallel: one single-threaded session run per image, ``threads``
+    at a time (ONNX Runtime releases the GIL), which on 2 AVX2 cores is 1.15x faster than one 2-thread run for
+    INT8 (its small GEMMs scale poorly across threads). Smaller batches run on one ``threads``-thread session.
+    """
+    threads = max(1, int(threads))
+    whole = onnx_session(path, threads)
+    if threads == 1:
+        return session_runner(whole)
+    single = onnx_session(path, 1)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="normdino-onnx")
+    run_whole, run_single = session_runner(whole), session_runner(single)
+
+    def run(pixels: torch.Tensor) -> torch.Tensor:
+        if len(pixels) < threads:
+            return run_whole(pixels)
+        return torch.cat(list(pool.map(run_single, pixels.split(1))))
+
+    return run
+
+
+def onnx_session(path: Path, threads: int):
+    """One ONNX Runtime CPU session with every graph optimisation and ``threads`` intra-op threads."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -302,9 +331,13 @@ def onnx_runner(path: Path, threads: int) -> Runner:
     # idle threads sleep instead of spinning: spinning steals the cores from torch (scoring, other backbones)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - a damaged cache file
         raise ModelFileError(f"{path} is not a readable ONNX graph ({err}); delete it to export again.") from err
+
+
+def session_runner(session) -> Runner:
+    """(B, 3, S, S) float tensor -> the session's (B, L, T, D) tokens as a float tensor."""
 
     def run(pixels: torch.Tensor) -> torch.Tensor:
         feed = {"pixels": np.ascontiguousarray(pixels.detach().cpu().numpy(), dtype=np.float32)}
