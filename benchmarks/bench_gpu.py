@@ -179,7 +179,6 @@ def forward_table(args, device: torch.device, pixels_cpu: torch.Tensor) -> list[
                            "mean_cos": mean_cos, "p1_cos": p1_cos}
                     rows.append(row)
                     logging.info("%s", row)
-            del reference, pixels
         if device.type == "cuda":
             rows.append({"arch": arch, "mode": "peak GPU memory (GiB)", "batch": max(args.batches),
                          "gib": torch.cuda.max_memory_allocated(device) / 2**30})
