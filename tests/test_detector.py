@@ -200,6 +200,8 @@ def test_every_method_fits_saves_loads_and_predicts_bit_identically(method, phan
         np.testing.assert_array_equal(a.patch_map, b.patch_map)
         np.testing.assert_array_equal(a.mask, b.mask)
         assert a.score == b.score and a.is_anomalous == b.is_anomalous
+    auto = AnomalyDetector.load(saved, progress=False, device="auto")  # the state follows the resolved device
+    assert auto.predict(paths[:1])[0].pixel_map.shape == before[0].pixel_map.shape
     assert main(["info", str(saved), "--json"]) == 0
 
 

@@ -443,6 +443,7 @@ class AnomalyDetector:
         ``runtime``/``precision`` default to the model's own where this device supports them (a model fitted
         in bf16 on a GPU runs in fp32 on a CPU); a different choice gives a warning, not a refusal.
         """
+        from normdino.features.backbone import resolve_device
         from normdino.model_file import read_model_file
 
         header, tensors = read_model_file(path)
@@ -460,7 +461,7 @@ class AnomalyDetector:
         detector.runtime = runtime or spec.get("runtime", "torch")
         detector.precision = precision or _portable_precision(spec.get("precision"), device)
         detector.normalize = bool(spec.get("normalize", detector.normalize))
-        method.to(device)
+        method.to(resolve_device(device))  # 'auto' -> cuda or cpu, as the backbone will resolve it
         state = {k.removeprefix("method."): v for k, v in tensors.items() if k.startswith("method.")}
         method.load_state_dict(state, meta.get("info", {}))
         detector.method_ = method

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -14,10 +16,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("NORMDINO_CACHE_DIR") or Path.home() / ".cache" / "normdino" / "tokens")
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
 def _umask() -> int:
-    """The process's umask (reading it needs setting it)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process's umask, read once: reading it means setting it, which must never race with another thread."""
+    with _UMASK_LOCK:
+        mask = os.umask(0)
+        os.umask(mask)
     return mask
 
 
