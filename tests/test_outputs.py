@@ -445,3 +445,27 @@ def test_a_full_disk_under_writer_threads_leaves_only_listed_files(model, data, 
     listed = {r[c] for r in _rows(out) for c in ("anomaly_map", "anomaly_npy", "mask", "overlay")}
     outputs = {p.name for p in out.iterdir()} - {"scores.csv", "summary.json", "index.html"}
     assert outputs <= listed and len(_rows(out)) <= 1  # at most the first image finished; nothing half-written
+
+
+def test_an_unwritable_scores_csv_stops_with_one_sentence_and_removes_that_inputs_files(detector, data, tmp_path,
+                                                                                       monkeypatch, four_writers):
+    import errno
+
+    from normdino.errors import OutputError
+
+    images = _test_images(data)
+    writer = PredictionWriter(detector, tmp_path / "out", progress=False)
+    real = PredictionWriter._append
+
+    def full_after_two(self, row):
+        if len(self.rows) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.csv_path))
+        real(self, row)
+
+    monkeypatch.setattr(PredictionWriter, "_append", full_after_two)
+    with pytest.raises(OutputError, match="cannot write .*scores.csv: No space left on device"):
+        writer.write_images(images)
+    rows = _rows(tmp_path / "out")
+    assert [r["input"] for r in rows] == [str(p) for p in images[:2]]
+    listed = {r[c] for r in rows for c in ("anomaly_map", "anomaly_npy", "mask", "overlay")}
+    assert {p.name for p in (tmp_path / "out").iterdir()} - {"scores.csv"} == listed

@@ -32,8 +32,8 @@ def default_workers(device: "torch.device | str" = "cpu") -> int:
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int | None = None) -> Iterator[R]:
     """fn(item) for each item, in order, computed by ``workers`` threads at most ``ahead`` items in advance.
 
-    ``workers=0`` runs inline. An exception raised by fn surfaces when its item's turn comes, as if the loop
-    were serial; closing the iterator early drops the work not yet started.
+    ``workers=0`` runs inline. An exception raised by fn, or by ``items`` itself, surfaces when its turn comes,
+    as if the loop were serial; closing the iterator early drops the work not yet started.
     """
     if workers <= 0:
         yield from map(fn, items)
@@ -41,8 +41,17 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: i
     ahead = max(1, ahead if ahead is not None else 2 * workers)
     pending: deque[Future] = deque()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="normdino")
+    source = iter(items)
     try:
-        for item in items:
+        while True:
+            try:
+                item = next(source)
+            except StopIteration:
+                break
+            except Exception as err:  # the source failed: the results before it come first
+                while pending:
+                    yield pending.popleft().result()
+                raise err
             pending.append(pool.submit(fn, item))
             if len(pending) >= ahead:
                 yield pending.popleft().result()

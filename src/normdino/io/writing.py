@@ -341,10 +341,10 @@ class PredictionWriter:
         return row
 
     def _append(self, row: dict) -> None:
-        """Record a row: in memory for the report, and at once (flushed) in scores.csv."""
-        self.rows.append(row)
+        """Record a row: at once (flushed) in scores.csv, then in memory for the report."""
         with self.csv_path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n").writerow(row)
+        self.rows.append(row)
 
     def _skip(self, source: Path, kind: str, err: BaseException) -> None:
         """A skipped row for an input that cannot be read or scored; under ``strict``, stop instead."""
@@ -357,12 +357,19 @@ class PredictionWriter:
 
     def _guard(self, source: Path, kind: str, work: Callable[[list[Path]], dict]) -> None:
         """Run ``work(written)`` for one input; on failure remove the files it wrote, then skip it or stop."""
-        self._settle(source, kind, _attempt(work)[0])
+        self._settle(source, kind, *_attempt(work))
 
-    def _settle(self, source: Path, kind: str, outcome: dict | BaseException) -> None:
-        """Record one input's outcome (its row, or the error of an attempt): append, skip it, or stop."""
+    def _settle(self, source: Path, kind: str, outcome: dict | BaseException, written: Sequence[Path] = ()) -> None:
+        """Record one input's outcome (its row, or the error of an attempt): append, skip it, or stop.
+
+        ``written``: the input's files, removed when its row cannot be recorded (scores.csv unwritable).
+        """
         if isinstance(outcome, dict):
-            self._append(outcome)
+            try:
+                self._append(outcome)
+            except OSError as err:
+                _remove(written)
+                raise OutputError(f"cannot write {self.csv_path}: {err.strerror or err}") from None
         elif isinstance(outcome, (InputError, MemoryError)):
             self._skip(source, kind, outcome)
         elif isinstance(outcome, OSError) and not _is_output_error(outcome, self.out_dir):
@@ -379,8 +386,8 @@ class PredictionWriter:
         """Maps (16-bit PNG + .npy), mask PNG and overlay PNG for each 2D image.
 
         ``on_image(path, image, prediction)``, if given, sees each image and its prediction (e.g. for a viewer).
-        Threads read the next images and encode the PNGs of the last ones while the model runs; rows are
-        recorded in input order all the same.
+        Threads read each batch's images, and encode the PNGs of earlier images while the model runs on the
+        next batch; rows are recorded in input order all the same.
         """
         paths = [Path(p) for p in paths]
         self.assign_names(paths)
@@ -395,7 +402,7 @@ class PredictionWriter:
                 if future is None:  # unreadable, too large, or failed to score
                     self._skip(path, "image", payload)
                 else:
-                    self._settle(path, "image", future.result()[0])
+                    self._settle(path, "image", *future.result())
                     if on_image is not None:
                         on_image(path, *payload)
                 bar.update(1)
