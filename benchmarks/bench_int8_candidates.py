@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_runtimes import DATA, _images  # noqa: E402  (the same slice choice as the runtimes benchmark)
+from bench_runtimes import DATA, slice_paths  # noqa: E402  (the same slice choice as the runtimes benchmark)
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -165,7 +165,7 @@ def main() -> None:
     int8 = exported_onnx(backbone.model, backbone.weights_digest, backbone.image_size, backbone.layers, "int8")
 
     def load(folder: Path, n: int) -> torch.Tensor:
-        return torch.stack([backbone.preprocess(read_image(p)) for p in _images(folder, n)])
+        return torch.stack([backbone.preprocess(read_image(p)) for p in slice_paths(folder, n)])
 
     calibration = load(DATA / "train" / "good", args.n_cal).numpy()
     fidelity = load(DATA / "valid" / "Ungood" / "img", args.n_fid)

@@ -86,7 +86,7 @@ def vit_flops(config, image_size: int) -> float:
     return 2 * grid * 3 * patch * patch * d + layers * (linear + attention)
 
 
-def _images(folder: Path, n: int) -> list[Path]:
+def slice_paths(folder: Path, n: int) -> list[Path]:
     from normdino.io.reading import find_images
 
     paths = find_images([folder])
@@ -112,7 +112,7 @@ def child(arch: str, size: int, runtime: str, precision: str, n: int, batch: int
     from normdino.io.reading import read_image
 
     backbone = _build(arch, size, runtime, precision)
-    pixels = torch.stack([backbone.preprocess(read_image(p)) for p in _images(DATA / "valid" / "Ungood" / "img", n)])
+    pixels = torch.stack([backbone.preprocess(read_image(p)) for p in slice_paths(DATA / "valid" / "Ungood" / "img", n)])
     for start in range(0, n, batch):
         backbone.encode(pixels[start : start + batch])
     return {"peak_rss_mb": _peak_rss_mb()}
@@ -196,12 +196,12 @@ def run(args, cache: Path) -> None:
     flops = vit_flops(reference.config, reference.image_size)
 
     # ---- fidelity on real slices, and the DPMM patch maps those tokens give
-    fid_paths = _images(DATA / "valid" / "Ungood" / "img", args.n_fid)
+    fid_paths = slice_paths(DATA / "valid" / "Ungood" / "img", args.n_fid)
     pixels = torch.stack([reference.preprocess(read_image(p)) for p in fid_paths])
     tokens = {key: b.encode(pixels).patch_tokens[:, -1] if len(pixels) <= 8 else
               torch.cat([b.encode(pixels[i : i + 8]).patch_tokens[:, -1] for i in range(0, len(pixels), 8)])
               for key, b in backbones.items()}
-    train_paths = _images(DATA / "train" / "good", args.n_train)
+    train_paths = slice_paths(DATA / "train" / "good", args.n_train)
     train = torch.cat([reference.encode(torch.stack([reference.preprocess(read_image(p)) for p in train_paths[i : i + 8]]))
                        .patch_tokens for i in range(0, len(train_paths), 8)])
     train_set = TokenSet(train.numpy().astype(np.float16), [(256, 256)] * len(train))
@@ -211,7 +211,7 @@ def run(args, cache: Path) -> None:
 
     # ---- timing, round-robin: HF forward, Backbone.encode of every configuration
     time_pixels = pixels[: args.n_time] if args.n_time <= len(pixels) else torch.stack(
-        [reference.preprocess(read_image(p)) for p in _images(DATA / "valid" / "Ungood" / "img", args.n_time)])
+        [reference.preprocess(read_image(p)) for p in slice_paths(DATA / "valid" / "Ungood" / "img", args.n_time)])
     chunks = [time_pixels[i : i + args.batch] for i in range(0, len(time_pixels), args.batch)]
 
     def hf_forward() -> None:
@@ -282,7 +282,7 @@ def predict_table(args, backbones: dict, train_paths: list) -> None:
     components = max(2, min(100, len(train_paths) * side * side // 4))
     detector = AnomalyDetector(backbone=reference, method="dpmm", n_components=components, epochs=3, progress=False)
     detector.fit(train_paths)
-    paths = _images(DATA / "valid" / "Ungood" / "img", args.n_time)
+    paths = slice_paths(DATA / "valid" / "Ungood" / "img", args.n_time)
 
     def job(backbone):
         def run() -> None:
