@@ -204,7 +204,7 @@ def test_onnx_image_parallel_batch_equals_images_one_by_one(tiny_dinov2_dir, run
 
 
 def test_onnx_small_batch_uses_the_multithreaded_session(tiny_dinov2_dir, runtime_cache, monkeypatch):
-    """Fewer images than threads: one run of the threads-thread session, no image-parallel runs."""
+    """Fewer images than threads: image by image on the threads-thread session, no image-parallel runs."""
     _needs("onnx")
     backbone = Backbone.from_pretrained(tiny_dinov2_dir, image_size=SIZE, layers=LAYERS)
     path = runtimes.exported_onnx(backbone.model, backbone.weights_digest, SIZE, backbone.layers, "fp32", runtime_cache)
@@ -224,4 +224,18 @@ def test_onnx_small_batch_uses_the_multithreaded_session(tiny_dinov2_dir, runtim
     run = runtimes.onnx_runner(path, threads=3)
     run(_pixels(6, SIZE, batch=2))
     run(_pixels(7, SIZE, batch=4))
-    assert [(threads, calls) for threads, calls in made] == [(3, [2]), (1, [1, 1, 1, 1])]
+    assert [(threads, calls) for threads, calls in made] == [(3, [1, 1]), (1, [1, 1, 1, 1])]
+
+
+def test_onnx_int8_tokens_do_not_depend_on_the_batch(tiny_dinov2_dir, runtime_cache):
+    """INT8 activation scales are per image: an image's tokens are the same alone, in a small or a large batch."""
+    _needs("onnx")
+    backbone = Backbone.from_pretrained(tiny_dinov2_dir, image_size=SIZE, layers=LAYERS)
+    path = runtimes.exported_onnx(backbone.model, backbone.weights_digest, SIZE, backbone.layers, "int8", runtime_cache)
+    pixels = _pixels(8, SIZE, batch=4)
+    pixels[1:] *= 3.0  # other images with a wider range would change a batch-wide scale
+    for threads in (1, 2, 8):
+        run = runtimes.onnx_runner(path, threads=threads)
+        alone = run(pixels[:1])
+        for batch in (2, 4):
+            torch.testing.assert_close(run(pixels[:batch])[:1], alone, atol=0, rtol=0)

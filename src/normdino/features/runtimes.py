@@ -301,22 +301,24 @@ def torch_int8_model(model: torch.nn.Module) -> torch.nn.Module:
 def onnx_runner(path: Path, threads: int) -> Runner:
     """ONNX Runtime CPU sessions on ``path``: (B, 3, S, S) float tensor -> (B, L, T, D) float tensor.
 
-    A batch of at least ``threads`` images runs image-parallel: one single-threaded session run per image, ``threads``
-    at a time (ONNX Runtime releases the GIL), which on 2 AVX2 cores is 1.15x faster than one 2-thread run for
-    INT8 (its small GEMMs scale poorly across threads). Smaller batches run on one ``threads``-thread session.
+    Every image runs alone, so that INT8's activation scales, and hence its tokens, never depend on which images
+    share a batch. A batch of at least ``threads`` images runs image-parallel: one single-threaded session run
+    per image, ``threads`` at a time (ONNX Runtime releases the GIL), which on 2 AVX2 cores is 1.15x faster than
+    one 2-thread run for INT8 (its small GEMMs scale poorly across threads). Smaller batches run image by image
+    on one ``threads``-thread session.
     """
     threads = max(1, int(threads))
-    whole = onnx_session(path, threads)
+    run_whole = session_runner(onnx_session(path, threads))
     if threads == 1:
-        return session_runner(whole)
-    single = onnx_session(path, 1)
+        return lambda pixels: torch.cat([run_whole(image) for image in pixels.split(1)])
+    run_single = session_runner(onnx_session(path, 1))
     pool = ThreadPoolExecutor(threads, thread_name_prefix="normdino-onnx")
-    run_whole, run_single = session_runner(whole), session_runner(single)
 
     def run(pixels: torch.Tensor) -> torch.Tensor:
-        if len(pixels) < threads:
-            return run_whole(pixels)
-        return torch.cat(list(pool.map(run_single, pixels.split(1))))
+        images = pixels.split(1)
+        if len(images) < threads:
+            return torch.cat([run_whole(image) for image in images])
+        return torch.cat(list(pool.map(run_single, images)))
 
     return run
 
