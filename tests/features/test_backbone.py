@@ -289,3 +289,19 @@ def test_gated_and_connection_errors_are_recognised_through_the_cause_chain():
     except OSError as outer:
         assert module._is_gated(outer) and not module._is_connection_error(outer)
     assert module._is_connection_error(OSError("We couldn't connect to 'https://huggingface.co'"))
+
+
+@pytest.mark.parametrize("arch", ["dinov2_vits14", "dinov2_vits14_reg", "dinov3_vits16"])
+def test_bf16_copy_equals_a_converted_deep_copy_and_leaves_the_model_fp32(arch):
+    import copy
+
+    from normdino.features.backbone import bf16_copy, build_random_model
+
+    model = build_random_model(arch, tiny=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast, reference = bf16_copy(model), copy.deepcopy(model).to(torch.bfloat16)
+    got, want = fast.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    assert all(torch.equal(v, before[k]) and v.dtype == before[k].dtype for k, v in model.state_dict().items())
+    assert not any(p.requires_grad for p in fast.parameters())
