@@ -8,18 +8,9 @@ import torch
 
 from normdino import AnomalyDetector
 from normdino.io.phantoms import write_phantom_dataset
+from conftest import TINY_METHOD_PARAMS as METHODS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-
-METHODS = {
-    "dpmm": dict(n_components=8, epochs=2, batch_images=4),
-    "dpmm-likelihood": dict(n_components=8, epochs=2, batch_images=4),
-    "anomalydino": {},
-    "anomalydino-1shot": {},
-    "patchcore-30": {},
-    "himatch": dict(layers=(1, 2), clusters=4, retrieve_k=2),
-    "dpmm-multistage": dict(layers=(1, 2), n_components=8, epochs=2, batch_images=4),
-}
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from PIL import Image
 from normdino import AnomalyDetector
 from normdino.errors import InputError, ModelFileError
 from normdino.io.phantoms import write_phantom_dataset
+from conftest import TINY_METHOD_PARAMS as METHODS
 
 
 @pytest.fixture(scope="module")
@@ -171,17 +172,6 @@ def test_dpmm_maps_and_thresholds_equal_those_recorded_before_the_method_interfa
     for prediction, patch_map, score in zip(predictions, recorded["patch_maps"], recorded["scores"]):
         np.testing.assert_allclose(prediction.patch_map, patch_map, rtol=0, atol=1e-6)
         assert prediction.score == pytest.approx(score, abs=1e-6)
-
-
-METHODS = {
-    "dpmm": dict(n_components=8, epochs=2, batch_images=4),
-    "dpmm-likelihood": dict(n_components=8, epochs=2, batch_images=4),
-    "anomalydino": {},
-    "anomalydino-1shot": {},
-    "patchcore-30": {},
-    "himatch": dict(layers=(1, 2), clusters=4, retrieve_k=2),
-    "dpmm-multistage": dict(layers=(1, 2), n_components=8, epochs=2, batch_images=4),
-}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
