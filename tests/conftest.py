@@ -15,17 +15,6 @@ os.environ.setdefault("NORMDINO_CACHE_DIR", tempfile.mkdtemp(prefix="normdino-te
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LGG_FLAIR = SHARED_DATA / "lgg-flair"
 
-# every registered method with settings small enough for the 2-block test backbones (tests import it by name)
-TINY_METHOD_PARAMS = {
-    "dpmm": dict(n_components=8, epochs=2, batch_images=4),
-    "dpmm-likelihood": dict(n_components=8, epochs=2, batch_images=4),
-    "anomalydino": {},
-    "anomalydino-1shot": {},
-    "patchcore-30": {},
-    "himatch": dict(layers=(1, 2), clusters=4, retrieve_k=2),
-    "dpmm-multistage": dict(layers=(1, 2), n_components=8, epochs=2, batch_images=4),
-}
-
 
 @pytest.fixture(autouse=True)
 def _reset_cli_logging():

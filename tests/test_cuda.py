@@ -8,7 +8,7 @@ import torch
 
 from normdino import AnomalyDetector
 from normdino.io.phantoms import write_phantom_dataset
-from conftest import TINY_METHOD_PARAMS as METHODS
+from tiny_methods import TINY_METHOD_PARAMS as METHODS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 

@@ -11,7 +11,7 @@ from PIL import Image
 from normdino import AnomalyDetector
 from normdino.errors import InputError, ModelFileError
 from normdino.io.phantoms import write_phantom_dataset
-from conftest import TINY_METHOD_PARAMS as METHODS
+from tiny_methods import TINY_METHOD_PARAMS as METHODS
 
 
 @pytest.fixture(scope="module")
