@@ -44,19 +44,22 @@ def _np_z(s):
 
 
 def _np_retrieve(q_cls, q_desc, r_cls, r_desc, lam, k, exclude=()):
-    """Brute force: per reference, λ z(CLS cos) + (1-λ) z(patch sim); sorted by (-score, index)."""
+    """Brute force: per allowed reference, λ z(CLS cos) + (1-λ) z(patch sim), z over the allowed references only;
+    sorted by (-score, index); at most k, fewer when fewer are allowed."""
     n = len(r_cls)
-    cos = np.array([q_cls @ r_cls[j] for j in range(n)], dtype=np.float64)
+    candidates = [j for j in range(n) if j not in exclude]
+    r_cls, r_desc = r_cls[candidates], r_desc[candidates]
+    cos = np.array([q_cls @ r_cls[j] for j in range(len(candidates))], dtype=np.float64)
     if q_desc.shape[0] == 1:
-        patch = np.array([q_desc[0] @ r_desc[j, 0] for j in range(n)], dtype=np.float64)
+        patch = np.array([q_desc[0] @ r_desc[j, 0] for j in range(len(candidates))], dtype=np.float64)
     else:
-        patch = np.empty(n)
-        for j in range(n):
+        patch = np.empty(len(candidates))
+        for j in range(len(candidates)):
             sims = q_desc @ r_desc[j].T
             patch[j] = 0.5 * (sims.max(1).mean() + sims.max(0).mean())
     score = (lam * _np_z(cos) if lam > 0 else 0) + ((1 - lam) * _np_z(patch) if lam < 1 else 0)
-    candidates = [j for j in range(n) if j not in exclude]
-    return sorted(candidates, key=lambda j: (-score[j], j))[:k]
+    ranked = sorted(range(len(candidates)), key=lambda j: (-score[j], j))[:k]
+    return [candidates[j] for j in ranked]
 
 
 def _np_kmeans(x, k, iters=10):
@@ -106,6 +109,90 @@ def test_retrieval_matches_brute_force(lam, centroids):
     for b in range(4):
         banned = tuple(np.flatnonzero(exclude[b].numpy()))
         assert got[b].tolist() == _np_retrieve(q_cls[b], q_desc[b], r_cls, r_desc, lam, 6, banned)
+
+
+def test_retrieval_standardises_over_the_allowed_references_only():
+    """Issue 20: the left-out query (cosine 1 with itself, an outlier) must not enter its own z-scores."""
+    g = np.random.default_rng(5)
+    r_cls, r_desc = _unit(g.normal(size=(40, D))), _unit(g.normal(size=(40, 1, D)))
+    q_cls, q_desc = r_cls[:6], r_desc[:6]  # the queries are references 0..5, each excluded from its own row
+    exclude = torch.zeros(6, 40, dtype=torch.bool)
+    exclude[torch.arange(6), torch.arange(6)] = True
+    args = [torch.from_numpy(a).float() for a in (q_cls, q_desc, r_cls, r_desc)]
+    scores = retrieval_scores(*args, 0.5, exclude)
+    for b in range(6):
+        allowed = [j for j in range(40) if j != b]
+        expected = 0.5 * _np_z(r_cls[allowed] @ q_cls[b]) + 0.5 * _np_z(r_desc[allowed, 0] @ q_desc[b, 0])
+        np.testing.assert_allclose(scores[b, allowed].numpy(), expected, atol=1e-5)
+        assert scores[b, b] == -np.inf
+    # the whole retrieval (k = 39: every allowed reference, in order) equals the brute-force leave-one-out
+    got = retrieve(scores, 39, exclude)
+    for b in range(6):
+        assert got[b].tolist() == _np_retrieve(q_cls[b], q_desc[b], r_cls, r_desc, 0.5, 39, (b,))
+
+
+def test_retrieve_caps_k_at_the_allowed_references():
+    """Issue 20: with fewer allowed references than k, the rest is -1 (no reference), never an excluded one."""
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
+    exclude = torch.tensor([[True, False, True, False], [False, False, False, False]])
+    assert retrieve(scores, 3, exclude).tolist() == [[1, 3, -1], [3, 2, 1]]
+
+
+def test_fit_leave_one_out_never_retrieves_the_query_when_k_exceeds_the_references():
+    """Issue 20: 6 training images and k = 10 (the default): each reliability query gets the 5 others."""
+    train = _token_set(6)
+    method = create("himatch", layers=[1, 2, 3], clusters=0, reliability_images=6).fit(train)
+    assert method.retrieve_k == 10
+    banks, cls, desc = method.banks_.float().numpy(), method.cls_.float().numpy(), method.descriptors_.float().numpy()
+    maps = []
+    for i in range(6):
+        refs = _np_retrieve(cls[i], desc[i], cls, desc, 0.5, 10, (i,))
+        assert len(refs) == 5 and i not in refs
+        maps.append(_np_stage_maps(train.patches[i].astype(np.float32), banks, refs))
+    maps = np.stack(maps)
+    sigma = np.array([maps[:, layer].std() for layer in range(L)])
+    assert sigma.min() > 0.05  # a query matched with itself would give maps of ~0 and a spread of ~0
+    np.testing.assert_allclose(method.stage_std_.numpy(), sigma, rtol=1e-4)
+    np.testing.assert_allclose(method.pixel_mean_.numpy(), maps.mean(0), atol=1e-5)
+
+
+def test_fit_leave_one_out_excludes_the_query_patient_as_the_calibration_split_groups():
+    """Issue 20: 2D slices <patient>_<slice>.png: no slice of the query's patient is a leave-one-out reference."""
+    from normdino.io.inputs import held_out_groups
+
+    patients, slices = 5, 3
+    sources = [f"/data/TCGA_CS_{4940 + p}_19970222_{s}.png" for p in range(patients) for s in range(slices)]
+    # slices of one patient are near copies: a per-file exclusion retrieves the patient's own other slices
+    parts = [_tokens(slices, seed=30 + p, anatomy_seed=40 + p, noise=0.2) for p in range(patients)]
+    patches, cls = (np.concatenate(x) for x in zip(*parts))
+    train = TokenSet(patches, [(80, 80)] * len(sources), cls, sources)
+    method = create("himatch", layers=[1, 2, 3], clusters=0, retrieve_k=2, reliability_images=15).fit(train)
+    groups = held_out_groups(sources)
+    assert len(set(groups)) == patients
+    banks, cls32, desc = method.banks_.float().numpy(), method.cls_.float().numpy(), method.descriptors_.float().numpy()
+    maps, own_patient_refs = [], 0
+    for i in range(len(sources)):
+        banned = tuple(j for j in range(len(sources)) if groups[j] == groups[i])
+        refs = _np_retrieve(cls32[i], desc[i], cls32, desc, 0.5, 2, banned)
+        own_patient_refs += len(set(_np_retrieve(cls32[i], desc[i], cls32, desc, 0.5, 2, (i,))) & set(banned))
+        maps.append(_np_stage_maps(train.patches[i].astype(np.float32), banks, refs))
+    assert own_patient_refs > len(sources)  # excluding only the file itself retrieves mostly the patient's slices
+    maps = np.stack(maps)
+    np.testing.assert_allclose(method.stage_std_.numpy(), np.array([maps[:, layer].std() for layer in range(L)]), rtol=1e-4)
+    np.testing.assert_allclose(method.pixel_mean_.numpy(), maps.mean(0), atol=1e-5)
+
+
+def test_leave_one_out_mask_groups_like_the_held_out_split():
+    from normdino.methods.himatch import leave_one_out_mask
+
+    sources = [f"/d/P{p}_{s}.png" for p in range(4) for s in range(2)]
+    mask = leave_one_out_mask(sources, np.array([0, 5]))
+    assert mask.tolist() == [[True, True] + [False] * 6, [False] * 4 + [True, True, False, False]]
+    # fewer than 4 patients: the split keeps files apart, and so does the leave-one-out
+    assert leave_one_out_mask(sources[:4], np.array([1])).tolist() == [[False, True, False, False]]
+    # every reference in the query's volume: only the query itself is left out; a single reference is kept
+    assert leave_one_out_mask(["v.nii.gz"] * 3, np.array([2])).tolist() == [[False, False, True]]
+    assert leave_one_out_mask(["v.nii.gz"], np.array([0])).tolist() == [[False]]
 
 
 def test_retrieve_breaks_ties_by_index():

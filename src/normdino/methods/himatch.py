@@ -25,10 +25,12 @@ Fit (training-free: nothing is optimised, no gradient is taken)
 Dual-branch retrieval
     For a query q and every reference r: CLS cosine a_qr = <c_q, c_r>; patch similarity p_qr = <d_q, d_r>
     (mean descriptor) or the symmetric chamfer similarity of the two centroid sets
-    ½(mean_i max_j <u_i, v_j> + mean_j max_i <u_i, v_j>). Each branch is standardised over the references
-    (z-score across r for that query), so their scales do not decide the mix, and combined as
+    ½(mean_i max_j <u_i, v_j> + mean_j max_i <u_i, v_j>). Each branch is standardised over the references the
+    query may retrieve (z-score across the allowed r for that query; at fit an excluded reference never enters
+    it), so their scales do not decide the mix, and combined as
     s_qr = λ·z(a)_qr + (1 − λ)·z(p)_qr with λ = ``cls_weight`` (``retrieval="cls"``: λ = 1, ``"patch"``: λ = 0).
-    The top ``retrieve_k`` references by s (ties: lower index first) are retrieved.
+    The top ``retrieve_k`` allowed references by s (ties: lower index first) are retrieved; a query with fewer
+    allowed references gets them all.
 
 Hierarchical maps
     For stage l and query patch x: m_l(x) = 1 − max over the retrieved references' centroids b at stage l
@@ -36,7 +38,8 @@ Hierarchical maps
 
 Uncertainty-based fusion (reliability from healthy data only)
     At fit, ``reliability_images`` seeded training images are scored leave-one-out (their own image and
-    every reference with the same source, i.e. slices of the same volume, are excluded from retrieval);
+    every reference of the same patient or volume, grouped as the held-out calibration split groups them
+    (:func:`normdino.io.inputs.held_out_groups`), are excluded from retrieval);
     their maps give per stage the mean mu_l and standard deviation sigma_l of the healthy patch scores,
     and per grid position mu_l(p), sigma_l(p). Rules (``fusion``):
 
@@ -81,6 +84,7 @@ import torch.nn.functional as F
 
 from normdino.errors import InputError, ModelFileError
 from normdino.features.tokens import FeatureRequest, Tokens, TokenSet
+from normdino.io.inputs import held_out_groups
 from normdino.methods.base import NormativeMethod, Param, require
 from normdino.methods.memory_bank import SEED
 from normdino.methods.registry import register
@@ -90,7 +94,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "HiMatchMethod", "spherical_kmeans", "retrieval_scores", "retrieve", "stage_maps",
     "fusion_statistics", "fusion_weights", "fuse", "FUSIONS", "LAYERS_PARAM", "FUSION_PARAM",
-    "RELIABILITY_PARAM", "reliability_sample",
+    "RELIABILITY_PARAM", "reliability_sample", "leave_one_out_mask",
 ]
 
 KMEANS_ITERS = 10
@@ -135,47 +139,74 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> torc
     return centres
 
 
-def _standardise(s: torch.Tensor) -> torch.Tensor:
-    """z-score of each row (over the references); a constant row becomes zeros."""
-    centred = s - s.mean(1, keepdim=True)
-    return centred / (centred.pow(2).mean(1, keepdim=True).sqrt() + 1e-12)
+def _standardise(s: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """z-score of each row over its allowed references (all when ``allowed`` is None); a constant row becomes zeros.
+
+    Excluded entries get the row's statistics too but never enter them, so a left-out query does not shift its
+    own standardisation (a true leave-one-out).
+    """
+    if allowed is None:
+        centred = s - s.mean(1, keepdim=True)
+        return centred / (centred.pow(2).mean(1, keepdim=True).sqrt() + 1e-12)
+    weight = allowed.to(s.dtype)
+    count = weight.sum(1, keepdim=True).clamp(min=1.0)
+    centred = s - (s * weight).sum(1, keepdim=True) / count
+    return centred / ((centred.pow(2) * weight).sum(1, keepdim=True) / count).sqrt().add(1e-12)
 
 
 def retrieval_scores(
-    query_cls: torch.Tensor, query_desc: torch.Tensor, ref_cls: torch.Tensor, ref_desc: torch.Tensor, cls_weight: float
+    query_cls: torch.Tensor, query_desc: torch.Tensor, ref_cls: torch.Tensor, ref_desc: torch.Tensor, cls_weight: float,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, N) dual-branch scores s = λ z(CLS cosine) + (1 − λ) z(patch similarity), z over the N references.
+    """(B, N) dual-branch scores s = λ z(CLS cosine) + (1 − λ) z(patch similarity), z over the allowed references.
 
     Descriptors are (·, R, D) unit vectors: R = 1 compares them by cosine, R > 1 by symmetric chamfer similarity.
+    ``exclude`` (B, N) marks references a query may not retrieve: they do not enter its z-scores and score −inf.
     """
+    allowed = None if exclude is None else ~exclude
     parts = []
     if cls_weight > 0:
-        parts.append(cls_weight * _standardise(query_cls @ ref_cls.T))
+        parts.append(cls_weight * _standardise(query_cls @ ref_cls.T, allowed))
     if cls_weight < 1:
         if query_desc.shape[1] == 1:
             patch = query_desc[:, 0] @ ref_desc[:, 0].T
         else:
             sims = torch.einsum("brd,nsd->bnrs", query_desc, ref_desc)
             patch = 0.5 * (sims.max(3).values.mean(2) + sims.max(2).values.mean(2))
-        parts.append((1.0 - cls_weight) * _standardise(patch))
-    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        parts.append((1.0 - cls_weight) * _standardise(patch, allowed))
+    scores = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    return scores if exclude is None else scores.masked_fill(exclude, -math.inf)
 
 
 def retrieve(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, k) indices of the k highest scores per row (ties: lower index first), never an excluded one."""
+    """(B, k) indices of the k highest scores per row (ties: lower index first), never an excluded one.
+
+    A row with fewer than k allowed references gets them all, then −1 (no reference) in the remaining places.
+    """
     if exclude is not None:
         scores = scores.masked_fill(exclude, -math.inf)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    return order[:, :k]
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    if exclude is not None:
+        allowed = (~exclude).sum(1, keepdim=True)
+        order = order.masked_fill(torch.arange(order.shape[1], device=order.device)[None] >= allowed, -1)
+    return order
 
 
 def stage_maps(patches: torch.Tensor, banks: torch.Tensor, refs: torch.Tensor, recluster: int = 0) -> torch.Tensor:
     """(B, L, h, w) maps 1 − max cosine of each query patch to its retrieved references' bank vectors, per stage.
 
     ``patches`` (B, L, h, w, D) unit vectors, ``banks`` (N, L, C, D) unit vectors (any float dtype), ``refs``
-    (B, k) reference indices; ``recluster`` > 0 clusters the gathered k·C vectors into that many first.
+    (B, k) reference indices, −1 for none (as :func:`retrieve` pads; at least one per row); ``recluster`` > 0
+    clusters the gathered vectors of the real references into that many first.
     """
     b, n_layers, h, w, d = patches.shape
+    valid = refs >= 0
+    if not bool(valid.all()):  # rows with fewer references: each on its own, on its real references only
+        out = torch.empty(b, n_layers, h, w, dtype=torch.float32, device=patches.device)
+        for row in range(b):
+            kept = refs[row:row + 1, valid[row]]
+            out[row:row + 1] = stage_maps(patches[row:row + 1], banks, kept, recluster)
+        return out
     out = torch.empty(b, n_layers, h, w, dtype=torch.float32, device=patches.device)
     for layer in range(n_layers):
         gathered = banks[refs, layer].reshape(b, -1, d).float()
@@ -224,14 +255,19 @@ def reliability_sample(n: int, count: int, seed: int) -> np.ndarray:
     return np.sort(rng.permutation(n)[: min(n, count)])
 
 
-def _same_source_mask(query_sources: list[str], ref_sources: list[str], query_index: np.ndarray) -> torch.Tensor:
-    """(B, N) True where the reference is the query itself or shares its source; a row never excludes everything."""
-    refs = np.asarray(ref_sources, dtype=object)
-    mask = np.stack([refs == s for s in query_sources]) if query_sources else np.zeros((0, len(refs)), bool)
+def leave_one_out_mask(sources: list[str], query_index: np.ndarray) -> torch.Tensor:
+    """(B, N) True where reference j may not be retrieved for query ``query_index[b]``: the query itself and every
+    image of its patient or volume, by the grouping the held-out calibration split uses
+    (:func:`normdino.io.inputs.held_out_groups`). A row never excludes everything: when every reference shares
+    the query's group, only the query itself is excluded (a single reference is kept for itself).
+    """
+    groups = np.asarray(held_out_groups(list(sources)), dtype=object)
+    query_index = np.asarray(query_index, dtype=np.int64)
+    mask = np.stack([groups == groups[i] for i in query_index]) if len(query_index) else np.zeros((0, len(groups)), bool)
     mask[np.arange(len(query_index)), query_index] = True
     for row in np.flatnonzero(mask.all(1)):
         mask[row] = False
-        if len(refs) > 1:
+        if len(groups) > 1:
             mask[row, query_index[row]] = True
     return torch.from_numpy(mask.astype(bool))
 
@@ -355,7 +391,7 @@ class HiMatchMethod(NormativeMethod):
             for s0 in range(0, len(sample), _FIT_BATCH):
                 idx = sample[s0:s0 + _FIT_BATCH]
                 tokens = train.subset(idx).batch(0, len(idx), device)
-                exclude = _same_source_mask([train.sources[i] for i in idx], self.sources_, idx)
+                exclude = leave_one_out_mask(self.sources_, idx)
                 maps.append(self._stage_maps(tokens, exclude))
         stats = fusion_statistics(torch.cat(maps))
         for key, value in stats.items():
@@ -383,11 +419,11 @@ class HiMatchMethod(NormativeMethod):
             raise InputError("himatch needs CLS tokens: extract the tokens with FeatureRequest(cls=True)")
         if tokens.patches.shape[1] != self.banks_.shape[1]:
             raise InputError(f"himatch expects {self.banks_.shape[1]} layers per token batch, got {tokens.patches.shape[1]}")
+        exclude = None if exclude is None else exclude.to(device)
         with torch.no_grad():
             scores = retrieval_scores(_unit(tokens.cls[:, -1]), self._describe(tokens.patches[:, -1]),
-                                      self.cls_.float(), self.descriptors_.float(), self.branch_weight)
-            return retrieve(scores, min(self.retrieve_k, self.banks_.shape[0]),
-                            None if exclude is None else exclude.to(device))
+                                      self.cls_.float(), self.descriptors_.float(), self.branch_weight, exclude)
+            return retrieve(scores, min(self.retrieve_k, self.banks_.shape[0]), exclude)
 
     def _stage_maps(self, tokens: Tokens, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, h, w) stage maps of a batch against its retrieved references."""
