@@ -12,9 +12,10 @@ test on image-wise pixel AUROC/AUPR.
 Outputs in ``-o``: ``tables.md``, ``tables.json`` (strict JSON: undefined metrics are null), ``report.html``
 (one self-contained file) and ``results.json`` (every row, interval and test).
 
-Published figures: Schulthess & Konukoglu, MICCAI 2025, arXiv 2509.19997 (https://arxiv.org/html/2509.19997v1,
-https://papers.miccai.org/miccai-2025/paper/2425_paper.pdf). They are not filled in yet: the stored copies searched
-on 2026-11-25 gave only the abstract, not the result tables (see the comment above ``PAPER_FIGURES``).
+Published figures: Schulthess & Konukoglu, MICCAI 2025, arXiv 2509.19997, Tables 1-3, from the package's data
+file ``paper_tables.json`` (source and reading notes inside). Every row with a published counterpart gets the
+paper's figure and ours − paper: DPMM with its three scores x normalised or not, AnomalyDINO full and one-shot
+(max / mean / min over seeds), PatchCore 10 %, 1024 and 150. A data set missing under the root has no rows.
 """
 
 from __future__ import annotations
@@ -40,46 +41,74 @@ BMAD_NAMES = {"brats": "BraTS2021", "liver": "Liver (BTCV + LiTS)", "resc": "RES
 
 # ---------------------------------------------------------------------- the paper's published figures
 #
-# Schulthess & Konukoglu, "Anomaly Detection by Clustering DINO Embeddings using a Dirichlet Process
-# Mixture", MICCAI 2025, arXiv 2509.19997. Sources: https://arxiv.org/html/2509.19997v1 and
-# https://papers.miccai.org/miccai-2025/paper/2425_paper.pdf
-# (its page: https://papers.miccai.org/miccai-2025/0070-Paper2425.html).
-# TO BE FILLED FROM THE PAPER: searching the stored copies of both pages (2026-11-25) returned only their
-# beginnings (title, abstract, introduction), never the result tables, so the paper's table numbers and their
-# row/column layout are still unchecked against the keys below, every figure is None ("not filled in") and no
-# number here was invented or taken from third-party leaderboards. Enter each as printed,
-# as (BraTS, Liver, RESC); AUROC, AUPR and Dice as fractions in [0, 1] (the paper's percentages / 100),
-# runtime in ms per sample, memory in GB. Cells with None show "to be filled" and no difference.
-_ = None
-PAPER_FIGURES: dict[str, dict[str, dict[str, tuple[float | None, float | None, float | None]]]] = {
-    "table1": {  # AUROC, AUPR (pixel level), ms per sample, GB
-        "dpmm":              {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "ms_per_sample": (_, _, _), "peak_memory_gb": (_, _, _)},
-        "anomalydino":       {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "ms_per_sample": (_, _, _), "peak_memory_gb": (_, _, _)},
-        "anomalydino-1shot": {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "ms_per_sample": (_, _, _), "peak_memory_gb": (_, _, _)},
-        "patchcore-10%":     {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "ms_per_sample": (_, _, _), "peak_memory_gb": (_, _, _)},
-        "patchcore-1024":    {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "ms_per_sample": (_, _, _), "peak_memory_gb": (_, _, _)},
-        "patchcore-150":     {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "ms_per_sample": (_, _, _), "peak_memory_gb": (_, _, _)},
+# Schulthess & Konukoglu, MICCAI 2025 (arXiv 2509.19997), Tables 1-3, as the package's own data file
+# paper_tables.json (its "source" and "reading_notes" say where each row comes from). The figures are read once,
+# at import, from the installed package; nothing outside the package is read.
+
+PAPER_DATASETS = ("brats", "liver", "resc")
+PAPER_PERCENT_METRICS = ("pixel_auroc", "pixel_aupr", "dice_fpr10", "dice_fpr5", "dice_fpr1")
+
+# our row -> the paper's row (Table 1 and 2: the row's name; Table 3: (score, normalised))
+PAPER_ROWS: dict[str, dict[str, object]] = {
+    "table1": {
+        "dpmm": "DPMM (paper)",
+        "anomalydino": "AnomalyDINO (full-shot)",
+        "anomalydino-1shot-max": "AnomalyDINO one-shot (1024 prototypes) max over seeds",
+        "anomalydino-1shot": "AnomalyDINO one-shot (1024 prototypes) mean over seeds",
+        "anomalydino-1shot-min": "AnomalyDINO one-shot (1024 prototypes) min over seeds",
+        "patchcore-10%": "PatchCore (10% coreset)",
+        "patchcore-1024": "PatchCore few-shot 1024 prototypes",
+        "patchcore-150": "PatchCore few-shot 150 prototypes",
     },
-    "table2": {  # Dice at thresholds giving 10 / 5 / 1 % FPR on healthy validation images
-        "dpmm":              {"dice_fpr10": (_, _, _), "dice_fpr5": (_, _, _), "dice_fpr1": (_, _, _)},
-        "anomalydino":       {"dice_fpr10": (_, _, _), "dice_fpr5": (_, _, _), "dice_fpr1": (_, _, _)},
-        "anomalydino-1shot": {"dice_fpr10": (_, _, _), "dice_fpr5": (_, _, _), "dice_fpr1": (_, _, _)},
-        "patchcore-10%":     {"dice_fpr10": (_, _, _), "dice_fpr5": (_, _, _), "dice_fpr1": (_, _, _)},
-        "patchcore-1024":    {"dice_fpr10": (_, _, _), "dice_fpr5": (_, _, _), "dice_fpr1": (_, _, _)},
-        "patchcore-150":     {"dice_fpr10": (_, _, _), "dice_fpr5": (_, _, _), "dice_fpr1": (_, _, _)},
+    "table2": {
+        "dpmm": "DPMM (paper)",
+        "anomalydino": "AnomalyDINO (full-shot)",
+        "anomalydino-1shot": "AnomalyDINO (one-shot)",
     },
-    "table3": {  # ablation: score x normalised embeddings
-        "dpmm":                   {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "dice_fpr5": (_, _, _)},
-        "dpmm-euclidean":         {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "dice_fpr5": (_, _, _)},
-        "dpmm-likelihood":        {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "dice_fpr5": (_, _, _)},
-        "dpmm-raw":               {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "dice_fpr5": (_, _, _)},
-        "dpmm-euclidean-raw":     {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "dice_fpr5": (_, _, _)},
-        "dpmm-likelihood-raw":    {"pixel_auroc": (_, _, _), "pixel_aupr": (_, _, _), "dice_fpr5": (_, _, _)},
+    "table3": {
+        "dpmm": ("cosine", True), "dpmm-euclidean": ("euclidean", True), "dpmm-likelihood": ("likelihood", True),
+        "dpmm-raw": ("cosine", False), "dpmm-euclidean-raw": ("euclidean", False),
+        "dpmm-likelihood-raw": ("likelihood", False),
     },
 }
-del _
-PAPER_NOTE = ("Published figures: TO BE FILLED FROM THE PAPER (normdino.evaluation.reproduce.PAPER_FIGURES); "
-              "none is filled in yet, so the 'paper' and 'difference' columns are empty.")
+_PAPER_KEYS = {"memory_gb": "peak_memory_gb"}  # the data file's metric names -> ours
+
+
+def load_paper_tables() -> dict:
+    """The data file of the paper's Tables 1-3 shipped inside the package (percent, ms, GB; null = not reported)."""
+    from importlib import resources
+
+    return json.loads(resources.files("normdino.evaluation").joinpath("paper_tables.json").read_text("utf-8"))
+
+
+def paper_figures(tables: dict) -> dict[str, dict[str, dict[str, tuple[float | None, ...]]]]:
+    """table -> our method -> our metric -> (BraTS, Liver, RESC) in our units: AUROC, AUPR and Dice as fractions
+    in [0, 1] (the paper's percentages / 100), runtime in ms per sample, memory in GB; None = not reported."""
+    sources = {"table1": tables["table1"], "table2": tables["table2_dice"],
+               "table3": {(r["score"], r["normalized"]): r for r in tables["table3_ablation"]}}
+    figures: dict = {}
+    for table, rows in PAPER_ROWS.items():
+        for method, paper_row in rows.items():
+            row = sources[table][paper_row]
+            metrics = [k for k in row[PAPER_DATASETS[0]]]
+            for metric in metrics:
+                values = []
+                for dataset in PAPER_DATASETS:
+                    value = row[dataset].get(metric)
+                    ours = _PAPER_KEYS.get(metric, metric)
+                    values.append(None if value is None else round(value / 100, 6) if ours in PAPER_PERCENT_METRICS else value)
+                figures.setdefault(table, {}).setdefault(method, {})[_PAPER_KEYS.get(metric, metric)] = tuple(values)
+    return figures
+
+
+PAPER_TABLES = load_paper_tables()
+PAPER_FIGURES = paper_figures(PAPER_TABLES)
+PAPER_SOURCE = PAPER_TABLES["source"]["paper"] + f" (arXiv {PAPER_TABLES['source']['arxiv']}), Tables 1-3"
+PAPER_NOTE = (f"Published figures: {PAPER_SOURCE}, from the package's copy (normdino/evaluation/paper_tables.json, "
+              "which says how each row was read). 'paper' is the published figure, 'Δ' = ours − paper "
+              "(percentage points for AUROC, AUPR and Dice); '—' in 'paper': not reported there. The paper's setting: "
+              "official DINOv2 ViT-S/14 weights, one NVIDIA A6000, batch size 1 for runtime and memory; its runtime "
+              "column is per sample for the detection stage, compared here with our backbone + scoring sum.")
 
 TABLES = {
     "table1": ("Table 1: pixel-level detection, runtime and memory",
@@ -89,15 +118,23 @@ TABLES = {
     "table3": ("Table 3: ablation of the DPMM score and of embedding normalisation",
                ("pixel_auroc", "pixel_aupr", "dice_fpr5")),
 }
+TABLE_METHODS = {
+    "table1": tuple(PAPER_ROWS["table1"]),
+    "table2": ("dpmm", "anomalydino", "anomalydino-1shot", "patchcore-10%", "patchcore-1024", "patchcore-150"),
+    "table3": tuple(PAPER_ROWS["table3"]),
+}
+SEED_ROWS = {"anomalydino-1shot-max": ("anomalydino-1shot", "max"), "anomalydino-1shot-min": ("anomalydino-1shot", "min")}
 METHOD_LABELS = {
     "dpmm": "DPMM (cosine, normalised)", "dpmm-euclidean": "DPMM Euclidean, normalised",
     "dpmm-likelihood": "DPMM likelihood, normalised", "dpmm-raw": "DPMM cosine, raw",
     "dpmm-euclidean-raw": "DPMM Euclidean, raw", "dpmm-likelihood-raw": "DPMM likelihood, raw",
-    "anomalydino": "AnomalyDINO (full)", "anomalydino-1shot": "AnomalyDINO 1-shot (mean; max/min over seeds)",
+    "anomalydino": "AnomalyDINO (full)", "anomalydino-1shot": "AnomalyDINO 1-shot, mean over seeds (max / min)",
+    "anomalydino-1shot-max": "AnomalyDINO 1-shot, max over seeds", "anomalydino-1shot-min": "AnomalyDINO 1-shot, min over seeds",
     "patchcore-10%": "PatchCore 10 %", "patchcore-1024": "PatchCore 1024", "patchcore-150": "PatchCore 150",
 }
-METRIC_LABELS = {"pixel_auroc": "AUROC", "pixel_aupr": "AUPR", "ms_per_sample": "ms", "peak_memory_gb": "GB",
-                 "dice_fpr10": "Dice@10%", "dice_fpr5": "Dice@5%", "dice_fpr1": "Dice@1%", "image_auroc": "image AUROC"}
+METRIC_LABELS = {"pixel_auroc": "AUROC %", "pixel_aupr": "AUPR %", "ms_per_sample": "ms", "peak_memory_gb": "GB",
+                 "dice_fpr10": "Dice@10%", "dice_fpr5": "Dice@5%", "dice_fpr1": "Dice@1%",
+                 "image_auroc": "image AUROC %"}
 DPMM_SCORES = ("dpmm", "dpmm-euclidean", "dpmm-likelihood")
 BANKS = ("anomalydino", "patchcore-10%", "patchcore-1024", "patchcore-150")
 FEW_SHOT = "anomalydino-1shot"
@@ -284,40 +321,68 @@ def reproduce_dataset(name: str, folder: Path, layout: str, settings: Settings) 
 # ---------------------------------------------------------------------- tables
 
 
-def _paper(table: str, method: str, metric: str, dataset: str) -> float | None:
+def paper_figure(table: str, method: str, metric: str, dataset: str) -> float | None:
+    """The paper's figure for one cell in our units (None: not reported, or a data set the paper has not)."""
     figures = PAPER_FIGURES.get(table, {}).get(method, {}).get(metric)
-    if figures is None or dataset not in ("brats", "liver", "resc"):
+    if figures is None or dataset not in PAPER_DATASETS:
         return None
-    return figures[("brats", "liver", "resc").index(dataset)]
+    return figures[PAPER_DATASETS.index(dataset)]
+
+
+def paper_metrics(table: str) -> tuple[str, ...]:
+    """The metrics of a table that the paper reports for at least one of its rows (these get 'paper' and 'Δ')."""
+    reported = {m for method in PAPER_FIGURES.get(table, {}).values() for m, v in method.items()
+                if any(x is not None for x in v)}
+    return tuple(m for m in TABLES[table][1] if m in reported)
+
+
+def _our_value(rows: dict, method: str, key: str) -> tuple[float | None, dict | None, list | None]:
+    """(value, seed spread, interval) of one of our cells; the 1-shot max/min rows read the spread over seeds."""
+    if method in SEED_ROWS:
+        base, statistic = SEED_ROWS[method]
+        spread = rows.get(base, {}).get(f"{key}_seeds")
+        if not key.startswith(("pixel", "dice", "fg_")) or not spread:
+            return None, None, None  # runtime and memory: the paper reports them on the mean row only, as here
+        return spread[statistic], None, None
+    row = rows[method]
+    return row.get(key), row.get(f"{key}_seeds"), row.get(f"{key}_ci")
 
 
 def table_cells(per_dataset: Sequence[dict], foreground: bool = False) -> list[dict]:
     """Every cell of Tables 1-3: ours (with its interval or seed spread), the paper's figure and the difference."""
     cells = []
     for table, (_, metrics) in TABLES.items():
-        methods = list(PAPER_FIGURES[table])
         for data in per_dataset:
             rows = {r["method"]: r for r in data["rows"]} | {s["method"]: s for s in data["few_shot"]}
-            for method in methods:
-                row = rows.get(method)
-                if row is None:
+            for method in TABLE_METHODS[table]:
+                if SEED_ROWS.get(method, (method,))[0] not in rows:
                     continue
                 for metric in metrics:
                     key = f"fg_{metric}" if foreground and metric.startswith(("pixel", "dice")) else metric
-                    ours = row.get(key)
-                    paper = None if foreground else _paper(table, method, metric, data["dataset"])
-                    ci = row.get(f"{key}_ci")
+                    ours, seeds, ci = _our_value(rows, method, key)
+                    paper = None if foreground else paper_figure(table, method, metric, data["dataset"])
+                    defined = ours is not None and ours == ours
                     cells.append({"table": table + ("_foreground" if foreground else ""), "dataset": data["dataset"],
-                                  "method": method, "metric": metric, "ours": ours,
-                                  "ci": ci, "seeds": row.get(f"{key}_seeds"), "paper": paper,
-                                  "difference": None if paper is None or ours is None or ours != ours else ours - paper})
+                                  "method": method, "metric": metric, "ours": ours, "ci": ci, "seeds": seeds,
+                                  "paper": paper, "paper_row": None if foreground else _paper_row(table, method),
+                                  "difference": ours - paper if paper is not None and defined else None})
     return cells
 
 
+def _paper_row(table: str, method: str) -> str | None:
+    row = PAPER_ROWS.get(table, {}).get(method)
+    if isinstance(row, tuple):
+        return f"score {row[0]}, normalised {'yes' if row[1] else 'no'}"
+    return row
+
+
 def _number(value: float | None, metric: str) -> str:
+    """One figure as the paper prints it: percentages for AUROC, AUPR and Dice, ms with one decimal."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
-    if metric in ("ms_per_sample",):
+    if metric in PAPER_PERCENT_METRICS or metric == "image_auroc":
+        return f"{100 * value:.2f}"
+    if metric == "ms_per_sample" or metric.endswith("_ms"):
         return f"{value:.1f}"
     if metric == "p":
         return f"{value:.2g}"
@@ -328,19 +393,59 @@ def _ours_text(cell: dict) -> str:
     text = _number(cell["ours"], cell["metric"])
     if cell.get("seeds"):
         s = cell["seeds"]
-        text += f" (max {_number(s['max'], cell['metric'])} / min {_number(s['min'], cell['metric'])})"
+        text += f" ({_number(s['max'], cell['metric'])} / {_number(s['min'], cell['metric'])})"
     elif cell.get("ci") and cell["ci"][0] is not None and not (isinstance(cell["ci"][0], float) and math.isnan(cell["ci"][0])):
         text += f" [{_number(cell['ci'][0], cell['metric'])}, {_number(cell['ci'][1], cell['metric'])}]"
     return text
 
 
 def _paper_text(cell: dict) -> str:
-    return "to be filled" if cell["paper"] is None else _number(cell["paper"], cell["metric"])
+    return _number(cell["paper"], cell["metric"])
 
 
 def _difference_text(cell: dict) -> str:
     d = cell["difference"]
-    return "—" if d is None else f"{d:+.3f}"
+    if d is None:
+        return "—"
+    return f"{100 * d:+.2f}" if cell["metric"] in PAPER_PERCENT_METRICS else f"{d:+.1f}" if cell["metric"] == "ms_per_sample" else f"{d:+.3f}"
+
+
+def _columns(table: str, foreground: bool) -> list[tuple[str, str, str]]:
+    """(header, metric, part) of a table's columns: ours for every metric, 'paper' and 'Δ' where the paper has it."""
+    base = table.replace("_foreground", "")
+    with_paper = () if foreground else paper_metrics(base)
+    columns = []
+    for metric in TABLES[base][1]:
+        columns.append((METRIC_LABELS.get(metric, metric), metric, "ours"))
+        if metric in with_paper:
+            columns += [(f"{METRIC_LABELS.get(metric, metric)} paper", metric, "paper"),
+                        (f"{METRIC_LABELS.get(metric, metric)} Δ", metric, "difference")]
+    return columns
+
+
+def _table_rows(cells: Sequence[dict], table: str, dataset: str) -> list[dict]:
+    """One dict per method (header -> text) of one table and data set."""
+    these = [c for c in cells if c["table"] == table and c["dataset"] == dataset]
+    text = {"ours": _ours_text, "paper": _paper_text, "difference": _difference_text}
+    rows = []
+    for method in dict.fromkeys(c["method"] for c in these):
+        by_metric = {c["metric"]: c for c in these if c["method"] == method}
+        row = {"method": METHOD_LABELS.get(method, method)}
+        for header, metric, part in _columns(table, table.endswith("_foreground")):
+            row[header] = text[part](by_metric[metric]) if metric in by_metric else "—"
+        rows.append(row)
+    return rows
+
+
+def _absent(per_dataset: Sequence[dict]) -> list[str]:
+    """The paper's data sets that were not found under the root (they have no rows, hence no difference)."""
+    found = {d["dataset"] for d in per_dataset}
+    return [BMAD_NAMES[d] for d in PAPER_DATASETS if d not in found]
+
+
+CELLS_NOTE = ("Cells: ours [95 % bootstrap interval over images]; the 1-shot mean row: mean (max / min over seeds). "
+              "AUROC, AUPR and Dice in %, as in the paper. '—' in ours marks an undefined metric (e.g. AUPR without "
+              "anomalous pixels) or one not measured, written as null in JSON.")
 
 
 def markdown_tables(cells: Sequence[dict], per_dataset: Sequence[dict], warning: str | None) -> str:
@@ -348,35 +453,25 @@ def markdown_tables(cells: Sequence[dict], per_dataset: Sequence[dict], warning:
     lines = ["# normdino reproduce: the DPMM paper's tables", ""]
     if warning:
         lines += [f"> **Warning:** {warning}", ""]
-    lines += [f"_{PAPER_NOTE}_", "",
-              "Cells: ours [95 % bootstrap interval over images]; few-shot rows: mean (max / min over seeds). "
-              "'—' marks an undefined metric (e.g. AUPR without anomalous pixels), written as null in JSON.", ""]
-    tables = list(TABLES) + [t + "_foreground" for t in ("table1", "table2", "table3")]
+    lines += [f"_{PAPER_NOTE}_", "", CELLS_NOTE, ""]
+    absent = _absent(per_dataset)
+    if absent:
+        lines += [f"Not found under the root (no rows, no comparison): {', '.join(absent)}.", ""]
+    tables = list(TABLES) + [t + "_foreground" for t in TABLES]
     for table in tables:
-        base = table.replace("_foreground", "")
-        title, metrics = TABLES[base]
+        title = TABLES[table.replace("_foreground", "")][0]
         foreground = table.endswith("_foreground")
         lines += [f"## {title}{' — foreground pixels only (thresholds on healthy foreground)' if foreground else ''}", ""]
         if warning:
             lines += [f"> **Warning:** {warning}", ""]
         for data in per_dataset:
-            these = [c for c in cells if c["table"] == table and c["dataset"] == data["dataset"]]
-            if not these:
+            rows = _table_rows(cells, table, data["dataset"])
+            if not rows:
                 continue
-            lines += [f"### {BMAD_NAMES.get(data['dataset'], data['dataset'])}", ""]
-            header = ["method"] + [h for m in metrics for h in
-                                   ((METRIC_LABELS[m],) if foreground else (METRIC_LABELS[m], "paper", "Δ"))]
-            lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-            for method in dict.fromkeys(c["method"] for c in these):
-                by_metric = {c["metric"]: c for c in these if c["method"] == method}
-                row = [METHOD_LABELS.get(method, method)]
-                for m in metrics:
-                    c = by_metric.get(m)
-                    if c is None:
-                        row += ["—"] if foreground else ["—", "—", "—"]
-                    else:
-                        row += [_ours_text(c)] if foreground else [_ours_text(c), _paper_text(c), _difference_text(c)]
-                lines.append("| " + " | ".join(row) + " |")
+            header = list(rows[0])
+            lines += [f"### {BMAD_NAMES.get(data['dataset'], data['dataset'])}", "",
+                      "| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+            lines += ["| " + " | ".join(row[h] for h in header) + " |" for row in rows]
             lines.append("")
     lines += ["## Paired permutation tests (image-wise pixel AUROC / AUPR over anomalous images)", ""]
     if warning:
@@ -391,7 +486,7 @@ def markdown_tables(cells: Sequence[dict], per_dataset: Sequence[dict], warning:
     for data in per_dataset:
         keys = ("folder", "train_used", "healthy_used", "evaluated", "calibration", "foreground", "backbone",
                 "image_size", "seconds")
-        lines.append(f"- **{data['dataset']}**: " + "; ".join(f"{k}: {data[k]}" for k in keys))
+        lines.append(f"- **{data['dataset']}**: " + "; ".join(f"{k}: {data[k]}" for k in keys if k in data))
     return "\n".join(lines) + "\n"
 
 
@@ -399,32 +494,20 @@ def html_report(path: Path, cells: Sequence[dict], per_dataset: Sequence[dict], 
     """One self-contained HTML page with every table (and the warning banner)."""
     from normdino.evaluation import report
 
-    sections = [("About these tables", f"<p>{PAPER_NOTE}</p><p>Cells: ours [95 % bootstrap interval over images]; "
-                 "few-shot rows: mean (max / min over seeds). &mdash; marks an undefined metric.</p>")]
+    absent = _absent(per_dataset)
+    about = f"<p>{html.escape(PAPER_NOTE)}</p><p>{html.escape(CELLS_NOTE)}</p>"
+    if absent:
+        about += f"<p>Not found under the root (no rows, no comparison): {html.escape(', '.join(absent))}.</p>"
+    sections = [("About these tables", about)]
     for table in list(TABLES) + [t + "_foreground" for t in TABLES]:
-        base = table.replace("_foreground", "")
-        title, metrics = TABLES[base]
+        title = TABLES[table.replace("_foreground", "")][0]
         foreground = table.endswith("_foreground")
         for data in per_dataset:
-            these = [c for c in cells if c["table"] == table and c["dataset"] == data["dataset"]]
-            if not these:
+            rows = _table_rows(cells, table, data["dataset"])
+            if not rows:
                 continue
-            rows, columns = [], ["method"]
-            for m in metrics:
-                columns += [METRIC_LABELS[m]] if foreground else [METRIC_LABELS[m], f"{METRIC_LABELS[m]} paper",
-                                                                  f"{METRIC_LABELS[m]} Δ"]
-            for method in dict.fromkeys(c["method"] for c in these):
-                by_metric = {c["metric"]: c for c in these if c["method"] == method}
-                row = {"method": METHOD_LABELS.get(method, method)}
-                for m in metrics:
-                    c = by_metric.get(m)
-                    row[METRIC_LABELS[m]] = _ours_text(c) if c else "—"
-                    if not foreground:
-                        row[f"{METRIC_LABELS[m]} paper"] = _paper_text(c) if c else "—"
-                        row[f"{METRIC_LABELS[m]} Δ"] = _difference_text(c) if c else "—"
-                rows.append(row)
             heading = f"{title}{' (foreground only)' if foreground else ''}: {BMAD_NAMES.get(data['dataset'], data['dataset'])}"
-            body = (f'<p class="warning">{html.escape(warning)}</p>' if warning else "") + report.html_table(rows, columns)
+            body = (f'<p class="warning">{html.escape(warning)}</p>' if warning else "") + report.html_table(rows, list(rows[0]))
             sections.append((heading, body))
     comparisons = [{"data set": d["dataset"], **{k: c[k] for k in ("a", "b", "metric", "mean_difference", "p_value", "n_images")}}
                    for d in per_dataset for c in d["comparisons"]]
@@ -448,8 +531,12 @@ def write_tables(per_dataset: Sequence[dict], out_dir: Path) -> dict[str, Path]:
     for cell in cells:
         tables.setdefault(cell["table"], {"warning": warning, "title": TABLES[cell["table"].replace("_foreground", "")][0],
                                           "cells": []})["cells"].append(cell)
+    units = ("ours, paper and difference: AUROC, AUPR and Dice as fractions in [0, 1] (the paper's percent / 100), "
+             "ms per sample, GB; null = undefined, not measured or not reported")
     atomic_write_text(paths["json"], json.dumps(json_safe({"random_backbone": random_weights, "paper_note": PAPER_NOTE,
-                                                           "tables": tables}), indent=2, allow_nan=False) + "\n")
+                                                           "paper_source": PAPER_TABLES["source"], "units": units,
+                                                           "not_found": _absent(per_dataset), "tables": tables}),
+                                                indent=2, allow_nan=False) + "\n")
     atomic_write_text(paths["results"], json.dumps(json_safe({"random_backbone": random_weights, "warning": warning,
                                                               "datasets": list(per_dataset)}), indent=2,
                                                    allow_nan=False) + "\n")
