@@ -12,7 +12,7 @@ import pytest
 nib = pytest.importorskip("nibabel")
 pydicom = pytest.importorskip("pydicom")
 
-from normdino.io import volumes  # noqa: E402
+from normdino.io import slabs, volumes  # noqa: E402
 from normdino.errors import InputError  # noqa: E402
 from normdino.io.volumes import (  # noqa: E402
     SliceOptions,
@@ -204,7 +204,7 @@ def test_nifti_round_trip_oblique(tmp_path, suffix, axis):
 @pytest.mark.parametrize("axis", [0, 1])
 def test_non_native_axis_through_blocked_scratch(tmp_path, monkeypatch, axis):
     """Small blocks (the last one partial): the temp-file scratch and writer buffer give the same voxels."""
-    monkeypatch.setattr(volumes, "_SLAB_BYTES", 3 * 12 * 10 * 2)  # 3 planes per block, 8 planes in all
+    monkeypatch.setattr(slabs, "SLAB_BYTES", 3 * 12 * 10 * 2)  # 3 planes per block, 8 planes in all
     data = random_volume(seed=4)
     path = save_nifti(tmp_path / "scan.nii.gz", data, oblique_affine())
     options = SliceOptions(axis=axis, percentiles=(0, 100))
@@ -538,7 +538,7 @@ def test_writer_uint8_errors_and_atomicity(tmp_path):
 def test_writer_non_streamed_axis_leaves_unwritten_slices_zero(tmp_path, monkeypatch):
     data = random_volume((6, 5, 4))
     volume = Volume.open(save_nifti(tmp_path / "img.nii", data, oblique_affine()))
-    monkeypatch.setattr(volumes, "_SLAB_BYTES", 6 * 5 * 4 * 3)  # blocks of 3 float32 planes
+    monkeypatch.setattr(slabs, "SLAB_BYTES", 6 * 5 * 4 * 3)  # blocks of 3 float32 planes
     with VolumeWriter(volume, tmp_path / "part.nii", axis=1) as writer:
         writer.write(3, np.full((6, 4), 7.0))
     written, _, _ = load(tmp_path / "part.nii")

@@ -31,7 +31,6 @@ import gzip
 import logging
 import math
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,9 @@ import numpy as np
 
 from normdino.errors import InputError
 from normdino.files import atomic_path
+from normdino.io import slabs
 from normdino.io.reading import warn_if_tiny
+from normdino.io.slabs import SliceStore, planes_per_slab, runs
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ NORMALIZATIONS = ("percentile", "window", "dtype", "none")
 
 _MEDICAL_HINT = 'pip install "normdino[medical]"'
 _AXIS_CODES = {"axial": ("S", "I"), "coronal": ("A", "P"), "sagittal": ("L", "R")}
-_SLAB_BYTES = 32 * 2**20
 _MAX_STAT_SAMPLES = 2_000_000
 _DICOM_MAGIC_OFFSET = 128
 _DICOM_PROBE_FILES = 32
@@ -285,20 +285,6 @@ def recorded_settings(options: SliceOptions | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- sources
 
 
-def _runs(indices: Iterable[int], max_len: int) -> Iterator[tuple[int, int]]:
-    """Group sorted indices into [start, stop) runs of consecutive values, each at most ``max_len`` long."""
-    start = stop = None
-    for k in indices:
-        if start is not None and k == stop and stop - start < max_len:
-            stop += 1
-            continue
-        if start is not None:
-            yield start, stop
-        start, stop = k, k + 1
-    if start is not None:
-        yield start, stop
-
-
 class _NiftiSource:
     """Voxel planes of one 3D volume in a .nii or .nii.gz file, read slab by slab through nibabel's array proxy.
 
@@ -340,8 +326,8 @@ class _NiftiSource:
         """(k, plane k along the third axis) for sorted ``indices``, one slab (<= 32 MB as read) at a time."""
         nx, ny = self.shape4[:2]
         read_bytes = self.plane_bytes + (nx * ny * 8 if self.scaled else 0)  # raw slab + nibabel's scaled copy
-        slab = max(1, _SLAB_BYTES // max(1, read_bytes))
-        for start, stop in _runs(indices, slab):
+        slab = max(1, slabs.SLAB_BYTES // max(1, read_bytes))
+        for start, stop in runs(indices, slab):
             try:
                 block = np.asarray(self.proxy[self._slicer(start, stop)])
             except (*_READ_ERRORS, RuntimeError) as err:
@@ -542,58 +528,6 @@ def _tilt_degrees(step: np.ndarray, normal: np.ndarray) -> float:
 # --------------------------------------------------------------------------- volume
 
 
-class _SliceStore:
-    """Slices along axis 0 or 1 of a 3D array, kept slice-major in a temp file, in blocks of the third axis.
-
-    Block b holds planes [b*m, (b+1)*m) as a C-order (n, other, m) array, so one slice is a few
-    contiguous reads (one per block) and one block is one read: transposing a volume costs
-    temp-file I/O (page cache, not process memory) and one block (<= 32 MB) in memory.
-    """
-
-    def __init__(self, n: int, other: int, depth: int, dtype: Any, block: int) -> None:
-        self.n, self.other, self.depth, self.block = n, other, depth, max(1, block)
-        self.dtype = np.dtype(dtype)
-        self._file = tempfile.TemporaryFile(prefix="normdino-volume-")
-        self._file.truncate(n * other * depth * self.dtype.itemsize)  # sparse: unwritten slices read as 0
-
-    def _blocks(self) -> Iterator[tuple[int, int, int]]:
-        """(first plane, plane count, byte offset) of each block."""
-        for first in range(0, self.depth, self.block):
-            yield first, min(self.block, self.depth - first), first * self.n * self.other * self.dtype.itemsize
-
-    def write_slice(self, k: int, values: np.ndarray) -> None:
-        for first, count, offset in self._blocks():
-            self._file.seek(offset + k * self.other * count * self.dtype.itemsize)
-            self._file.write(np.ascontiguousarray(values[:, first:first + count], dtype=self.dtype).tobytes())
-
-    def read_slice(self, k: int) -> np.ndarray:
-        out = np.empty((self.other, self.depth), dtype=self.dtype)
-        for first, count, offset in self._blocks():
-            self._file.seek(offset + k * self.other * count * self.dtype.itemsize)
-            data = self._file.read(self.other * count * self.dtype.itemsize)
-            out[:, first:first + count] = np.frombuffer(data, dtype=self.dtype).reshape(self.other, count)
-        return out
-
-    def write_block(self, first: int, values: np.ndarray) -> None:
-        """Planes [first, first + values.shape[2]) given slice-major, shape (n, other, count); ``first`` starts a block."""
-        self._file.seek(first * self.n * self.other * self.dtype.itemsize)
-        self._file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
-
-    def iter_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(first plane, slice-major (n, other, count) array) per block."""
-        for first, count, offset in self._blocks():
-            self._file.seek(offset)
-            data = self._file.read(self.n * self.other * count * self.dtype.itemsize)
-            yield first, np.frombuffer(data, dtype=self.dtype).reshape(self.n, self.other, count)
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _planes_per_slab(plane_shape: tuple[int, int], dtype: np.dtype) -> int:
-    return max(1, _SLAB_BYTES // max(1, plane_shape[0] * plane_shape[1] * np.dtype(dtype).itemsize))
-
-
 def _normalise(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """Clip to [low, high] and scale to [0, 1] in float32 (all zeros when high <= low); NaN -> 0."""
     if not high > low:
@@ -625,7 +559,7 @@ class Volume:
         self.volume_index = volume_index
         self.dtype = source.raw_dtype
         self._source = source
-        self._stores: dict[int, _SliceStore] = {}  # axis -> slice-major temp-file copy of the stored values
+        self._stores: dict[int, SliceStore] = {}  # axis -> slice-major temp-file copy of the stored values
         self._stats: dict[tuple[float, float], dict[str, float]] = {}
         self._foreground: dict[tuple, dict[int, float]] = {}
         self._warned: set[str] = set()
@@ -758,12 +692,12 @@ class Volume:
 
     # ---- voxels
 
-    def _slice_store(self, axis: int) -> _SliceStore:
+    def _slice_store(self, axis: int) -> SliceStore:
         """A slice-major temp-file copy of the stored values for slicing along axis 0 or 1 (one pass to make)."""
         if axis in self._stores:
             return self._stores[axis]
-        store = _SliceStore(self.shape[axis], self.shape[1 - axis], self.shape[2], self._source.plane_dtype,
-                            _planes_per_slab(self.shape[:2], self._source.plane_dtype))
+        store = SliceStore(self.shape[axis], self.shape[1 - axis], self.shape[2], self._source.plane_dtype,
+                           planes_per_slab(self.shape[:2], self._source.plane_dtype))
         try:
             planes: list[np.ndarray] = []
             first = 0
@@ -982,7 +916,7 @@ class VolumeWriter:
         self._stack: contextlib.ExitStack | None = None
         self._file: BinaryIO | None = None
         self._next = 0
-        self._buffer: _SliceStore | None = None
+        self._buffer: SliceStore | None = None
         self._written: set[int] = set()
 
     def __enter__(self) -> "VolumeWriter":
@@ -1008,8 +942,8 @@ class VolumeWriter:
         self._header.write_to(self._file)
         if self.axis != 2:  # gather slice-major in a temp file, write out along the third axis at close
             shape = self.reference.shape
-            self._buffer = _SliceStore(shape[self.axis], shape[1 - self.axis], shape[2], self.dtype,
-                                       _planes_per_slab(shape[:2], self.dtype))
+            self._buffer = SliceStore(shape[self.axis], shape[1 - self.axis], shape[2], self.dtype,
+                                      planes_per_slab(shape[:2], self.dtype))
             stack.callback(self._buffer.close)
 
     def _write_plane(self, plane: np.ndarray | None) -> None:
