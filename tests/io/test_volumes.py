@@ -14,6 +14,7 @@ pydicom = pytest.importorskip("pydicom")
 
 from normdino.io import slabs, volumes  # noqa: E402
 from normdino.errors import InputError  # noqa: E402
+from normdino.io.intensity import parse_window  # noqa: E402
 from normdino.io.volumes import (  # noqa: E402
     SliceOptions,
     Volume,
@@ -21,7 +22,6 @@ from normdino.io.volumes import (  # noqa: E402
     is_volume,
     list_volumes,
     parse_slice_range,
-    parse_window,
     read_mask_volume,
     volume_stem,
     write_volume_like,

@@ -41,6 +41,7 @@ import numpy as np
 from normdino.errors import InputError
 from normdino.files import atomic_path
 from normdino.io import slabs
+from normdino.io.intensity import NORMALIZATIONS, normalise, parse_window
 from normdino.io.reading import warn_if_tiny
 from normdino.io.slabs import SliceStore, planes_per_slab, runs
 
@@ -48,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm")
 AXIS_NAMES = ("axial", "coronal", "sagittal")
-NORMALIZATIONS = ("percentile", "window", "dtype", "none")
 
 _MEDICAL_HINT = 'pip install "normdino[medical]"'
 _AXIS_CODES = {"axial": ("S", "I"), "coronal": ("A", "P"), "sagittal": ("L", "R")}
@@ -165,18 +165,6 @@ def parse_slice_range(text: str) -> slice:
     if len(values) == 3 and values[2] == 0:
         raise InputError(f"--slices {text!r} has a step of 0: use a positive step.")
     return slice(*values)
-
-
-def parse_window(text: str) -> tuple[float, float]:
-    """Parse an intensity window "LOW,HIGH" (e.g. "-200,250" Hounsfield units)."""
-    parts = str(text).replace(" ", "").split(",")
-    try:
-        low, high = (float(p) for p in parts)
-    except ValueError as err:
-        raise InputError(f"--window {text!r} is not LOW,HIGH: write two numbers, e.g. -200,250.") from err
-    if not low < high:
-        raise InputError(f"--window {text!r} needs LOW < HIGH, e.g. -200,250.")
-    return low, high
 
 
 @dataclass
@@ -528,18 +516,6 @@ def _tilt_degrees(step: np.ndarray, normal: np.ndarray) -> float:
 # --------------------------------------------------------------------------- volume
 
 
-def _normalise(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Clip to [low, high] and scale to [0, 1] in float32 (all zeros when high <= low); NaN -> 0."""
-    if not high > low:
-        return np.zeros(values.shape, dtype=np.float32)
-    out = values.astype(np.float32)  # divide (not multiply by the inverse): uint8 / 255 equals an 8-bit PNG's values
-    out -= np.float32(low)
-    out /= np.float32(high - low)
-    np.clip(out, 0.0, 1.0, out=out)
-    np.nan_to_num(out, copy=False, nan=0.0)
-    return out
-
-
 class Volume:
     """A lazily read 3D volume: geometry at hand, voxels read slice by slice on demand.
 
@@ -816,7 +792,7 @@ class Volume:
             check = False
         level, on_normalised = self._foreground_level(options) if check else (0.0, True)
         for k, raw in self._raw_slices(axis, candidates):
-            out = raw if value_range is None else _normalise(raw, *value_range)
+            out = raw if value_range is None else normalise(raw, *value_range)
             if options.eight_bit and value_range is not None:
                 out = np.round(out * 255.0) / np.float32(255.0)
             keep = True
