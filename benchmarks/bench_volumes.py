@@ -65,6 +65,7 @@ def run_scenario(mode: str, path: str, out_dir: str) -> dict:
 
     import nibabel  # noqa: F401  (imported lazily by normdino.io.volumes; count it in the baseline)
 
+    import normdino.io.slicing as slicing
     import normdino.io.volumes as volumes
 
     def rss_mb() -> float:
@@ -80,14 +81,14 @@ def run_scenario(mode: str, path: str, out_dir: str) -> dict:
     n = 0
     with volumes.Volume.open(path) as volume:
         if mode == "iterate":
-            for _, s in volume.iter_slices(volumes.SliceOptions()):
+            for _, s in volume.iter_slices(slicing.SliceOptions()):
                 n += 1
         elif mode == "foreground":
-            options = volumes.SliceOptions(window=(-200, 250), min_foreground=0.1)
+            options = slicing.SliceOptions(window=(-200, 250), min_foreground=0.1)
             for _, s in volume.iter_slices(options):
                 n += 1
         elif mode == "write":
-            options = volumes.SliceOptions(window=(-200, 250))
+            options = slicing.SliceOptions(window=(-200, 250))
             with volumes.VolumeWriter(volume, Path(out_dir) / f"map{suffix}", options.axis) as maps, \
                     volumes.VolumeWriter(volume, Path(out_dir) / f"mask{suffix}", options.axis, np.uint8) as masks:
                 for k, s in volume.iter_slices(options):
@@ -95,7 +96,7 @@ def run_scenario(mode: str, path: str, out_dir: str) -> dict:
                     masks.write(k, s > 0.5)
                     n += 1
         elif mode == "sagittal":
-            options = volumes.SliceOptions(axis="sagittal", window=(-200, 250))
+            options = slicing.SliceOptions(axis="sagittal", window=(-200, 250))
             volumes.write_volume_like(volume, volume.iter_slices(options), options, Path(out_dir) / f"sag{suffix}")
             n = volume.shape[0]
     seconds = time.perf_counter() - start

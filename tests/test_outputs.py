@@ -88,7 +88,7 @@ def test_colliding_images_keep_every_output_and_record_their_input(detector, dat
 
 def test_volumes_with_one_file_name_get_distinct_outputs(detector, tmp_path):
     nib = pytest.importorskip("nibabel")
-    from normdino.io.volumes import SliceOptions
+    from normdino.io.slicing import SliceOptions
 
     rng = np.random.default_rng(0)
     paths = []

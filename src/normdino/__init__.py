@@ -14,7 +14,7 @@ _EXPORTS = {
     # the pipeline, in the order data flows through it
     "read_image": "normdino.io.reading",
     "Volume": "normdino.io.volumes",
-    "SliceOptions": "normdino.io.volumes",
+    "SliceOptions": "normdino.io.slicing",
     "Backbone": "normdino.features.backbone",
     "extract_tokens": "normdino.features.cache",
     "DirichletProcessMixture": "normdino.methods.mixture",

@@ -270,8 +270,8 @@ INTENSITY_SETTINGS = ("axis", "normalization", "window", "percentiles")
 
 def _slice_options(args, model_settings: dict | None = None):
     """Slice options from the command line; unset axis/intensity settings come from the model (field by field,
-    see io.volumes.merge_slice_settings), then the defaults."""
-    from normdino.io.volumes import SliceOptions, merge_slice_settings
+    see io.slicing.merge_slice_settings), then the defaults."""
+    from normdino.io.slicing import SliceOptions, merge_slice_settings
 
     if model_settings is None and args.command != "fit":  # a model fitted on 2D images only: match their rule
         model_settings = {}

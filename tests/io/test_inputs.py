@@ -81,7 +81,7 @@ def test_arrays_and_generators_pass_through_with_their_sources(folder):
 
 def test_training_sources_name_the_volume_of_every_slice(folder, tmp_path):
     nib = pytest.importorskip("nibabel")
-    from normdino.io.volumes import SliceOptions
+    from normdino.io.slicing import SliceOptions
 
     rng = np.random.default_rng(0)
     volumes = []
@@ -101,7 +101,7 @@ def test_training_sources_name_the_volume_of_every_slice(folder, tmp_path):
 def test_expand_images_says_what_the_model_must_record(folder, tmp_path):
     nib = pytest.importorskip("nibabel")
     from normdino.cli import _intensity_settings
-    from normdino.io.volumes import SliceOptions, merge_slice_settings
+    from normdino.io.slicing import SliceOptions, merge_slice_settings
 
     settings: dict = {}
     expand_images(str(folder), settings=settings)

@@ -12,16 +12,15 @@ import pytest
 nib = pytest.importorskip("nibabel")
 pydicom = pytest.importorskip("pydicom")
 
-from normdino.io import slabs, volumes  # noqa: E402
+from normdino.io import slabs, slicing, volumes  # noqa: E402
 from normdino.errors import InputError  # noqa: E402
 from normdino.io.intensity import parse_window  # noqa: E402
+from normdino.io.slicing import SliceOptions, parse_slice_range  # noqa: E402
 from normdino.io.volumes import (  # noqa: E402
-    SliceOptions,
     Volume,
     VolumeWriter,
     is_volume,
     list_volumes,
-    parse_slice_range,
     read_mask_volume,
     volume_stem,
     write_volume_like,
@@ -721,7 +720,7 @@ def test_unsigned_volume_matches_png_slices_exactly(tmp_path):
     (None, {"axis": None}, {"axis": "axial", "normalization": None, "fallback": None}),
 ])
 def test_merge_slice_settings_field_by_field(stored, given, expected):
-    merged = volumes.merge_slice_settings(stored, given)
+    merged = slicing.merge_slice_settings(stored, given)
     assert {key: merged[key] for key in expected} == expected
     SliceOptions(normalization=merged["normalization"], window=merged["window"], fallback=merged["fallback"])
 

@@ -47,7 +47,8 @@ def volume_pairs(root: Path, mask_suffix: str = "_mask") -> list[tuple[Path, Pat
 def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Path | None = None,
                      mask_suffix: str = "_mask", fprs=EVAL_FPRS, progress: bool = True):
     """Voxel metrics of a fitted detector over every scan in ``root``; writes results.json/.md and report.html."""
-    from normdino.io.volumes import SliceOptions, Volume, read_mask_volume
+    from normdino.io.slicing import SliceOptions
+    from normdino.io.volumes import Volume, read_mask_volume
 
     pairs = volume_pairs(root, mask_suffix)
     thresholds = [detector.pixel_threshold(f) for f in fprs]

@@ -145,7 +145,8 @@ def volume_slices(volumes: Iterable[Path], options, sources: list[str] | None = 
     When ``sources`` is given, the volume path of each slice is appended to it as the slice is yielded,
     so after the stream is consumed ``sources[i]`` names the volume of the i-th slice.
     """
-    from normdino.io.volumes import SliceOptions, Volume
+    from normdino.io.slicing import SliceOptions
+    from normdino.io.volumes import Volume
 
     options = options if options is not None else SliceOptions()
     for path in volumes:
@@ -195,9 +196,9 @@ def expand_images(images, options=None, sources: list[str] | None = None,
     the images and then the volumes' slices cut as ``options`` (a ``SliceOptions``) say.
     ``sources`` as in :func:`training_images`; each passed-through array is its own source.
     ``settings`` (optional dict) is filled with what the model should record as ``volume_settings``
-    (io.volumes.recorded_settings): the 2D rule, plus the slicing ``options`` when volumes were found.
+    (io.slicing.recorded_settings): the 2D rule, plus the slicing ``options`` when volumes were found.
     """
-    from normdino.io.volumes import SliceOptions, recorded_settings
+    from normdino.io.slicing import SliceOptions, recorded_settings
 
     if isinstance(images, (str, os.PathLike)):
         images = [images]

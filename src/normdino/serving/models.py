@@ -101,7 +101,7 @@ def load_models(specs: Sequence[str], device: str = "cpu", concurrency: int = 1)
 
 def slice_options(detector: Any):
     """How to slice and scale a volume for this model: the settings saved with it (as ``normdino predict``)."""
-    from normdino.io.volumes import SliceOptions
+    from normdino.io.slicing import SliceOptions
 
     settings = dict(getattr(detector, "volume_settings", None) or {})
     axis = settings.get("axis", "axial")
