@@ -65,6 +65,7 @@ def run_scenario(mode: str, path: str, out_dir: str) -> dict:
 
     import nibabel  # noqa: F401  (imported lazily by normdino.io.volumes; count it in the baseline)
 
+    import normdino.io.nifti as nifti
     import normdino.io.slicing as slicing
     import normdino.io.volumes as volumes
 
@@ -89,15 +90,15 @@ def run_scenario(mode: str, path: str, out_dir: str) -> dict:
                 n += 1
         elif mode == "write":
             options = slicing.SliceOptions(window=(-200, 250))
-            with volumes.VolumeWriter(volume, Path(out_dir) / f"map{suffix}", options.axis) as maps, \
-                    volumes.VolumeWriter(volume, Path(out_dir) / f"mask{suffix}", options.axis, np.uint8) as masks:
+            with nifti.VolumeWriter(volume, Path(out_dir) / f"map{suffix}", options.axis) as maps, \
+                    nifti.VolumeWriter(volume, Path(out_dir) / f"mask{suffix}", options.axis, np.uint8) as masks:
                 for k, s in volume.iter_slices(options):
                     maps.write(k, s)
                     masks.write(k, s > 0.5)
                     n += 1
         elif mode == "sagittal":
             options = slicing.SliceOptions(axis="sagittal", window=(-200, 250))
-            volumes.write_volume_like(volume, volume.iter_slices(options), options, Path(out_dir) / f"sag{suffix}")
+            nifti.write_volume_like(volume, volume.iter_slices(options), options, Path(out_dir) / f"sag{suffix}")
             n = volume.shape[0]
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

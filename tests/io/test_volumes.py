@@ -15,15 +15,14 @@ pydicom = pytest.importorskip("pydicom")
 from normdino.io import slabs, slicing, volumes  # noqa: E402
 from normdino.errors import InputError  # noqa: E402
 from normdino.io.intensity import parse_window  # noqa: E402
+from normdino.io.nifti import VolumeWriter, write_volume_like  # noqa: E402
 from normdino.io.slicing import SliceOptions, parse_slice_range  # noqa: E402
 from normdino.io.volumes import (  # noqa: E402
     Volume,
-    VolumeWriter,
     is_volume,
     list_volumes,
     read_mask_volume,
     volume_stem,
-    write_volume_like,
 )
 
 

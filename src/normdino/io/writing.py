@@ -484,7 +484,8 @@ class PredictionWriter:
         self._guard(path, "volume", lambda written: self._write_volume_outputs(path, options, on_slice, written))
 
     def _write_volume_outputs(self, path: Path, options, on_slice: Callable | None, written: list[Path]) -> dict:
-        from normdino.io.volumes import Volume, VolumeWriter
+        from normdino.io.nifti import VolumeWriter
+        from normdino.io.volumes import Volume
 
         name = self.names[path]
         files = {"anomaly_map": f"{name}_anomaly.nii.gz", "mask": f"{name}_mask.nii.gz",
