@@ -37,3 +37,34 @@ def test_layout_shows_the_pipeline():
         assert (root / package / "__init__.py").is_file(), package
     for name in ("detector.py", "cli.py", "model_file.py", "config.py"):
         assert (root / name).is_file(), name
+
+
+def test_the_wheel_ships_the_viewer_the_data_files_and_the_licence(tmp_path):
+    """A release wheel holds every package data file (the viewer of `normdino serve`) and LICENSE/NOTICE."""
+    import shutil
+    import zipfile
+    from pathlib import Path
+
+    import pytest
+
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "pyproject.toml").is_file():
+        pytest.skip("not a source checkout")
+    tree = tmp_path / "src-tree"  # a copy: building writes build/ and *.egg-info next to the sources
+    tree.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", "NOTICE"):
+        shutil.copy(repo / name, tree / name)
+    shutil.copytree(repo / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(tree)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("normdino-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    package = repo / "src" / "normdino"
+    data_files = {f"normdino/{p.relative_to(package).as_posix()}" for p in package.rglob("*")
+                  if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts}
+    assert {"normdino/serving/static/index.html", "normdino/serving/static/viewer.js"} <= data_files
+    assert data_files <= names, sorted(data_files - names)
+    licences = {n.rsplit("/", 1)[-1] for n in names if ".dist-info/licenses/" in n}
+    assert {"LICENSE", "NOTICE"} <= licences
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    assert "License-Expression: Apache-2.0" in zipfile.ZipFile(wheel).read(metadata).decode()
