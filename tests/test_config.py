@@ -102,3 +102,74 @@ def test_a_cache_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys)
                  "--backbone", "/nonexistent/weights"]) == 1
     err = capsys.readouterr().err
     assert str(not_a_folder) in err and "Traceback" not in err and "weights" not in err
+
+
+# --- issue 20: a preset name never silently overrides an explicit setting -------------------------------------
+@pytest.mark.parametrize("args, sentence", [
+    (["--method", "patchcore-150", "--coreset-size", "20"],
+     "method patchcore-150 means --coreset-size 150, which conflicts with --coreset-size 20 on the command line; "
+     "ask for method patchcore with --coreset-size 20 instead"),
+    (["--method", "anomalydino-1shot", "--shots", "3"],
+     "method anomalydino-1shot means --shots 1, which conflicts with --shots 3 on the command line"),
+])
+def test_a_preset_and_a_different_setting_on_the_command_line_are_refused(capsys, args, sentence):
+    assert main(["fit", "x", "-o", "m.normdino", "--print-config", *args]) == 1
+    err = capsys.readouterr().err
+    assert sentence in err and "Traceback" not in err
+
+
+def test_a_preset_and_a_different_setting_in_one_config_file_are_refused(capsys, tmp_path):
+    path = tmp_path / "fit.yaml"
+    path.write_text("method: anomalydino-1shot\nshots: 3\n")
+    assert main(["fit", "x", "-o", "m.normdino", "--config", str(path), "--print-config"]) == 1
+    assert "sets method: anomalydino-1shot, which means shots: 1, and also shots: 3" in capsys.readouterr().err
+
+
+def test_the_command_line_beats_a_preset_of_the_config_file_and_the_other_way_round(capsys, tmp_path):
+    path = tmp_path / "fit.yaml"
+    path.write_text("method: patchcore-1024\n")
+    settings = _print_config(capsys, "--config", str(path), "--coreset-size", "20")
+    assert settings["method"] == "patchcore" and settings["coreset_size"] == "20"  # the name says what is fitted
+    path.write_text("method: anomalydino-1shot\n")
+    settings = _print_config(capsys, "--config", str(path), "--shots", "3")
+    assert settings["method"] == "anomalydino" and settings["shots"] == 3
+    path.write_text("method: patchcore\ncoreset_size: 20\n")
+    settings = _print_config(capsys, "--config", str(path), "--method", "patchcore-150")
+    assert settings["method"] == "patchcore-150" and settings["coreset_size"] == "150"
+    path.write_text("method: patchcore-1024\ncoreset_size: 1024\n")  # the same value twice is no conflict
+    assert _print_config(capsys, "--config", str(path))["coreset_size"] == "1024"
+
+
+def test_the_library_refuses_a_preset_with_a_different_explicit_setting():
+    from normdino.errors import InputError
+
+    with pytest.raises(InputError, match="method patchcore-150 means coreset_size=150, which conflicts"):
+        registry.create("patchcore-150", coreset_size="20")
+    with pytest.raises(InputError, match="method anomalydino-1shot means shots=1"):
+        AnomalyDetector(method="anomalydino-1shot", shots=3)._build_method()
+    assert registry.create("patchcore-150", coreset_size=150).coreset_size == "150"
+    assert registry.create("dpmm-likelihood", score=None).score == "likelihood"
+
+
+def test_bench_gives_each_preset_its_own_settings():
+    from normdino.cli import _estimator_settings
+
+    args = build_parser(estimator_options=True).parse_args(["bench", "--methods", "dpmm,dpmm-likelihood", "data"])
+    assert _estimator_settings(args, method="dpmm")[2]["score"] == "cosine"
+    assert _estimator_settings(args, method="dpmm-likelihood")[2]["score"] == "likelihood"
+
+
+def test_fit_with_a_config_preset_and_a_command_line_coreset_size_fits_that_size(tmp_path, tiny_dinov2_dir):
+    """The reviewer's case: --config with method: patchcore-1024, then --coreset-size 20: 20 prototypes."""
+    from normdino.io.phantoms import write_phantom_dataset
+
+    data = write_phantom_dataset(tmp_path / "data", n_train=4, n_valid=2, n_test_normal=0, n_test_anomalous=0,
+                                 size=32, seed=3)
+    path = tmp_path / "fit.yaml"
+    path.write_text("method: patchcore-1024\n")
+    out = tmp_path / "m.normdino"
+    assert main(["fit", str(data / "train" / "good"), "-o", str(out), "--config", str(path), "--coreset-size", "20",
+                 "--backbone", str(tiny_dinov2_dir), "--image-size", "56", "--no-cache", "--quiet"]) == 0
+    detector = AnomalyDetector.load(out, progress=False)
+    assert detector.method_.name == "patchcore" and detector.method_.coreset_size == "20"
+    assert detector.method_.n_prototypes == 20

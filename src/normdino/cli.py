@@ -309,8 +309,8 @@ def _estimator_settings(args, method: str | None = None) -> tuple[dict, dict, di
     """
     from normdino.config import declared_params, resolve_settings, split_settings
 
-    settings = resolve_settings(args, FIT_DEFAULTS)
-    method = method or settings["method"]
+    settings = resolve_settings(args, FIT_DEFAULTS, method)
+    method = settings["method"]
     detector_kwargs, method_params = split_settings(settings, method)
     params = declared_params()
     for name, (param, users) in params.items():
@@ -713,7 +713,7 @@ def cmd_bench(args) -> int:
     methods = []
     seeds = _seeds(args.seeds)
     for name in names:
-        _, method_params = _split_for(settings, name)
+        _, _, method_params = _estimator_settings(args, method=name)  # a preset's settings are its own
         for run_seed in seeds if "shot" in name else (seed,):  # few-shot methods: one fit per seed
             created = create_methods([name], **{**method_params, "seed": run_seed})
             if "shot" in name and len(seeds) > 1:
@@ -841,12 +841,6 @@ def cmd_reproduce(args) -> int:
         print(f"WARNING: {RANDOM_WARNING}")
     print(f"tables: {paths['markdown']}  {paths['json']}  results: {paths['results']}  report: {paths['html']}")
     return 0
-
-
-def _split_for(settings: dict, method: str) -> tuple[dict, dict]:
-    from normdino.config import split_settings
-
-    return split_settings(settings, method)
 
 
 ESTIMATOR_COMMANDS = ("fit", "bench")

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 from pathlib import Path
 from typing import Any
 
 from normdino.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 #: settings that are not estimator hyper-parameters but belong in a config file too
 RUN_KEYS = ("method", "backbone", "device", "cache_dir")
@@ -81,15 +84,20 @@ def read_config(path: str | Path) -> dict:
     return data
 
 
-def resolve_settings(args: argparse.Namespace, run_defaults: dict) -> dict:
+def resolve_settings(args: argparse.Namespace, run_defaults: dict, method: str | None = None) -> dict:
     """Defaults < config file < command line, for the detector's and the chosen method's parameters and the run keys.
 
-    The method is chosen first (command line, else config, else default), so only its parameters appear.
+    The method is chosen first (``method``, else the command line, else config, else default), so only its
+    parameters appear. A preset name (``patchcore-150``) sets its settings where the name is given: a setting on
+    the command line beats a preset from the config file (the method becomes the family, ``patchcore``), a preset
+    on the command line beats a setting in the config file, and a preset and a different value of its setting in
+    the same place are refused.
     """
     from normdino.detector import DETECTOR_PARAMS, AnomalyDetector
 
     config = read_config(args.config) if getattr(args, "config", None) else {}
-    method = getattr(args, "method", None) or config.get("method") or run_defaults.get("method", "dpmm")
+    on_command_line = method or getattr(args, "method", None)
+    method = on_command_line or config.get("method") or run_defaults.get("method", "dpmm")
     settings: dict[str, Any] = {**run_defaults, "method": method}
     signature = inspect.signature(AnomalyDetector.__init__).parameters
     settings.update({p.name: signature[p.name].default for p in DETECTOR_PARAMS})
@@ -99,12 +107,56 @@ def resolve_settings(args: argparse.Namespace, run_defaults: dict) -> dict:
         value = getattr(args, name, None)
         if value is not None:
             settings[name] = value
+    if on_command_line or "method" in config:
+        where = "the command line" if on_command_line else str(args.config)
+        settings["method"] = _settle_preset(str(method), where, args, config, settings)
     settings["fprs"] = sorted(set(float(f) for f in settings["fprs"]))
     if settings.get("backbone") is None:
         from normdino.detector import default_backbone
 
         settings["backbone"] = default_backbone(method)
     return settings
+
+
+def _settle_preset(method: str, where: str, args: argparse.Namespace, config: dict, settings: dict) -> str:
+    """The method name to fit after a preset's settings met explicit ones (see :func:`resolve_settings`).
+
+    Updates ``settings`` in place; an InputError for a preset and a different value of its setting in one place.
+    """
+    from normdino.methods import registry
+
+    fixed = registry.variant_params(method)
+    if not fixed:
+        return method
+    family = registry.split_name(method)[0]
+    cls = registry.method_class(method)
+    flags = {name: param.cli_flag for name, (param, _) in declared_params().items()}
+    overridden = {}
+    for key, value in fixed.items():
+        flag = flags[key]
+        on_cli, in_file = getattr(args, key, None), config.get(key)
+        if where == "the command line":
+            if on_cli is not None and not registry.same_value(cls, key, on_cli, value):
+                raise InputError(f"method {method} means {flag} {value}, which conflicts with {flag} {on_cli} on the "
+                                 f"command line; ask for method {family} with {flag} {on_cli} instead")
+            if in_file is not None and not registry.same_value(cls, key, in_file, value):
+                logger.warning("method %s on the command line sets %s %s over %s: %s in %s",
+                               method, flag, value, key, in_file, args.config)
+            settings[key] = value
+        else:
+            if in_file is not None and not registry.same_value(cls, key, in_file, value):
+                raise InputError(f"{where} sets method: {method}, which means {key}: {value}, and also {key}: "
+                                 f"{in_file}; set method: {family} with {key}: {in_file} instead")
+            if on_cli is not None and not registry.same_value(cls, key, on_cli, value):
+                overridden[key] = on_cli
+            else:
+                settings[key] = value
+    if not overridden:
+        return method
+    given = ", ".join(f"{flags[k]} {v}" for k, v in overridden.items())
+    logger.warning("%s on the command line overrides method %s of %s: fitting %s with %s", given, method, where,
+                   family, given)
+    return family
 
 
 def _method_defaults(method: str) -> dict:

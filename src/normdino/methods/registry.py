@@ -65,14 +65,34 @@ def method_class(name: str) -> type[NormativeMethod]:
     return _FAMILIES[split_name(name)[0]][0]
 
 
+def variant_params(name: str) -> dict[str, Any]:
+    """The hyper-parameters a preset name fixes (``patchcore-150`` -> ``{"coreset_size": "150"}``); {} for a family."""
+    family, variant = split_name(name)
+    return {} if variant is None else dict(_FAMILIES[family][1](variant))
+
+
+def same_value(cls: type[NormativeMethod], name: str, a: Any, b: Any) -> bool:
+    """True when two values of hyper-parameter ``name`` of ``cls`` mean the same (compared after conversion)."""
+    param = next(p for p in cls.PARAMS if p.name == name)
+    return param.check(a, cls.__name__) == param.check(b, cls.__name__)
+
+
 def create(name: str, **params: Any) -> NormativeMethod:
-    """A new unfitted method; ``params`` are hyper-parameters (unknown ones for this method are ignored)."""
+    """A new unfitted method; ``params`` are hyper-parameters (unknown ones for this method are ignored).
+
+    A preset name's own settings (``patchcore-150``: coreset_size 150) and an explicit different value of the same
+    setting conflict: that is refused, never settled silently in favour of either.
+    """
     family, variant = split_name(name)
     cls, parse, _ = _FAMILIES[family]
     accepted = {p.name for p in cls.PARAMS}
     kwargs = {k: v for k, v in params.items() if k in accepted and v is not None}
     if variant is not None:
-        kwargs.update(parse(variant))
+        for key, value in parse(variant).items():
+            if key in kwargs and not same_value(cls, key, kwargs[key], value):
+                raise InputError(f"method {name} means {key}={value}, which conflicts with the {key}={kwargs[key]!r} "
+                                 f"also given; ask for method {family} with {key}={kwargs[key]!r} instead")
+            kwargs[key] = value
     method = cls(**kwargs)
     method.name = name
     return method
