@@ -565,41 +565,27 @@ def cmd_predict(args) -> int:
 
 
 def cmd_info(args) -> int:
-    """Describe a model from its header and calibration tables, read without importing torch (fast)."""
-    from normdino.errors import ModelFileError
-
-    try:
-        return _print_info(args)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
-        raise ModelFileError(f"{args.model} has a malformed normdino header or calibration tables ({err!r})") from None
-
-
-def _print_info(args) -> int:
+    """Describe a model after checking it in full, exactly as predict does (a file info calls healthy loads)."""
     import numpy as np
 
-    from normdino.files import read_safetensors_arrays
-    from normdino.model_file import read_header
+    from normdino.detector import read_checked_model
 
-    header = read_header(args.model)
+    header, method, tensors = read_checked_model(args.model)
     if args.json:
         print(json.dumps(header, indent=2))
         return 0
-    if "method" not in header:  # an older format: the full reader converts it (this imports torch)
-        from normdino.model_file import read_model_file
-
-        header, _ = read_model_file(args.model)
-    tables = read_safetensors_arrays(args.model, ["calibration.fprs", "calibration.pixel_thresholds",
-                                                  "calibration.image_thresholds"])
+    tables = {key: tensors[key].double().numpy() for key in ("calibration.fprs", "calibration.pixel_thresholds",
+                                                                  "calibration.image_thresholds")}
     backbone, params, training = header["backbone"], header["detector"], header.get("training", {})
-    method = header["method"]
-    settings = ", ".join(f"{k}={v}" for k, v in method["params"].items())
+    meta = header["method"]
+    settings = ", ".join(f"{k}={v}" for k, v in meta["params"].items())
     lines = [
         f"normdino model {args.model} (format {header['format_version']}, written by normdino {header['normdino_version']})",
-        f"  method        {method['name']}  ({settings})",
+        f"  method        {meta['name']}  ({settings})",
         f"  backbone      {backbone['name']}{'  [RANDOM WEIGHTS: quality meaningless]' if backbone['is_random'] else ''}",
         f"                patch {backbone['patch_size']}, input {backbone['image_size']} px, layers {backbone['layers']}, "
         f"dim {backbone['embed_dim']}, {backbone.get('precision', 'fp32')} on {backbone.get('runtime', 'torch')}",
-        f"  state         {training.get('n_prototypes', '?')} prototypes; smoothing sigma {params.get('sigma', 0)}",
+        f"  state         {method.n_prototypes} prototypes; smoothing sigma {params.get('sigma', 0)}",
         f"  training      {training.get('n_train_images', '?')} images, {training.get('n_train_tokens', '?')} tokens"
         + (f", best epoch {training['best_epoch']}" if training.get("best_epoch") else ""),
         f"  calibration   {training.get('n_val_images', '?')} healthy validation images"

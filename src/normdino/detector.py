@@ -444,35 +444,106 @@ class AnomalyDetector:
         in bf16 on a GPU runs in fp32 on a CPU); a different choice gives a warning, not a refusal.
         """
         from normdino.features.backbone import resolve_device
-        from normdino.model_file import read_model_file
 
-        header, tensors = read_model_file(path)
-        spec, meta = header["backbone"], header["method"]
-        try:
-            detector_params = _check_detector_params(header["detector"])
-            method = registry.create(meta["name"], **meta["params"])
-            method.check_params()
-        except InputError as err:
-            raise ModelFileError(f"{path} holds invalid settings: {err}") from None
+        header, method, tensors = read_checked_model(path)
+        spec = header["backbone"]
         detector = cls(method=method, backbone=backbone if backbone is not None else spec["name"],
                        cache_dir=cache_dir, device=device, progress=progress,
-                       volume_settings=header["detector"].get("volume_settings"), **detector_params)
+                       volume_settings=header["detector"].get("volume_settings"),
+                       **_check_detector_params(header["detector"]))
         detector.image_size = int(spec["image_size"])
         detector.runtime = runtime or spec.get("runtime", "torch")
         detector.precision = precision or _portable_precision(spec.get("precision"), device)
         detector.normalize = bool(spec.get("normalize", detector.normalize))
         method.to(resolve_device(device))  # 'auto' -> cuda or cpu, as the backbone will resolve it
-        state = {k.removeprefix("method."): v for k, v in tensors.items() if k.startswith("method.")}
-        method.load_state_dict(state, meta.get("info", {}))
         detector.method_ = method
         detector.calibration_fprs_ = tensors["calibration.fprs"].numpy()
         detector.pixel_thresholds_ = tensors["calibration.pixel_thresholds"].numpy()
         detector.image_thresholds_ = tensors["calibration.image_thresholds"].numpy()
         detector.training_summary_ = header.get("training", {})
         detector.grid_shape_ = tuple(detector.training_summary_.get("grid_shape", ()))
+        if backbone is not None:
+            check_backbone_architecture(path, spec, backbone, default_backbone(method))
         detector.backbone_ = detector.build_backbone(method.feature_request())
         _check_same_backbone(path, spec, detector.backbone_, overridden=backbone is not None)
         return detector
+
+
+def read_checked_model(path: str | Path) -> tuple[dict, NormativeMethod, dict]:
+    """(header, restored method, tensors) of a model file, checked in full: the file's schema and checksum
+    (:func:`normdino.model_file.read_model_file`), then the method's state, which must be exactly the tensors
+    the method keeps, non-empty, and able to score tokens of the backbone's width. ``info`` and ``load`` both
+    read models through here, so a file one accepts the other accepts."""
+    from normdino.model_file import read_model_file
+
+    header, tensors = read_model_file(path)
+    spec, meta = header["backbone"], header["method"]
+    try:
+        method = registry.create(meta["name"], **meta["params"])
+        method.check_params()
+    except InputError as err:
+        raise ModelFileError(f"{path} holds invalid settings: {err}") from None
+    state = {k.removeprefix("method."): v for k, v in tensors.items() if k.startswith("method.")}
+    try:
+        method.load_state_dict(state, meta.get("info", {}))
+    except ModelFileError as err:
+        raise ModelFileError(f"{path}: {err}") from None
+    except Exception:  # noqa: BLE001 - a state of the wrong shapes fails anywhere inside; never show its text
+        raise ModelFileError(f"{path} holds a {meta['name']} state of the wrong shapes; the file is corrupt or "
+                             "was altered") from None
+    expected = set(method.state_dict())
+    missing, extra = sorted(expected - set(state)), set(state) - expected
+    if missing:
+        raise ModelFileError(f"{path} is an incomplete normdino model file (the {meta['name']} state tensor "
+                             f"{missing[0]!r} is missing)")
+    if extra:
+        raise ModelFileError(f"{path} holds {len(extra)} tensor(s) its {meta['name']} state does not have; the file "
+                             "was altered")
+    if method.n_prototypes <= 0:
+        raise ModelFileError(f"{path} holds an empty {meta['name']} state (no prototypes); the file is corrupt")
+    _check_scores_tokens(path, method, spec, header.get("training", {}))
+    return header, method, tensors
+
+
+def _check_scores_tokens(path, method: NormativeMethod, spec: dict, training: dict) -> None:
+    """The method scores a small grid of tokens of the backbone's width, finitely (wrong-width prototypes fail)."""
+    grid = training.get("grid_shape")
+    if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(v, int) and 0 < v <= 1024 for v in grid)):
+        side = int(spec["image_size"]) // int(spec["patch_size"])
+        grid = [side, side]
+    request = method.feature_request()
+    generator = torch.Generator().manual_seed(0)
+    layers, dim = len(request.layers), int(spec["embed_dim"])
+    patches = torch.randn(1, layers, grid[0], grid[1], dim, generator=generator)
+    cls = torch.randn(1, layers, dim, generator=generator) if request.cls else None
+    try:
+        with torch.no_grad():
+            scores = method.patch_scores(Tokens(patches, cls))
+        ok = tuple(scores.shape) == (1, grid[0], grid[1]) and bool(torch.isfinite(scores).all())
+    except Exception:  # noqa: BLE001 - a state that does not fit the tokens fails anywhere inside
+        ok = False
+    if not ok:
+        raise ModelFileError(f"{path} holds a {method.name or type(method).__name__} state that cannot score the "
+                             f"{dim}-wide tokens of its backbone; the file is corrupt or was altered")
+
+
+def check_backbone_architecture(path, spec: dict, backbone: Any, default_arch: str = "dinov2_vits14") -> None:
+    """Refuse a ``random:ARCH`` backbone of another token width or patch size than the model's before building it
+    (a ViT-g is 1.1 B parameters: 45 s and 5 GB to learn it does not fit a ViT-S model)."""
+    from normdino.features.backbone import HUB_CONFIGS
+
+    if not isinstance(backbone, str):
+        return
+    arch = backbone
+    if backbone == RANDOM_BACKBONE or backbone.startswith(RANDOM_BACKBONE + ":"):
+        arch, _, _ = parse_random_name(backbone, default_arch=default_arch)
+    if arch not in HUB_CONFIGS:
+        return  # a folder or a hub id: its config is read when it is built
+    patch, dim = int(HUB_CONFIGS[arch]["patch_size"]), int(HUB_CONFIGS[arch]["hidden_size"])
+    if (patch, dim) != (int(spec["patch_size"]), int(spec["embed_dim"])):
+        raise ModelFileError(f"{path} was fitted with a backbone of patch {spec['patch_size']} and "
+                             f"{spec['embed_dim']}-wide tokens, but {arch} has patch {patch} and {dim}-wide tokens; "
+                             "pass a backbone of the model's architecture with --backbone")
 
 
 def _check_same_backbone(path, spec: dict, backbone, overridden: bool) -> None:

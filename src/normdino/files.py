@@ -66,8 +66,8 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, str]
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-        raise ModelFileError(f"{path} is not {what}, or it is truncated or corrupt ({err})") from None
+    except Exception:  # safetensors raises its own error types for truncated or foreign files (never quoted)
+        raise ModelFileError(f"{path} is not {what}, or it is truncated or corrupt") from None
 
 
 def _nearest_existing(path: Path) -> Path:

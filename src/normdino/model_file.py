@@ -28,6 +28,9 @@ _TOP_LEVEL = {"format": str, "format_version": str, "normdino_version": str, "me
 _BACKBONE = {"name": str, "identifier": str, "is_random": bool, "patch_size": int, "embed_dim": int,
              "image_size": int, "layers": list}
 _CALIBRATION = ("calibration.fprs", "calibration.pixel_thresholds", "calibration.image_thresholds")
+MAX_IMAGE_SIZE = 4096  # a backbone input side beyond this is no model normdino wrote (292² tokens at patch 14)
+_MAX_PATCH = 64
+_MAX_EMBED_DIM = 16384
 _V1_DPMM_PARAMS = ("n_components", "covariance_type", "epochs", "batch_images", "update_rate", "alpha", "score",
                    "layer", "seed")
 
@@ -64,6 +67,8 @@ def read_header(path: str | Path) -> dict:
     Checks the format and major version; the tensors are not read (use :func:`read_model_file` for them).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a folder, not a model file; give the .normdino file written by normdino fit")
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist")
     try:
@@ -102,16 +107,23 @@ def read_model_file(path: str | Path) -> tuple[dict, dict]:
     metadata, tensors = read_safetensors(path, "a normdino model file")
     if int(header["format_version"].split(".")[0]) == 1:
         header, tensors = _from_format_1(path, header, tensors)
+        _check_backbone(path, header["backbone"])
+        _check_detector(path, header["detector"], complete=False)
+        _check_method(path, header["method"], complete=False)
     else:
         _check_schema(path, header)
         if tensors_checksum(tensors) != header["checksum"]:
             raise ModelFileError(f"{path} fails its checksum: the file was altered or damaged after it was written; refit "
                                  "or restore it from a copy")
+    _check_tensor_names(path, tensors)
     _check_calibration(path, tensors)
     return header, tensors
 
 
 def _check_schema(path: Path, header: dict) -> None:
+    """Every header field present, of its type and in its range: the backbone, the detector's settings, the
+    method's hyper-parameters (all of them: a missing one would silently take today's default) and the
+    volume settings. Messages never quote the offending value: it may be text injected into the file."""
     minor = int(header["format_version"].split(".")[1])
     for key, kind in _TOP_LEVEL.items():
         if key not in header:
@@ -120,25 +132,132 @@ def _check_schema(path: Path, header: dict) -> None:
             raise ModelFileError(f"{path} has a malformed header: {key!r} must be a {kind.__name__}")
     extra = sorted(set(header) - set(_TOP_LEVEL))
     if extra and minor <= MODEL_FORMAT_VERSION[1]:
-        raise ModelFileError(f"{path} has unexpected header fields {', '.join(extra)}; the file was altered")
-    backbone = header["backbone"]
+        raise ModelFileError(f"{path} has {len(extra)} unexpected header field(s); the file was altered")
+    _check_backbone(path, header["backbone"])
+    _check_detector(path, header["detector"], complete=True)
+    _check_method(path, header["method"], complete=True)
+
+
+def _check_backbone(path: Path, backbone: dict) -> None:
     for key, kind in _BACKBONE.items():
         if not isinstance(backbone.get(key), kind) or (kind is int and isinstance(backbone.get(key), bool)):
             raise ModelFileError(f"{path} has a malformed header: backbone {key!r} must be a {kind.__name__}")
-    method = header["method"]
-    if not isinstance(method.get("name"), str) or not isinstance(method.get("params"), dict) \
-            or not isinstance(method.get("info", {}), dict):
-        raise ModelFileError(f"{path} has a malformed header: the method needs a name and a params object")
-    from normdino.detector import DETECTOR_PARAMS
+    if not backbone["name"] or not backbone["identifier"]:
+        raise ModelFileError(f"{path} has a malformed header: the backbone's name and identifier must not be empty")
+    patch, dim, size = backbone["patch_size"], backbone["embed_dim"], backbone["image_size"]
+    if not 1 <= patch <= _MAX_PATCH or not 1 <= dim <= _MAX_EMBED_DIM:
+        raise ModelFileError(f"{path} has an impossible backbone geometry (patch size or token width out of range); "
+                             "the file is corrupt or was altered")
+    if not patch <= size <= MAX_IMAGE_SIZE or size % patch:
+        raise ModelFileError(f"{path} has an impossible backbone input size (it must be a multiple of the patch size "
+                             f"between {patch} and {MAX_IMAGE_SIZE} px); the file is corrupt or was altered")
+    layers = backbone["layers"]
+    if not layers or len(layers) > 64 or not all(isinstance(v, int) and not isinstance(v, bool) and -64 <= v <= 64
+                                                 for v in layers):
+        raise ModelFileError(f"{path} has a malformed header: the backbone's layers must be a short list of layer "
+                             "numbers")
 
-    known = {p.name for p in DETECTOR_PARAMS} | {"volume_settings"}
-    unknown = sorted(set(header["detector"]) - known)
+
+def _check_detector(path: Path, detector: dict, complete: bool) -> None:
+    from normdino.detector import DETECTOR_PARAMS
+    from normdino.errors import InputError
+
+    known = {p.name for p in DETECTOR_PARAMS}
+    unknown = set(detector) - known - {"volume_settings"}
     if unknown:
-        raise ModelFileError(f"{path} has unknown detector settings {', '.join(unknown)}; the file was altered "
+        raise ModelFileError(f"{path} has {len(unknown)} unknown detector setting(s); the file was altered "
                              "or comes from another normdino")
-    settings = header["detector"].get("volume_settings")
-    if settings is not None and not isinstance(settings, dict):
-        raise ModelFileError(f"{path} has a malformed header: volume_settings must be an object")
+    missing = sorted(known - set(detector)) if complete else []
+    if missing:
+        raise ModelFileError(f"{path} is an incomplete normdino model file (detector setting {missing[0]!r} is "
+                             "missing)")
+    for param in DETECTOR_PARAMS:
+        if param.name in detector:
+            try:
+                param.check(detector[param.name], "detector")
+            except InputError:
+                raise ModelFileError(f"{path} holds an invalid detector setting {param.name!r}; the file is corrupt "
+                                     "or was altered") from None
+    check_volume_settings(path, detector.get("volume_settings"))
+
+
+def _check_method(path: Path, method: dict, complete: bool) -> None:
+    from normdino.errors import InputError
+    from normdino.methods import registry
+
+    name, params = method.get("name"), method.get("params")
+    if not isinstance(name, str) or not isinstance(params, dict) or not isinstance(method.get("info", {}), dict):
+        raise ModelFileError(f"{path} has a malformed header: the method needs a name and a params object")
+    try:
+        cls = registry.method_class(name)
+    except InputError:
+        raise ModelFileError(f"{path} names an unknown method; it was written by another normdino or altered; "
+                             f"this normdino knows {', '.join(registry.available())}") from None
+    declared = {p.name: p for p in cls.PARAMS}
+    unknown = set(params) - set(declared)
+    if unknown:
+        raise ModelFileError(f"{path} has {len(unknown)} setting(s) its method {name} does not take; the file was "
+                             "altered or comes from another normdino")
+    missing = sorted(set(declared) - set(params)) if complete else []
+    if missing:
+        raise ModelFileError(f"{path} is an incomplete normdino model file (the {name} setting {missing[0]!r} is "
+                             "missing)")
+    for key, value in params.items():
+        try:
+            declared[key].check(value, name)
+        except InputError:
+            raise ModelFileError(f"{path} holds an invalid {name} setting {key!r}; the file is corrupt or was "
+                                 "altered") from None
+
+
+_VOLUME_SETTINGS = ("axis", "normalization", "window", "percentiles", "image_intensity")
+
+
+def check_volume_settings(path: Path, settings: Any) -> None:
+    """A model's ``volume_settings``: None, or the fields :func:`normdino.io.volumes.recorded_settings` writes,
+    each valid. Never quotes a value (it may be text an attacker put there to reach the log)."""
+    from normdino.io.reading import IMAGE_INTENSITY
+    from normdino.io.volumes import AXIS_NAMES, NORMALIZATIONS
+
+    if settings is None:
+        return
+
+    def bad(what: str) -> ModelFileError:
+        return ModelFileError(f"{path} has invalid volume settings ({what}); the file is corrupt or was altered")
+
+    if not isinstance(settings, dict):
+        raise bad("not an object")
+    if set(settings) - set(_VOLUME_SETTINGS):
+        raise bad("unknown fields")
+    if settings.get("image_intensity", IMAGE_INTENSITY) != IMAGE_INTENSITY:
+        raise bad(f"the 2D intensity rule must be {IMAGE_INTENSITY!r}")
+    axis = settings.get("axis")
+    if axis is not None and axis not in AXIS_NAMES and axis not in (0, 1, 2, "0", "1", "2"):
+        raise bad(f"the axis must be one of {', '.join(AXIS_NAMES)} or 0, 1, 2")
+    normalization = settings.get("normalization")
+    if normalization is not None and normalization not in NORMALIZATIONS:
+        raise bad(f"the normalization must be one of {', '.join(NORMALIZATIONS)}")
+    window = settings.get("window")
+    if window is not None and not (isinstance(window, list) and len(window) == 2
+                                   and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in window)
+                                   and np.isfinite(window).all() and window[0] < window[1]):
+        raise bad("the window must be two finite numbers, low < high")
+    percentiles = settings.get("percentiles")
+    if percentiles is not None:
+        try:
+            low, high = (float(v) for v in str(percentiles).split(","))
+        except ValueError:
+            raise bad("the percentiles must be LOW,HIGH") from None
+        if not 0.0 <= low < high <= 100.0:
+            raise bad("the percentiles must satisfy 0 <= low < high <= 100")
+
+
+def _check_tensor_names(path: Path, tensors: dict) -> None:
+    """Only calibration tables and method state: anything else was put there by someone else."""
+    foreign = [k for k in tensors if k not in _CALIBRATION and not k.startswith("method.")]
+    if foreign:
+        raise ModelFileError(f"{path} holds {len(foreign)} tensor(s) that are no part of a normdino model; the file "
+                             "was altered")
 
 
 def _check_calibration(path: Path, tensors: dict) -> None:
