@@ -217,7 +217,8 @@ def check_volume_settings(path: Path, settings: Any) -> None:
     """A model's ``volume_settings``: None, or the fields :func:`normdino.io.volumes.recorded_settings` writes,
     each valid. Never quotes a value (it may be text an attacker put there to reach the log)."""
     from normdino.io.reading import IMAGE_INTENSITY
-    from normdino.io.volumes import AXIS_NAMES, NORMALIZATIONS
+    from normdino.io.intensity import NORMALIZATIONS
+    from normdino.io.slicing import AXIS_NAMES
 
     if settings is None:
         return
