@@ -531,7 +531,7 @@ def test_cli_predict_on_two_ranks_writes_the_one_process_results(cli_ranks, phan
     assert summary2["n_inputs"] == summary1["n_inputs"] == 12 and summary2["n_written"] == 12
 
 
-TIMING_KEYS = ("ms_per_sample", "peak_memory_mb")
+TIMING_KEYS = ("backbone_ms", "scoring_ms", "ms_per_sample", "peak_memory_mb", "peak_memory_gb")
 
 
 @pytest.mark.parametrize("case", ["bmad", "folders"])

@@ -65,6 +65,8 @@ def test_bench_matches_a_direct_memory_bank_computation(bmad, tiny_dinov2_dir, t
         if "@" in name or name == "anomalydino-1shot":
             continue
         assert REQUIRED_KEYS <= set(row) and row["ms_per_sample"] > 0 and row["peak_memory_mb"] > 0
+        assert row["backbone_ms"] > 0 and row["scoring_ms"] > 0 and row["timing_images"] == 2
+        assert row["ms_per_sample"] == pytest.approx(row["backbone_ms"] + row["scoring_ms"], abs=2e-3)
         assert row["pixel_auroc_ci"][0] <= row["pixel_auroc_ci"][1] and "fg_pixel_auroc" in row
     assert rows["anomalydino"]["n_prototypes"] == 10 * 16  # every training token: 10 images x 4x4 grid
     assert rows["anomalydino-1shot@0"]["n_prototypes"] == 16 and rows["patchcore-150"]["n_prototypes"] == 150
@@ -102,6 +104,7 @@ def test_bench_matches_a_direct_memory_bank_computation(bmad, tiny_dinov2_dir, t
     assert "RANDOM weights" in html and "<svg" in html and "Best and worst cases" in html
     markdown = (out / "results.md").read_text()
     assert "| dpmm |" in markdown and "Paired permutation tests" in markdown and "Foreground pixels only" in markdown
+    assert "| backbone ms | scoring ms | ms/sample (sum) |" in markdown and "image by image" in markdown
     assert "RANDOM weights" in capsys.readouterr().out
 
 
@@ -205,9 +208,49 @@ def test_peak_memory_sees_an_allocation_that_only_the_sampler_can_see():
     assert memory.peak_bytes >= before + 60 * 2**20
 
 
-def test_timing_and_memory_are_measured_in_separate_passes(tmp_path, monkeypatch):
-    """No timed detection runs while the RSS sampler is on (it would slow the timed loop)."""
-    state = {"sampling": False, "timed": 0, "sampled": 0}
+class _Clock:
+    """A fake clock: the stubs below advance it by known amounts, so the measured times are exact."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _timing_stubs(tmp_path, clock, state, costs):
+    """A backbone costing 5 ms per image and one method per cost (ms), recording who ran when."""
+
+    class Backbone:
+        device = torch.device("cpu")
+
+        def preprocess(self, image):
+            return torch.zeros(3, 14, 14)
+
+        def encode(self, batch):
+            clock.now += 0.005
+            state["backbone"] += 1
+            return SimpleNamespace(patch_tokens=torch.zeros(1, 1, 2, 2, 3), cls_tokens=None)
+
+    class Method(_Oracle):
+        def __init__(self, name, cost):
+            self.name, self.cost = name, cost
+
+        def patch_scores(self, tokens):
+            clock.now += self.cost / 1000
+            state["calls"].append((self.name, state["sampling"]))
+            return super().patch_scores(tokens)
+
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(images[-1])
+    return Backbone(), [Scorer(name, Method(name, cost), [0]) for name, cost in costs], images
+
+
+def test_timing_reports_backbone_and_scoring_apart_with_every_method_interleaved(tmp_path, monkeypatch):
+    """Backbone and scoring ms are measured apart (exactly, on a fake clock) and the methods take turns per image."""
+    clock, state = _Clock(), {"sampling": False, "calls": [], "backbone": 0}
 
     class RecordingMemory:
         def __init__(self, device):
@@ -220,28 +263,38 @@ def test_timing_and_memory_are_measured_in_separate_passes(tmp_path, monkeypatch
         def __exit__(self, *exc):
             state["sampling"] = False
 
-    class Backbone:
-        device = torch.device("cpu")
-
-        def preprocess(self, image):
-            return torch.zeros(3, 14, 14)
-
-        def encode(self, batch):
-            return SimpleNamespace(patch_tokens=torch.zeros(1, 1, 2, 2, 3), cls_tokens=None)
-
-    class Method(_Oracle):
-        def patch_scores(self, tokens):
-            state["sampled" if state["sampling"] else "timed"] += 1
-            return super().patch_scores(tokens)
-
-    images = []
-    for i in range(3):
-        images.append(tmp_path / f"{i}.png")
-        Image.fromarray(np.zeros((8, 8), np.uint8)).save(images[-1])
+    backbone, scorers, images = _timing_stubs(tmp_path, clock, state, [("a", 2.0), ("b", 7.0), ("c", 1.0)])
     monkeypatch.setattr(protocol, "PeakMemory", RecordingMemory)
-    ms, peak = protocol.time_detection(Backbone(), Scorer("m", Method(), [0]), images, 0.0, 0.01, warmup=1)
-    assert state["timed"] == 1 + 3 and state["sampled"] == 3  # warm-up + timed pass, then the memory pass
-    assert ms > 0 and peak == 1.0
+    timings = protocol.time_methods(backbone, scorers, images, 0.0, 0.01, warmup=1, clock=clock)
+    assert [t.backbone_ms for t in timings] == pytest.approx([5.0] * 3)
+    assert [t.scoring_ms for t in timings] == pytest.approx([2.0, 7.0, 1.0])
+    assert [t.total_ms for t in timings] == pytest.approx([7.0, 12.0, 6.0])
+    row = timings[1].row()
+    assert (row["backbone_ms"], row["scoring_ms"], row["ms_per_sample"], row["timing_images"]) == (5.0, 7.0, 12.0, 3)
+    timed = [name for name, sampling in state["calls"] if not sampling]
+    assert timed == ["a", "b", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # warm-up, then rotating turns
+    sampled = [name for name, sampling in state["calls"] if sampling]
+    assert sampled == ["a"] * 3 + ["b"] * 3 + ["c"] * 3  # peak memory: each method's own pass, never timed
+    assert all(t.peak_mb == 1.0 for t in timings) and state["backbone"] == 3 + 9 + 9
+
+
+def test_evaluate_methods_times_all_methods_in_one_loop(tmp_path, monkeypatch):
+    """evaluate_methods hands every scorer to one time_methods call and puts each one's columns in its row."""
+    calls = []
+
+    def fake_time_methods(backbone, scorers, images, sigma, top_fraction):
+        calls.append([s.name for s in scorers])
+        return [protocol.Timing(4.0, float(i), 10.0, len(images)) for i in range(len(scorers))]
+
+    truth = [np.zeros((4, 4), bool) for _ in range(2)]
+    truth[1][1:3, 1:3] = True
+    healthy, test = _oracle_sets(tmp_path, [f"P{p}_{s}.png" for p in range(2) for s in range(100, 104)], truth)
+    monkeypatch.setattr(protocol, "time_methods", fake_time_methods)
+    results = protocol.evaluate_methods([Scorer("x", _Oracle(), [0]), Scorer("y", _Oracle(), [0])],
+                                        SimpleNamespace(device="cpu"), healthy, test, timing_images=2)
+    assert calls == [["x", "y"]]
+    assert [(r.row["backbone_ms"], r.row["scoring_ms"], r.row["ms_per_sample"]) for r in results] == [(4.0, 0.0, 4.0),
+                                                                                                        (4.0, 1.0, 5.0)]
 
 
 def test_results_json_is_strict_and_undefined_metrics_are_explained(tmp_path):

@@ -13,7 +13,8 @@ QUALITY = ("pixel_auroc", "pixel_aupr", "dice_fpr10", "dice_fpr5", "dice_fpr1")
 
 
 def _row(method: str, value: float, **extra) -> dict:
-    return {"method": method, **{m: value for m in QUALITY}, "ms_per_sample": 20.0, "peak_memory_gb": 0.5, **extra}
+    return {"method": method, **{m: value for m in QUALITY}, "backbone_ms": 8.0, "scoring_ms": 12.0,
+            "ms_per_sample": 20.0, "peak_memory_gb": 0.5, **extra}
 
 
 def _dataset(name: str) -> dict:
@@ -112,12 +113,13 @@ def test_markdown_json_and_html_show_paper_and_difference(tmp_path):
     markdown = paths["markdown"].read_text()
     table1 = markdown.split("## Table 1")[1].split("## Table 2")[0]
     header = next(line for line in table1.splitlines() if line.startswith("| method"))
-    assert header == ("| method | AUROC % | AUROC % paper | AUROC % Δ | AUPR % | AUPR % paper | AUPR % Δ | ms | ms paper | "
-                      "ms Δ | GB | GB paper | GB Δ |")
+    assert header == ("| method | AUROC % | AUROC % paper | AUROC % Δ | AUPR % | AUPR % paper | AUPR % Δ | backbone ms | "
+                      "scoring ms | ms (sum) | ms (sum) paper | ms (sum) Δ | GB | GB paper | GB Δ |")
     brats = table1.split("### BraTS2021")[1].split("###")[0]
-    assert "| AnomalyDINO 1-shot, max over seeds | 95.00 | 96.57 | -1.57 | 95.00 | 44.74 | +50.26 | — | — | — |" in brats
+    assert "| AnomalyDINO 1-shot, max over seeds | 95.00 | 96.57 | -1.57 | 95.00 | 44.74 | +50.26 | — | — | — | — | — |" in brats
     assert "| AnomalyDINO 1-shot, min over seeds | 80.00 | 84.97 | -4.97 |" in brats
-    assert "| DPMM (cosine, normalised) | 90.00 | 96.21 | -6.21 | 90.00 | 43.43 | +46.57 | 20.0 | 39.0 | -19.0 |" in brats
+    assert ("| DPMM (cosine, normalised) | 90.00 | 96.21 | -6.21 | 90.00 | 43.43 | +46.57 | 8.0 | 12.0 | 20.0 | 39.0 | "
+            "-19.0 |") in brats
     table3 = markdown.split("## Table 3")[1].split("## Table 1")[0]
     assert "| method | AUROC % | AUROC % paper | AUROC % Δ | AUPR % | AUPR % paper | AUPR % Δ | Dice@5% |" in table3
     assert "| DPMM likelihood, raw | 90.50 | 92.85 | -2.35 | 90.50 | 23.56 | +66.94 |" in table3.split("### BraTS2021")[1]

@@ -1,5 +1,5 @@
 """One method's metrics with everything a table needs: out-of-sample thresholds, foreground numbers, bootstrap
-intervals, per-image statistics for paired tests (timing and memory: ``protocol.time_detection``).
+intervals, per-image statistics for paired tests (timing and memory: ``protocol.time_methods``).
 
 Thresholds: fold k of the evaluated images is scored with thresholds set on the healthy images that
 calibrate fold k (:class:`~normdino.evaluation.splits.CalibrationFolds`; one fold when the two sets share
@@ -206,7 +206,7 @@ def compare_methods(results: Sequence[AssessedResult], pairs: Sequence[tuple[str
 
 SEED_KEYS = ("pixel_auroc", "pixel_aupr", "dice_fpr10", "dice_fpr5", "dice_fpr1", "image_auroc",
              "fg_pixel_auroc", "fg_pixel_aupr", "fg_dice_fpr10", "fg_dice_fpr5", "fg_dice_fpr1",
-             "ms_per_sample", "peak_memory_mb", "peak_memory_gb")
+             "backbone_ms", "scoring_ms", "ms_per_sample", "peak_memory_mb", "peak_memory_gb")
 
 
 def seed_summary(name: str, rows: Sequence[dict]) -> dict:
