@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("input", "kind", "status", "score", "anomalous", "fpr", "pixel_threshold", "image_threshold",
                "anomalous_fraction", "anomaly_map", "anomaly_npy", "mask", "overlay", "top_slices",
-               "random_weights", "message")
-FILE_COLUMNS = ("anomaly_map", "anomaly_npy", "mask", "overlay", "top_slices")
+               "random_weights", "message", "dicom_seg", "dicom_pmap")
+FILE_COLUMNS = ("anomaly_map", "anomaly_npy", "mask", "overlay", "top_slices", "dicom_seg", "dicom_pmap")
 REPORT_FILES = ("scores.csv", "summary.json", "index.html")
 RANDOM_WARNING = ("The backbone has RANDOM weights: these maps, scores and verdicts say nothing about DINOv2's "
                   "quality (use it only to try the pipeline).")
@@ -281,11 +281,17 @@ class PredictionWriter:
 
     ``overwrite``: replace an earlier run's results in ``out_dir`` (otherwise a folder holding files is refused).
     ``strict``: stop at the first input that cannot be read instead of skipping it with a row saying why.
+    ``dicom_out``: for a DICOM series input, the DICOM objects to write besides the NIfTI maps ("seg": a
+    Segmentation of the mask, "pmap": a Parametric Map of the scores; () for none). None (the default) means
+    both where the series allows (a series without the UIDs they must reference gets a warning and NIfTI only);
+    objects asked for explicitly are required (the input is skipped with a sentence if they cannot be made).
+    ``anonymize``: those objects get empty patient and study identifiers instead of the source's.
     """
 
     def __init__(self, detector, out_dir: Path, fpr: float | None = None, overlays: bool = True, progress: bool = True,
                  overwrite: bool = False, strict: bool = False, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
-                 context: dict | None = None, csv_name: str = "scores.csv", prepare: bool = True):
+                 context: dict | None = None, csv_name: str = "scores.csv", prepare: bool = True,
+                 dicom_out: Sequence[str] | None = None, anonymize: bool = False):
         self.detector = detector
         self.out_dir = Path(out_dir)
         self.fpr = detector.default_fpr if fpr is None else fpr
@@ -293,6 +299,9 @@ class PredictionWriter:
         self.progress = progress
         self.strict = strict
         self.max_megapixels = max_megapixels
+        self.dicom_out = ("seg", "pmap") if dicom_out is None else tuple(dicom_out)
+        self.dicom_out_required = dicom_out is not None
+        self.anonymize = anonymize
         self.context = dict(context or {})
         self.rows: list[dict] = []
         self.names: dict[Path, str] = {}
@@ -514,12 +523,48 @@ class PredictionWriter:
                         if on_slice is not None:
                             on_slice(index, image_slice, pred)
                         bar.update(1)
+            if volume.kind == "dicom" and self.dicom_out:
+                self._write_dicom_results(volume, name, indices, options, written, files)
         if top_slices:
             written.append(self.out_dir / files["top_slices"])
             rendering.save_png(written[-1], _slice_strip(sorted(top_slices, reverse=True), self.vmin, self.vmax))
         else:
             files.pop("top_slices")
         return self._row(path, "volume", top.mean(), n_anomalous / max(1, n_voxels), **files)
+
+    def _write_dicom_results(self, volume, name: str, indices: Sequence[int], options, written: list[Path],
+                             files: dict) -> None:
+        """``<name>_seg.dcm`` and ``<name>_pmap.dcm`` from the NIfTI mask and map just written (see io.dicom_results)."""
+        from normdino import __version__
+        from normdino.io import dicom_results
+        from normdino.io.nifti import import_nibabel
+
+        nib = import_nibabel()
+        try:
+            sources = dicom_results.read_sources(volume.files, anonymize=self.anonymize)
+        except InputError as err:
+            if self.dicom_out_required:
+                raise
+            log.warning("%s: no DICOM Segmentation or Parametric Map: %s", volume.path, err)
+            return
+        parameters = {"fpr": f"{self.fpr:g}", "pixel_threshold": f"{self.pixel_threshold:.6g}"}
+        if self.random_weights:
+            parameters["random_weights"] = "yes: not a result of DINO weights"
+        algorithm = dicom_results.Algorithm(method=self.detector.method_name, version=__version__,
+                                            parameters=parameters)
+        map_path, mask_path = self.out_dir / files["anomaly_map"], self.out_dir / files["mask"]
+        if "seg" in self.dicom_out:
+            files["dicom_seg"] = f"{name}_seg.dcm"
+            written.append(self.out_dir / files["dicom_seg"])
+            mask = np.asarray(nib.load(mask_path).dataobj)
+            dicom_results.write_segmentation(written[-1], sources, mask, algorithm, anonymize=self.anonymize)
+        if "pmap" in self.dicom_out:
+            files["dicom_pmap"] = f"{name}_pmap.dcm"
+            written.append(self.out_dir / files["dicom_pmap"])
+            scores = np.asarray(nib.load(map_path).dataobj, dtype=np.float32)
+            frames = indices if volume.resolve_axis(options.axis) == 2 else range(volume.shape[2])
+            dicom_results.write_parametric_map(written[-1], sources, scores, frames, algorithm,
+                                               (self.vmin, self.vmax), anonymize=self.anonymize)
 
     # ------------------------------------------------------------------ summary and report
 

@@ -43,7 +43,7 @@ VIEWER_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self'
                   "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 _MEDIA_TYPES = {".png": "image/png", ".gz": "application/gzip", ".csv": "text/csv", ".json": "application/json",
                 ".npy": "application/octet-stream", ".u8": "application/octet-stream",
-                ".u16": "application/octet-stream"}
+                ".u16": "application/octet-stream", ".dcm": "application/dicom"}
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:

@@ -1,0 +1,71 @@
+"""Synthetic DICOM series for tests: complete enough (patient, study, series, frame of reference, image plane)
+for highdicom to derive Segmentations and Parametric Maps from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+IOP = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PID-0042", "PatientBirthDate": "19700101", "PatientSex": "F"}
+
+
+def write_series(folder: Path, pixels: np.ndarray, *, study_uid: str | None = None, series_uid: str | None = None,
+                 frame_of_reference_uid: str | None = None, modality: str = "MR", description: str = "AX FLAIR",
+                 series_number: int = 3, origin=(-100.0, -80.0, 30.0), spacing=(0.7, 0.8), step: float = 2.5,
+                 orientation=IOP, patient: dict | None = None, names: str = "IM{k:04d}.dcm", seed: int = 0,
+                 image_type=("ORIGINAL", "PRIMARY", "AXIAL")) -> list[Path]:
+    """Write ``pixels[:, :, k]`` (int16) as instance k of one series (files named in shuffled order); the paths by k."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, cols, n = pixels.shape
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    frame_of_reference_uid = frame_of_reference_uid or generate_uid()
+    orientation = np.asarray(orientation, dtype=float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    order = np.random.default_rng(seed).permutation(n)
+    sop_class = MRImageStorage if modality == "MR" else CTImageStorage
+    paths = []
+    for k in range(n):
+        position = np.asarray(origin, dtype=float) + k * step * normal
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        for key, value in (PATIENT if patient is None else patient).items():
+            setattr(ds, key, value)
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_of_reference_uid
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20240102", "101500", "1", "ACC42"
+        ds.ReferringPhysicianName = "Ref^Doc"
+        ds.Modality = modality
+        ds.SeriesNumber = series_number
+        ds.SeriesDescription = description
+        ds.InstanceNumber = k + 1
+        ds.Manufacturer = "Test"
+        ds.ImageType = list(image_type)
+        ds.PositionReferenceIndicator = ""
+        ds.Rows, ds.Columns = rows, cols
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+        ds.ImageOrientationPatient = [f"{v:.8f}" for v in orientation]
+        ds.PixelSpacing = [str(spacing[0]), str(spacing[1])]
+        ds.SliceThickness = str(step)
+        if modality == "CT":
+            ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = "1", "0", "HU"
+        ds.PixelData = np.ascontiguousarray(pixels[:, :, k].astype("<i2")).tobytes()
+        path = folder / names.format(k=int(order[k]))
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

@@ -1,0 +1,100 @@
+"""predict on a DICOM series writes a DICOM Segmentation and Parametric Map beside the NIfTI maps (issue 23):
+the objects hold exactly the NIfTI mask and scores, frame by frame, on the source slices."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+hd = pytest.importorskip("highdicom")
+pydicom = pytest.importorskip("pydicom")
+nib = pytest.importorskip("nibabel")
+
+sys.path.insert(0, str(Path(__file__).parent / "io"))
+from dicom_series import write_series  # noqa: E402
+
+from normdino.io.phantoms import make_phantom  # noqa: E402
+from normdino.io.slicing import SliceOptions  # noqa: E402
+from normdino.io.writing import PredictionWriter  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_dinov2_dir):
+    from normdino.detector import AnomalyDetector
+
+    rng = np.random.default_rng(0)
+    images = [make_phantom(rng, size=32)[0] for _ in range(6)]
+    return AnomalyDetector(method="anomalydino", backbone=str(tiny_dinov2_dir), image_size=28, cache_dir=None,
+                           progress=False, val_fraction=0.34).fit(images)
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    pixels = np.stack([make_phantom(rng, size=32, lesions=1)[0] for _ in range(5)], axis=2)
+    folder = tmp_path_factory.mktemp("dicom") / "flair"
+    write_series(folder, (pixels * 1000).astype(np.int16))
+    return folder
+
+
+def _rows(folder: Path) -> list[dict]:
+    with (folder / "scores.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _frame_slices(ds, sources) -> list[int]:
+    by_uid = {s.SOPInstanceUID: k for k, s in enumerate(sources)}
+    return [by_uid[f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+            for f in ds.PerFrameFunctionalGroupsSequence]
+
+
+def test_dicom_series_gets_a_segmentation_and_a_parametric_map_equal_to_the_nifti_maps(detector, series, tmp_path):
+    from normdino.io.volumes import Volume
+
+    out = tmp_path / "out"
+    writer = PredictionWriter(detector, out, fpr=0.2, progress=False)
+    writer.write_volume(series, SliceOptions(window=(0, 1000), slices=slice(1, 5)))
+    writer.finish()
+    row = _rows(out)[0]
+    assert row["status"] == "ok" and row["dicom_seg"] == "flair_seg.dcm" and row["dicom_pmap"] == "flair_pmap.dcm"
+    mask = np.asarray(nib.load(out / row["mask"]).dataobj)
+    scores = np.asarray(nib.load(out / row["anomaly_map"]).dataobj)
+    assert mask.any()
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in Volume.open(series).files]
+
+    seg = hd.seg.segread(out / row["dicom_seg"])
+    frames = _frame_slices(seg, sources)
+    assert sorted(frames) == [k for k in range(5) if mask[:, :, k].any()]
+    for n, k in enumerate(frames):
+        np.testing.assert_array_equal(seg.pixel_array[n], mask[:, :, k])
+        position = seg.PerFrameFunctionalGroupsSequence[n].PlanePositionSequence[0].ImagePositionPatient
+        np.testing.assert_allclose([float(v) for v in position], [float(v) for v in sources[k].ImagePositionPatient])
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    from normdino import __version__
+
+    assert algorithm.AlgorithmName == "normdino" and algorithm.AlgorithmVersion == __version__
+    assert "anomalydino" in algorithm.AlgorithmParameters and "random_weights" in algorithm.AlgorithmParameters
+
+    pmap = pydicom.dcmread(out / row["dicom_pmap"])
+    frames = _frame_slices(pmap, sources)
+    assert sorted(frames) == [1, 2, 3, 4]  # the scored slices (--slices 1:5)
+    for n, k in enumerate(frames):
+        np.testing.assert_array_equal(pmap.pixel_array[n], scores[:, :, k].astype(np.float32))
+    assert pmap.StudyInstanceUID == seg.StudyInstanceUID == sources[0].StudyInstanceUID
+
+
+def test_dicom_out_none_and_nifti_inputs_write_no_dicom(detector, series, tmp_path):
+    writer = PredictionWriter(detector, tmp_path / "none", progress=False, dicom_out=())
+    writer.write_volume(series, SliceOptions(window=(0, 1000)))
+    writer.finish()
+    assert not list((tmp_path / "none").glob("*.dcm")) and _rows(tmp_path / "none")[0]["dicom_seg"] == ""
+    nifti = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image((np.random.default_rng(0).random((32, 32, 3)) * 1000).astype(np.int16), np.eye(4)), nifti)
+    writer = PredictionWriter(detector, tmp_path / "nifti", progress=False)
+    writer.write_volume(nifti, SliceOptions())
+    writer.finish()
+    assert not list((tmp_path / "nifti").glob("*.dcm"))
