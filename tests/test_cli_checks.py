@@ -224,3 +224,43 @@ def test_report_folders_are_checked_before_any_work(command, data, tmp_path, cap
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "lies under the file" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------- one megapixel limit (issue 21)
+@pytest.mark.parametrize("command", ["fit", "predict"])
+@pytest.mark.parametrize("side, message", [(12000, "(144 megapixels), above the limit of 64 megapixels"),
+                                           (30000, "is larger than 179 megapixels, above the limit of 64")])
+def test_images_above_the_megapixel_limit_are_refused_before_any_work(command, side, message, data, tmp_path, capsys,
+                                                                      no_work):
+    import shutil
+
+    from tests.io.test_reading import header_only_png
+
+    images = tmp_path / "images"
+    shutil.copytree(data / "train" / "good", images)
+    header_only_png(images / "huge.png", side, side)
+    argv = (["fit", str(images), "-o", str(tmp_path / "m.normdino"), "--backbone", "random", "-q"]
+            if command == "fit" else
+            ["predict", str(tmp_path / "m.normdino"), str(images), "-o", str(tmp_path / "out"), "--strict", "-q"])
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "huge.png" in lines[0], lines
+    assert not (tmp_path / "m.normdino").exists() and not (tmp_path / "out").exists()
+
+
+def test_fit_applies_the_limit_to_volume_slices(tmp_path, capsys, monkeypatch):
+    import nibabel as nib
+
+    from normdino.detector import AnomalyDetector
+
+    def fit(self, train, val=None):
+        list(train)  # the stream of slices is read as the real fit would
+        raise AssertionError("a slice above the limit was read")
+
+    monkeypatch.setattr(AnomalyDetector, "fit", fit)
+    nib.save(nib.Nifti1Image(np.ones((40, 50, 3), np.uint8), np.eye(4)), tmp_path / "scan.nii.gz")
+    assert main(["fit", str(tmp_path / "scan.nii.gz"), "-o", str(tmp_path / "m.normdino"), "--backbone", "random",
+                 "--max-megapixels", "0.001", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "the slices of" in err and "50x40 (0.002 megapixels)" in err
+    assert "above the limit of 0.001 megapixels" in err

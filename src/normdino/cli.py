@@ -124,6 +124,8 @@ def build_parser(estimator_options: bool = False) -> argparse.ArgumentParser:
     fit.add_argument("--cache-dir", default=None, help=f"token cache folder (default {DEFAULT_CACHE})")
     fit.add_argument("--no-cache", action="store_true", help="do not cache tokens on disk")
     fit.add_argument("--device", default=None, help="cpu, cuda or mps (default cpu)")
+    fit.add_argument("--max-megapixels", type=_positive_float, default=None,
+                     help="refuse images and volume slices larger than this (default 64, as predict)")
     if estimator_options:
         from normdino.config import add_param_options
 
@@ -147,7 +149,8 @@ def build_parser(estimator_options: bool = False) -> argparse.ArgumentParser:
                          help="stop at the first input that cannot be read (default: skip it with a warning and a "
                               "'skipped' row in scores.csv saying why)")
     predict.add_argument("--max-megapixels", type=_positive_float, default=None,
-                         help="refuse images larger than this (default 64: predict needs about 40 bytes per pixel)")
+                         help="refuse images and volume slices larger than this (default 64: predict needs about 40 "
+                              "bytes per pixel)")
     predict.add_argument("--device", default="cpu")
     _add_volume_options(predict)
     _add_runtime_options(predict)
@@ -444,6 +447,7 @@ def _check_cache(cache_dir) -> None:
 def cmd_fit(args) -> int:
     from normdino.detector import AnomalyDetector
     from normdino.io.inputs import resolve_inputs, training_images
+    from normdino.io.reading import MAX_MEGAPIXELS, image_shape
 
     settings, detector_kwargs, method_params = _estimator_settings(args)
     if args.print_config:
@@ -454,6 +458,9 @@ def cmd_fit(args) -> int:
     train = resolve_inputs(args.normal)
     val = resolve_inputs(args.val) if args.val else None
     _check_fit_output(Path(args.output), train, val)
+    max_megapixels = getattr(args, "max_megapixels", None) or MAX_MEGAPIXELS
+    for path in [*train.images, *(val.images if val else [])]:  # one limit for fit and predict, before any work
+        image_shape(path, max_megapixels)
     _warn_if_validation_overlaps(train, val)
     _check_cache(None if args.no_cache else settings["cache_dir"])
     options = _slice_options(args) if train.volumes or (val and val.volumes) else None
@@ -465,7 +472,8 @@ def cmd_fit(args) -> int:
     from normdino.errors import WeightsNotFoundError
 
     try:  # under torchrun each rank embeds its contiguous share of the inputs (_my_share: all of them otherwise)
-        detector.fit(training_images(_my_share(train), options), training_images(_my_share(val), options) if val else None)
+        detector.fit(training_images(_my_share(train), options, max_megapixels=max_megapixels),
+                     training_images(_my_share(val), options, max_megapixels=max_megapixels) if val else None)
     except WeightsNotFoundError as err:
         raise WeightsNotFoundError(f"{err} {RANDOM_HINT.format(command='fit')}") from None
     if _is_main_rank():  # one model file, written by rank 0 after the last collective

@@ -181,3 +181,40 @@ def test_reads_real_lgg_flair_slices(lgg_flair):
     image = read_image(paths[0])
     assert image.shape == (256, 256) and image.dtype == np.float32
     assert 0.0 <= image.min() and image.max() <= 1.0
+
+
+# ---------------------------------------------------------------------- megapixel limit (issue 21)
+def header_only_png(path, width, height):
+    """A PNG whose header declares ``width`` x ``height`` 8-bit gray pixels and holds none: costs nothing to write,
+    and is all PIL reads before its decompression-bomb check."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_the_megapixel_limit_speaking(tmp_path):
+    bomb = header_only_png(tmp_path / "bomb.png", 30000, 30000)
+    for read in (image_shape, read_image):
+        with pytest.raises(InputError, match=r"bomb.png is larger than 179 megapixels, above the limit of 64 "
+                                             r"megapixels") as caught:
+            read(bomb, 64)
+        assert "DecompressionBomb" not in str(caught.value) and "corrupt" not in str(caught.value)
+
+
+def test_the_limit_is_checked_from_the_header_without_pil_warnings(tmp_path):
+    import warnings
+
+    big = header_only_png(tmp_path / "big.png", 12000, 12000)  # 144 MP: PIL only warns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning would fail here
+        with pytest.raises(InputError, match=r"12000x12000 \(144 megapixels\), above the limit of 64 megapixels"):
+            image_shape(big, 64)
+        with pytest.raises(InputError, match="above the limit of 64 megapixels"):
+            read_image(big, 64)
+        assert image_shape(big) == (12000, 12000)  # no limit of ours: the header is all it reads

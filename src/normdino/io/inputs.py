@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from normdino.errors import InputError
-from normdino.io.reading import IMAGE_SUFFIXES
+from normdino.io.reading import IMAGE_SUFFIXES, MAX_MEGAPIXELS, check_megapixels
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -139,11 +139,13 @@ def resolve_inputs(arguments: Sequence[str | os.PathLike]) -> Inputs:
     return inputs
 
 
-def volume_slices(volumes: Iterable[Path], options, sources: list[str] | None = None) -> Iterator[np.ndarray]:
+def volume_slices(volumes: Iterable[Path], options, sources: list[str] | None = None,
+                  max_megapixels: float | None = MAX_MEGAPIXELS) -> Iterator[np.ndarray]:
     """Every kept slice of every volume, normalised, one at a time.
 
     When ``sources`` is given, the volume path of each slice is appended to it as the slice is yielded,
-    so after the stream is consumed ``sources[i]`` names the volume of the i-th slice.
+    so after the stream is consumed ``sources[i]`` names the volume of the i-th slice. A volume whose
+    slices are above ``max_megapixels`` is refused before its first slice is read.
     """
     from normdino.io.slicing import SliceOptions
     from normdino.io.volumes import Volume
@@ -151,14 +153,15 @@ def volume_slices(volumes: Iterable[Path], options, sources: list[str] | None = 
     options = options if options is not None else SliceOptions()
     for path in volumes:
         with Volume.open(path, volume_index=options.volume_index) as volume:
+            check_megapixels(f"the slices of {path}", volume.slice_shape(options.axis), max_megapixels)
             for _, image in volume.iter_slices(options):
                 if sources is not None:
                     sources.append(str(path))
                 yield image
 
 
-def training_images(inputs: Inputs, options=None, sources: list[str] | None = None
-                    ) -> list[Path] | Iterator[np.ndarray]:
+def training_images(inputs: Inputs, options=None, sources: list[str] | None = None,
+                    max_megapixels: float | None = MAX_MEGAPIXELS) -> list[Path] | Iterator[np.ndarray]:
     """What the detector fits on: the image files (cacheable), or a stream of images and volume slices.
 
     ``sources`` (optional, filled in the order images are produced): the file or volume each image comes
@@ -169,7 +172,8 @@ def training_images(inputs: Inputs, options=None, sources: list[str] | None = No
         if sources is not None:
             sources.extend(str(p) for p in inputs.images)
         return list(inputs.images)
-    return itertools.chain(_with_sources(inputs.images, sources), volume_slices(inputs.volumes, options, sources))
+    return itertools.chain(_with_sources(inputs.images, sources),
+                           volume_slices(inputs.volumes, options, sources, max_megapixels))
 
 
 def _source_name(image, position: int) -> str:

@@ -14,10 +14,12 @@ Images smaller than one DINO patch (16 px) on a side are read, with a warning th
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
 import stat
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -31,17 +33,24 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 IMAGE_INTENSITY = "dtype"  # the 2D intensity rule above; models record it, volumes match it
 MIN_IMAGE_SIDE = 16  # one patch of DINOv3 (DINOv2: 14); smaller images get a warning
+#: Images (and volume slices) larger than this are refused before any work, in fit and predict alike
+#: (``--max-megapixels``); PIL's own decompression-bomb check never speaks first.
+MAX_MEGAPIXELS = 64.0
 
 _GLOB_CHARS = set("*?[")
 _EIGHT_BIT_MODES = {"L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV", "La", "RGBa", "RGBX"}
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read one image as float32 in [0, 1]: (H, W) for gray, (H, W, 3) for colour; alpha is dropped."""
+def read_image(path: str | Path, max_megapixels: float | None = None) -> np.ndarray:
+    """Read one image as float32 in [0, 1]: (H, W) for gray, (H, W, 3) for colour; alpha is dropped.
+
+    ``max_megapixels``: refuse a larger image from its header, before decoding it (None: no limit of ours).
+    """
     path = Path(path)
     _check_regular_file(path)
     try:
-        with Image.open(path) as image:
+        with _opened(path, max_megapixels) as image:
+            check_megapixels(path, (image.height, image.width), max_megapixels)
             if getattr(image, "n_frames", 1) > 1:
                 logger.warning("%s has %d frames; only the first is used", path, image.n_frames)
             image.load()
@@ -57,6 +66,45 @@ def read_image(path: str | Path) -> np.ndarray:
         raise InputError(f"Image {path} is corrupt or truncated and cannot be decoded ({err}).") from err
     warn_if_tiny(array.shape[:2], str(path))
     return array
+
+
+def check_megapixels(name: str | Path, shape: tuple[int, ...], max_megapixels: float | None,
+                     bytes_per_pixel: int | None = None) -> None:
+    """InputError when an image or slice of ``shape`` (H, W, ...) is above ``max_megapixels`` (None: no limit);
+    ``bytes_per_pixel``, if given, says in the sentence how much memory it would take."""
+    megapixels = int(shape[0]) * int(shape[1]) / 1e6
+    if max_megapixels is None or megapixels <= max_megapixels:
+        return
+    need = ""
+    if bytes_per_pixel:
+        mb = bytes_per_pixel * megapixels
+        need = (f": normdino needs about {bytes_per_pixel} bytes per pixel "
+                f"({f'{mb / 1000:.1f} GB' if mb >= 1000 else f'{mb:.3g} MB'} for it)")
+    raise InputError(f"{name} is {int(shape[1])}x{int(shape[0])} ({megapixels:.3g} megapixels), above the limit of "
+                     f"{max_megapixels:g} megapixels{need}; downscale it, or raise --max-megapixels if the memory "
+                     "allows")
+
+
+def _pil_limit_megapixels() -> float:
+    """Where PIL refuses to open an image as a decompression bomb (twice its warning size)."""
+    return 2 * (Image.MAX_IMAGE_PIXELS or float("inf")) / 1e6
+
+
+@contextlib.contextmanager
+def _opened(path: Path, max_megapixels: float | None):
+    """``Image.open`` whose decompression-bomb warning stays silent (our limit speaks instead) and whose
+    decompression-bomb error becomes the sentence of our megapixel limit."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError:
+        pil = _pil_limit_megapixels()
+        above = f", above the limit of {max_megapixels:g} megapixels" if max_megapixels and max_megapixels < pil else ""
+        raise InputError(f"{path} is larger than {pil:.0f} megapixels{above} (the image reader refuses such sizes "
+                         "as decompression bombs); downscale it") from None
+    with image:
+        yield image
 
 
 def _check_regular_file(path: Path) -> None:
@@ -122,14 +170,20 @@ def unit_float(array: np.ndarray, name: str) -> np.ndarray:
     return np.where(finite, values, np.float32(0.0))
 
 
-def image_shape(path: str | Path) -> tuple[int, int]:
-    """(H, W) of an image file from its header alone, without decoding the pixels."""
+def image_shape(path: str | Path, max_megapixels: float | None = None,
+                bytes_per_pixel: int | None = None) -> tuple[int, int]:
+    """(H, W) of an image file from its header alone, without decoding the pixels; InputError above
+    ``max_megapixels`` (None: no limit of ours), PIL's decompression-bomb limit included."""
     _check_regular_file(Path(path))
     try:
-        with Image.open(path) as image:
-            return image.height, image.width
-    except (OSError, ValueError) as error:
+        with _opened(Path(path), max_megapixels) as image:
+            shape = image.height, image.width
+    except InputError:
+        raise
+    except (OSError, ValueError, SyntaxError) as error:
         raise InputError(f"Cannot read the image header of {path}: {error}; replace or remove the file.") from None
+    check_megapixels(path, shape, max_megapixels, bytes_per_pixel)
+    return shape
 
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from normdino.errors import InputError, OutputError
 from normdino.files import atomic_path, atomic_write_text, check_writable_folder
 from normdino.io import rendering
+from normdino.io.reading import MAX_MEGAPIXELS, check_megapixels
 from normdino.parallel import default_workers, ordered_map
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,8 @@ REPORT_FILES = ("scores.csv", "summary.json", "index.html")
 RANDOM_WARNING = ("The backbone has RANDOM weights: these maps, scores and verdicts say nothing about DINOv2's "
                   "quality (use it only to try the pipeline).")
 
-#: Images larger than this are refused before any work (``--max-megapixels``).
-DEFAULT_MAX_MEGAPIXELS = 64.0
+#: Images larger than this are refused before any work (``--max-megapixels``), in fit as in predict.
+DEFAULT_MAX_MEGAPIXELS = MAX_MEGAPIXELS
 #: Peak memory of predict per pixel of the largest batch, an upper bound: measured +14 B/px of peak RSS from a
 #: 2000x2000 to a 5000x5000 8-bit PNG (tiny backbone); 16-bit images add ~20 B/px while they are read.
 BYTES_PER_PIXEL = 40
@@ -173,15 +174,7 @@ def check_image_sizes(paths: Sequence[Path], max_megapixels: float = DEFAULT_MAX
     found: dict[Path, tuple[int, int] | str] = {}
     for path in paths:
         try:
-            shape = image_shape(path)
-            megapixels = shape[0] * shape[1] / 1e6
-            if megapixels > max_megapixels:
-                need = BYTES_PER_PIXEL * megapixels  # MB
-                raise InputError(
-                    f"{path} is {shape[1]}x{shape[0]} ({megapixels:.3g} megapixels), above the limit of "
-                    f"{max_megapixels:g}: predict needs about {BYTES_PER_PIXEL} bytes per pixel "
-                    f"({f'{need / 1000:.1f} GB' if need >= 1000 else f'{need:.3g} MB'} for it); downscale it or "
-                    "raise --max-megapixels")
+            shape = image_shape(path, max_megapixels, BYTES_PER_PIXEL)
             found[path] = shape
         except InputError as err:
             if strict:
@@ -501,6 +494,8 @@ class PredictionWriter:
                  "top_slices": f"{name}_top_slices.png"}
         top_slices: list = []  # min-heap of (score, index, thumbnails...) of the best TOP_SLICES slices
         with Volume.open(path, volume_index=options.volume_index) as volume:
+            check_megapixels(f"the slices of {path}", volume.slice_shape(options.axis), self.max_megapixels,
+                             BYTES_PER_PIXEL)
             indices = volume.slice_indices(options)
             top = TopFraction(self.detector.top_fraction, len(indices))
             n_voxels = n_anomalous = 0
