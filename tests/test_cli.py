@@ -1,6 +1,7 @@
 """The normdino command line: outputs a person can open, and readable errors with non-zero exit codes."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,3 +94,39 @@ def test_demo_runs_with_a_random_backbone(tmp_path, capsys):
     assert "pixel AUROC" in out and "random backbone weights" in out
     assert (tmp_path / "demo" / "model.normdino").is_file()
     assert len(list((tmp_path / "demo" / "predictions").glob("*_overlay.png"))) > 0
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs FIFOs")
+def test_fifos_and_broken_links_in_an_input_folder_get_a_warning_and_a_skipped_row(model, data, tmp_path, capsys,
+                                                                                    monkeypatch):
+    import shutil
+
+    from normdino.detector import AnomalyDetector
+    from normdino.errors import InputError
+    from tests.io.test_inputs import add_unusable_entries
+
+    images = tmp_path / "images"
+    shutil.copytree(data / "test" / "good" / "img", images)
+    reasons = add_unusable_entries(images)
+    assert main(["predict", str(model), str(images), "-o", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    rows = {Path(row["input"]).name: row for row in csv.DictReader((tmp_path / "out" / "scores.csv").open())}
+    for name, reason in reasons.items():
+        assert rows[name]["status"] == "skipped" and reason in rows[name]["message"]
+        assert f"skipped {images / name}:" in err
+    assert rows["gone.nii.gz"]["kind"] == "volume"
+    assert sum(row["status"] == "ok" for row in rows.values()) == len(list(data.glob("test/good/img/*.png")))
+    assert main(["predict", str(model), str(images), "-o", str(tmp_path / "strict"), "--strict"]) == 1
+    assert "stopped by --strict before any work" in capsys.readouterr().err and not (tmp_path / "strict").exists()
+
+    given = []
+
+    def fit(self, train, val=None):
+        given.append(list(train))
+        raise InputError("stopped here")
+
+    monkeypatch.setattr(AnomalyDetector, "fit", fit)
+    assert main(["fit", str(images), "-o", str(tmp_path / "m.normdino"), "--backbone", "random"]) == 1
+    assert given and [p.name for p in given[0]] == sorted(p.name for p in (data / "test" / "good" / "img").iterdir())
+    err = capsys.readouterr().err
+    assert all(f"skipped {images / name}: it " in err for name in reasons)

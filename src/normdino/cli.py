@@ -446,7 +446,7 @@ def _check_cache(cache_dir) -> None:
 
 def cmd_fit(args) -> int:
     from normdino.detector import AnomalyDetector
-    from normdino.io.inputs import resolve_inputs, training_images
+    from normdino.io.inputs import resolve_inputs, training_images, warn_unusable
     from normdino.io.reading import MAX_MEGAPIXELS, image_shape
 
     settings, detector_kwargs, method_params = _estimator_settings(args)
@@ -458,6 +458,9 @@ def cmd_fit(args) -> int:
     train = resolve_inputs(args.normal)
     val = resolve_inputs(args.val) if args.val else None
     _check_fit_output(Path(args.output), train, val)
+    for inputs in (train, val):
+        if inputs is not None:
+            warn_unusable(inputs)
     max_megapixels = getattr(args, "max_megapixels", None) or MAX_MEGAPIXELS
     for path in [*train.images, *(val.images if val else [])]:  # one limit for fit and predict, before any work
         image_shape(path, max_megapixels)
@@ -503,6 +506,8 @@ def _predict_shares(args, inputs, detector, options, max_megapixels: float) -> i
     mine.assign_names(everything)  # the same unique names on every rank
     share = _my_share(inputs, allow_empty=True)
     with dist.failing_together("predict"):
+        if dist.is_main():
+            mine.skip_unusable(inputs.unusable)
         mine.write_images(share.images)
         for volume in share.volumes:
             mine.write_volume(volume, options)
@@ -535,6 +540,9 @@ def cmd_predict(args) -> int:
     if _is_main_rank():  # under torchrun rank 0 may already be writing there when another rank gets here
         prepare_results_folder(Path(args.output), args.overwrite, check_only=True)
     max_megapixels = args.max_megapixels or DEFAULT_MAX_MEGAPIXELS
+    if args.strict and inputs.unusable:
+        path, why = inputs.unusable[0]
+        raise NormdinoError(f"{path} {why} (stopped by --strict before any work; without it such inputs are skipped)")
     check_image_sizes(inputs.images, max_megapixels, strict=args.strict)
     detector = AnomalyDetector.load(args.model, backbone=args.backbone, device=args.device, progress=not args.quiet,
                                     runtime=args.runtime, precision=args.precision)
@@ -549,6 +557,7 @@ def cmd_predict(args) -> int:
     writer.assign_names([*inputs.images, *inputs.volumes])
     finished = False
     try:
+        writer.skip_unusable(inputs.unusable)
         writer.write_images(inputs.images)
         for volume in inputs.volumes:
             writer.write_volume(volume, options)

@@ -116,3 +116,32 @@ def test_expand_images_says_what_the_model_must_record(folder, tmp_path):
     expand_images(tmp_path / "v.nii.gz", options, settings=settings)
     assert settings == _intensity_settings(options)  # the CLI records the same thing
     assert merge_slice_settings(settings, {})["window"] == [-200.0, 250.0]
+
+
+# ---------------------------------------------------------------------- entries that are no file (issue 21)
+def add_unusable_entries(root: Path) -> dict[str, str]:
+    """A FIFO, a looping link and a dangling link named like inputs, in ``root``; name -> what the reason says."""
+    os.mkfifo(root / "f.png")
+    os.symlink("loop.png", root / "loop.png")
+    os.symlink(root / "gone.png.target", root / "gone.nii.gz")
+    return {"f.png": "FIFO", "loop.png": "link that loops", "gone.nii.gz": "dangling symbolic link"}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_folder_entries_that_are_no_file_are_listed_with_the_reason(folder, caplog):
+    expected = add_unusable_entries(folder)
+    inputs = resolve_inputs([folder])
+    assert [p.name for p in inputs.images] == ["a.png", "b.png"] and inputs.volumes == []
+    assert {p.name: why for p, why in inputs.unusable}.keys() == expected.keys()
+    for path, why in inputs.unusable:
+        assert expected[path.name] in why
+    with caplog.at_level("WARNING"):
+        assert expand_images(folder) == [folder / "a.png", folder / "b.png"]  # the API fit warns about each
+    assert all(f"skipped {folder / name}: it " in caplog.text for name in expected)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_folder_of_nothing_but_unusable_entries_is_one_sentence(tmp_path):
+    add_unusable_entries(tmp_path)
+    with pytest.raises(InputError, match=r"no input can be read: .*f.png is not a regular file but a FIFO .*\(and 2 more such entries\)"):
+        resolve_inputs([tmp_path])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import logging
 import os
 import re
 import stat
@@ -21,7 +22,9 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from normdino.errors import InputError
-from normdino.io.reading import IMAGE_SUFFIXES, MAX_MEGAPIXELS, check_megapixels
+from normdino.io.reading import IMAGE_SUFFIXES, MAX_MEGAPIXELS, check_megapixels, not_a_regular_file
+
+logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -32,6 +35,9 @@ class Inputs:
 
     images: list[Path] = field(default_factory=list)
     volumes: list[Path] = field(default_factory=list)
+    #: entries of input folders named like images or volumes that are no regular file (a FIFO, a dangling or
+    #: looping link): (path, why); fit warns and predict writes a ``skipped`` row for each, never opening them
+    unusable: list[tuple[Path, str]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.images or self.volumes)
@@ -95,11 +101,14 @@ def _classify_dir(path: Path, inputs: Inputs) -> None:
             found.images.append(entry)
         elif kind == "dir" and _is_dicom_series(entry):
             found.volumes.append(entry)
-    if not found:
+        elif kind == "other" and (_is_image(entry) or _is_nifti(entry)):
+            found.unusable.append((entry, not_a_regular_file(entry) or "cannot be read"))
+    if not found and not found.unusable:
         raise InputError(f"no images or volumes in {path} (looked for {', '.join(IMAGE_SUFFIXES)}, "
                          ".nii, .nii.gz and DICOM series folders)")
     inputs.images.extend(found.images)
     inputs.volumes.extend(found.volumes)
+    inputs.unusable.extend(found.unusable)
 
 
 def _matches(text: str) -> list[Path] | None:
@@ -133,10 +142,20 @@ def resolve_inputs(arguments: Sequence[str | os.PathLike]) -> Inputs:
         for match in matches:
             (_classify_dir if _kind(match) == "dir" else _classify_file)(match, inputs)
     if not inputs:
+        if inputs.unusable:
+            path, why = inputs.unusable[0]
+            raise InputError(f"no input can be read: {path} {why}"
+                             + (f" (and {len(inputs.unusable) - 1} more such entries)" if len(inputs.unusable) > 1 else ""))
         raise InputError("no inputs were given")
     inputs.images = list(dict.fromkeys(inputs.images))
     inputs.volumes = list(dict.fromkeys(inputs.volumes))
     return inputs
+
+
+def warn_unusable(inputs: Inputs) -> None:
+    """One warning per folder entry that is skipped because it is no regular file (fit has no rows to say it in)."""
+    for path, why in inputs.unusable:
+        logger.warning("skipped %s: it %s", path, why)
 
 
 def volume_slices(volumes: Iterable[Path], options, sources: list[str] | None = None,
@@ -208,6 +227,7 @@ def expand_images(images, options=None, sources: list[str] | None = None,
         images = [images]
     if isinstance(images, (list, tuple)) and images and all(isinstance(item, (str, os.PathLike)) for item in images):
         inputs = resolve_inputs(images)
+        warn_unusable(inputs)
         if inputs.volumes and options is None:
             options = SliceOptions()
         if settings is not None:

@@ -15,6 +15,7 @@ Images smaller than one DINO patch (16 px) on a side are read, with a warning th
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import logging
 import os
@@ -109,14 +110,33 @@ def _opened(path: Path, max_megapixels: float | None):
 
 def _check_regular_file(path: Path) -> None:
     """Refuse a missing path, a folder, or anything that is not a regular file (a FIFO would block forever)."""
+    if Path(path).is_dir():
+        raise InputError(f"Image {path} is a folder, not an image file.")
+    why = not_a_regular_file(path)
+    if why:
+        raise InputError(f"Image {path} {why}.")
+
+
+def not_a_regular_file(path: str | Path) -> str | None:
+    """Why ``path`` is no regular file (the end of a sentence that starts with the path), or None if it is one.
+
+    Asks with stat/lstat only, so a FIFO is never opened (opening one for reading blocks forever).
+    """
     try:
         mode = os.stat(path).st_mode
-    except OSError:
-        raise InputError(f"Image {path} does not exist.") from None
+    except OSError as err:
+        if os.path.islink(path):
+            if err.errno == errno.ELOOP:
+                return "is a symbolic link that loops (it never reaches a file)"
+            return "is a dangling symbolic link (its target does not exist)"
+        return "does not exist"
+    if stat.S_ISREG(mode):
+        return None
     if stat.S_ISDIR(mode):
-        raise InputError(f"Image {path} is a folder, not an image file.")
-    if not stat.S_ISREG(mode):
-        raise InputError(f"Image {path} is not a regular file (a FIFO, socket or device?); pass an image file.")
+        return "is a folder, not a file"
+    if stat.S_ISFIFO(mode):
+        return "is not a regular file but a FIFO (a named pipe; reading it could block forever)"
+    return "is not a regular file (a socket or device?)"
 
 
 def warn_if_tiny(shape: tuple[int, ...], name: str) -> bool:

@@ -357,6 +357,13 @@ class PredictionWriter:
         log.warning("skipped %s: %s", source, message)
         self._append(self._skipped_row(source, kind, message))
 
+    def skip_unusable(self, entries: Sequence[tuple[Path, str]]) -> None:
+        """A ``skipped`` row (and a warning) for each folder entry that is no regular file: (path, why), as
+        :class:`normdino.io.inputs.Inputs` lists them; never opened. Under ``strict``, stop at the first."""
+        for path, why in entries:
+            kind = "volume" if str(path).lower().endswith((".nii", ".nii.gz")) else "image"
+            self._skip(Path(path), kind, InputError(f"{path} {why}"))
+
     def _guard(self, source: Path, kind: str, work: Callable[[list[Path]], dict]) -> None:
         """Run ``work(written)`` for one input; on failure remove the files it wrote, then skip it or stop."""
         self._settle(source, kind, *_attempt(work))
