@@ -16,6 +16,7 @@ from typing import Sequence
 from normdino import __version__
 from normdino.errors import NormdinoError
 from normdino.files import default_cache_dir
+from normdino.torchrun import in_process_group, is_main_rank, join_job, my_share, world_size
 
 log = logging.getLogger("normdino")
 
@@ -374,55 +375,13 @@ def _save_model(detector, output: str) -> None:
         raise OutputError(f"cannot write the model file {output}: {err}") from None
 
 
-# ---------------------------------------------------------------------- torchrun (torch imported only inside a job)
-
-DISTRIBUTED_COMMANDS = ("fit", "predict", "evaluate")
-
-
-def _in_process_group() -> bool:
-    """True inside a torchrun job's process group (normdino.distributed is imported only there)."""
-    dist = sys.modules.get("normdino.distributed")
-    return bool(dist is not None and dist.is_distributed())
-
-
-def _is_main_rank() -> bool:
-    return not _in_process_group() or sys.modules["normdino.distributed"].is_main()
-
-
-def _my_share(inputs, allow_empty: bool = False):
-    """This rank's contiguous share of the images and of the volumes (all of them outside a torchrun job)."""
-    if not _in_process_group():
-        return inputs
-    import dataclasses
-
-    from normdino import distributed as dist
-    from normdino.errors import InputError
-
-    if not allow_empty and len(inputs.images) + len(inputs.volumes) < dist.world_size():
-        raise InputError(f"{len(inputs.images) + len(inputs.volumes)} inputs cannot be shared by "
-                         f"{dist.world_size()} processes; start at most that many")
-    return dataclasses.replace(inputs, images=list(dist.shard(inputs.images)), volumes=list(dist.shard(inputs.volumes)))
+# ---------------------------------------------------------------------- torchrun (normdino.torchrun)
 
 
 def _join_torchrun_job(args) -> bool:
-    """Under torchrun (``fit``): join the job, each rank on its own GPU; ranks other than 0 stay quiet.
-
-    Returns True when this call created the process group (main() then leaves it at the end).
-    """
-    import os
-
-    joined = False
-    if args.command not in DISTRIBUTED_COMMANDS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise NormdinoError(f"normdino {args.command} does not run under torchrun yet (only "
-                            f"{', '.join(DISTRIBUTED_COMMANDS)} does); run it as one process: python -m normdino {args.command} ...")
-    if args.command in DISTRIBUTED_COMMANDS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from normdino import distributed as dist
-
-        if not dist.is_distributed():
-            device = dist.init_from_env(args.device or "cpu")
-            args.device = device if args.device is not None else None
-            joined = dist.is_distributed()
-    if _in_process_group() and not sys.modules["normdino.distributed"].is_main():
+    """Under torchrun: join the job (normdino.torchrun.join_job); ranks other than 0 stay quiet."""
+    joined, args.device = join_job(args.command, getattr(args, "device", None))
+    if not is_main_rank():
         args.quiet = True  # progress bars and logs on rank 0 only; errors are agreed and printed there
     return joined
 
@@ -475,11 +434,11 @@ def cmd_fit(args) -> int:
     from normdino.errors import WeightsNotFoundError
 
     try:  # under torchrun each rank embeds its contiguous share of the inputs (_my_share: all of them otherwise)
-        detector.fit(training_images(_my_share(train), options, max_megapixels=max_megapixels),
-                     training_images(_my_share(val), options, max_megapixels=max_megapixels) if val else None)
+        detector.fit(training_images(my_share(train), options, max_megapixels=max_megapixels),
+                     training_images(my_share(val), options, max_megapixels=max_megapixels) if val else None)
     except WeightsNotFoundError as err:
         raise WeightsNotFoundError(f"{err} {RANDOM_HINT.format(command='fit')}") from None
-    if _is_main_rank():  # one model file, written by rank 0 after the last collective
+    if is_main_rank():  # one model file, written by rank 0 after the last collective
         _save_model(detector, args.output)
     summary = detector.training_summary_
     log.info("wrote %s: %s with %d prototypes from %d training images", args.output, detector.method_name,
@@ -504,7 +463,7 @@ def _predict_shares(args, inputs, detector, options, max_megapixels: float) -> i
     mine = mine or writer(False)
     everything = [*inputs.images, *inputs.volumes]
     mine.assign_names(everything)  # the same unique names on every rank
-    share = _my_share(inputs, allow_empty=True)
+    share = my_share(inputs, allow_empty=True)
     with dist.failing_together("predict"):
         if dist.is_main():
             mine.skip_unusable(inputs.unusable)
@@ -537,7 +496,7 @@ def cmd_predict(args) -> int:
 
     # Everything that can be checked is checked before the model and its backbone load.
     inputs = resolve_inputs(args.inputs)
-    if _is_main_rank():  # under torchrun rank 0 may already be writing there when another rank gets here
+    if is_main_rank():  # under torchrun rank 0 may already be writing there when another rank gets here
         prepare_results_folder(Path(args.output), args.overwrite, check_only=True)
     max_megapixels = args.max_megapixels or DEFAULT_MAX_MEGAPIXELS
     if args.strict and inputs.unusable:
@@ -549,7 +508,7 @@ def cmd_predict(args) -> int:
     detector.batch_size = args.batch_size
     options = _slice_options(args, detector.volume_settings) if inputs.volumes else None
     _warn_if_trained_on_volumes(detector.volume_settings, inputs.images)
-    if _in_process_group():
+    if in_process_group():
         return _predict_shares(args, inputs, detector, options, max_megapixels)
     writer = PredictionWriter(detector, Path(args.output), fpr=args.fpr, overlays=not args.no_overlays,
                               progress=not args.quiet, overwrite=args.overwrite, strict=args.strict,
@@ -659,7 +618,7 @@ def cmd_evaluate(args) -> int:
     from normdino.evaluation.protocol import detector_scorer, evaluate_methods, evaluation_token_sets, write_outputs
 
     _check_report_outputs(args)
-    if args.layout == "volumes" and _in_process_group():
+    if args.layout == "volumes" and in_process_group():
         raise NormdinoError("normdino evaluate --layout volumes does not run under torchrun yet; run it as one "
                             "process: python -m normdino evaluate ... --layout volumes")
     cache_dir = None if args.no_cache else Path(args.cache_dir)
@@ -685,13 +644,13 @@ def cmd_evaluate(args) -> int:
     scorer = detector_scorer(detector)
     results = evaluate_methods([scorer], detector.backbone_, healthy, test, sigma, detector.top_fraction,
                                args.timing_images, **_statistics(args, 0))
-    if not _is_main_rank():  # under torchrun every rank holds the gathered metrics; rank 0 alone writes them
+    if not is_main_rank():  # under torchrun every rank holds the gathered metrics; rank 0 alone writes them
         return 0
     context = {"model": args.model, "data": args.data, "layout": dataset.layout, **dataset.summary(),
                "healthy_used": len(healthy.every_sample), "evaluated": len(test.every_sample),
                "backbone": detector.backbone_.name, "sigma": sigma}
-    if _in_process_group():
-        context["processes"] = sys.modules["normdino.distributed"].world_size()
+    if in_process_group():
+        context["processes"] = world_size()
     paths = write_outputs(results, [scorer], detector.backbone_, Path(args.output), f"normdino evaluate: {dataset.name}",
                           context, Path(args.json) if args.json else None, sigma,
                           comparisons=_comparisons(results, args, 0))
@@ -918,7 +877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
     handler = COMMANDS[args.command]
     try:
-        if _in_process_group():  # an error on any rank ends every rank with the same message
+        if in_process_group():  # an error on any rank ends every rank with the same message
             with sys.modules["normdino.distributed"].failing_together(args.command):
                 code = handler(args)
         else:
@@ -926,7 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe (| head) shows up here, not in an interpreter-exit traceback
         return code
     except NormdinoError as err:
-        if not _is_main_rank() and type(err).__name__ in ("DistributedError", "PeerFailedError"):
+        if not is_main_rank() and type(err).__name__ in ("DistributedError", "PeerFailedError"):
             return 1  # every rank has this message; rank 0 prints it
         return _error(args.command, str(err))
     except BrokenPipeError:  # the reader went away (| head): stop quietly, as a SIGPIPE would
