@@ -149,7 +149,12 @@ def test_predict_scales_volumes_as_the_training_volumes_were(scans, tiny_dinov2_
 
 
 def test_predict_axis_alone_keeps_the_models_window():
-    from normdino.cli import _slice_options, build_parser
+    from normdino.cli import build_parser
+    from normdino.io.volume_flags import VolumeFlags
+
+    def _slice_options(args, stored):
+        return VolumeFlags(axis=args.axis, slices=args.slices, percentiles=args.percentiles, window=args.window,
+                           normalization=args.normalization).slice_options(stored)
 
     stored = {"axis": "axial", "normalization": "window", "window": [-200.0, 250.0], "percentiles": "0.5,99.5",
               "image_intensity": "dtype"}
@@ -164,8 +169,8 @@ def test_predict_axis_alone_keeps_the_models_window():
 def test_png_fitted_model_scores_uint8_volumes_on_the_png_scale(tiny_dinov2_dir, tmp_path, capsys):
     from PIL import Image
 
-    from normdino.cli import _slice_options, build_parser
     from normdino.detector import AnomalyDetector
+    from normdino.io.volume_flags import VolumeFlags
     from normdino.io.reading import read_image
     from normdino.io.volumes import Volume
 
@@ -181,8 +186,7 @@ def test_png_fitted_model_scores_uint8_volumes_on_the_png_scale(tiny_dinov2_dir,
                  "--epochs", "1", "--components", "4", "--no-cache", "--quiet"]) == 0
     detector = AnomalyDetector.load(model)
     assert detector.volume_settings["image_intensity"] == "dtype"
-    args = build_parser().parse_args(["predict", str(model), str(tmp_path / "scan.nii.gz"), "-o", "out"])
-    options = _slice_options(args, detector.volume_settings)
+    options = VolumeFlags().slice_options(detector.volume_settings)
     assert options.normalization == "dtype" and options.fallback == "percentile"
     with Volume.open(tmp_path / "scan.nii.gz") as scan:
         for k, plane in scan.iter_slices(options):  # exactly the values the model was trained on

@@ -269,38 +269,12 @@ def _add_report_options(parser: argparse.ArgumentParser, default_dir: str, estim
 # ---------------------------------------------------------------------- commands
 
 
-INTENSITY_SETTINGS = ("axis", "normalization", "window", "percentiles")
+def _volume_flags(args):
+    """The volume options of the command line (normdino.io.volume_flags.VolumeFlags)."""
+    from normdino.io.volume_flags import VolumeFlags
 
-
-def _slice_options(args, model_settings: dict | None = None):
-    """Slice options from the command line; unset axis/intensity settings come from the model (field by field,
-    see io.slicing.merge_slice_settings), then the defaults."""
-    from normdino.io.slicing import SliceOptions, merge_slice_settings
-
-    if model_settings is None and args.command != "fit":  # a model fitted on 2D images only: match their rule
-        model_settings = {}
-    settings = merge_slice_settings(model_settings, {key: getattr(args, key) for key in INTENSITY_SETTINGS})
-    try:
-        percentiles = tuple(float(v) for v in str(settings["percentiles"]).split(","))
-    except ValueError:
-        raise NormdinoError(f"--percentiles takes LOW,HIGH, e.g. 0.5,99.5; got {settings['percentiles']!r}") from None
-    axis = int(settings["axis"]) if str(settings["axis"]).isdigit() else settings["axis"]
-    window = settings["window"]
-    return SliceOptions(axis=axis, slices=args.slices, min_foreground=args.min_foreground,
-                        normalization=settings["normalization"], percentiles=percentiles,
-                        window=",".join(map(str, window)) if isinstance(window, (list, tuple)) else window,
-                        volume_index=args.volume_index, fallback=settings["fallback"])
-
-
-def _intensity_settings(options) -> dict:
-    """What predict needs to scale 2D images and slice and scale volumes as the training data were."""
-    from normdino.io.reading import IMAGE_INTENSITY
-
-    if options is None:  # 2D images only
-        return {"image_intensity": IMAGE_INTENSITY}
-    window = list(options.window) if options.window is not None else None
-    return {"axis": options.axis, "normalization": options.normalization, "window": window,
-            "percentiles": ",".join(map(str, options.percentiles)), "image_intensity": IMAGE_INTENSITY}
+    return VolumeFlags(axis=args.axis, slices=args.slices, min_foreground=args.min_foreground, window=args.window,
+                       percentiles=args.percentiles, normalization=args.normalization, volume_index=args.volume_index)
 
 
 FIT_DEFAULTS = {"method": "dpmm", "backbone": None, "device": "cpu", "cache_dir": str(DEFAULT_CACHE)}  # backbone: the method's
@@ -407,6 +381,7 @@ def cmd_fit(args) -> int:
     from normdino.detector import AnomalyDetector
     from normdino.io.inputs import resolve_inputs, training_images, warn_unusable
     from normdino.io.reading import MAX_MEGAPIXELS, image_shape
+    from normdino.io.slicing import recorded_settings
 
     settings, detector_kwargs, method_params = _estimator_settings(args)
     if args.print_config:
@@ -425,12 +400,12 @@ def cmd_fit(args) -> int:
         image_shape(path, max_megapixels)
     _warn_if_validation_overlaps(train, val)
     _check_cache(None if args.no_cache else settings["cache_dir"])
-    options = _slice_options(args) if train.volumes or (val and val.volumes) else None
+    options = _volume_flags(args).slice_options() if train.volumes or (val and val.volumes) else None
     detector = AnomalyDetector(
         method=settings["method"], backbone=settings["backbone"], device=settings["device"],
         runtime=args.runtime or "torch", precision=args.precision,
         cache_dir=None if args.no_cache else settings["cache_dir"], progress=not args.quiet,
-        volume_settings=_intensity_settings(options), **detector_kwargs, **method_params)
+        volume_settings=recorded_settings(options), **detector_kwargs, **method_params)
     from normdino.errors import WeightsNotFoundError
 
     try:  # under torchrun each rank embeds its contiguous share of the inputs (_my_share: all of them otherwise)
@@ -506,7 +481,7 @@ def cmd_predict(args) -> int:
     detector = AnomalyDetector.load(args.model, backbone=args.backbone, device=args.device, progress=not args.quiet,
                                     runtime=args.runtime, precision=args.precision)
     detector.batch_size = args.batch_size
-    options = _slice_options(args, detector.volume_settings) if inputs.volumes else None
+    options = _volume_flags(args).slice_options(detector.volume_settings or {}) if inputs.volumes else None
     _warn_if_trained_on_volumes(detector.volume_settings, inputs.images)
     if in_process_group():
         return _predict_shares(args, inputs, detector, options, max_megapixels)
@@ -630,7 +605,7 @@ def cmd_evaluate(args) -> int:
     if args.layout == "volumes":
         from normdino.evaluation.volumes import evaluate_volumes
 
-        paths, rows = evaluate_volumes(detector, Path(args.data), _slice_options(args, detector.volume_settings),
+        paths, rows = evaluate_volumes(detector, Path(args.data), _volume_flags(args).slice_options(detector.volume_settings or {}),
                                        Path(args.output),
                                        json_path=Path(args.json) if args.json else None,
                                        mask_suffix=args.mask_suffix, progress=not args.quiet)

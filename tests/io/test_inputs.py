@@ -100,7 +100,6 @@ def test_training_sources_name_the_volume_of_every_slice(folder, tmp_path):
 
 def test_expand_images_says_what_the_model_must_record(folder, tmp_path):
     nib = pytest.importorskip("nibabel")
-    from normdino.cli import _intensity_settings
     from normdino.io.slicing import SliceOptions, merge_slice_settings
 
     settings: dict = {}
@@ -114,7 +113,8 @@ def test_expand_images_says_what_the_model_must_record(folder, tmp_path):
     options = SliceOptions(window=(-200, 250), axis=1)
     settings = {}
     expand_images(tmp_path / "v.nii.gz", options, settings=settings)
-    assert settings == _intensity_settings(options)  # the CLI records the same thing
+    assert settings == {"axis": 1, "normalization": "window", "window": [-200.0, 250.0], "percentiles": "0.5,99.5",
+                        "image_intensity": "dtype"}
     assert merge_slice_settings(settings, {})["window"] == [-200.0, 250.0]
 
 
