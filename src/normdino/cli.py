@@ -16,7 +16,7 @@ from typing import Sequence
 from normdino import __version__
 from normdino.errors import NormdinoError
 from normdino.files import default_cache_dir
-from normdino.torchrun import in_process_group, is_main_rank, join_job, my_share, world_size
+from normdino.torchrun import in_process_group, is_main_rank, join_job
 
 log = logging.getLogger("normdino")
 
@@ -305,50 +305,6 @@ RANDOM_HINT = ("Without weights, 'normdino {command} --backbone random' runs the
                "(timing only, quality meaningless).")
 
 
-def _check_fit_output(output: Path, train, val) -> None:
-    """Before any work: the model file can be written, and it is not one of the inputs (it would replace it)."""
-    from normdino.errors import OutputError
-    from normdino.files import check_writable_file
-    from normdino.io.reading import IMAGE_SUFFIXES
-
-    check_writable_file(output, "model file")
-    target = output.resolve()
-    inputs = [*train.images, *train.volumes, *((val.images + val.volumes) if val else [])]
-    if any(Path(p).resolve() == target for p in inputs):
-        raise OutputError(f"-o {output} is one of the training or validation inputs; writing the model there would "
-                          "destroy it: give another file name, e.g. model.normdino")
-    if output.exists() and output.name.lower().endswith((*IMAGE_SUFFIXES, ".nii", ".nii.gz", ".dcm")):
-        raise OutputError(f"-o {output} is an existing image or volume; a model would replace it: give another file "
-                          "name, e.g. model.normdino")
-
-
-def _warn_if_validation_overlaps(train, val) -> None:
-    """Validation images that are also training images make the calibrated false-positive rates optimistic."""
-    if val is None:
-        return
-    training = {Path(p).resolve() for p in [*train.images, *train.volumes]}
-    validation = [*val.images, *val.volumes]
-    shared = sum(Path(p).resolve() in training for p in validation)
-    if shared:
-        log.warning("%d of the %d validation inputs are also training inputs: thresholds calibrated on them give "
-                    "optimistic (too low) false-positive rates; use healthy images the model is not fitted on",
-                    shared, len(validation))
-
-
-def _save_model(detector, output: str) -> None:
-    """Save the model; a full disk or a vanished folder is one sentence, not a serializer traceback."""
-    from normdino.errors import OutputError
-
-    try:
-        detector.save(output)
-    except OSError as err:
-        raise OutputError(f"cannot write the model file {output}: {err.strerror or err}") from None
-    except Exception as err:  # safetensors reports I/O failures as its own SafetensorError
-        if type(err).__name__ != "SafetensorError":
-            raise
-        raise OutputError(f"cannot write the model file {output}: {err}") from None
-
-
 # ---------------------------------------------------------------------- torchrun (normdino.torchrun)
 
 
@@ -360,158 +316,35 @@ def _join_torchrun_job(args) -> bool:
     return joined
 
 
-def _warn_if_trained_on_volumes(settings: dict | None, images: list) -> None:
-    """2D files are read by the fixed dtype rule; a model whose volumes were scaled per volume saw other values."""
-    rule = (settings or {}).get("normalization")
-    if images and rule not in (None, "dtype", "none"):
-        log.warning("WARNING: this model was fitted on volumes scaled by the %r rule, but %d input(s) are 2D image "
-                    "files, read by their data type's range: their intensities may not match the training volumes; "
-                    "predict on the volumes themselves, or refit on 2D images", rule, len(images))
-
-
-def _check_cache(cache_dir) -> None:
-    """A token-cache folder that is a file or not writable is one sentence before any work."""
-    if cache_dir is not None:
-        from normdino.features.cache import check_cache_dir
-
-        check_cache_dir(cache_dir)
-
-
 def cmd_fit(args) -> int:
-    from normdino.detector import AnomalyDetector
-    from normdino.io.inputs import resolve_inputs, training_images, warn_unusable
-    from normdino.io.reading import MAX_MEGAPIXELS, image_shape
-    from normdino.io.slicing import recorded_settings
-
     settings, detector_kwargs, method_params = _estimator_settings(args)
     if args.print_config:
         from normdino.config import to_yaml
 
         print(to_yaml(settings), end="")
         return 0
-    train = resolve_inputs(args.normal)
-    val = resolve_inputs(args.val) if args.val else None
-    _check_fit_output(Path(args.output), train, val)
-    for inputs in (train, val):
-        if inputs is not None:
-            warn_unusable(inputs)
-    max_megapixels = getattr(args, "max_megapixels", None) or MAX_MEGAPIXELS
-    for path in [*train.images, *(val.images if val else [])]:  # one limit for fit and predict, before any work
-        image_shape(path, max_megapixels)
-    _warn_if_validation_overlaps(train, val)
-    _check_cache(None if args.no_cache else settings["cache_dir"])
-    options = _volume_flags(args).slice_options() if train.volumes or (val and val.volumes) else None
-    detector = AnomalyDetector(
-        method=settings["method"], backbone=settings["backbone"], device=settings["device"],
-        runtime=args.runtime or "torch", precision=args.precision,
-        cache_dir=None if args.no_cache else settings["cache_dir"], progress=not args.quiet,
-        volume_settings=recorded_settings(options), **detector_kwargs, **method_params)
     from normdino.errors import WeightsNotFoundError
+    from normdino.workflows.fit import fit_to_file
 
-    try:  # under torchrun each rank embeds its contiguous share of the inputs (_my_share: all of them otherwise)
-        detector.fit(training_images(my_share(train), options, max_megapixels=max_megapixels),
-                     training_images(my_share(val), options, max_megapixels=max_megapixels) if val else None)
+    try:
+        fit_to_file(args.normal, args.output, val=args.val, volume_flags=_volume_flags(args),
+                    max_megapixels=getattr(args, "max_megapixels", None),
+                    method=settings["method"], backbone=settings["backbone"], device=settings["device"],
+                    runtime=args.runtime or "torch", precision=args.precision,
+                    cache_dir=None if args.no_cache else settings["cache_dir"], progress=not args.quiet,
+                    **detector_kwargs, **method_params)
     except WeightsNotFoundError as err:
         raise WeightsNotFoundError(f"{err} {RANDOM_HINT.format(command='fit')}") from None
-    if is_main_rank():  # one model file, written by rank 0 after the last collective
-        _save_model(detector, args.output)
-    summary = detector.training_summary_
-    log.info("wrote %s: %s with %d prototypes from %d training images", args.output, detector.method_name,
-             summary["n_prototypes"], summary["n_train_images"])
-    return 0
-
-
-def _predict_shares(args, inputs, detector, options, max_megapixels: float) -> int:
-    """predict under torchrun: each rank writes the maps of its share; rank 0 writes the one scores.csv (input order),
-    summary.json and index.html from every rank's rows."""
-    from normdino import distributed as dist
-    from normdino.io.writing import PredictionWriter
-
-    def writer(main: bool) -> PredictionWriter:
-        return PredictionWriter(detector, Path(args.output), fpr=args.fpr, overlays=not args.no_overlays,
-                                progress=not args.quiet, overwrite=args.overwrite, strict=args.strict,
-                                max_megapixels=max_megapixels, context={"model": str(args.model)}, prepare=main,
-                                csv_name="scores.csv" if main else f".scores.rank{dist.rank()}.csv")
-
-    with dist.failing_together("preparing the results folder"):  # rank 0 cleans it before anyone writes
-        mine = writer(True) if dist.is_main() else None
-    mine = mine or writer(False)
-    everything = [*inputs.images, *inputs.volumes]
-    mine.assign_names(everything)  # the same unique names on every rank
-    share = my_share(inputs, allow_empty=True)
-    with dist.failing_together("predict"):
-        if dist.is_main():
-            mine.skip_unusable(inputs.unusable)
-        mine.write_images(share.images)
-        for volume in share.volumes:
-            mine.write_volume(volume, options)
-    position = {str(p): i for i, p in enumerate(everything)}
-    rows = sorted(dist.gather_list(mine.rows), key=lambda row: position.get(row["input"], len(position)))
-    mine.adopt_rows(rows, write=dist.is_main())
-    if dist.is_main():
-        csv_path = mine.finish()
-    else:
-        mine.csv_path.unlink(missing_ok=True)
-        return 0
-    if mine.n_written == 0:
-        raise NormdinoError(f"none of the {mine.n_skipped} inputs could be read; {csv_path} says why for each")
-    if mine.n_skipped:
-        log.warning("%d of %d inputs were skipped; %s says why", mine.n_skipped, len(mine.rows), csv_path)
-    log.info("wrote maps for %d inputs on %d processes, %s and %s", mine.n_written, dist.world_size(), csv_path,
-             csv_path.parent / "index.html")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from normdino.detector import AnomalyDetector
-    from normdino.io.inputs import resolve_inputs
-    from normdino.io.writing import PredictionWriter
+    from normdino.workflows.predict import predict_to_folder
 
-    from normdino.io.writing import DEFAULT_MAX_MEGAPIXELS, check_image_sizes, prepare_results_folder
-
-    # Everything that can be checked is checked before the model and its backbone load.
-    inputs = resolve_inputs(args.inputs)
-    if is_main_rank():  # under torchrun rank 0 may already be writing there when another rank gets here
-        prepare_results_folder(Path(args.output), args.overwrite, check_only=True)
-    max_megapixels = args.max_megapixels or DEFAULT_MAX_MEGAPIXELS
-    if args.strict and inputs.unusable:
-        path, why = inputs.unusable[0]
-        raise NormdinoError(f"{path} {why} (stopped by --strict before any work; without it such inputs are skipped)")
-    check_image_sizes(inputs.images, max_megapixels, strict=args.strict)
-    detector = AnomalyDetector.load(args.model, backbone=args.backbone, device=args.device, progress=not args.quiet,
-                                    runtime=args.runtime, precision=args.precision)
-    detector.batch_size = args.batch_size
-    options = _volume_flags(args).slice_options(detector.volume_settings or {}) if inputs.volumes else None
-    _warn_if_trained_on_volumes(detector.volume_settings, inputs.images)
-    if in_process_group():
-        return _predict_shares(args, inputs, detector, options, max_megapixels)
-    writer = PredictionWriter(detector, Path(args.output), fpr=args.fpr, overlays=not args.no_overlays,
-                              progress=not args.quiet, overwrite=args.overwrite, strict=args.strict,
-                              max_megapixels=max_megapixels, context={"model": str(args.model)})
-    writer.assign_names([*inputs.images, *inputs.volumes])
-    finished = False
-    try:
-        writer.skip_unusable(inputs.unusable)
-        writer.write_images(inputs.images)
-        for volume in inputs.volumes:
-            writer.write_volume(volume, options)
-        csv_path = writer.finish()
-        finished = True
-    finally:
-        if not finished:  # an interrupted run still gets a report of what it finished (scores.csv is complete)
-            try:
-                writer.finish()
-            except Exception:  # noqa: BLE001 - the original error is the one to report
-                pass
-    if writer.n_written == 0:
-        first = next(row["message"] for row in writer.rows if row["status"] != "ok")
-        if writer.n_skipped == 1:
-            raise NormdinoError(first)
-        raise NormdinoError(f"none of the {writer.n_skipped} inputs could be used (the first: {first}); "
-                            f"{csv_path} says why for each")
-    if writer.n_skipped:
-        log.warning("%d of %d inputs were skipped; %s says why", writer.n_skipped, len(writer.rows), csv_path)
-    log.info("wrote maps for %d inputs, %s and %s", writer.n_written, csv_path, csv_path.parent / "index.html")
+    predict_to_folder(args.model, args.inputs, args.output, volume_flags=_volume_flags(args), fpr=args.fpr,
+                      overlays=not args.no_overlays, overwrite=args.overwrite, strict=args.strict,
+                      max_megapixels=args.max_megapixels, progress=not args.quiet, backbone=args.backbone,
+                      device=args.device, runtime=args.runtime, precision=args.precision, batch_size=args.batch_size)
     return 0
 
 
@@ -579,120 +412,45 @@ def _print_results(paths: dict, rows: list[dict], random_backbone: bool) -> None
     print(f"results: {paths['json']}  {paths['markdown']}  report: {paths['html']}")
 
 
-def _check_report_outputs(args) -> None:
-    """Before any work: the report folder and the --json file can be written (one sentence if not)."""
-    from normdino.files import check_writable_file, check_writable_folder
+def _report_options(args):
+    """The report and statistics options of evaluate and bench (normdino.evaluation.report_options)."""
+    from normdino.evaluation.report_options import ReportOptions
 
-    check_writable_folder(args.output, "report folder")
-    if args.json:
-        check_writable_file(args.json, "JSON results file")
+    return ReportOptions(output=Path(args.output), json_path=Path(args.json) if args.json else None,
+                         timing_images=args.timing_images, max_eval=args.max_eval, foreground=args.foreground,
+                         n_bootstrap=args.bootstrap, compare=_pairs(args.compare), n_permutations=args.permutations,
+                         progress=not args.quiet)
 
 
 def cmd_evaluate(args) -> int:
-    from normdino.detector import AnomalyDetector
-    from normdino.evaluation.protocol import detector_scorer, evaluate_methods, evaluation_token_sets, write_outputs
+    from normdino.evaluation.model_evaluation import evaluate_model
 
-    _check_report_outputs(args)
-    if args.layout == "volumes" and in_process_group():
-        raise NormdinoError("normdino evaluate --layout volumes does not run under torchrun yet; run it as one "
-                            "process: python -m normdino evaluate ... --layout volumes")
-    cache_dir = None if args.no_cache else Path(args.cache_dir)
-    _check_cache(cache_dir)
-    detector = AnomalyDetector.load(args.model, backbone=args.backbone, device=args.device, progress=not args.quiet,
-                                    runtime=args.runtime, precision=args.precision)
-    detector.batch_size = args.batch_size
-    sigma = detector.sigma if args.sigma is None else args.sigma
-    if args.layout == "volumes":
-        from normdino.evaluation.volumes import evaluate_volumes
-
-        paths, rows = evaluate_volumes(detector, Path(args.data), _volume_flags(args).slice_options(detector.volume_settings or {}),
-                                       Path(args.output),
-                                       json_path=Path(args.json) if args.json else None,
-                                       mask_suffix=args.mask_suffix, progress=not args.quiet)
-        _print_results(paths, rows, detector.backbone_.is_random)
-        return 0
-    from normdino.evaluation.datasets import load_dataset
-
-    dataset = load_dataset(args.data, args.layout)
-    healthy, test = evaluation_token_sets(detector.backbone_, dataset, cache_dir, args.batch_size, not args.quiet,
-                                          args.max_eval, cls=detector.method_.feature_request().cls)
-    scorer = detector_scorer(detector)
-    results = evaluate_methods([scorer], detector.backbone_, healthy, test, sigma, detector.top_fraction,
-                               args.timing_images, **_statistics(args, 0))
-    if not is_main_rank():  # under torchrun every rank holds the gathered metrics; rank 0 alone writes them
-        return 0
-    context = {"model": args.model, "data": args.data, "layout": dataset.layout, **dataset.summary(),
-               "healthy_used": len(healthy.every_sample), "evaluated": len(test.every_sample),
-               "backbone": detector.backbone_.name, "sigma": sigma}
-    if in_process_group():
-        context["processes"] = world_size()
-    paths = write_outputs(results, [scorer], detector.backbone_, Path(args.output), f"normdino evaluate: {dataset.name}",
-                          context, Path(args.json) if args.json else None, sigma,
-                          comparisons=_comparisons(results, args, 0))
-    _print_results(paths, [r.row for r in results], detector.backbone_.is_random)
+    run = evaluate_model(args.model, args.data, _report_options(args), layout=args.layout, sigma=args.sigma,
+                         batch_size=args.batch_size, cache_dir=None if args.no_cache else args.cache_dir,
+                         mask_suffix=args.mask_suffix, volume_flags=_volume_flags(args), backbone=args.backbone,
+                         device=args.device, runtime=args.runtime, precision=args.precision)
+    if run is not None:  # None on the ranks other than 0 of a torchrun job
+        _print_results(run.paths, run.rows, run.random_backbone)
     return 0
 
 
 def cmd_bench(args) -> int:
-    from normdino.detector import AnomalyDetector
     from normdino.errors import InputError
-    from normdino.evaluation.datasets import load_dataset
-    from normdino.evaluation.protocol import (create_methods, evaluate_methods, evaluation_token_sets, feature_union,
-                                              fit_methods, subset, token_set, write_outputs)
-    from normdino.features.tokens import FeatureRequest
+    from normdino.evaluation.bench import run_bench
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not names:
         raise InputError("--methods is empty")
-    _check_report_outputs(args)
-    settings, detector_kwargs, _ = _estimator_settings(args, method=names[0])
-    seed = settings["seed"]
-    methods = []
-    seeds = _seeds(args.seeds)
-    for name in names:
-        _, _, method_params = _estimator_settings(args, method=name)  # a preset's settings are its own
-        for run_seed in seeds if "shot" in name else (seed,):  # few-shot methods: one fit per seed
-            created = create_methods([name], **{**method_params, "seed": run_seed})
-            if "shot" in name and len(seeds) > 1:
-                created[0].name = f"{name}@{run_seed}"
-            methods.extend(created)
-    dataset = load_dataset(args.data, args.layout)
-    if not dataset.train:
-        raise InputError(f"{args.data} has no training images (train/good)")
-    train_images = subset(dataset.train, args.max_train, seed)
-    from normdino.evaluation.splits import without_training_patients
-
-    dataset = without_training_patients(dataset, train_images)  # calibration never on a training patient's slices
-    cache_dir = None if args.no_cache else Path(settings["cache_dir"])
-    _check_cache(cache_dir)
-    sigma = settings["sigma"]
-    layers, cls = feature_union(methods)
-    maker = AnomalyDetector(backbone=settings["backbone"], device=settings["device"], runtime=args.runtime or "torch",
-                            precision=args.precision, **detector_kwargs)
-    backbone = maker.build_backbone(FeatureRequest(layers=layers, cls=cls))
-    depth = backbone.num_layers
-    layers, _ = feature_union(methods, depth)  # -1 and the last block's number are one layer, extracted once
-    if tuple(layers) != tuple(backbone.layers):
-        maker.backbone = backbone
-        backbone = maker.build_backbone(FeatureRequest(layers=layers, cls=cls))
-    progress = not args.quiet
-    batch = settings["batch_size"]
-    train = token_set(backbone, train_images, cache_dir, batch, progress, cls=cls)
-    healthy, test = evaluation_token_sets(backbone, dataset, cache_dir, batch, progress, args.max_eval, seed, cls=cls)
-    scorers = fit_methods(methods, layers, train, healthy.tokens, device=backbone.device, progress=progress,
-                          depth=depth)
-    results = evaluate_methods(scorers, backbone, healthy, test, sigma, settings["top_fraction"], args.timing_images,
-                               **_statistics(args, seed))
-    context = {"data": args.data, "layout": dataset.layout, **dataset.summary(), "train_used": len(train_images),
-               "healthy_used": len(healthy.shapes), "evaluated": len(test.shapes),
-               "backbone": backbone.name, "random_weights": backbone.is_random, "image_size": backbone.image_size,
-               "normalized_tokens": backbone.normalize, "layers": list(backbone.layers), "sigma": sigma,
-               "device": str(backbone.device), "methods": {m.name: m.get_params() for m in methods}}
-    summaries = _seed_summaries(results, names, seeds)
-    paths = write_outputs(results, scorers, backbone, Path(args.output), f"normdino bench: {dataset.name}", context,
-                          Path(args.json) if args.json else None, sigma, comparisons=_comparisons(results, args, seed),
-                          summary_rows=summaries)
-    _print_results(paths, [r.row for r in results] + summaries, backbone.is_random)
+    report = _report_options(args)
+    report.check_outputs()
+    settings, _, _ = _estimator_settings(args, method=names[0])
+    if args.no_cache:
+        settings["cache_dir"] = None
+    method_params = {name: _estimator_settings(args, method=name)[2] for name in names}  # a preset's settings are its own
+    run = run_bench(args.data, names, report, settings, layout=args.layout, max_train=args.max_train,
+                    seeds=_seeds(args.seeds), runtime=args.runtime or "torch", precision=args.precision,
+                    method_params=method_params)
+    _print_results(run.paths, run.rows, run.random_backbone)
     return 0
 
 
@@ -731,33 +489,6 @@ def _seeds(text: str) -> tuple[int, ...]:
     if not seeds:
         raise NormdinoError("--seeds is empty")
     return seeds
-
-
-def _statistics(args, seed: int) -> dict:
-    """evaluate_methods' statistics options from --foreground, --bootstrap."""
-    from normdino.evaluation.foreground import foreground_from_option
-
-    return {"foreground": foreground_from_option(args.foreground), "n_bootstrap": args.bootstrap, "seed": seed,
-            "progress": not args.quiet}
-
-
-def _comparisons(results, args, seed: int) -> list[dict] | None:
-    """Paired permutation tests asked for with --compare (None when none)."""
-    if not args.compare:
-        return None
-    from normdino.evaluation.assess import compare_methods
-
-    return compare_methods(results, _pairs(args.compare), args.permutations, seed)
-
-
-def _seed_summaries(results, names: list[str], seeds: tuple[int, ...]) -> list[dict]:
-    """One max/mean/min row per few-shot method run over several seeds."""
-    from normdino.evaluation.assess import seed_summary
-
-    if len(seeds) < 2:
-        return []
-    return [seed_summary(name, [r.row for r in results if r.row["method"].startswith(f"{name}@")])
-            for name in names if "shot" in name]
 
 
 def cmd_reproduce(args) -> int:
