@@ -152,7 +152,7 @@ def test_the_library_refuses_a_preset_with_a_different_explicit_setting():
 
 
 def test_bench_gives_each_preset_its_own_settings():
-    from normdino.cli import _estimator_settings
+    from normdino.cli.options import estimator_settings as _estimator_settings
 
     args = build_parser(estimator_options=True).parse_args(["bench", "--methods", "dpmm,dpmm-likelihood", "data"])
     assert _estimator_settings(args, method="dpmm")[2]["score"] == "cosine"

@@ -35,7 +35,7 @@ def test_layout_shows_the_pipeline():
     root = Path(normdino.__file__).parent
     for package in ("io", "features", "methods", "evaluation", "serving"):
         assert (root / package / "__init__.py").is_file(), package
-    for name in ("detector.py", "cli.py", "model_file.py", "config.py"):
+    for name in ("detector.py", "cli/__init__.py", "model_file.py", "config.py"):
         assert (root / name).is_file(), name
 
 

@@ -1,0 +1,103 @@
+"""The ``normdino`` command line: fit, predict, info, evaluate, bench, demo, serve, reproduce.
+
+One module per command (``normdino.cli.fit`` ...), each with ``add_parser(sub)`` and ``run(args)``: it parses,
+calls one library function, and prints. This module assembles the parser and maps errors to exit codes: every
+user error ends in one readable line on stderr and exit code 1; usage errors exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+from collections.abc import Sequence
+
+from normdino import __version__
+from normdino.cli import bench, demo, evaluate, fit, info, predict, reproduce, serve
+from normdino.cli.logs import configure_logging, end_progress_bars
+from normdino.errors import NormdinoError
+from normdino.torchrun import in_process_group, is_main_rank, join_job
+
+COMMANDS = {"fit": fit, "predict": predict, "info": info, "demo": demo, "evaluate": evaluate, "bench": bench,
+            "serve": serve, "reproduce": reproduce}
+"""Command name -> its module (``add_parser``, ``run``), in the order ``normdino --help`` lists them."""
+ESTIMATOR_COMMANDS = ("fit", "bench")
+"""Commands whose parser gets every method's hyper-parameters (this imports torch, so only when they run)."""
+
+
+def build_parser(estimator_options: bool = False) -> argparse.ArgumentParser:
+    """The parser; ``estimator_options`` adds every method's hyper-parameters to fit and bench (imports torch)."""
+    parser = argparse.ArgumentParser(
+        prog="normdino",
+        description="Anomaly detection and segmentation in medical images with a normative model of DINO patch embeddings.")
+    parser.add_argument("--version", action="version", version=f"normdino {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        if name in ESTIMATOR_COMMANDS:
+            module.add_parser(sub, estimator_options)
+        else:
+            module.add_parser(sub)
+    return parser
+
+
+def _join_torchrun_job(args) -> bool:
+    """Under torchrun: join the job (normdino.torchrun.join_job); ranks other than 0 stay quiet."""
+    joined, args.device = join_job(args.command, getattr(args, "device", None))
+    if not is_main_rank():
+        args.quiet = True  # progress bars and logs on rank 0 only; errors are agreed and printed there
+    return joined
+
+
+#: errno values that mean "this output cannot be written" (full disk, quota, read-only, permissions).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+def _error(command: str, message: str) -> int:
+    end_progress_bars()
+    print(f"normdino {command}: error: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default: sys.argv) and return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(estimator_options=bool(argv) and argv[0] in ESTIMATOR_COMMANDS)
+    args = parser.parse_args(argv)
+    try:
+        joined = _join_torchrun_job(args)
+    except NormdinoError as err:
+        return _error(args.command, str(err))
+    configure_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
+    handler = COMMANDS[args.command].run
+    try:
+        if in_process_group():  # an error on any rank ends every rank with the same message
+            with sys.modules["normdino.distributed"].failing_together(args.command):
+                code = handler(args)
+        else:
+            code = handler(args)
+        sys.stdout.flush()  # a closed pipe (| head) shows up here, not in an interpreter-exit traceback
+        return code
+    except NormdinoError as err:
+        if not is_main_rank() and type(err).__name__ in ("DistributedError", "PeerFailedError"):
+            return 1  # every rank has this message; rank 0 prints it
+        return _error(args.command, str(err))
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as a SIGPIPE would
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except MemoryError:
+        return _error(args.command, "ran out of memory; use smaller inputs, a smaller --batch-size or a machine "
+                                    "with more memory")
+    except OSError as err:
+        if err.errno not in _WRITE_ERRNOS:
+            raise
+        verb = "write" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG) else "access"
+        return _error(args.command, f"cannot {verb} {err.filename or 'a file'}: {err.strerror}")
+    except KeyboardInterrupt:
+        end_progress_bars()
+        print("normdino: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if joined:
+            sys.modules["normdino.distributed"].shutdown()
