@@ -437,8 +437,12 @@ class AnomalyDetector:
     @classmethod
     def load(cls, path: str | Path, backbone=None, cache_dir: str | Path | bool | None = True,
              device: str = "cpu", progress: bool = True, runtime: str | None = None,
-             precision: str | None = None) -> "AnomalyDetector":
+             precision: str | None = None, keep_fit_state: bool = False) -> "AnomalyDetector":
         """Load a model file written by :meth:`save`; ``backbone`` overrides where the backbone weights come from.
+
+        The method keeps only what scoring reads (e.g. the DPMM's active means, not its EM state of all
+        components); ``keep_fit_state=True`` keeps everything the file holds, to :meth:`save` it again or
+        continue a fit. The file format is the same either way.
 
         ``runtime``/``precision`` default to the model's own where this device supports them (a model fitted
         in bf16 on a GPU runs in fp32 on a CPU); a different choice gives a warning, not a refusal.
@@ -456,6 +460,8 @@ class AnomalyDetector:
         detector.precision = precision or _portable_precision(spec.get("precision"), device)
         detector.normalize = bool(spec.get("normalize", detector.normalize))
         method.to(resolve_device(device))  # 'auto' -> cuda or cpu, as the backbone will resolve it
+        if not keep_fit_state:
+            method.release_fit_state()
         detector.method_ = method
         detector.calibration_fprs_ = tensors["calibration.fprs"].numpy()
         detector.pixel_thresholds_ = tensors["calibration.pixel_thresholds"].numpy()

@@ -114,7 +114,8 @@ def test_markdown_json_and_html_show_paper_and_difference(tmp_path):
     table1 = markdown.split("## Table 1")[1].split("## Table 2")[0]
     header = next(line for line in table1.splitlines() if line.startswith("| method"))
     assert header == ("| method | AUROC % | AUROC % paper | AUROC % Δ | AUPR % | AUPR % paper | AUPR % Δ | backbone ms | "
-                      "scoring ms | ms (sum) | ms (sum) paper | ms (sum) Δ | GB | GB paper | GB Δ |")
+                      "scoring ms | ms (sum) | ms (sum) paper | ms (sum) Δ | GB | GB paper | GB Δ | scoring state MB | "
+                      "saved state MB |")
     brats = table1.split("### BraTS2021")[1].split("###")[0]
     assert "| AnomalyDINO 1-shot, max over seeds | 95.00 | 96.57 | -1.57 | 95.00 | 44.74 | +50.26 | — | — | — | — | — |" in brats
     assert "| AnomalyDINO 1-shot, min over seeds | 80.00 | 84.97 | -4.97 |" in brats

@@ -144,7 +144,8 @@ def assess_scorer(scorer, healthy, test, *, sigma: float = 0.0, top_fraction: fl
         "image_aupr": image_aupr(image_scores, labels) if 1 in labels else math.nan,
         "n_prototypes": scorer.n_prototypes,
         "fit_seconds": round(scorer.fit_seconds, 3),
-        "scorer_memory_mb": round(scorer.state_mb, 3),
+        "scoring_state_mb": round(scorer.scoring_state_mb, 4),
+        "saved_state_mb": round(scorer.saved_state_mb, 4),
         **{f"threshold_{_fpr_key(f)}": float(np.mean([th[t] for th in thresholds])) for t, f in enumerate(fprs)},
         "calibration_folds": n_folds,
     }
@@ -219,7 +220,7 @@ def seed_summary(name: str, rows: Sequence[dict]) -> dict:
         spread = few_shot_summary(values)
         summary[key] = spread["mean"]
         summary[f"{key}_seeds"] = spread
-    for key in ("n_prototypes", "scorer_memory_mb", "fit_seconds"):
+    for key in ("n_prototypes", "scoring_state_mb", "saved_state_mb", "fit_seconds"):
         if rows and key in rows[0]:
             summary[key] = rows[0][key]
     return summary

@@ -145,8 +145,23 @@ class NormativeMethod(ABC):
         return (0.0, 1.0) if kind == "cosine" else None
 
     def state_bytes(self) -> int:
-        """Bytes of what the method keeps to score with."""
+        """Bytes of the method's tensors in a model file (its :meth:`state_dict`)."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def scoring_bytes(self) -> int:
+        """Bytes of what :meth:`patch_scores` reads (prototypes, bank): the memory the paper compares.
+
+        The whole saved state unless a method keeps more than it scores with (the DPMM's EM state).
+        """
+        return self.state_bytes()
+
+    def release_fit_state(self) -> "NormativeMethod":
+        """Drop what only fitting further or saving needs, keep what scoring reads (a loaded model used to predict).
+
+        Nothing to drop for a method whose whole state is scored with; afterwards scores are unchanged, while
+        :meth:`state_dict` may refuse (load with the fit state kept to save or resume a fit).
+        """
+        return self
 
     def get_params(self) -> dict[str, Any]:
         """The hyper-parameters, by the names of ``PARAMS`` (JSON-able)."""

@@ -20,7 +20,7 @@ from normdino.errors import InputError, ModelFileError
 from normdino.features.tokens import FeatureRequest, Tokens, TokenSet
 from normdino.methods.base import NormativeMethod, Param
 from normdino.methods.memory_bank import LAYER, SEED
-from normdino.methods.mixture import COVARIANCE_TYPES, DirichletProcessMixture
+from normdino.methods.mixture import COVARIANCE_TYPES, ActiveComponents, DirichletProcessMixture
 from normdino.methods.registry import register
 from normdino.methods.scoring import DISTANCES, SCORE_METHODS, negative_best_likelihood, score_tokens
 
@@ -121,6 +121,7 @@ class DPMM(NormativeMethod):
         finally:
             bar.close()
         self.mixture_ = best.get("model", mixture)
+        self.released_ = False
         self._set_prototypes()
         best_epoch = int(best.get("epoch", self.epochs - 1))
         self.fit_info_ = {"best_epoch": best_epoch + 1, "val_log_likelihood": history,
@@ -130,27 +131,67 @@ class DPMM(NormativeMethod):
         return self
 
     def _set_prototypes(self) -> None:
-        self.prototypes_ = self.mixture_.prototypes().float()
+        """What scoring reads: the active means; for the likelihood score the active components (one copy of the means)."""
+        if self.score in DISTANCES:
+            self.prototypes_ = self.mixture_.prototypes().float()
+            self.__dict__.pop("scoring_mixture_", None)
+        else:
+            self.scoring_mixture_ = ActiveComponents(self.mixture_)
+            self.prototypes_ = self.scoring_mixture_.means_.float()
 
     @property
     def n_prototypes(self) -> int:
         return int(self.prototypes_.shape[0]) if hasattr(self, "prototypes_") else 0
 
     def patch_scores(self, tokens: Tokens) -> torch.Tensor:
-        self.check_fitted("mixture_")
+        self.check_fitted("prototypes_")
         layer = tokens.layer(-1)
         if self.score in DISTANCES:
             return score_tokens(layer, self.prototypes_, self.score)
-        return negative_best_likelihood(layer, self.mixture_)
+        return negative_best_likelihood(layer, self.scoring_mixture_)
 
     def to(self, device: torch.device | str) -> "DPMM":
         self.device = device
         if hasattr(self, "mixture_"):
             self.mixture_.to(device)
+        if hasattr(self, "scoring_mixture_"):
+            self.scoring_mixture_.to(device)
+            self.prototypes_ = self.scoring_mixture_.means_.float()  # one copy of the active means
+        elif hasattr(self, "prototypes_"):
             self.prototypes_ = self.prototypes_.to(device)
         return self
 
+    def scoring_state(self) -> dict[str, torch.Tensor]:
+        """The tensors scoring reads: the active means (cosine, Euclidean), or for the likelihood score the active
+        components' means, covariances and log weights."""
+        self.check_fitted("prototypes_")
+        if self.score in DISTANCES:
+            return {"prototypes": self.prototypes_}
+        active = self.scoring_mixture_
+        return {"means": active.means_, "covariances": active.covariances_, "log_weights": active.log_weights_}
+
+    def scoring_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.scoring_state().values())
+
+    def state_bytes(self) -> int:
+        if getattr(self, "released_", False):
+            return self.saved_bytes_
+        return super().state_bytes()
+
+    def release_fit_state(self) -> "DPMM":
+        """Keep what scoring reads (see :meth:`scoring_state`); drop the EM state of all ``n_components``
+        components (means, variances, sticks and three running statistics)."""
+        self.check_fitted("prototypes_")
+        if not getattr(self, "released_", False):
+            self.saved_bytes_ = self.state_bytes()
+            del self.mixture_
+            self.released_ = True
+        return self
+
     def state_dict(self) -> dict[str, torch.Tensor]:
+        if getattr(self, "released_", False):
+            raise InputError("this DPMM was loaded to predict and keeps only what scoring reads; load the model with "
+                             "keep_fit_state=True to save it or continue its fit")
         self.check_fitted("mixture_")
         tensors = {f"mixture.{k}": v for k, v in self.mixture_.to_tensors().items()}
         tensors["prototypes"] = self.prototypes_.cpu().contiguous()
@@ -168,6 +209,7 @@ class DPMM(NormativeMethod):
         if bool((mixture.stat_count_ < 0).any()):
             raise ModelFileError("the mixture holds negative component counts; the file is corrupt")
         self.mixture_ = mixture
+        self.released_ = False
         self._set_prototypes()
         if self.n_prototypes == 0:
             raise ModelFileError("the mixture has no active component; the file is corrupt")

@@ -113,6 +113,25 @@ class DPMMMultistage(NormativeMethod):
                 setattr(self, key + "_", getattr(self, key + "_").to(device))
         return self
 
+    def _statistics_bytes(self) -> int:
+        return sum(getattr(self, k + "_").numel() * getattr(self, k + "_").element_size() for k in _STAT_KEYS)
+
+    def scoring_bytes(self) -> int:
+        """Each stage's scoring state plus the per-stage fusion statistics."""
+        self.check_fitted("stages_")
+        return sum(stage.scoring_bytes() for stage in self.stages_) + self._statistics_bytes()
+
+    def state_bytes(self) -> int:
+        self.check_fitted("stages_")
+        return sum(stage.state_bytes() for stage in self.stages_) + self._statistics_bytes()
+
+    def release_fit_state(self) -> "DPMMMultistage":
+        """Every stage keeps only what it scores with (see :meth:`DPMM.release_fit_state`)."""
+        self.check_fitted("stages_")
+        for stage in self.stages_:
+            stage.release_fit_state()
+        return self
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         self.check_fitted("stages_")
         tensors = {f"stage{i}.{k}": v for i, stage in enumerate(self.stages_) for k, v in stage.state_dict().items()}

@@ -754,6 +754,50 @@ class DirichletProcessMixture:
         return cls.from_tensors(tensors, config)
 
 
+class ActiveComponents(DirichletProcessMixture):
+    """The active components of a fitted mixture, with their log weights frozen: all that its densities read.
+
+    ``log_prob_components``, ``score_samples`` and ``score`` work as on the full mixture (up to float rounding:
+    the centring point is the weighted mean of the active means only); the truncation's dead components, the
+    stick-breaking ratios and the EM running statistics are not kept. For scoring only: it refuses to be fitted
+    further or saved (keep the full mixture for that).
+    """
+
+    def __init__(self, mixture: DirichletProcessMixture) -> None:
+        mixture._require_state()
+        config = mixture.get_config()
+        params = {k: config[k] for k in ("covariance_type", "update_rate", "alpha", "alpha_fixed", "reg_covar",
+                                         "weight_threshold", "init", "seed")}
+        active = mixture.active_
+        super().__init__(n_components=int(active.sum()), dtype=mixture.dtype, device=mixture.device, **params)
+        self.means_ = mixture.means_[active].clone()
+        self.covariances_ = mixture.covariances_[active].clone()
+        self.frozen_log_weights_ = mixture.log_weights_[active].clone()
+        self.alpha_ = mixture.alpha_
+        self.n_features_in_ = mixture.n_features_in_
+        self.n_iter_ = mixture.n_iter_
+
+    @property
+    def log_weights_(self) -> torch.Tensor:
+        return self.frozen_log_weights_
+
+    @property
+    def active_(self) -> torch.Tensor:
+        return torch.ones(self.frozen_log_weights_.shape[0], dtype=torch.bool, device=self.frozen_log_weights_.device)
+
+    def to(self, device: torch.device | str) -> "ActiveComponents":
+        self.device = device
+        self.means_, self.covariances_ = self.means_.to(device), self.covariances_.to(device)
+        self.frozen_log_weights_ = self.frozen_log_weights_.to(device)
+        return self
+
+    def _scoring_only(self, *args, **kwargs):
+        raise InputError("this mixture holds only the active components that scoring reads; it cannot be fitted "
+                         "further or saved (keep the full mixture for that)")
+
+    partial_fit = fit = set_state = to_tensors = save = _scoring_only
+
+
 def _logsumexp_columns(a: torch.Tensor) -> torch.Tensor:
     """log sum_k exp(a_kn) per column; terms more than 87 nats below the column maximum (under 1e-38 of it) are clipped.
 
