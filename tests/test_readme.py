@@ -49,11 +49,43 @@ def test_ci_runs_the_readme_test_command_literally_after_the_same_install():
     assert _extras(ci_install) == _extras(setup)
 
 
-def test_readme_examples_never_write_two_predicts_into_one_results_folder():
+def test_examples_never_write_two_predicts_into_one_results_folder():
+    """Within the README and within each documentation page, every `normdino predict` writes its own folder."""
+    for text in [README, *(page.read_text() for page in sorted((ROOT / "docs").glob("*.md")))]:
+        _check_predict_outputs(text)
+    assert len([line for block in _bash_blocks(README) for line in block.splitlines()
+                if line.strip().startswith("normdino predict ")]) >= 2
+
+
+def _check_predict_outputs(text: str) -> None:
     outputs = []
-    for block in _bash_blocks(README):
+    for block in _bash_blocks(text):
         for line in block.splitlines():
             if line.strip().startswith("normdino predict "):
                 words = shlex.split(line, comments=True)
                 outputs.append(words[words.index("-o") + 1].rstrip("/"))
-    assert len(outputs) >= 2 and len(set(outputs)) == len(outputs)
+    assert len(set(outputs)) == len(outputs), outputs
+
+
+def test_readme_is_a_front_page_that_links_every_documentation_page():
+    """The README stays short (issue 24) and every page of the site's navigation is one click away from it."""
+    import yaml
+
+    assert len(README.encode()) < 8 * 1024
+    links = set(re.findall(r"\]\((docs/[^)#]+)", README))
+    for link in links:
+        assert (ROOT / link).is_file(), link
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+
+    def pages(nav):
+        for item in nav:
+            value = next(iter(item.values())) if isinstance(item, dict) else item
+            yield from pages(value) if isinstance(value, list) else [value]
+
+    assert {f"docs/{page}" for page in pages(config["nav"])} <= links
+
+
+def test_the_getting_started_page_gives_the_readme_commands_unchanged():
+    page = (ROOT / "docs" / "getting-started.md").read_text()
+    for title in ("Install and run the demo", "Run the tests"):
+        assert _bash_blocks(_section(title))[0] in page
