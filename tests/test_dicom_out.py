@@ -15,7 +15,7 @@ pydicom = pytest.importorskip("pydicom")
 nib = pytest.importorskip("nibabel")
 
 sys.path.insert(0, str(Path(__file__).parent / "io"))
-from dicom_series import write_series  # noqa: E402
+from dicom_series import write_export, write_series  # noqa: E402
 
 from normdino.io.phantoms import make_phantom  # noqa: E402
 from normdino.io.slicing import SliceOptions  # noqa: E402
@@ -98,3 +98,29 @@ def test_dicom_out_none_and_nifti_inputs_write_no_dicom(detector, series, tmp_pa
     writer.write_volume(nifti, SliceOptions())
     writer.finish()
     assert not list((tmp_path / "nifti").glob("*.dcm"))
+
+
+def test_predict_writes_grouped_outputs_uid_columns_and_skipped_rows(detector, tmp_path_factory, tmp_path):
+    from normdino.io.dicom_tree import SeriesFilter, known_series
+    from normdino.io.inputs import resolve_inputs
+
+    staging = tmp_path_factory.mktemp("pacs")
+    root = staging / "export"
+    uids = write_export(root, staging / "staging")
+    inputs = resolve_inputs([root], SeriesFilter(modality="MR"))
+    writer = PredictionWriter(detector, tmp_path / "out", progress=False, anonymize=True)
+    writer.assign_names(inputs.volumes)
+    writer.skip_unusable(inputs.unusable)
+    for volume in inputs.volumes:
+        writer.write_volume(volume, SliceOptions(window=(0, 1000)))
+    writer.finish()
+    with (tmp_path / "out" / "scores.csv").open(newline="") as f:
+        rows = {r["series_uid"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {uids[k] for k in ("flair", "t1", "localizer")}  # the SR and the CT are not MR
+    flair = rows[uids["flair"]]
+    assert flair["status"] == "ok" and flair["anomaly_map"] == "patient-001/study-001/S003_AX_FLAIR_anomaly.nii.gz"
+    assert (tmp_path / "out" / "patient-001" / "study-001" / "S003_AX_FLAIR_seg.dcm").is_file()
+    assert flair["study_uid"] == known_series(next(v for v in inputs.volumes if str(v).rsplit("#", 1)[1] == uids["flair"])).study_uid
+    assert rows[uids["localizer"]]["status"] == "skipped" and "localizer" in rows[uids["localizer"]]["message"]
+    seg = pydicom.dcmread(tmp_path / "out" / flair["dicom_seg"])
+    assert seg.PatientName == "" and seg.PatientIdentityRemoved == "YES"

@@ -69,3 +69,66 @@ def write_series(folder: Path, pixels: np.ndarray, *, study_uid: str | None = No
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def write_sr(path: Path, study_uid: str, patient: dict | None = None) -> Path:
+    """A basic text structured report (no pixels) of ``study_uid``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = BasicTextSRStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    for key, value in (PATIENT if patient is None else patient).items():
+        setattr(ds, key, value)
+    ds.SOPClassUID, ds.SOPInstanceUID = BasicTextSRStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = "SR", 99, 1, "Report"
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20240102", "101500", "1", "ACC42"
+    ds.ReferringPhysicianName = ""
+    ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
+    ds.ContentDate, ds.ContentTime = "20240102", "101500"
+    concept = Dataset()
+    concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = "18748-4", "LN", "Diagnostic imaging report"
+    ds.ConceptNameCodeSequence = [concept]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_export(root: Path, staging: Path) -> dict:
+    """A PACS export in the DICOMDIR layout (nested folders, files without extension, a DICOMDIR): patient A with
+    an MR study (FLAIR 5 slices, T1 4 slices of another size, a 3-slice localizer, a structured report) and patient
+    B with a CT study (4 slices). Returns the series UIDs by name."""
+    from pydicom import dcmread
+    from pydicom.fileset import FileSet
+    from pydicom.uid import generate_uid
+
+    rng = np.random.default_rng(0)
+    study_a, study_b = generate_uid(), generate_uid()
+    frame_a = generate_uid()
+    other = {"PatientName": "Roe^Richard", "PatientID": "PID-7", "PatientBirthDate": "19600101", "PatientSex": "M"}
+    uids = {name: generate_uid() for name in ("flair", "t1", "localizer", "ct")}
+    written = []
+    written += write_series(staging / "flair", (rng.random((16, 16, 5)) * 900).astype(np.int16), study_uid=study_a,
+                            series_uid=uids["flair"], frame_of_reference_uid=frame_a, description="AX FLAIR",
+                            series_number=3)
+    written += write_series(staging / "t1", (rng.random((12, 14, 4)) * 900).astype(np.int16), study_uid=study_a,
+                            series_uid=uids["t1"], frame_of_reference_uid=frame_a, description="AX T1",
+                            series_number=4)
+    written += write_series(staging / "loc", (rng.random((16, 16, 3)) * 900).astype(np.int16), study_uid=study_a,
+                            series_uid=uids["localizer"], description="Localizer", series_number=1,
+                            image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    written.append(write_sr(staging / "sr" / "report.dcm", study_a))
+    uids["sr"] = str(dcmread(written[-1]).SeriesInstanceUID)
+    written += write_series(staging / "ct", (rng.random((16, 16, 4)) * 900).astype(np.int16), study_uid=study_b,
+                            series_uid=uids["ct"], modality="CT", description="CT HEAD", series_number=2,
+                            patient=other)
+    fileset = FileSet()
+    for path in written:
+        fileset.add(dcmread(path))
+    fileset.write(root)
+    return uids

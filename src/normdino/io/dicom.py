@@ -61,11 +61,16 @@ def dicom_files(folder: Path, limit: int | None = None) -> list[Path]:
 
 
 class DicomSource:
-    """Planes of a DICOM series, one file per plane, rescaled to real values (e.g. HU)."""
+    """Planes of a DICOM series, one file per plane, rescaled to real values (e.g. HU).
+
+    ``info``: the series' identity from its first slice (study_uid, series_uid, modality, series_description,
+    series_number), for result tables and names.
+    """
 
     def __init__(self, files: list[Path], rescale: list[tuple[float, float]], shape: tuple[int, int, int],
-                 raw_dtype: np.dtype, inverted: list[int | None] | None = None) -> None:
+                 raw_dtype: np.dtype, inverted: list[int | None] | None = None, info: dict | None = None) -> None:
         self.files = files
+        self.info = dict(info or {})
         self.rescale = rescale
         self.shape = shape
         self.raw_dtype = raw_dtype
@@ -115,11 +120,22 @@ def _dicom_affine(position: np.ndarray, orientation: np.ndarray, spacing: np.nda
 
 def open_dicom_series(folder: Path) -> tuple[DicomSource, np.ndarray]:
     """Read the headers of a DICOM folder, check it is one series, sort slices along the normal."""
-    pydicom = import_pydicom()
     files = dicom_files(folder)
     if not files:
         raise InputError(f"No DICOM files in {folder}.")
+    return open_dicom_files(files, folder)
+
+
+def open_dicom_files(files: list[Path], folder: Path | str) -> tuple[DicomSource, np.ndarray]:
+    """Read the headers of the files of one series (``folder`` names it in messages), sort slices along the normal.
+
+    A file repeating an instance already read (same SOPInstanceUID) is read once, with a warning; slices of
+    mixed sizes, and a gap in the slice positions (missing slices), are refused with one sentence each.
+    """
+    pydicom = import_pydicom()
     records = []
+    seen: dict[str, Path] = {}
+    duplicates: list[tuple[Path, Path]] = []
     for path in files:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -127,6 +143,11 @@ def open_dicom_series(folder: Path) -> tuple[DicomSource, np.ndarray]:
             raise InputError(f"{path} is not a readable DICOM file ({err}); remove it from {folder} or re-export.") from err
         if str(ds.get("SOPClassUID", "")) == _DICOMDIR_SOP_CLASS:
             continue
+        instance = str(ds.get("SOPInstanceUID", "") or "")
+        if instance and instance in seen:
+            duplicates.append((path, seen[instance]))
+            continue
+        seen[instance] = path
         missing = [key for key in ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient",
                                    "PixelSpacing") if key not in ds]
         if missing:
@@ -148,7 +169,15 @@ def open_dicom_series(folder: Path) -> tuple[DicomSource, np.ndarray]:
             "bits": int(ds.get("BitsAllocated", 16)),
             "thickness": float(ds.get("SpacingBetweenSlices", ds.get("SliceThickness", 1.0)) or 1.0),
             "inverted": _monochrome1_sum(ds),
+            "info": {"study_uid": str(ds.get("StudyInstanceUID", "") or ""),
+                     "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
+                     "modality": str(ds.get("Modality", "") or ""),
+                     "series_description": str(ds.get("SeriesDescription", "") or ""),
+                     "series_number": str(ds.get("SeriesNumber", "") or "")},
         })
+    if duplicates:
+        logger.warning("%s: %d file(s) repeat an instance already read (same SOPInstanceUID: %s is %s); each "
+                       "instance is read once.", folder, len(duplicates), duplicates[0][0], duplicates[0][1])
     if not records:
         raise InputError(f"No DICOM image slices in {folder}.")
     series = sorted({r["series"] for r in records})
@@ -158,8 +187,9 @@ def open_dicom_series(folder: Path) -> tuple[DicomSource, np.ndarray]:
     first = records[0]
     for r in records[1:]:
         if r["size"] != first["size"]:
-            raise InputError(f"{r['path']} is {r['size'][0]}x{r['size'][1]} pixels but {first['path']} is "
-                             f"{first['size'][0]}x{first['size'][1]}: one folder must hold one series of equal-sized slices.")
+            raise InputError(f"The series in {folder} mixes slice sizes: {r['path']} is {r['size'][0]}x{r['size'][1]} "
+                             f"pixels but {first['path']} is {first['size'][0]}x{first['size'][1]}; a series of "
+                             "equal-sized slices is needed (re-export it, or split it into one folder per size).")
         if not np.allclose(r["orientation"], first["orientation"], atol=1e-4):
             raise InputError(f"{r['path']} has another ImageOrientationPatient than {first['path']}: "
                              f"one folder must hold one series.")
@@ -177,6 +207,12 @@ def open_dicom_series(folder: Path) -> tuple[DicomSource, np.ndarray]:
             raise InputError(f"{records[k]['path']} and {records[k + 1]['path']} lie at the same position: "
                              f"{folder} holds several echoes or time points; put each in its own folder.")
         slice_step = (records[-1]["position"] - records[0]["position"]) / (len(records) - 1)
+        typical = float(np.median(gaps))
+        if len(gaps) > 1 and gaps.max() > 1.5 * typical:
+            k = int(np.argmax(gaps))
+            raise InputError(f"The series in {folder} misses slices: {records[k]['path']} and {records[k + 1]['path']} "
+                             f"are {gaps[k]:.3g} mm apart where its other slices are {typical:.3g} mm apart; "
+                             "export the complete series.")
         if gaps.max() - gaps.min() > 0.01 * gaps.mean():
             logger.warning("%s: slice spacing varies from %.3g to %.3g mm (missing slices?); the written "
                            "maps use the mean spacing.", folder, gaps.min(), gaps.max())
@@ -199,7 +235,7 @@ def open_dicom_series(folder: Path) -> tuple[DicomSource, np.ndarray]:
         raw_dtype = np.dtype(np.float32)
     shape = (first["size"][0], first["size"][1], len(records))
     return DicomSource([r["path"] for r in records], rescale, shape, raw_dtype,
-                        [r["inverted"] for r in records]), affine
+                       [r["inverted"] for r in records], first["info"]), affine
 
 
 def _monochrome1_sum(ds: Any) -> int | None:

@@ -31,7 +31,11 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 @dataclass
 class Inputs:
-    """Image files and volumes (NIfTI files or DICOM series folders), each in a stable sorted order."""
+    """Image files and volumes (NIfTI files or DICOM series folders), each in a stable sorted order.
+
+    ``unusable`` also lists what a PACS export holds besides image volumes (structured reports, localizers...),
+    as (``<folder>#<SeriesInstanceUID>``, why), so predict writes a ``skipped`` row for each.
+    """
 
     images: list[Path] = field(default_factory=list)
     volumes: list[Path] = field(default_factory=list)
@@ -86,9 +90,9 @@ def _classify_file(path: Path, inputs: Inputs) -> None:
                          f"(images: {', '.join(IMAGE_SUFFIXES)}; volumes: .nii, .nii.gz, DICOM folders)")
 
 
-def _classify_dir(path: Path, inputs: Inputs) -> None:
-    if _is_dicom_series(path):
-        inputs.volumes.append(path)
+def _classify_dir(path: Path, inputs: Inputs, series_filter=None) -> None:
+    if _is_dicom_series(path) or (path / "DICOMDIR").is_file():
+        _add_dicom_tree(path, inputs, series_filter)
         return
     found = Inputs()
     for entry in sorted(path.iterdir()):
@@ -100,15 +104,59 @@ def _classify_dir(path: Path, inputs: Inputs) -> None:
         elif kind == "file" and _is_image(entry):
             found.images.append(entry)
         elif kind == "dir" and _is_dicom_series(entry):
-            found.volumes.append(entry)
+            _add_dicom_tree(entry, found, series_filter)
         elif kind == "other" and (_is_image(entry) or _is_nifti(entry)):
             found.unusable.append((entry, not_a_regular_file(entry) or "cannot be read"))
+    if not found and not found.unusable:  # nothing at the top: a PACS export's nested folders, maybe
+        _add_dicom_tree(path, found, series_filter, required=False)
     if not found and not found.unusable:
         raise InputError(f"no images or volumes in {path} (looked for {', '.join(IMAGE_SUFFIXES)}, "
-                         ".nii, .nii.gz and DICOM series folders)")
+                         ".nii, .nii.gz and DICOM series, in nested folders too)")
     inputs.images.extend(found.images)
     inputs.volumes.extend(found.volumes)
     inputs.unusable.extend(found.unusable)
+
+
+def _add_dicom_tree(path: Path, inputs: Inputs, series_filter=None, required: bool = True) -> None:
+    """The DICOM series under ``path`` (nested folders, any file names) as volumes, filtered; others as skipped.
+
+    A folder that holds exactly one series, all of it directly, stays that folder (outputs named after it);
+    otherwise each series is named ``<folder>#<SeriesInstanceUID>`` (see io.dicom_tree).
+    """
+    from normdino.io.dicom import dicom_files
+    from normdino.io.dicom_tree import find_series
+
+    every = find_series(path)
+    if not every:
+        if required:
+            raise InputError(f"no readable DICOM series in {path}")
+        return
+    wanted = [s for s in every if not series_filter or series_filter.matches(s)]
+    if not wanted:
+        found = "; ".join(f"{s.modality or '?'} '{s.description}'" for s in every[:8])
+        raise InputError(f"none of the {len(every)} DICOM series in {path} matches "
+                         f"{_describe_filter(series_filter)} (found: {found}{', ...' if len(every) > 8 else ''})")
+    if len(wanted) < len(every):
+        logger.info("%s: %d of %d DICOM series match %s", path, len(wanted), len(every), _describe_filter(series_filter))
+    images = [s for s in wanted if s.not_image is None]
+    for series in wanted:
+        if series.not_image is not None:
+            inputs.unusable.append((series.path, f"is {series.not_image}, not an image volume ({series.label()} "
+                                                 f"in {series.folder})"))
+    direct = set(dicom_files(path))
+    if len(every) == 1 and images and set(images[0].files) == direct:
+        inputs.volumes.append(path)
+    else:
+        inputs.volumes.extend(s.path for s in images)
+
+
+def _describe_filter(series_filter) -> str:
+    parts = []
+    if series_filter is not None and series_filter.description is not None:
+        parts.append(f"--series {series_filter.description!r}")
+    if series_filter is not None and series_filter.modality is not None:
+        parts.append(f"--modality {series_filter.modality}")
+    return " ".join(parts) or "the filter"
 
 
 def _matches(text: str) -> list[Path] | None:
@@ -123,10 +171,12 @@ def _matches(text: str) -> list[Path] | None:
     return None
 
 
-def resolve_inputs(arguments: Sequence[str | os.PathLike]) -> Inputs:
+def resolve_inputs(arguments: Sequence[str | os.PathLike], series_filter=None) -> Inputs:
     """Expand folders (top level), globs and files into images and volumes; a clear error for anything else.
 
     All arguments are checked before any is classified, and every missing one is named in one error.
+    A folder of DICOM files, or a PACS export (nested folders, with or without DICOMDIR), gives one volume
+    per series; ``series_filter`` (an io.dicom_tree.SeriesFilter) picks which.
     """
     if isinstance(arguments, (str, os.PathLike)):
         arguments = [arguments]
@@ -140,7 +190,10 @@ def resolve_inputs(arguments: Sequence[str | os.PathLike]) -> Inputs:
     inputs = Inputs()
     for _, matches in expanded:
         for match in matches:
-            (_classify_dir if _kind(match) == "dir" else _classify_file)(match, inputs)
+            if _kind(match) == "dir":
+                _classify_dir(match, inputs, series_filter)
+            else:
+                _classify_file(match, inputs)
     if not inputs:
         if inputs.unusable:
             path, why = inputs.unusable[0]

@@ -39,7 +39,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from normdino.errors import InputError
-from normdino.io.dicom import DICOM_PROBE_FILES, dicom_files, looks_like_dicom, open_dicom_series
+from normdino.io.dicom import DICOM_PROBE_FILES, dicom_files, looks_like_dicom, open_dicom_files, open_dicom_series
+from normdino.io.dicom_tree import series_files, split_series_path
 from normdino.io.intensity import normalise
 from normdino.io.nifti import import_nibabel, is_nifti_name, open_nifti
 from normdino.io.reading import warn_if_tiny
@@ -101,7 +102,9 @@ class Volume:
 
     Attributes: ``path``, ``kind`` ("nifti" or "dicom"), ``shape`` (3D), ``affine`` (4x4, RAS mm),
     ``dtype`` (stored data type), ``header`` (nibabel header for NIfTI, else None), ``files``
-    (DICOM files sorted by slice position), ``volume_index`` (the 4D volume used, NIfTI).
+    (DICOM files sorted by slice position), ``volume_index`` (the 4D volume used, NIfTI), ``info`` (DICOM:
+    study_uid, series_uid, modality, series_description, series_number; else empty). ``path`` may name one
+    series of a PACS export, ``<folder>#<SeriesInstanceUID>`` (see io.dicom_tree).
     """
 
     def __init__(self, path: Path, kind: str, shape: tuple[int, int, int], affine: np.ndarray, source: Any,
@@ -114,6 +117,7 @@ class Volume:
         self.files = files
         self.volume_index = volume_index
         self.dtype = source.raw_dtype
+        self.info: dict = dict(getattr(source, "info", {}) or {})  # DICOM: study_uid, series_uid, modality, ...
         self._source = source
         self._stores: dict[int, SliceStore] = {}  # axis -> slice-major temp-file copy of the stored values
         self._stats: dict[tuple[float, float], dict[str, float]] = {}
@@ -126,6 +130,11 @@ class Volume:
     def open(cls, path: str | os.PathLike, volume_index: int | None = None) -> "Volume":
         """Open a .nii/.nii.gz file or a DICOM series folder; headers only, no voxel data yet."""
         path = Path(path)
+        if not path.exists() and split_series_path(path) is not None:  # one series of a PACS export
+            if volume_index not in (None, 0):
+                raise InputError(f"--volume-index {volume_index} was given but {path} is a DICOM series with one volume.")
+            source, affine = open_dicom_files(series_files(path), path)
+            return cls(path, "dicom", source.shape, affine, source, files=tuple(source.files))
         if not path.exists():
             raise InputError(f"{path} does not exist.")
         if path.is_dir():

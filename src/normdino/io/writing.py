@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("input", "kind", "status", "score", "anomalous", "fpr", "pixel_threshold", "image_threshold",
                "anomalous_fraction", "anomaly_map", "anomaly_npy", "mask", "overlay", "top_slices",
-               "random_weights", "message", "dicom_seg", "dicom_pmap")
+               "random_weights", "message", "dicom_seg", "dicom_pmap", "study_uid", "series_uid")
 FILE_COLUMNS = ("anomaly_map", "anomaly_npy", "mask", "overlay", "top_slices", "dicom_seg", "dicom_pmap")
 REPORT_FILES = ("scores.csv", "summary.json", "index.html")
 RANDOM_WARNING = ("The backbone has RANDOM weights: these maps, scores and verdicts say nothing about DINOv2's "
@@ -294,6 +294,7 @@ class PredictionWriter:
         self.max_megapixels = max_megapixels
         self.dicom_out = ("seg", "pmap") if dicom_out is None else tuple(dicom_out)
         self.dicom_out_required = dicom_out is not None
+        self._pseudonyms: dict[str, str] = {}  # anonymized patient / study folder names, numbered as met
         self.anonymize = anonymize
         self.context = dict(context or {})
         self.rows: list[dict] = []
@@ -325,9 +326,26 @@ class PredictionWriter:
     # ------------------------------------------------------------------ rows
 
     def assign_names(self, paths: Sequence[Path]) -> None:
-        """Give every input of this run its unique output name up front (images and volumes together)."""
+        """Give every input of this run its unique output name up front (images and volumes together).
+
+        A series of a PACS export is named ``<patient>/<study>/<series>`` (io.dicom_tree.export_name), so its
+        results sit in the folders a viewer's lists suggest; other inputs are named by their file or folder.
+        """
+        from normdino.io.dicom_tree import export_name, known_series
+
         new = [Path(p) for p in paths if Path(p) not in self.names]
-        self.names.update(zip(new, output_names(new, taken=self.names.values())))
+        series = {p: known_series(p) for p in new}
+        plain = [p for p in new if series[p] is None]
+        self.names.update(zip(plain, output_names(plain, taken=self.names.values())))
+        taken = {name.casefold() for name in self.names.values()}
+        for path in new:
+            if series[path] is not None:
+                name = export_name(series[path], self.anonymize, self._pseudonyms)
+                if name.casefold() in taken:
+                    name = f"{name}_{series[path].uid[-8:]}"
+                taken.add(name.casefold())
+                self.names[path] = name
+
 
     def _row(self, source: Path, kind: str, score: float, anomalous_fraction: float, **files: str) -> dict:
         return {"input": str(source), "kind": kind, "status": "ok", "score": f"{score:.6f}",
@@ -337,9 +355,14 @@ class PredictionWriter:
                 "message": "", **{key: files.get(key, "") for key in FILE_COLUMNS}}
 
     def _skipped_row(self, source: Path, kind: str, message: str) -> dict:
+        from normdino.io.dicom_tree import known_series
+
         row = {key: "" for key in CSV_COLUMNS}
         row.update(input=str(source), kind=kind, status="skipped", fpr=self.fpr, message=message,
                    random_weights=int(self.random_weights))
+        series = known_series(source)
+        if series is not None:
+            row.update(study_uid=series.study_uid, series_uid=series.uid)
         return row
 
     def _append(self, row: dict) -> None:
@@ -527,12 +550,15 @@ class PredictionWriter:
                         bar.update(1)
             if volume.kind == "dicom" and self.dicom_out:
                 self._write_dicom_results(volume, name, indices, options, written, files)
+            info = volume.info
         if top_slices:
             written.append(self.out_dir / files["top_slices"])
             rendering.save_png(written[-1], _slice_strip(sorted(top_slices, reverse=True), self.vmin, self.vmax))
         else:
             files.pop("top_slices")
-        return self._row(path, "volume", top.mean(), n_anomalous / max(1, n_voxels), **files)
+        row = self._row(path, "volume", top.mean(), n_anomalous / max(1, n_voxels), **files)
+        row.update(study_uid=info.get("study_uid", ""), series_uid=info.get("series_uid", ""))
+        return row
 
     def _write_dicom_results(self, volume, name: str, indices: Sequence[int], options, written: list[Path],
                              files: dict) -> None:
