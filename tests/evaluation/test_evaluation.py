@@ -117,8 +117,14 @@ def test_evaluate_matches_the_detectors_own_maps(bmad, tiny_dinov2_dir, tmp_path
                  "--no-cache", "--quiet"]) == 0
     assert main(["evaluate", str(model), str(bmad), "--layout", "bmad-brain", "-o", str(tmp_path / "ev"),
                  "--timing-images", "2", "--no-cache", "--quiet", "--bootstrap", "0", "--foreground", "none"]) == 0
-    rows = _strict((tmp_path / "ev" / "results.json").read_text())["rows"]
+    payload = _strict((tmp_path / "ev" / "results.json").read_text())
+    rows = payload["rows"]
     assert len(rows) == 1 and REQUIRED_KEYS <= set(rows[0])
+    # memory: what scoring reads (the active means, n x 32 float32) apart from the model file's size
+    n, k, dim = rows[0]["n_prototypes"], 8, 32
+    assert rows[0]["scoring_state_mb"] == round(n * dim * 4 / 2**20, 4)
+    assert rows[0]["saved_state_mb"] == round((4 * (4 * k * dim + 2 * k + n * dim) + 16) / 2**20, 4)
+    assert payload["context"]["model_file_mb"] == round(model.stat().st_size / 2**20, 4)
     test = load_dataset(bmad).test
     predictions = AnomalyDetector.load(model).predict([s.image for s in test])
     auroc, aupr = _direct_pixel_metrics([p.pixel_map for p in predictions], test)

@@ -73,7 +73,8 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, report: Re
         return None
     context = {"model": str(model), "data": str(data), "layout": dataset.layout,
                **dataset.summary(), "healthy_used": len(healthy.every_sample), "evaluated": len(test.every_sample),
-               "backbone": detector.backbone_.name, "sigma": sigma}
+               "backbone": detector.backbone_.name, "sigma": sigma,
+               "model_file_mb": round(Path(model).stat().st_size / 2**20, 4)}  # beside the rows' scoring state
     if in_process_group():
         context["processes"] = world_size()
     paths = write_outputs(results, [scorer], detector.backbone_, Path(report.output),
