@@ -128,3 +128,58 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.socket.close()
+
+
+def deflated_dicom(pixel_bytes: int, rows: int = 64, cols: int = 64, geometry: bool = True, **tags) -> bytes:
+    """A DICOM file in the deflated transfer syntax whose PixelData holds ``pixel_bytes`` zeros: a few KB that
+    inflate to ``pixel_bytes`` (written chunk by chunk, never held inflated). ``tags`` set more attributes."""
+    import struct
+    import zlib
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID, ds.Modality = generate_uid(), "CT"
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    if geometry:
+        ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing = [0, 0, 0], [1, 0, 0, 0, 1, 0], [1, 1]
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    out = DicomBytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [out.getvalue(), deflate.compress(body.getvalue() + b"\xe0\x7f\x10\x00OW\x00\x00"
+                                              + struct.pack("<I", pixel_bytes))]
+    chunk = bytes(2**20)
+    for _ in range(pixel_bytes // len(chunk)):
+        parts.append(deflate.compress(chunk))
+    parts += [deflate.compress(bytes(pixel_bytes % len(chunk))), deflate.flush()]
+    return b"".join(parts)
+
+
+def zip_bytes(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024

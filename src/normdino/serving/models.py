@@ -112,8 +112,12 @@ def slice_options(detector: Any):
                         window=tuple(window) if isinstance(window, (list, tuple)) else window)
 
 
-def run_prediction(model: ServedModel, upload: Upload, fpr: float, out_dir: Path) -> tuple[dict, set[str]]:
-    """Predict one checked upload into ``out_dir``: the JSON answer (without URLs) and the files to publish."""
+def run_prediction(model: ServedModel, upload: Upload, fpr: float, out_dir: Path,
+                   name: str = "") -> tuple[dict, set[str]]:
+    """Predict one checked upload into ``out_dir``: the JSON answer (without URLs) and the files to publish.
+
+    ``name``: the upload's own file name, written as the input in ``scores.csv`` (never the server's temporary path).
+    """
     from normdino.io.writing import PredictionWriter
 
     detector = model.detector
@@ -134,6 +138,7 @@ def run_prediction(model: ServedModel, upload: Upload, fpr: float, out_dir: Path
                                 on_slice=lambda k, image, pred: viewer.add(k, image, pred.pixel_map, pred.score))
         finally:
             viewer.close()
+    writer.adopt_rows([{**r, "input": name} for r in writer.rows])
     writer.finish()
     row = writer.rows[0]
     if row.get("status", "ok") != "ok":  # the writer skips what it cannot read, with a row saying why

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -31,18 +31,37 @@ class _Entry:
     folder: Path
     created: float
     files: frozenset[str] = field(default_factory=frozenset)
+    size: int = 0
+
+
+ROOT_PREFIX = "normdino-serve-"
+_LOCK = ".lock"
 
 
 class ResultStore:
-    """Temporary folders for uploads and results under one root, with result expiry (thread-safe)."""
+    """Temporary folders for uploads and results under one root, with result expiry (thread-safe).
 
-    def __init__(self, ttl_s: float, root: Path | None = None, clock: Callable[[], float] = time.monotonic):
-        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="normdino-serve-"))
+    Results expire ``ttl_s`` seconds after they are published, and take at most ``max_bytes`` in all: past
+    it, the oldest are removed first. A server's root holds a lock for the server's life; at start, the roots
+    that servers killed without cleaning up left behind in the same temporary folder (their lock is free) are
+    removed.
+    """
+
+    def __init__(self, ttl_s: float, root: Path | None = None, clock: Callable[[], float] = time.monotonic,
+                 max_bytes: int | None = None):
+        if root is None:
+            removed = remove_stale_roots(Path(tempfile.gettempdir()))
+            if removed:
+                log.info("removed %d results folder(s) left by servers that were stopped without cleaning up",
+                         removed)
+        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix=ROOT_PREFIX))
         self.ttl_s = float(ttl_s)
+        self.max_bytes = max_bytes
         self.clock = clock
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         (self.root / "uploads").mkdir(parents=True, exist_ok=True)
+        self._root_lock = _hold_lock(self.root / _LOCK)
         (self.root / "results").mkdir(exist_ok=True)
 
     def upload_folder(self) -> Path:
@@ -61,11 +80,32 @@ class ResultStore:
         return result_id, folder
 
     def publish(self, result_id: str, names: set[str] | frozenset[str]) -> None:
-        """Make these files of a result downloadable; its lifetime starts now."""
+        """Make these files of a result downloadable; its lifetime starts now. Past the size cap, the oldest
+        other results are removed first."""
+        size = sum(p.stat().st_size for p in self._entries[result_id].folder.iterdir() if p.is_file())
+        evicted = []
         with self._lock:
             entry = self._entries[result_id]
             entry.files = frozenset(names)
             entry.created = self.clock()
+            entry.size = size
+            if self.max_bytes is not None:
+                total = sum(e.size for e in self._entries.values())
+                for key in sorted((k for k, e in self._entries.items() if e.files and k != result_id),
+                                  key=lambda k: self._entries[k].created):
+                    if total <= self.max_bytes:
+                        break
+                    total -= self._entries[key].size
+                    evicted.append(self._entries.pop(key))
+        for old in evicted:
+            discard(old.folder)
+        if evicted:
+            log.info("results over the size cap: the %d oldest removed", len(evicted))
+
+    def total_bytes(self) -> int:
+        """Bytes the published results take."""
+        with self._lock:
+            return sum(e.size for e in self._entries.values())
 
     def file(self, result_id: str, name: str) -> Path | None:
         """The path of a published, unexpired result file, or None (unknown id or name, expired, removed)."""
@@ -106,6 +146,44 @@ class ResultStore:
         with self._lock:
             self._entries.clear()
         discard(self.root)
+        if self._root_lock is not None:
+            self._root_lock.close()
+            self._root_lock = None
+
+
+def _hold_lock(path: Path) -> Any:
+    """An open file holding an exclusive lock on ``path`` while the store lives (None where locks are missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no stale-folder detection
+        return None
+    handle = open(path, "a+")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return handle
+
+
+def remove_stale_roots(folder: Path) -> int:
+    """Remove the store roots in ``folder`` whose server is gone (their lock file is free); returns how many.
+
+    A root without a lock file (one being created, or left by a version without locks) is left alone.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return 0
+    removed = 0
+    for root in folder.glob(ROOT_PREFIX + "*"):
+        if not root.is_dir() or root.is_symlink():
+            continue
+        lock = root / _LOCK
+        try:
+            with open(lock, "r") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a live server holds it
+                discard(root)
+        except OSError:  # no lock file, held by a live server, or not ours to open
+            continue
+        removed += 1
+    return removed
 
 
 def discard(folder: Path) -> None:

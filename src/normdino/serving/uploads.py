@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 _CHUNK = 1 * MB
 _NIFTI1_HEADER, _NIFTI2_HEADER = 348, 540
 _DICOM_MAGIC_OFFSET = 128
+_SMALL_ZIP = 16 * MB  # zips inflating to less than this are never called bombs
+_DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole dataset is zlib-deflated
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _SUPPORTED = "PNG, JPEG or TIFF images, NIfTI volumes (.nii, .nii.gz) or a zip of one DICOM series"
 
 
@@ -100,7 +103,7 @@ def check_upload(raw: Path, folder: Path, settings: ServeSettings) -> Upload:
     kind = sniff(head)
     if kind in ("png", "jpeg", "tiff"):
         path = raw.rename(folder / f"image.{'tif' if kind == 'tiff' else kind}")
-        return Upload("image", kind, path, _check_image(path, settings.max_image_pixels))
+        return Upload("image", kind, path, _check_image(path, settings.max_image_pixels, settings.max_tiff_frames))
     if kind == "nifti":
         path = raw.rename(folder / "volume.nii")
         return Upload("volume", "nifti", path, _check_nifti(path, False, settings.max_volume_voxels))
@@ -117,12 +120,17 @@ def check_upload(raw: Path, folder: Path, settings: ServeSettings) -> Upload:
     raise UploadError(f"The upload is not a supported file: send {_SUPPORTED}.", 415)
 
 
-def _check_image(path: Path, max_pixels: int) -> tuple[int, int]:
+def _check_image(path: Path, max_pixels: int, max_frames: int) -> tuple[int, int]:
     """(H, W) of an image whose header is sane and whose pixels decode completely."""
     from PIL import Image, UnidentifiedImageError
 
     from normdino.io.reading import read_image
 
+    if path.suffix == ".tif":
+        pages = tiff_page_count(path, max_frames)
+        if pages > max_frames:
+            raise UploadError(f"The uploaded TIFF holds more than {max_frames} pages, more than the server's limit; "
+                              f"send the one image to score.", 413)
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -136,6 +144,38 @@ def _check_image(path: Path, max_pixels: int) -> tuple[int, int]:
                           f"{max_pixels / 1e6:g} megapixels.", 413)
     read_image(path)  # decodes fully: truncated or corrupt pixel data fails here, before any work
     return height, width
+
+
+def tiff_page_count(path: Path, limit: int) -> int:
+    """The pages (IFDs) of a TIFF or BigTIFF, counted along its IFD chain without decoding, up to ``limit + 1``.
+
+    Pillow counts pages by seeking through every one (tens of seconds for a small file of 60 000 pages);
+    this stops as soon as the count passes the limit, and refuses a chain that loops or leaves the file.
+    """
+    with open(path, "rb") as f:
+        head = f.read(16)
+        order = "<" if head[:2] == b"II" else ">"
+        try:
+            big = struct.unpack(order + "H", head[2:4])[0] == 43
+            offset = struct.unpack(order + ("Q" if big else "I"), head[8:16] if big else head[4:8])[0]
+            count_format, entry_size, next_format = ("Q", 20, "Q") if big else ("H", 12, "I")
+            count_size, next_size = struct.calcsize(count_format), struct.calcsize(next_format)
+            size = path.stat().st_size
+            seen: set[int] = set()
+            pages = 0
+            while offset and pages <= limit:
+                if offset in seen or offset + count_size > size:
+                    raise UploadError("The uploaded TIFF is corrupt: its chain of pages loops or points outside "
+                                      "the file.")
+                seen.add(offset)
+                f.seek(offset)
+                entries = struct.unpack(order + count_format, f.read(count_size))[0]
+                f.seek(offset + count_size + entries * entry_size)
+                pages += 1
+                offset = struct.unpack(order + next_format, f.read(next_size))[0]
+        except struct.error:
+            raise UploadError("The uploaded TIFF is truncated: its chain of pages ends inside the file.") from None
+    return pages
 
 
 def _read_head(path: Path, compressed: bool, size: int) -> bytes:
@@ -217,10 +257,71 @@ def _check_volume(path: Path, max_voxels: int) -> tuple[int, ...]:
 
     with Volume.open(path) as volume:
         shape = tuple(int(s) for s in volume.shape)
+        affine = np.asarray(volume.affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise UploadError("The uploaded volume's geometry (voxel sizes, orientation or position) holds NaN or "
+                          "infinite values; fix the header (pixdim, qform/sform, or the DICOM position tags).")
     if int(np.prod(shape, dtype=np.float64)) > max_voxels:
         raise UploadError(f"The uploaded volume holds {int(np.prod(shape)):,} voxels, more than the server's limit "
                           f"of {max_voxels:,}.", 413)
     return shape
+
+
+def dicom_inflated_size(path: Path, limit: int) -> int:
+    """The bytes a DICOM file's dataset takes once read: its size, or for the deflated transfer syntax its
+    inflated size, counted in bounded chunks and refused (413) past ``limit``.
+
+    pydicom inflates a deflated dataset whole in memory (even to read only its header), so a 400 KB file can
+    cost gigabytes; this measures it first without holding more than one chunk.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        meta = _file_meta(f)
+        if meta is None or meta[0] != _DEFLATED:
+            if size > limit:
+                raise UploadError(f"A DICOM file in the uploaded zip is {size / MB:,.0f} MB, more than the server's "
+                                  f"limit of {limit / MB:g} MB per file.", 413)
+            return size
+        f.seek(meta[1])
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = meta[1]
+        try:
+            while not inflater.eof:
+                chunk = inflater.unconsumed_tail or f.read(_CHUNK)
+                if not chunk:  # a truncated stream: the reader says so later
+                    break
+                total += len(inflater.decompress(chunk, _CHUNK))  # at most one chunk out per call
+                if total > limit:
+                    raise UploadError(f"A deflated DICOM file in the uploaded zip inflates to more than the "
+                                      f"server's limit of {limit / MB:g} MB per file; it was refused as a "
+                                      f"decompression bomb.", 413)
+        except zlib.error:
+            raise UploadError("A deflated DICOM file in the uploaded zip is corrupt or truncated.") from None
+    return total
+
+
+def _file_meta(f: BinaryIO) -> tuple[str, int] | None:
+    """(transfer syntax UID, offset where the dataset starts) of a DICOM Part 10 file, or None when it has no
+    readable file meta group (its group length and transfer syntax, explicit VR little endian)."""
+    f.seek(_DICOM_MAGIC_OFFSET)
+    if f.read(4) != b"DICM":
+        return None
+    first = f.read(12)  # (0002,0000) UL, length 4: the group's length
+    if len(first) < 12 or first[:6] != b"\x02\x00\x00\x00UL":
+        return None
+    end = _DICOM_MAGIC_OFFSET + 4 + 12 + struct.unpack("<I", first[8:12])[0]
+    group = f.read(min(end - f.tell(), 64 * 1024))
+    pos, syntax = 0, None
+    while pos + 8 <= len(group):
+        tag, vr = group[pos:pos + 4], group[pos + 4:pos + 6]
+        if vr in _LONG_VRS:
+            length, start = struct.unpack("<I", group[pos + 8:pos + 12])[0], pos + 12
+        else:
+            length, start = struct.unpack("<H", group[pos + 6:pos + 8])[0], pos + 8
+        if tag == b"\x02\x00\x10\x00":  # (0002,0010) TransferSyntaxUID
+            syntax = group[start:start + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        pos = start + length
+    return (syntax, end) if syntax else None
 
 
 def _looks_like_dicom(name: str, head: bytes) -> bool:
@@ -250,6 +351,11 @@ def _extract_dicom_zip(raw: Path, target: Path, settings: ServeSettings) -> int:
         if total > max_total:
             raise UploadError(f"The uploaded zip unpacks to {total / MB:,.0f} MB, more than the server's limit "
                               f"of {max_total / MB:,.0f} MB.", 413)
+        packed = max(1, raw.stat().st_size)
+        if total > _SMALL_ZIP and total > settings.max_zip_ratio * packed:
+            raise UploadError(f"The uploaded zip inflates {total / packed:,.0f} times in all, more than the "
+                              f"server's limit of {settings.max_zip_ratio:g}; it was refused as a decompression "
+                              f"bomb.", 413)
         for m in members:
             if m.flag_bits & 0x1:
                 raise UploadError("The uploaded zip is encrypted: send an unencrypted zip of the DICOM series.")
@@ -257,7 +363,7 @@ def _extract_dicom_zip(raw: Path, target: Path, settings: ServeSettings) -> int:
                 raise UploadError("A file in the uploaded zip inflates more than "
                                   f"{settings.max_zip_ratio:g} times; it was refused as a decompression bomb.", 413)
         target.mkdir()
-        count = 0
+        count = inflated = 0
         try:
             for m in members:
                 with archive.open(m) as source:
@@ -265,9 +371,14 @@ def _extract_dicom_zip(raw: Path, target: Path, settings: ServeSettings) -> int:
                     if not _looks_like_dicom(m.filename, head):
                         continue
                     count += 1
-                    with open(target / f"{count:05d}.dcm", "wb") as out:
+                    extracted = target / f"{count:05d}.dcm"
+                    with open(extracted, "wb") as out:
                         out.write(head)
                         shutil.copyfileobj(source, out, _CHUNK)
+                inflated += dicom_inflated_size(extracted, settings.max_dicom_file_bytes)
+                if inflated > max_total:
+                    raise UploadError(f"The DICOM files of the uploaded zip inflate to more than the server's "
+                                      f"limit of {max_total / MB:,.0f} MB.", 413)
         except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as err:
             raise UploadError(f"The uploaded zip is corrupt or truncated ({err}).") from None
     if not count:
