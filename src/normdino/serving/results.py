@@ -157,8 +157,11 @@ def _hold_lock(path: Path) -> Any:
         import fcntl
     except ImportError:  # not POSIX: no stale-folder detection
         return None
-    handle = open(path, "a+")
+    # Locked under a private name, then renamed: another server's start-up sweep never sees it unlocked.
+    private = path.with_name(f"{path.name}.{secrets.token_hex(8)}")
+    handle = open(private, "w")
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    private.rename(path)
     return handle
 
 
