@@ -48,3 +48,61 @@ def test_volume_metrics_equal_a_direct_computation_on_the_predicted_maps(tiny_di
     predicted = anomaly > threshold
     tp, fp, fn = (predicted & truth).sum(), (predicted & ~truth).sum(), (~predicted & truth).sum()
     assert row["dice_fpr5"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-6)
+
+
+# ---------------------------------------------------------------------- masks said, checked, undefined shown (issue 21)
+@pytest.fixture(scope="module")
+def volume_model(tiny_dinov2_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("volume-model")
+    (root / "train").mkdir()
+    for i in range(2):
+        _write_scan(root / "train" / f"healthy{i}.nii.gz", seed=i, with_mask=False)
+    model = root / "model.normdino"
+    assert main(["fit", str(root / "train"), "-o", str(model), "--backbone", str(tiny_dinov2_dir),
+                 "--image-size", "56", "--epochs", "1", "--components", "8", "--no-cache", "--quiet"]) == 0
+    return model
+
+
+def _evaluate_in_a_process(model, data, out):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "normdino.cli", "evaluate", str(model), str(data), "--layout",
+                           "volumes", "-o", str(out)], capture_output=True, text=True, timeout=300)
+
+
+def test_scans_without_masks_are_named_and_undefined_metrics_are_shown_as_undefined(volume_model, tmp_path):
+    data = tmp_path / "test"
+    data.mkdir()
+    _write_scan(data / "healthy.nii.gz", seed=12)  # a mask with no lesion voxel
+    _write_scan(data / "forgotten.nii.gz", seed=13, lesions=2, with_mask=False)
+    done = _evaluate_in_a_process(volume_model, data, tmp_path / "ev")
+    assert done.returncode == 0, done.stderr
+    assert "1 of 2 scans have no mask (*_mask): forgotten.nii.gz" in done.stderr
+    assert "MetricUndefinedWarning" not in done.stderr and "metrics.py" not in done.stderr
+    assert "AUROC is undefined when only one class is present" in done.stderr  # said once, as a plain line
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    row = results["rows"][0]
+    assert row["pixel_auroc"] is None and row["dice_fpr5"] is None and row["dice_fpr1"] is None  # not 0.0
+    assert "| dpmm | — | — | — | — | — |" in (tmp_path / "ev" / "results.md").read_text()
+    assert "forgotten.nii.gz" in json.dumps(results)
+
+
+@pytest.mark.parametrize("values, message", [((np.nan, 1.0), "holds NaN or infinite voxels"),
+                                             ((7.5, 1.0), "is not binary (it holds 0 and 1, 7.5)"),
+                                             ((2, 4), "is not binary (it holds 0 and 2, 4)")])
+def test_masks_that_are_not_binary_are_refused(volume_model, tmp_path, capsys, values, message):
+    data = tmp_path / "test"
+    data.mkdir()
+    _write_scan(data / "patient.nii.gz", seed=10, lesions=2)
+    mask_path = data / "patient_mask.nii.gz"
+    mask_image = nib.load(mask_path)
+    mask = np.asarray(mask_image.dataobj).astype(np.float32)
+    mask[..., 1][mask[..., 1] > 0] = values[0]
+    mask[..., 2][mask[..., 2] > 0] = values[1]
+    nib.save(nib.Nifti1Image(mask, mask_image.affine), mask_path)
+    capsys.readouterr()
+    assert main(["evaluate", str(volume_model), str(data), "--layout", "volumes", "-o", str(tmp_path / "ev"),
+                 "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "patient_mask.nii.gz" in err[0], err

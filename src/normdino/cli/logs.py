@@ -31,6 +31,7 @@ def configure_logging(quiet: bool, verbose: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.ERROR if quiet else logging.WARNING)
     logging.getLogger("normdino").setLevel(level)
+    warnings.showwarning = warning_as_log_line
     if quiet:
         warnings.filterwarnings("ignore")
         for library in ("transformers", "huggingface_hub", "torch"):
@@ -39,6 +40,12 @@ def configure_logging(quiet: bool, verbose: bool) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         if "transformers" in sys.modules:  # already imported (a caller of main): switch its bars off directly
             sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+def warning_as_log_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning (a metric undefined on these labels, a library's notice) as one line of the log: its
+    message, without the file:line and source line Python prints, which mean nothing to a user."""
+    logging.getLogger("normdino").warning("%s", str(message).removesuffix("; returning NaN."))
 
 
 def end_progress_bars() -> None:

@@ -4,8 +4,8 @@ Conventions (used everywhere in this module):
 
 * A pixel is predicted anomalous when its score is **strictly above** the threshold.
 * Masks are anomalous where they are non-zero; ``None`` means an all-normal image.
-* Undefined metrics (AUROC with only one class, AUPR or AUPRO without anomalous pixels, Dice
-  with empty prediction and empty mask) return NaN and emit :class:`MetricUndefinedWarning`
+* Undefined metrics (AUROC with only one class, AUPR, AUPRO or Dice without anomalous pixels)
+  return NaN and emit :class:`MetricUndefinedWarning`
   instead of raising, so one degenerate split does not abort a whole benchmark table.
   AUPR with only anomalous pixels is 1.0 (precision is 1 at every threshold), as in scikit-learn;
   AUPR without anomalous pixels is NaN here where scikit-learn returns 0.
@@ -273,10 +273,11 @@ def dice(pred: ArrayOrList, mask: ArrayOrList) -> float:
 
 
 def _dice_from_counts(tp: int, fp: int, fn: int) -> float:
-    denominator = 2 * tp + fp + fn
-    if denominator == 0:
-        return _undefined("Dice is undefined when prediction and mask are both empty; returning NaN.")
-    return 2.0 * tp / denominator
+    """Dice of pooled counts; undefined (NaN) without anomalous pixels in the masks, where it could only be 0 or
+    0/0 and says nothing about finding lesions."""
+    if tp + fn == 0:
+        return _undefined("Dice is undefined without anomalous pixels in the masks; returning NaN.")
+    return 2.0 * tp / (2 * tp + fp + fn)
 
 
 def aupro(score_maps: ArrayOrList, masks: ArrayOrList, fpr_limit: float = 0.3) -> float:

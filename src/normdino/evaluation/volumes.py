@@ -44,6 +44,21 @@ def volume_pairs(root: Path, mask_suffix: str = "_mask") -> list[tuple[Path, Pat
     return pairs
 
 
+def binary_mask_plane(plane: np.ndarray, path: Path, seen: set) -> np.ndarray:
+    """A mask plane as bits, refusing what is not a binary mask: NaN or infinite voxels, or more than one
+    non-zero value over the whole volume (``seen`` collects them plane by plane). 0/1 and 0/255 masks pass;
+    a label map (0, 1, 2, 4) or a resampled mask (7.5 next to 1) is one sentence, never binarised silently."""
+    if plane.dtype.kind == "f" and not np.isfinite(plane).all():
+        raise InputError(f"Mask {path} holds NaN or infinite voxels; a mask must be binary (0 and one positive "
+                         "value): fix or re-export it")
+    seen.update(np.unique(plane[plane != 0]).tolist())
+    if len(seen) > 1 or any(v < 0 for v in seen):
+        values = ", ".join(f"{v:g}" for v in sorted(seen)[:5])
+        raise InputError(f"Mask {path} is not binary (it holds 0 and {values}); a mask must hold 0 and one "
+                         "positive value: merge its labels or threshold it yourself first")
+    return plane != 0
+
+
 def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Path | None = None,
                      mask_suffix: str = "_mask", fprs=EVAL_FPRS, progress: bool = True):
     """Voxel metrics of a fitted detector over every scan in ``root``; writes results.json/.md and report.html."""
@@ -51,6 +66,11 @@ def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Pa
     from normdino.io.volumes import Volume, read_mask_volume
 
     pairs = volume_pairs(root, mask_suffix)
+    without = [scan.name for scan, mask in pairs if mask is None]
+    if without:  # said, never assumed silently
+        log.warning("%d of %d scans have no mask (*%s): %s; their voxels count as healthy in the voxel metrics and "
+                    "they are left out of the image AUROC", len(without), len(pairs), mask_suffix,
+                    ", ".join(without[:10]) + (f" and {len(without) - 10} more" if len(without) > 10 else ""))
     thresholds = [detector.pixel_threshold(f) for f in fprs]
     accumulator = PixelScoreAccumulator(thresholds=thresholds)
     mask_options = SliceOptions(axis=options.axis, normalization="none", volume_index=None)
@@ -65,11 +85,12 @@ def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Pa
             masks, mask_voxels = {}, 0
             if mask_path is not None:  # masks of the kept slices as bits; all mask voxels counted
                 with read_mask_volume(mask_path, volume) as mask_volume:
-                    kept_set = set(kept)
+                    kept_set, values = set(kept), set()
                     for index, plane in mask_volume.iter_slices(mask_options, indices=range(volume.shape[axis])):
-                        mask_voxels += int((plane > 0).sum())
+                        bits = binary_mask_plane(plane, mask_path, values)
+                        mask_voxels += int(bits.sum())
                         if index in kept_set:
-                            masks[index] = np.packbits(plane > 0)
+                            masks[index] = np.packbits(bits)
             top = TopFraction(detector.top_fraction, len(kept))
             tp = fp = fn = 0
             started = time.perf_counter()
@@ -94,7 +115,7 @@ def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Pa
             volume_rows.append({"volume": image_path.name, "mask": mask_path.name if mask_path else "",
                                 "score": top.mean(), "slices_scored": len(kept), "mask_voxels": mask_voxels,
                                 "mask_voxels_skipped": mask_voxels - scored_mask,
-                                "dice_fpr5": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")})
+                                "dice_fpr5": 2 * tp / (2 * tp + fp + fn) if tp + fn else float("nan")})
             if label is not None:
                 scores.append(top.mean())
                 labels.append(label)
@@ -111,6 +132,7 @@ def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Pa
     }
     result = MethodResult(row, accumulator, [])
     context = {"data": str(root), "layout": "volumes", "volumes": len(pairs), "slices_scored": n_slices,
+               "scans_without_mask": ", ".join(without) if without else "none",
                "axis": options.axis, "slices": str(options.slices), "normalization": options.normalization,
                "thresholds": "the model's own (calibrated at fit time)"}
     scorer = detector_scorer(detector)
