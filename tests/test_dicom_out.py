@@ -124,3 +124,32 @@ def test_predict_writes_grouped_outputs_uid_columns_and_skipped_rows(detector, t
     assert rows[uids["localizer"]]["status"] == "skipped" and "localizer" in rows[uids["localizer"]]["message"]
     seg = pydicom.dcmread(tmp_path / "out" / flair["dicom_seg"])
     assert seg.PatientName == "" and seg.PatientIdentityRemoved == "YES"
+
+
+def test_cli_fit_and_predict_on_a_pacs_export(tiny_dinov2_dir, tmp_path, capsys):
+    from normdino.cli import main
+
+    staging = tmp_path / "pacs"
+    uids = write_export(staging / "export", staging / "staging")
+    model = tmp_path / "m.normdino"
+    assert main(["fit", str(staging / "export"), "-o", str(model), "--backbone", str(tiny_dinov2_dir),
+                 "--image-size", "28", "--method", "anomalydino", "--series", "FLAIR", "--window=0,1000",
+                 "--no-cache", "--quiet"]) == 0
+    out = tmp_path / "out"
+    assert main(["predict", str(model), str(staging / "export"), "-o", str(out), "--modality", "MR",
+                 "--dicom-out", "seg", "--anonymize", "--quiet"]) == 0
+    rows = _rows(out)
+    by_uid = {r["series_uid"]: r for r in rows}
+    assert set(by_uid) == {uids["flair"], uids["t1"], uids["localizer"]}
+    assert by_uid[uids["localizer"]]["status"] == "skipped"
+    flair = by_uid[uids["flair"]]
+    assert flair["dicom_seg"] == "patient-001/study-001/S003_AX_FLAIR_seg.dcm" and flair["dicom_pmap"] == ""
+    assert pydicom.dcmread(out / flair["dicom_seg"]).PatientID == ""
+    assert not list(out.rglob("*_pmap.dcm"))
+    assert main(["predict", str(model), str(staging / "export"), "-o", str(tmp_path / "o2"), "--series", "DWI",
+                 "--quiet"]) == 1
+    assert "none of the 5 DICOM series" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(model), str(staging / "export"), "-o", str(tmp_path / "o3"), "--dicom-out", "rtstruct"])
+    assert exit_info.value.code == 2 and "is not a choice" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

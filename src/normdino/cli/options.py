@@ -26,6 +26,17 @@ def fpr(text: str) -> float:
     return value
 
 
+def dicom_out(text: str) -> tuple[str, ...]:
+    """--dicom-out: seg, pmap, seg,pmap or none (normdino.io.dicom_results.parse_dicom_out)."""
+    from normdino.errors import InputError
+    from normdino.io.dicom_results import parse_dicom_out
+
+    try:
+        return parse_dicom_out(text)
+    except InputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def positive_int(text: str) -> int:
     """A whole number >= 1 (batch sizes, epochs, counts), checked before any work starts."""
     try:
@@ -95,6 +106,10 @@ def add_volume_options(parser: argparse.ArgumentParser) -> None:
                        help="intensity scaling per volume: percentile (default; MRI), window (CT, with --window), "
                             "dtype (uint8 volumes /255, the same values as 8-bit PNG slices), none")
     group.add_argument("--volume-index", type=int, default=None, help="which volume of a 4D NIfTI to use")
+    group.add_argument("--series", default=None, metavar="PATTERN",
+                       help="DICOM folders and PACS exports: only series whose SeriesDescription matches (case-insensitive "
+                            "text, or a regular expression), e.g. FLAIR")
+    group.add_argument("--modality", default=None, help="DICOM folders and PACS exports: only series of this Modality, e.g. MR or CT")
 
 
 def add_statistics_options(parser: argparse.ArgumentParser, seeds_default: str = "0") -> None:
@@ -127,7 +142,8 @@ def volume_flags(args):
     from normdino.io.volume_flags import VolumeFlags
 
     return VolumeFlags(axis=args.axis, slices=args.slices, min_foreground=args.min_foreground, window=args.window,
-                       percentiles=args.percentiles, normalization=args.normalization, volume_index=args.volume_index)
+                       percentiles=args.percentiles, normalization=args.normalization, volume_index=args.volume_index,
+                       series=args.series, modality=args.modality)
 
 
 FIT_DEFAULTS = {"method": "dpmm", "backbone": None, "device": "cpu", "cache_dir": str(DEFAULT_CACHE)}  # backbone: the method's

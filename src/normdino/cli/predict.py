@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from normdino.cli.options import add_common, add_runtime_options, add_volume_options, fpr, positive_float, positive_int, volume_flags
+from normdino.cli.options import (add_common, add_runtime_options, add_volume_options, dicom_out, fpr, positive_float,
+                                  positive_int, volume_flags)
 
 
 def add_parser(sub) -> None:
@@ -25,6 +26,12 @@ def add_parser(sub) -> None:
                          help="refuse images and volume slices larger than this (default 64: predict needs about 40 "
                               "bytes per pixel)")
     predict.add_argument("--device", default="cpu")
+    predict.add_argument("--dicom-out", type=dicom_out, default=None, metavar="seg,pmap|none",
+                         help="for DICOM series inputs, also write a DICOM Segmentation (seg) and a Parametric Map "
+                              "(pmap) that viewers lay over the scan (default: both)")
+    predict.add_argument("--anonymize", action="store_true",
+                         help="DICOM outputs get empty patient and study identifiers, and export results are "
+                              "filed under numbered patient/study folders instead of IDs and dates")
     add_volume_options(predict)
     add_runtime_options(predict)
     add_common(predict)
@@ -35,6 +42,7 @@ def run(args) -> int:
 
     predict_to_folder(args.model, args.inputs, args.output, volume_flags=volume_flags(args), fpr=args.fpr,
                       overlays=not args.no_overlays, overwrite=args.overwrite, strict=args.strict,
-                      max_megapixels=args.max_megapixels, progress=not args.quiet, backbone=args.backbone,
+                      max_megapixels=args.max_megapixels, progress=not args.quiet, dicom_out=args.dicom_out,
+                      anonymize=args.anonymize, backbone=args.backbone,
                       device=args.device, runtime=args.runtime, precision=args.precision, batch_size=args.batch_size)
     return 0

@@ -25,7 +25,9 @@ class VolumeFlags:
 
     ``axis``: axial, coronal, sagittal or an array axis ("0".."2"); ``slices``: a range such as "60:100";
     ``window``: "LOW,HIGH" in the volume's units (HU for CT); ``percentiles``: "LOW,HIGH" clipping percentiles;
-    ``normalization``: percentile, window, dtype or none; ``volume_index``: the volume of a 4D NIfTI.
+    ``normalization``: percentile, window, dtype or none; ``volume_index``: the volume of a 4D NIfTI;
+    ``series`` / ``modality``: which series of a DICOM folder or PACS export to take (SeriesDescription pattern,
+    Modality; see :class:`normdino.io.dicom_tree.SeriesFilter`).
     """
 
     axis: str | int | None = None
@@ -35,6 +37,14 @@ class VolumeFlags:
     percentiles: str | None = None
     normalization: str | None = None
     volume_index: int | None = None
+    series: str | None = None
+    modality: str | None = None
+
+    def series_filter(self):
+        """The DICOM series filter of these flags (an empty filter takes every series)."""
+        from normdino.io.dicom_tree import SeriesFilter
+
+        return SeriesFilter(description=self.series, modality=self.modality)
 
     def slice_options(self, model_settings: Mapping[str, Any] | None = None) -> SliceOptions:
         """The slice options of this run: these flags over ``model_settings`` (a model's ``volume_settings``;

@@ -79,8 +79,9 @@ def fit_to_file(normal: Sequence[str | os.PathLike], output: str | os.PathLike, 
     """
     from normdino.detector import AnomalyDetector
 
-    train = resolve_inputs(normal)
-    validation = resolve_inputs(val) if val else None
+    series_filter = (volume_flags or VolumeFlags()).series_filter()
+    train = resolve_inputs(normal, series_filter)
+    validation = resolve_inputs(val, series_filter) if val else None
     check_fit_output(Path(output), train, validation)
     for inputs in (train, validation):
         if inputs is not None:

@@ -60,7 +60,7 @@ def predict_to_folder(model: AnomalyDetector | str | os.PathLike, inputs: Inputs
                       output: str | os.PathLike, *, volume_flags: VolumeFlags | None = None, fpr: float | None = None,
                       overlays: bool = True, overwrite: bool = False, strict: bool = False,
                       max_megapixels: float | None = None, progress: bool = True, context: dict | None = None,
-                      **load: object) -> PredictionRun:
+                      dicom_out: Sequence[str] | None = None, anonymize: bool = False, **load: object) -> PredictionRun:
     """Predict every input with a fitted model and write the results folder ``output``.
 
     ``model``: a fitted :class:`~normdino.detector.AnomalyDetector`, or a model file, loaded after the inputs and
@@ -70,9 +70,11 @@ def predict_to_folder(model: AnomalyDetector | str | os.PathLike, inputs: Inputs
     ``volume_flags``: slicing and scaling given for this run over the model's (default: the model's);
     ``fpr``: the masks' false-positive rate (default the model's). An input that cannot be read gets a
     ``skipped`` row and a warning (``strict``: stop at the first). Raises NormdinoError when no input could be used.
+    DICOM series inputs also get a DICOM Segmentation and Parametric Map (``dicom_out``: "seg", "pmap", () for
+    none; default both), with empty patient data if ``anonymize`` (see :mod:`normdino.io.dicom_results`).
     """
     if not isinstance(inputs, Inputs):
-        inputs = resolve_inputs(inputs)
+        inputs = resolve_inputs(inputs, (volume_flags or VolumeFlags()).series_filter())
     check_predict_inputs(inputs, output, overwrite, strict, max_megapixels)  # before the model and backbone load
     if isinstance(model, (str, os.PathLike)):
         from normdino.detector import AnomalyDetector
@@ -88,7 +90,7 @@ def predict_to_folder(model: AnomalyDetector | str | os.PathLike, inputs: Inputs
     options = (volume_flags or VolumeFlags()).slice_options(detector.volume_settings or {}) if inputs.volumes else None
     warn_if_trained_on_volumes(detector.volume_settings, inputs.images)
     settings = dict(fpr=fpr, overlays=overlays, progress=progress, overwrite=overwrite, strict=strict,
-                    max_megapixels=max_megapixels, context=context or {})
+                    max_megapixels=max_megapixels, context=context or {}, dicom_out=dicom_out, anonymize=anonymize)
     if in_process_group():
         return _predict_shares(detector, inputs, Path(output), options, settings)
     writer = PredictionWriter(detector, Path(output), **settings)
