@@ -335,17 +335,21 @@ class AnomalyDetector:
         rng = np.random.default_rng(self.seed + dist.rank())
         total = dist.global_sum(sum(hh * ww for hh, ww in val.shapes))  # under torchrun: every rank's pixels
         keep = min(1.0, _MAX_CALIBRATION_PIXELS / max(1, total))
-        pixel_samples, image_scores = [], []
+        pixel_samples, image_scores, low, high = [], [], np.inf, -np.inf
         with dist.failing_together("calibration"):
             for maps in self.pixel_maps(val):
                 image_scores.append(scoring.image_score(maps, self.top_fraction))
                 flat = maps.ravel()
+                low, high = min(low, float(flat.min())), max(high, float(flat.max()))
                 pixel_samples.append(flat if keep >= 1.0 else rng.choice(flat, int(np.ceil(keep * flat.size)), replace=False))
         fprs = np.unique(np.concatenate([FPR_GRID, np.asarray(self.fprs, dtype=np.float64)]))
         self.calibration_fprs_ = fprs
         # quantiles of the healthy scores of every rank (exactly the one-process thresholds when not subsampled)
         self.pixel_thresholds_ = dist.thresholds_at_fprs(pixel_samples, fprs)
         self.image_thresholds_ = dist.thresholds_at_fprs(image_scores, fprs)
+        # the range the method's scores actually took on healthy pixels (every rank's; an empty share adds nothing)
+        ranges = np.asarray(dist.gather_list([(low, high)]), dtype=np.float64)
+        self.pixel_range_ = np.array([ranges[:, 0].min(), ranges[:, 1].max()])
 
     # ------------------------------------------------------------------ scoring
     def _check_fitted(self) -> None:
@@ -425,6 +429,8 @@ class AnomalyDetector:
         tensors["calibration.fprs"] = torch.from_numpy(np.asarray(self.calibration_fprs_, dtype=np.float64))
         tensors["calibration.pixel_thresholds"] = torch.from_numpy(np.asarray(self.pixel_thresholds_, dtype=np.float64))
         tensors["calibration.image_thresholds"] = torch.from_numpy(np.asarray(self.image_thresholds_, dtype=np.float64))
+        if getattr(self, "pixel_range_", None) is not None:
+            tensors["calibration.pixel_range"] = torch.from_numpy(np.asarray(self.pixel_range_, dtype=np.float64))
         header = {
             "method": {"name": self.method_.name or self.method_name, "params": self.method_.get_params(),
                        "info": self.method_.fit_info()},
@@ -466,6 +472,8 @@ class AnomalyDetector:
         detector.calibration_fprs_ = tensors["calibration.fprs"].numpy()
         detector.pixel_thresholds_ = tensors["calibration.pixel_thresholds"].numpy()
         detector.image_thresholds_ = tensors["calibration.image_thresholds"].numpy()
+        if "calibration.pixel_range" in tensors:  # absent from files written before it was recorded
+            detector.pixel_range_ = tensors["calibration.pixel_range"].numpy()
         detector.training_summary_ = header.get("training", {})
         detector.grid_shape_ = tuple(detector.training_summary_.get("grid_shape", ()))
         if backbone is not None:

@@ -276,6 +276,11 @@ def _check_calibration(path: Path, tensors: dict) -> None:
     for name, table in (("pixel", pixel), ("image", image)):
         if (np.diff(table) > 1e-9 * max(1.0, float(np.abs(table).max()))).any():
             raise ModelFileError(f"{path} has {name} thresholds that rise with the FPR; the file is corrupt")
+    if "calibration.pixel_range" in tensors:  # optional: files written before it was recorded lack it
+        low_high = tensors["calibration.pixel_range"].double().numpy()
+        if low_high.shape != (2,) or not np.isfinite(low_high).all() or not low_high[0] <= low_high[1]:
+            raise ModelFileError(f"{path} has a calibration score range {low_high.tolist()} that is not two finite "
+                                 "increasing values; the file is corrupt")
 
 
 def _from_format_1(path: Path, header: dict, tensors: dict) -> tuple[dict, dict]:

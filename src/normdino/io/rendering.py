@@ -60,6 +60,22 @@ def score_color_range(typical: float, high: float) -> tuple[float, float]:
     return typical, max(high, typical + step)
 
 
+def map_png_range(vmin: float, vmax: float, known: tuple[float, float] | None,
+                  observed: Sequence[float] | None) -> tuple[float, float]:
+    """[low, high] a model's 16-bit score maps are stored over: every calibrated threshold must lie inside.
+
+    ``known``: the method's score range when it is known a priori (cosine distances: [0, 1]); else four colour
+    spans (``vmax − vmin``, healthy median to tail) on either side. Either is widened to ``observed``, the range
+    the scores actually took on the healthy calibration pixels (recorded at fit; None for older model files), so
+    no threshold falls where stored values are clipped (centred scores, e.g. ``--fusion pixel``, are negative).
+    """
+    span = float(vmax) - float(vmin)
+    low, high = (float(known[0]), float(known[1])) if known is not None else (vmin - 4 * span, vmax + 4 * span)
+    if observed is not None:
+        low, high = min(low, float(observed[0])), max(high, float(observed[1]))
+    return low, high
+
+
 def normalize(score_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     """Scores scaled to [0, 1] over [vmin, vmax] (clipped; NaN becomes 0)."""
     _check_range(vmin, vmax, "normalize")

@@ -304,10 +304,9 @@ class PredictionWriter:
         self.random_weights = bool(getattr(getattr(detector, "backbone_", None), "is_random", False))
         # Colour scale of the overlays: from the healthy median to the healthiest 0.01 % tail, for scores of any sign.
         self.vmin, self.vmax = rendering.score_color_range(detector.pixel_threshold(0.5), detector.pixel_threshold(1e-4))
-        # The 16-bit PNG maps store scores over map_range (clipped); cosine distances live in [0, 1] in practice.
-        span = self.vmax - self.vmin
-        bounded = detector.method_.score_range
-        self.map_range = bounded if bounded is not None else (self.vmin - 4 * span, self.vmax + 4 * span)
+        # The 16-bit PNG maps store scores over map_range (clipped): a range holding every calibrated threshold.
+        self.map_range = rendering.map_png_range(self.vmin, self.vmax, detector.method_.score_range,
+                                                 getattr(detector, "pixel_range_", None))
         if prepare:  # False for the other torchrun ranks, which write into the folder rank 0 prepared
             prepare_results_folder(self.out_dir, overwrite)
         self.out_dir.mkdir(parents=True, exist_ok=True)

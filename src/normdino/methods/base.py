@@ -140,7 +140,8 @@ class NormativeMethod(ABC):
 
     @property
     def score_range(self) -> tuple[float, float] | None:
-        """Where scores live in practice: (0, 1) for cosine distances; None when unbounded (Euclidean, likelihood)."""
+        """Where scores live a priori: (0, 1) for cosine distances; None when not known in advance (Euclidean,
+        likelihood, centred fusions): the detector then stores maps over the range found at calibration."""
         kind = getattr(self, "metric", getattr(self, "score", "cosine"))
         return (0.0, 1.0) if kind == "cosine" else None
 

@@ -20,7 +20,8 @@ from normdino.features.tokens import FeatureRequest, Tokens, TokenSet, pick_laye
 from normdino.methods.base import NormativeMethod
 from normdino.methods.dpmm import DPMM
 from normdino.methods.himatch import (
-    FUSION_PARAM, LAYERS_PARAM, RELIABILITY_PARAM, fuse, fusion_statistics, fusion_weights, reliability_sample,
+    FUSION_PARAM, LAYERS_PARAM, RELIABILITY_PARAM, fuse, fused_score_range, fusion_statistics, fusion_weights,
+    reliability_sample,
 )
 from normdino.methods.registry import register
 
@@ -99,6 +100,10 @@ class DPMMMultistage(NormativeMethod):
         self.check_fitted("stages_")
         with torch.no_grad():
             return fuse(self._stage_maps(tokens), {k: getattr(self, k + "_") for k in _STAT_KEYS}, self.fusion)
+
+    @property
+    def score_range(self) -> tuple[float, float] | None:
+        return fused_score_range(self.fusion)
 
     @property
     def n_prototypes(self) -> int:

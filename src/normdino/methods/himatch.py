@@ -94,7 +94,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "HiMatchMethod", "spherical_kmeans", "retrieval_scores", "retrieve", "stage_maps",
     "fusion_statistics", "fusion_weights", "fuse", "FUSIONS", "LAYERS_PARAM", "FUSION_PARAM",
-    "RELIABILITY_PARAM", "reliability_sample", "leave_one_out_mask",
+    "RELIABILITY_PARAM", "reliability_sample", "leave_one_out_mask", "fused_score_range",
 ]
 
 KMEANS_ITERS = 10
@@ -247,6 +247,12 @@ def fuse(maps: torch.Tensor, stats: dict[str, torch.Tensor], rule: str) -> torch
     if rule == "pixel":
         return (weights[None] * (maps - stats["pixel_mean"].to(maps.device)[None])).sum(1)
     return (weights[None, :, None, None] * maps).sum(1)
+
+
+def fused_score_range(rule: str) -> tuple[float, float] | None:
+    """Where fused scores live a priori: weighted means of 1 − cosine in [0, 1] in practice; None for "pixel",
+    whose centred scores (m − mu(p)) take either sign (the detector records the range they took at calibration)."""
+    return None if rule == "pixel" else (0.0, 1.0)
 
 
 def reliability_sample(n: int, count: int, seed: int) -> np.ndarray:
@@ -447,6 +453,10 @@ class HiMatchMethod(NormativeMethod):
 
     def _stats(self) -> dict[str, torch.Tensor]:
         return {key: getattr(self, key + "_") for key in _STAT_KEYS}
+
+    @property
+    def score_range(self) -> tuple[float, float] | None:
+        return fused_score_range(self.fusion)
 
     @property
     def n_prototypes(self) -> int:
