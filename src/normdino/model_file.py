@@ -28,6 +28,7 @@ _TOP_LEVEL = {"format": str, "format_version": str, "normdino_version": str, "me
 _BACKBONE = {"name": str, "identifier": str, "is_random": bool, "patch_size": int, "embed_dim": int,
              "image_size": int, "layers": list}
 _CALIBRATION = ("calibration.fprs", "calibration.pixel_thresholds", "calibration.image_thresholds")
+_OPTIONAL_CALIBRATION = ("calibration.pixel_range",)  # recorded since issue 20; older files lack it
 MAX_IMAGE_SIZE = 4096  # a backbone input side beyond this is no model normdino wrote (292² tokens at patch 14)
 _MAX_PATCH = 64
 _MAX_EMBED_DIM = 16384
@@ -255,7 +256,7 @@ def check_volume_settings(path: Path, settings: Any) -> None:
 
 def _check_tensor_names(path: Path, tensors: dict) -> None:
     """Only calibration tables and method state: anything else was put there by someone else."""
-    foreign = [k for k in tensors if k not in _CALIBRATION and not k.startswith("method.")]
+    foreign = [k for k in tensors if k not in _CALIBRATION + _OPTIONAL_CALIBRATION and not k.startswith("method.")]
     if foreign:
         raise ModelFileError(f"{path} holds {len(foreign)} tensor(s) that are no part of a normdino model; the file "
                              "was altered")
