@@ -449,9 +449,81 @@ def test_an_unwritable_scores_csv_stops_with_one_sentence_and_removes_that_input
         real(self, row)
 
     monkeypatch.setattr(PredictionWriter, "_append", full_after_two)
-    with pytest.raises(OutputError, match="cannot write .*scores.csv: No space left on device"):
+    with pytest.raises(OutputError, match=r"cannot write .*scores.csv: the disk holding .* is full \(No space left on device\)"):
         writer.write_images(images)
     rows = _rows(tmp_path / "out")
     assert [r["input"] for r in rows] == [str(p) for p in images[:2]]
     listed = {r[c] for r in rows for c in ("anomaly_map", "anomaly_npy", "mask", "overlay")}
     assert {p.name for p in (tmp_path / "out").iterdir()} - {"scores.csv"} == listed
+
+
+# ---------------------------------------------------------------------- early stops are marked (issue 21)
+def _stop_after_two_rows(monkeypatch, stop):
+    """Call ``stop()`` in the main thread as the third input's row is about to be recorded."""
+    real = PredictionWriter._append
+
+    def append(self, row):
+        if len(self.rows) == 2:
+            stop()
+        real(self, row)
+
+    monkeypatch.setattr(PredictionWriter, "_append", append)
+
+
+def _assert_partial_and_clean(out, reason):
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is False and reason in summary["stopped"]
+    rows = _rows(out)
+    assert summary["n_inputs"] == len(rows) == 2
+    listed = {r[c] for r in rows for c in ("anomaly_map", "anomaly_npy", "mask", "overlay")}
+    left = {p.name for p in out.iterdir()} - {"scores.csv", "summary.json", "index.html"}
+    assert left == listed  # no map without its row, and no hidden .tmp
+    assert (out / "index.html").is_file()
+
+
+@pytest.mark.parametrize("signal_name, code, reason", [("SIGTERM", 143, "stopped by SIGTERM"),
+                                                       ("SIGINT", 130, "interrupted (SIGINT")])
+def test_a_signal_during_predict_leaves_a_summary_marked_partial(signal_name, code, reason, model, data, tmp_path,
+                                                                 monkeypatch, capsys):
+    import os
+    import signal
+
+    _stop_after_two_rows(monkeypatch, lambda: os.kill(os.getpid(), getattr(signal, signal_name)))
+    out = tmp_path / "out"
+    assert main(["predict", str(model), *map(str, _test_images(data)), "-o", str(out), "-q"]) == code
+    assert capsys.readouterr().err.strip().splitlines()[-1] in ("normdino: stopped by SIGTERM", "normdino: interrupted")
+    _assert_partial_and_clean(out, reason)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI's handler is gone after the run
+
+
+def test_a_full_disk_is_named_and_the_summary_marked_partial(model, data, tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    real = np.save
+    calls = []
+
+    def short_write(file, array, *args, **kwargs):  # what numpy says when the disk fills under it
+        calls.append(file)
+        if len(calls) > 2:
+            raise OSError("65536 requested and 23520 written")
+        return real(file, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", short_write)
+    import normdino.io.writing as writing
+
+    monkeypatch.setattr(writing, "default_workers", lambda device="cpu": 1)
+    out = tmp_path / "out"
+    assert main(["predict", str(model), *map(str, _test_images(data)), "-o", str(out), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"the disk holding {out} is full (65536 requested and 23520 written)" in err[0]
+    _assert_partial_and_clean(out, "is full")
+
+
+def test_a_complete_run_says_so(model, data, tmp_path):
+    import json
+
+    assert main(["predict", str(model), *map(str, _test_images(data)), "-o", str(tmp_path / "out"), "-q"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["complete"] is True and summary["stopped"] is None

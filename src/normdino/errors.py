@@ -19,3 +19,12 @@ class WeightsNotFoundError(NormdinoError, OSError):
 
 class OutputError(NormdinoError, OSError):
     """An output that cannot be written: a folder that is a file, a read-only place, a full disk."""
+
+
+class StopRequested(KeyboardInterrupt):
+    """A termination signal (SIGTERM) raised as Ctrl-C's KeyboardInterrupt is, so every ``finally`` runs, half-written
+    files are removed and the run is reported as stopped; ``signal_name`` says which signal."""
+
+    def __init__(self, signal_name: str = "SIGTERM"):
+        super().__init__(signal_name)
+        self.signal_name = signal_name

@@ -57,6 +57,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def describe_write_error(err: OSError, folder: str | os.PathLike) -> str:
+    """Why a write failed, for a sentence: a full disk is named as such (ENOSPC, a quota, or a write that stopped
+    short, as numpy reports one: "65536 requested and 23520 written", with no errno)."""
+    import errno
+
+    text = err.strerror or str(err)
+    short = err.errno is None and "requested and" in text and "written" in text
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) or short:
+        return f"the disk holding {folder} is full ({text})"
+    return text
+
+
 def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, str], dict]:
     """Metadata and tensors of a safetensors file; one ModelFileError saying it is not ``what`` if unreadable."""
     from safetensors import safe_open

@@ -8,14 +8,18 @@ user error ends in one readable line on stderr and exit code 1; usage errors exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from normdino import __version__
 from normdino.cli import bench, demo, evaluate, fit, info, predict, reproduce, serve
 from normdino.cli.logs import configure_logging, end_progress_bars
-from normdino.errors import NormdinoError
+from normdino.errors import NormdinoError, StopRequested
 from normdino.torchrun import in_process_group, is_main_rank, join_job
 
 COMMANDS = {"fit": fit, "predict": predict, "info": info, "demo": demo, "evaluate": evaluate, "bench": bench,
@@ -58,6 +62,29 @@ def _error(command: str, message: str) -> int:
     return 1
 
 
+def _raise_stop(signum: int, frame: object) -> None:
+    raise StopRequested(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (what ``kill``, systemd and schedulers send) handled like Ctrl-C while a command runs: every
+    ``finally`` runs, half-written files are removed and the results say the run stopped. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _is_short_write(err: OSError) -> bool:
+    """numpy's "65536 requested and 23520 written" (no errno): the disk filled up under the write."""
+    return err.errno is None and "requested and" in str(err) and "written" in str(err)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (default: sys.argv) and return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -69,7 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(args.command, str(err))
     configure_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
     handler = COMMANDS[args.command].run
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(_sigterm_as_interrupt())
         if in_process_group():  # an error on any rank ends every rank with the same message
             with sys.modules["normdino.distributed"].failing_together(args.command):
                 code = handler(args)
@@ -82,22 +111,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1  # every rank has this message; rank 0 prints it
         return _error(args.command, str(err))
     except BrokenPipeError:  # the reader went away (| head): stop quietly, as a SIGPIPE would
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except MemoryError:
         return _error(args.command, "ran out of memory; use smaller inputs, a smaller --batch-size or a machine "
                                     "with more memory")
     except OSError as err:
-        if err.errno not in _WRITE_ERRNOS:
+        if err.errno not in _WRITE_ERRNOS and not _is_short_write(err):
             raise
-        verb = "write" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG) else "access"
-        return _error(args.command, f"cannot {verb} {err.filename or 'a file'}: {err.strerror}")
+        from normdino.files import describe_write_error
+
+        verb = "access" if err.errno in (errno.EACCES, errno.EPERM, errno.EIO) else "write"
+        where = os.path.dirname(os.path.abspath(err.filename)) if err.filename else os.getcwd()
+        return _error(args.command, f"cannot {verb} {err.filename or 'a file'}: {describe_write_error(err, where)}")
+    except StopRequested as err:
+        end_progress_bars()
+        print(f"normdino: stopped by {err.signal_name}", file=sys.stderr)
+        return 128 + int(getattr(signal, err.signal_name, signal.SIGTERM))
     except KeyboardInterrupt:
         end_progress_bars()
         print("normdino: interrupted", file=sys.stderr)
         return 130
     finally:
+        stack.close()
         if joined:
             sys.modules["normdino.distributed"].shutdown()

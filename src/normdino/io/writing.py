@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from normdino.errors import InputError, OutputError
-from normdino.files import atomic_path, atomic_write_text, check_writable_folder
+from normdino.files import atomic_path, atomic_write_text, check_writable_folder, describe_write_error
 from normdino.io import rendering
 from normdino.io.reading import MAX_MEGAPIXELS, check_megapixels
 from normdino.parallel import default_workers, ordered_map
@@ -400,13 +400,17 @@ class PredictionWriter:
                 self._append(outcome)
             except OSError as err:
                 _remove(written)
-                raise OutputError(f"cannot write {self.csv_path}: {err.strerror or err}") from None
+                raise OutputError(f"cannot write {self.csv_path}: {describe_write_error(err, self.out_dir)}") from None
+            except BaseException:  # stopped (a signal) before its row was recorded: no map without its row
+                _remove(written)
+                raise
         elif isinstance(outcome, (InputError, MemoryError)):
             self._skip(source, kind, outcome)
         elif isinstance(outcome, OSError) and not _is_output_error(outcome, self.out_dir):
             self._skip(source, kind, InputError(f"cannot read {source}: {outcome.strerror or outcome}"))
         elif isinstance(outcome, OSError):
-            raise OutputError(f"cannot write {outcome.filename or self.out_dir}: {outcome.strerror or outcome}; the "
+            raise OutputError(f"cannot write {outcome.filename or self.out_dir}: "
+                              f"{describe_write_error(outcome, self.out_dir)}; the "
                               f"{self.n_written} inputs finished before are listed in {self.csv_path}") from None
         else:
             raise outcome
@@ -620,10 +624,15 @@ class PredictionWriter:
             writer.writerows(self.rows)
             atomic_write_text(self.csv_path, buffer.getvalue())
 
-    def finish(self) -> Path:
-        """Write ``summary.json`` and ``index.html`` (scores.csv is already complete); returns the CSV's path."""
-        atomic_write_text(self.out_dir / "summary.json", json.dumps(self.summary(), indent=2) + "\n")
-        write_index(self.out_dir / "index.html", self.rows, self.summary())
+    def finish(self, stopped: str | None = None) -> Path:
+        """Write ``summary.json`` and ``index.html`` (scores.csv is already complete); returns the CSV's path.
+
+        ``stopped``: why the run ended early (a signal, a full disk, an error); the summary then says
+        ``"complete": false`` and the reason, so a partial folder is never taken for a whole one.
+        """
+        summary = {**self.summary(), "complete": stopped is None, "stopped": stopped}
+        atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_index(self.out_dir / "index.html", self.rows, summary)
         return self.csv_path
 
 

@@ -95,20 +95,18 @@ def predict_to_folder(model: AnomalyDetector | str | os.PathLike, inputs: Inputs
         return _predict_shares(detector, inputs, Path(output), options, settings)
     writer = PredictionWriter(detector, Path(output), **settings)
     writer.assign_names([*inputs.images, *inputs.volumes])
-    finished = False
     try:
         writer.skip_unusable(inputs.unusable)
         writer.write_images(inputs.images)
         for volume in inputs.volumes:
             writer.write_volume(volume, options)
-        csv_path = writer.finish()
-        finished = True
-    finally:
-        if not finished:  # an interrupted run still gets a report of what it finished (scores.csv is complete)
-            try:
-                writer.finish()
-            except Exception:  # noqa: BLE001 - the original error is the one to report
-                pass
+    except BaseException as err:  # a stopped run still gets a report of what it finished, marked as partial
+        try:
+            writer.finish(stopped=stop_reason(err))
+        except Exception:  # noqa: BLE001 - the original error is the one to report (a full disk may refuse this too)
+            pass
+        raise
+    csv_path = writer.finish()
     if writer.n_written == 0:
         first = next(row["message"] for row in writer.rows if row["status"] != "ok")
         if writer.n_skipped == 1:
@@ -119,6 +117,23 @@ def predict_to_folder(model: AnomalyDetector | str | os.PathLike, inputs: Inputs
         log.warning("%d of %d inputs were skipped; %s says why", writer.n_skipped, len(writer.rows), csv_path)
     log.info("wrote maps for %d inputs, %s and %s", writer.n_written, csv_path, csv_path.parent / "index.html")
     return PredictionRun(csv_path, writer.n_written, writer.n_skipped)
+
+
+def stop_reason(err: BaseException) -> str:
+    """Why a run stopped early, for ``summary.json``: the signal, or the error's sentence."""
+    from normdino.errors import StopRequested
+
+    if isinstance(err, StopRequested):
+        return f"stopped by {err.signal_name}"
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (SIGINT, Ctrl-C)"
+    if isinstance(err, (NormdinoError, MemoryError)):
+        return str(err) or type(err).__name__
+    if isinstance(err, OSError):
+        from normdino.files import describe_write_error
+
+        return f"cannot write {err.filename or 'a file'}: {describe_write_error(err, err.filename or '.')}"
+    return f"an unexpected {type(err).__name__}"
 
 
 def _predict_shares(detector: AnomalyDetector, inputs: Inputs, output: Path, options, settings: dict) -> PredictionRun:
