@@ -7,7 +7,8 @@ import yaml
 
 from normdino.cli import build_parser, main
 from normdino.config import declared_params
-from normdino.detector import DETECTOR_PARAMS, AnomalyDetector
+from normdino.detector import AnomalyDetector
+from normdino.detector_params import DETECTOR_PARAMS
 from normdino.methods import registry
 
 

@@ -23,7 +23,7 @@ RUN_KEYS = ("method", "backbone", "device", "cache_dir")
 
 def declared_params() -> dict[str, tuple[Any, list[str]]]:
     """name -> (Param, users): the detector's parameters first, then every registered method's."""
-    from normdino.detector import DETECTOR_PARAMS
+    from normdino.detector_params import DETECTOR_PARAMS
     from normdino.methods.registry import all_params
 
     merged: dict[str, tuple[Any, list[str]]] = {p.name: (p, ["detector"]) for p in DETECTOR_PARAMS}
@@ -93,7 +93,8 @@ def resolve_settings(args: argparse.Namespace, run_defaults: dict, method: str |
     on the command line beats a setting in the config file, and a preset and a different value of its setting in
     the same place are refused.
     """
-    from normdino.detector import DETECTOR_PARAMS, AnomalyDetector
+    from normdino.detector import AnomalyDetector
+    from normdino.detector_params import DETECTOR_PARAMS
 
     config = read_config(args.config) if getattr(args, "config", None) else {}
     on_command_line = method or getattr(args, "method", None)
@@ -170,7 +171,7 @@ def _method_defaults(method: str) -> dict:
 
 def split_settings(settings: dict, method: str) -> tuple[dict, dict]:
     """(detector keyword arguments, method hyper-parameters) of resolved settings, for one method name."""
-    from normdino.detector import DETECTOR_PARAMS
+    from normdino.detector_params import DETECTOR_PARAMS
     from normdino.methods import registry
 
     detector = {p.name: settings[p.name] for p in DETECTOR_PARAMS if p.name in settings}

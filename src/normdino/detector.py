@@ -21,7 +21,8 @@ from normdino.errors import InputError, ModelFileError
 from normdino.features.tokens import FeatureRequest, Tokens, TokenSet
 from normdino.methods import registry
 from normdino.methods import scoring
-from normdino.methods.base import NormativeMethod, Param
+from normdino.detector_params import DETECTOR_PARAMS
+from normdino.methods.base import NormativeMethod
 from normdino.parallel import default_workers, ordered_map
 
 log = logging.getLogger(__name__)
@@ -33,22 +34,6 @@ DEFAULT_FPRS = (0.01, 0.05, 0.10)
 FPR_GRID = np.unique(np.concatenate([np.geomspace(1e-4, 0.5, 240), DEFAULT_FPRS]))
 _MAX_CALIBRATION_PIXELS = 50_000_000
 RANDOM_BACKBONE = "random"
-
-#: Hyper-parameters of the detector itself (those of each method are declared by the method).
-DETECTOR_PARAMS: tuple[Param, ...] = (
-    Param("image_size", int, "input resolution in pixels (rounded down to a multiple of the patch size)", minimum=14),
-    Param("normalize", bool, "L2-normalise the patch tokens (the paper does)"),
-    Param("sigma", float, "Gaussian smoothing of pixel maps, in pixels (0 = none)", minimum=0.0, maximum=1000.0),
-    Param("fprs", float, "false-positive rates to report thresholds for (any FPR in 1e-4..0.5 works at predict time)",
-          flag="--fpr", nargs="+", minimum=1e-4, maximum=0.5),
-    Param("default_fpr", float, "FPR used by predict when none is given", minimum=1e-4, maximum=0.5),
-    Param("top_fraction", float, "image score = mean of this top fraction of pixel scores", minimum=1e-6, maximum=1.0),
-    Param("val_fraction", float, "fraction of training sources held out for calibration when no --val is given",
-          minimum=0.0, maximum=0.9),
-    Param("batch_size", int, "images per backbone forward pass", minimum=1),
-    Param("seed", int, "random seed (few-shot image choice, coreset start, mixture initialisation)"),
-)
-
 
 @dataclass
 class Prediction:

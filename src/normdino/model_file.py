@@ -160,7 +160,7 @@ def _check_backbone(path: Path, backbone: dict) -> None:
 
 
 def _check_detector(path: Path, detector: dict, complete: bool) -> None:
-    from normdino.detector import DETECTOR_PARAMS
+    from normdino.detector_params import DETECTOR_PARAMS
     from normdino.errors import InputError
 
     known = {p.name for p in DETECTOR_PARAMS}
