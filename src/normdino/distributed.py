@@ -347,8 +347,8 @@ def gather_scores(samples: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
 
 
 def thresholds_at_fprs(samples: Sequence[np.ndarray] | np.ndarray, fprs: Sequence[float] | np.ndarray) -> np.ndarray:
-    """normdino.evaluation.metrics.thresholds_at_fprs over the healthy scores of ALL ranks (identical on every rank)."""
-    from normdino.evaluation.metrics import thresholds_at_fprs as local_thresholds
+    """normdino.thresholds.thresholds_at_fprs over the healthy scores of ALL ranks (identical on every rank)."""
+    from normdino.thresholds import thresholds_at_fprs as local_thresholds
 
     return local_thresholds(gather_scores(samples), fprs)
 

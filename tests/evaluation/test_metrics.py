@@ -94,7 +94,7 @@ def test_image_metrics_match_sklearn():
 
 
 def test_thresholds_at_many_fprs_equal_one_at_a_time():
-    from normdino.evaluation.metrics import thresholds_at_fprs
+    from normdino.thresholds import thresholds_at_fprs
 
     scores = np.round(np.random.default_rng(3).normal(size=5000), 2)
     fprs = [0.001, 0.01, 0.05, 0.1, 0.5]

@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from normdino.errors import InputError
+from normdino.thresholds import thresholds_at_fprs
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ __all__ = [
     "threshold_at_fpr",
     "dice",
     "aupro",
-    "thresholds_at_fprs",
 ]
 
 
@@ -230,29 +230,8 @@ def image_aupr(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.
     return _exact_aupr(*_image_arrays(scores, labels))
 
 
-def thresholds_at_fprs(normal_scores: ArrayOrList, fprs: Sequence[float] | np.ndarray) -> np.ndarray:
-    """For each FPR, the threshold t with at most that fraction of the healthy scores strictly above t, as many as allowed.
-
-    t is the (k+1)-th largest healthy score with k = floor(fpr · n), so "score > t" flags at most k of them.
-    One sort serves every FPR.
-    """
-    fprs = np.atleast_1d(np.asarray(fprs, dtype=np.float64))
-    if np.any((fprs < 0) | (fprs >= 1)):
-        raise InputError(f"fpr must be in [0, 1), got {fprs.tolist()}.")
-    s = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in _as_list(normal_scores)])
-    if s.size == 0:
-        raise InputError("No healthy validation scores were given; a threshold at a set FPR needs healthy images.")
-    if not np.all(np.isfinite(s)):
-        raise InputError("Healthy validation scores contain NaN or infinite values.")
-    k = np.minimum(np.floor(fprs * s.size * (1 + 1e-12)).astype(np.int64), s.size - 1)
-    positions = s.size - 1 - k
-    if positions.size == 1:  # linear time for a single threshold
-        return np.partition(s, positions[0])[positions]
-    return np.sort(s)[positions]
-
-
 def threshold_at_fpr(normal_scores: ArrayOrList, fpr: float) -> float:
-    """The threshold of :func:`thresholds_at_fprs` for one FPR."""
+    """The threshold of :func:`normdino.thresholds.thresholds_at_fprs` for one FPR."""
     return float(thresholds_at_fprs(normal_scores, [fpr])[0])
 
 
