@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from normdino import distributed as dist
 from normdino.evaluation.foreground import Foreground
 from normdino.evaluation.metrics import PixelScoreAccumulator, image_aupr, image_auroc
+from normdino.evaluation.scorers import scorer_pixel_maps
 from normdino.evaluation.splits import CalibrationFolds
 from normdino.evaluation.statistics import ImageStatistics, few_shot_summary, paired_permutation_test
 from normdino.methods import scoring
@@ -65,7 +66,6 @@ def assess_scorer(scorer, healthy, test, *, sigma: float = 0.0, top_fraction: fl
                   folds: CalibrationFolds | None = None, foreground: Foreground | None = None,
                   n_bootstrap: int = 0, seed: int = 0, progress: bool = False) -> AssessedResult:
     """Metrics of one scorer: ``healthy``/``test`` are labelled token sets (``.tokens``, ``.samples``)."""
-    from normdino.evaluation.protocol import scorer_pixel_maps
     from normdino.io.reading import read_image
 
     every = [getattr(s, "every_sample", s.samples) for s in (healthy, test)]

@@ -202,7 +202,7 @@ def normalized_copy(tokens, chunk: int = 64):
 
 def normalizing(scorer):
     """The scorer fed L2-normalised tokens: a method fitted on normalised tokens scoring the raw token cache."""
-    from normdino.evaluation.protocol import Scorer
+    from normdino.evaluation.scorers import Scorer
     from normdino.features.tokens import Tokens
 
     class NormalizingScorer(Scorer):
