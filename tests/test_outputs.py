@@ -390,7 +390,7 @@ def test_results_folder_checks_need_no_work(tmp_path):
 def test_report_tables_have_human_headers_one_number_format_per_column_and_never_overflow():
     import xml.etree.ElementTree as ET
 
-    from normdino.evaluation.report import html_table
+    from normdino.io.report import html_table
 
     rows = [{"method": "dpmm", "pixel_auroc": 0.9, "ms_per_sample": 12.3456, "setting": "x"},
             {"method": "anomalydino", "pixel_auroc": 0.91234, "ms_per_sample": 7.0,

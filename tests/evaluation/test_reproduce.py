@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from normdino.cli import main
-from normdino.evaluation.report import json_safe
+from normdino.io.report import json_safe
 from normdino.evaluation.reproduce import PAPER_FIGURES
 from normdino.io.phantoms import make_phantom
 

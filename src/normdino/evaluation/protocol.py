@@ -458,7 +458,7 @@ def write_outputs(results: Sequence[MethodResult], scorers: Sequence[Scorer], ba
     """results.json (rows + context, strict JSON), results.md, report.html with curves, histograms and case overlays."""
     import json
 
-    from normdino.evaluation import report
+    from normdino.io import report
     from normdino.files import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)

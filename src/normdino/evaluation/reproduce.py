@@ -34,7 +34,7 @@ import torch
 
 from normdino.errors import InputError
 from normdino.evaluation.protocol import TIMING_NOTE
-from normdino.evaluation.report import json_safe
+from normdino.io.report import json_safe
 
 log = logging.getLogger(__name__)
 
@@ -500,7 +500,7 @@ def markdown_tables(cells: Sequence[dict], per_dataset: Sequence[dict], warning:
 
 def html_report(path: Path, cells: Sequence[dict], per_dataset: Sequence[dict], warning: str | None) -> None:
     """One self-contained HTML page with every table (and the warning banner)."""
-    from normdino.evaluation import report
+    from normdino.io import report
 
     absent = _absent(per_dataset)
     about = f"<p>{html.escape(PAPER_NOTE)}</p><p>{html.escape(CELLS_NOTE)}</p><p>{html.escape(TIMING_NOTE)}</p>"

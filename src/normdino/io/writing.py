@@ -705,7 +705,7 @@ def _index_row(row: dict) -> str:
 
 def write_index(path: Path, rows: Sequence[dict], summary: dict) -> None:
     """``index.html``: the inputs, most anomalous first, with overlay thumbnails, verdicts and scores."""
-    from normdino.evaluation.report import html_report
+    from normdino.io.report import html_report
 
     e = html.escape
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -float(r["score"]))

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from normdino.errors import InputError
-from normdino.evaluation.report import html_report, html_table, image_grid_html, png_data_uri, svg_curve, svg_histograms
+from normdino.io.report import html_report, html_table, image_grid_html, png_data_uri, svg_curve, svg_histograms
 from normdino.io.rendering import (
     PREDICTED_COLOR,
     TRUTH_COLOR,

@@ -1,4 +1,5 @@
-"""Reports: inline SVG charts and self-contained HTML pages of evaluation results."""
+"""Reports people open: self-contained HTML pages (evaluation reports, predict's index.html) and inline SVG
+charts."""
 
 from __future__ import annotations
 
