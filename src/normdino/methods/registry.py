@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 from typing import Any, Callable
 
 from normdino.errors import InputError
@@ -41,11 +42,9 @@ def _load_builtin() -> None:
     global _LOADED
     if _LOADED:
         return
-    import normdino.methods as package
-
-    for module in pkgutil.iter_modules(package.__path__):
+    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):  # the modules beside this one
         if module.name not in ("base", "registry"):
-            importlib.import_module(f"{package.__name__}.{module.name}")
+            importlib.import_module(f"{__package__}.{module.name}")
     _LOADED = True
 
 
