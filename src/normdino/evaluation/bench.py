@@ -48,8 +48,8 @@ def run_bench(data: str | os.PathLike, methods: Sequence[str], report: ReportOpt
     ``settings``: the detector's and the methods' settings (:func:`bench_settings`; backbone, device, seed,
     cache_dir, sigma, batch_size, top_fraction and each method's hyper-parameters); ``max_train``: a seeded
     subset of the training images; ``seeds``: one fit per seed of each few-shot method (``*-Nshot``);
-    ``method_params``: each method's own hyper-parameters (default: those of ``settings`` it accepts; a preset
-    name such as ``patchcore-150`` then keeps its own setting).
+    ``method_params``: each method's own hyper-parameters (default: those of ``settings`` it accepts, except
+    the ones its preset name fixes: ``patchcore-150`` keeps 150, ``dpmm-euclidean`` its score).
     """
     from normdino.config import split_settings
     from normdino.detector import AnomalyDetector
@@ -58,6 +58,7 @@ def run_bench(data: str | os.PathLike, methods: Sequence[str], report: ReportOpt
                                               fit_methods, subset, token_set, write_outputs)
     from normdino.evaluation.splits import without_training_patients
     from normdino.features.tokens import FeatureRequest
+    from normdino.methods import registry
 
     names = [m.strip() for m in methods if m.strip()]
     if not names:
@@ -67,7 +68,11 @@ def run_bench(data: str | os.PathLike, methods: Sequence[str], report: ReportOpt
     seed = settings["seed"]
     fitted = []
     for name in names:
-        params = method_params[name] if method_params is not None else split_settings(dict(settings), name)[1]
+        if method_params is not None:
+            params = method_params[name]
+        else:  # the settings each method takes, except those its preset name fixes (a preset's settings are its own)
+            fixed = registry.variant_params(name)
+            params = {k: v for k, v in split_settings(dict(settings), name)[1].items() if k not in fixed}
         for run_seed in seeds if "shot" in name else (seed,):  # few-shot methods: one fit per seed
             created = create_methods([name], **{**params, "seed": run_seed})
             if "shot" in name and len(seeds) > 1:
