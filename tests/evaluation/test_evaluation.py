@@ -3,6 +3,7 @@ against direct computations; the protocol's thresholds, timing passes, peak memo
 
 import json
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -51,13 +52,20 @@ def _image_score(pixel_map: np.ndarray, top_fraction: float = 0.01) -> float:
     return float(flat[-max(1, int(round(top_fraction * flat.size))):].mean())
 
 
-def test_bench_matches_a_direct_memory_bank_computation(bmad, tiny_dinov2_dir, tmp_path, capsys):
+BENCH_METHODS = ["dpmm", "dpmm-euclidean", "anomalydino", "anomalydino-1shot", "patchcore-150"]
+
+
+def test_bench_matches_a_direct_memory_bank_computation(bmad, tiny_dinov2_dir, tmp_path):
+    """normdino.evaluation.bench.run_bench from Python, with its statistics (what `normdino bench` runs)."""
+    from normdino.evaluation.bench import bench_settings, run_bench
+    from normdino.evaluation.report_options import ReportOptions
+
     out = tmp_path / "bench"
-    code = main(["bench", str(bmad), "--methods", "dpmm,dpmm-euclidean,anomalydino,anomalydino-1shot,patchcore-150",
-                 "--backbone", str(tiny_dinov2_dir), "--image-size", "56", "--epochs", "2", "--components", "8",
-                 "--timing-images", "2", "--no-cache", "-o", str(out), "--json", str(tmp_path / "r.json"), "--quiet",
-                 "--bootstrap", "40", "--seeds", "0,1", "--compare", "dpmm,patchcore-150", "--permutations", "99"])
-    assert code == 0
+    report = ReportOptions(output=out, json_path=tmp_path / "r.json", timing_images=2, n_bootstrap=40,
+                           compare=(("dpmm", "patchcore-150"),), n_permutations=99, progress=False)
+    settings = bench_settings("dpmm", backbone=str(tiny_dinov2_dir), image_size=56, epochs=2, n_components=8)
+    run = run_bench(bmad, BENCH_METHODS, report, settings, seeds=(0, 1))
+    assert run.random_backbone and [r["method"] for r in run.rows][-1] == "anomalydino-1shot"
     payload = _strict((tmp_path / "r.json").read_text())
     rows = {r["method"]: r for r in payload["rows"]}
     assert list(rows) == ["dpmm", "dpmm-euclidean", "anomalydino", "anomalydino-1shot@0", "anomalydino-1shot@1",
@@ -106,10 +114,28 @@ def test_bench_matches_a_direct_memory_bank_computation(bmad, tiny_dinov2_dir, t
     markdown = (out / "results.md").read_text()
     assert "| dpmm |" in markdown and "Paired permutation tests" in markdown and "Foreground pixels only" in markdown
     assert "| backbone ms | scoring ms | ms/sample (sum) |" in markdown and "image by image" in markdown
-    assert "RANDOM weights" in capsys.readouterr().out
 
 
-def test_evaluate_matches_the_detectors_own_maps(bmad, tiny_dinov2_dir, tmp_path):
+def test_bench_command_line_gives_run_bench_these_settings():
+    """The command line only translates: the same ReportOptions and settings as the Python call above."""
+    from normdino.cli import build_parser
+    from normdino.cli.options import estimator_settings, report_options, seeds
+    from normdino.evaluation.report_options import ReportOptions
+
+    args = build_parser(estimator_options=True).parse_args(
+        ["bench", "data", "--methods", ",".join(BENCH_METHODS), "--image-size", "56", "--epochs", "2",
+         "--components", "8", "--timing-images", "2", "-o", "out", "--json", "r.json", "--quiet", "--bootstrap",
+         "40", "--seeds", "0,1", "--compare", "dpmm,patchcore-150", "--permutations", "99"])
+    assert report_options(args) == ReportOptions(output=Path("out"), json_path=Path("r.json"), timing_images=2,
+                                                 n_bootstrap=40, compare=(("dpmm", "patchcore-150"),),
+                                                 n_permutations=99, progress=False)
+    settings = estimator_settings(args, method="dpmm")[0]
+    assert (settings["image_size"], settings["epochs"], settings["n_components"]) == (56, 2, 8)
+    assert seeds(args.seeds) == (0, 1)
+    assert estimator_settings(args, method="patchcore-150")[2]["coreset_size"] == "150"
+
+
+def test_evaluate_matches_the_detectors_own_maps(bmad, tiny_dinov2_dir, tmp_path, capsys):
     from normdino.detector import AnomalyDetector
 
     model = tmp_path / "m.normdino"
@@ -118,6 +144,8 @@ def test_evaluate_matches_the_detectors_own_maps(bmad, tiny_dinov2_dir, tmp_path
                  "--no-cache", "--quiet"]) == 0
     assert main(["evaluate", str(model), str(bmad), "--layout", "bmad-brain", "-o", str(tmp_path / "ev"),
                  "--timing-images", "2", "--no-cache", "--quiet", "--bootstrap", "0", "--foreground", "none"]) == 0
+    printed = capsys.readouterr().out  # the table, the random-weights warning, where the report is
+    assert "| method | AUROC |" in printed and "RANDOM weights" in printed and "report.html" in printed
     payload = _strict((tmp_path / "ev" / "results.json").read_text())
     rows = payload["rows"]
     assert len(rows) == 1 and REQUIRED_KEYS <= set(rows[0])
