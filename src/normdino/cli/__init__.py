@@ -1,4 +1,4 @@
-"""The ``normdino`` command line: fit, predict, info, evaluate, bench, demo, serve, reproduce.
+"""The ``normdino`` command line: fit, predict, info, evaluate, bench, demo, serve, reproduce, weights.
 
 One module per command (``normdino.cli.fit`` ...), each with ``add_parser(sub)`` and ``run(args)``: it parses,
 calls one library function, and prints. This module assembles the parser and maps errors to exit codes: every
@@ -17,13 +17,13 @@ import threading
 from collections.abc import Sequence
 
 from normdino import __version__
-from normdino.cli import bench, demo, evaluate, fit, info, predict, reproduce, serve
+from normdino.cli import bench, demo, evaluate, fit, info, predict, reproduce, serve, weights
 from normdino.cli.logs import configure_logging, end_progress_bars
 from normdino.errors import NormdinoError, StopRequested
 from normdino.torchrun import in_process_group, is_main_rank, join_job
 
 COMMANDS = {"fit": fit, "predict": predict, "info": info, "demo": demo, "evaluate": evaluate, "bench": bench,
-            "serve": serve, "reproduce": reproduce}
+            "serve": serve, "reproduce": reproduce, "weights": weights}
 """Command name -> its module (``add_parser``, ``run``), in the order ``normdino --help`` lists them."""
 ESTIMATOR_COMMANDS = ("fit", "bench")
 """Commands whose parser gets every method's hyper-parameters (this imports torch, so only when they run)."""

@@ -534,8 +534,17 @@ def save_random_backbone(
 
 
 def load_model(name_or_path: str | os.PathLike) -> tuple[torch.nn.Module, str]:
-    """Resolve an alias, local folder, .safetensors file or hub name into an fp32 model and a display name."""
+    """Resolve an alias, local folder, .safetensors file or hub name into an fp32 model and a display name.
+
+    An alias (or its hub name) whose weights were imported with ``normdino weights import`` loads from the
+    offline store (normdino.features.weights) under the hub name, before any hub lookup.
+    """
+    from normdino.features.weights import imported_folder
+
     text = str(name_or_path)
+    alias = text if text in ALIASES else next((a for a, repo in ALIASES.items() if repo == text), None)
+    if alias is not None and (folder := imported_folder(alias)) is not None:  # `normdino weights import`: offline
+        return _load_local_dir(folder), ALIASES[alias]
     name = ALIASES.get(text, text)
     path = Path(name).expanduser()
     if path.is_dir():
