@@ -215,3 +215,22 @@ def test_a_volume_fitted_model_warns_when_given_2d_files(volume_model, tmp_path,
     assert main(["predict", str(volume_model), str(image), "-o", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert "fitted on volumes scaled by the 'percentile' rule" in err and "1 input(s) are 2D image files" in err
+
+
+# ---------------------------------------------------------------------- issue 21
+def test_a_two_d_nifti_gets_maps_of_its_own_shape(volume_model, tmp_path):
+    plane = (make_phantom(np.random.default_rng(4), size=48)[0] * 1000).astype(np.int16)
+    nib.save(nib.Nifti1Image(plane, np.eye(4)), tmp_path / "slice.nii.gz")
+    assert main(["predict", str(volume_model), str(tmp_path / "slice.nii.gz"), "-o", str(tmp_path / "out"), "-q"]) == 0
+    for name in ("slice_anomaly.nii.gz", "slice_mask.nii.gz"):
+        assert nib.load(tmp_path / "out" / name).shape == (48, 48)
+
+
+@pytest.mark.parametrize("field", ["pixdim", "sform"])
+def test_a_nifti_with_nan_geometry_is_refused_in_one_sentence(volume_model, tmp_path, capsys, field):
+    from tests.io.test_volumes import nifti_with_a_nan
+
+    path = nifti_with_a_nan(tmp_path / "scan.nii", field)
+    assert main(["predict", str(volume_model), str(path), "-o", str(tmp_path / "out"), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NaN or infinite voxel size or orientation" in err[0] and "LinAlgError" not in err[0]

@@ -604,7 +604,8 @@ def test_two_d_nifti_is_one_slice_whatever_the_axis(tmp_path):
         assert volume.slice_shape("sagittal") == (20, 24)
         write_volume_like(volume, dict(slices), SliceOptions(axis="axial"), tmp_path / "map.nii.gz")
     data, affine, _ = load(tmp_path / "map.nii.gz")
-    np.testing.assert_array_equal(data[:, :, 0], plane) if data.ndim == 3 else np.testing.assert_array_equal(data, plane)
+    assert data.shape == (20, 24)  # the input's own shape, not (20, 24, 1) (issue 21)
+    np.testing.assert_array_equal(data, plane)
     np.testing.assert_allclose(affine, coronal)
 
 
@@ -759,3 +760,28 @@ def test_lgg_flair_volume_slices_equal_its_png_slices_under_the_png_rule(lgg_fla
         image = read_image(png)
         matched += any(np.array_equal(slices.get(j), image) for j in (k - 1, k))  # 1- or 0-based names
     assert matched == len(pngs)
+
+
+# --------------------------------------------------------------------------- issue 21: NaN geometry
+def nifti_with_a_nan(path, field: str):
+    """An uncompressed NIfTI-1 file with NaN written into one header field: ``pixdim`` (pixdim[1], with qform only,
+    or ``pixdim+sform``: with a valid sform) or ``sform`` (srow_x[0])."""
+    import struct
+
+    nib = pytest.importorskip("nibabel")
+    image = nib.Nifti1Image(random_volume((12, 14, 3), seed=5).astype(np.int16), np.diag([1.0, 1.0, 2.0, 1.0]))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=0 if field == "pixdim" else 1)
+    nib.save(image, path)
+    raw = bytearray(path.read_bytes())
+    offset = {"pixdim": 80, "pixdim+sform": 80, "sform": 280}[field]
+    raw[offset:offset + 4] = struct.pack("<f", float("nan"))
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("field", ["pixdim", "pixdim+sform", "sform"])
+def test_a_nan_in_the_geometry_is_one_sentence(tmp_path, field):
+    path = nifti_with_a_nan(tmp_path / "scan.nii", field)
+    with pytest.raises(InputError, match=r"scan.nii has a NaN or infinite voxel size or orientation in its header"):
+        Volume.open(path)

@@ -145,6 +145,11 @@ def open_nifti(path: Path, volume_index: int | None) -> tuple[NiftiSource, np.nd
         raise InputError(f"{path} is not a readable NIfTI file ({err}); it may be truncated or corrupt.") from err
     if not isinstance(header, (nib.Nifti1Header, nib.Nifti2Header)) or not getattr(header, "is_single", True):
         raise InputError(f"{path} is not a single-file NIfTI image.")
+    zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
+    if not (np.isfinite(affine).all() and np.isfinite(zooms).all()):
+        raise InputError(f"{path} has a NaN or infinite voxel size or orientation in its header (pixdim, qform or "
+                         "sform), so where its voxels lie is unknown: repair the header (e.g. rewrite it with the "
+                         "scanner's geometry) before using it.")
     if dtype.fields is not None:
         raise InputError(f"{path} stores colour (RGB/RGBA) voxels; normdino reads grayscale volumes: convert "
                          "it to one channel first (e.g. its luminance).")
@@ -178,7 +183,10 @@ def output_header(reference: Volume, dtype: np.dtype) -> Any:
     if reference.header is not None:
         source = reference.header  # same binary header (qform, sform, pixdim, units), without extensions
         header = source.__class__(source.binaryblock, source.endianness, check=False)
-        header.set_data_shape(reference.shape)
+        own = tuple(int(n) for n in source.get_data_shape())
+        # a 2D file (H, W) is read as (H, W, 1): its maps keep its own shape (the same voxels, in the same order)
+        header.set_data_shape(own if len(own) < 3 and int(np.prod(own)) == int(np.prod(reference.shape))
+                              else reference.shape)
     else:
         header = nib.Nifti1Header()
         header.set_data_shape(reference.shape)
