@@ -601,3 +601,93 @@ def test_image_statistics_of_two_shares_extended_in_order_equal_one_pass() -> No
     assert joined.bootstrap(30, seed=2) == whole.bootstrap(30, seed=2)
     with pytest.raises(InputError, match="cannot be joined"):
         whole.extend(ImageStatistics(3))
+
+
+# ---------------------------------------------------------------------- issue 20: empty held-out shares, mixed inputs
+
+
+def test_shares_of_images_and_volumes_follow_the_one_process_order() -> None:
+    """One list (the images, then the volumes) is shared out; rank order restores it, whatever the counts."""
+    from normdino.io.inputs import Inputs
+    from normdino.torchrun import share_of
+
+    for n_images, n_volumes, ranks in [(5, 2, 2), (1, 4, 2), (3, 3, 4), (0, 3, 2), (4, 0, 3), (2, 1, 5)]:
+        inputs = Inputs(images=[Path(f"i{k}.png") for k in range(n_images)],
+                        volumes=[Path(f"v{k}.nii.gz") for k in range(n_volumes)])
+        shares = [share_of(inputs, *dist.shard_range(n_images + n_volumes, ranks, r)) for r in range(ranks)]
+        assert [p for s in shares for p in [*s.images, *s.volumes]] == [*inputs.images, *inputs.volumes]
+        sizes = [len(s.images) + len(s.volumes) for s in shares]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def _write_volume(path: Path, seed: int, slices: int = 4) -> None:
+    import nibabel as nib
+
+    from normdino.io.phantoms import make_phantom
+
+    rng = np.random.default_rng(seed)
+    planes = np.stack([make_phantom(rng, size=48, lesions=0)[0] for _ in range(slices)], axis=2)
+    nib.save(nib.Nifti1Image((planes * 1000).astype(np.int16), np.diag([1.0, 1.0, 3.0, 1.0])), path)
+
+
+def _mixed_argvs(data: Path, out: Path, backbone: str) -> list[list[str]]:
+    """The reviewer's cases: (0) fit without --val holding out ONE image, so one rank holds none;
+    (1, 2) fit on a folder of images and volumes (dpmm with --val, and the seeded one-shot pick without), each
+    into ``out``."""
+    common = ["--backbone", backbone, "--image-size", "56", "--no-cache", "--quiet"]
+    dpmm = ["--epochs", "2", "--components", "8", "--batch-images", "4"]
+    return [["fit", str(data / "images"), "-o", str(out / "held-out.normdino"), "--val-fraction", "0.1", *dpmm, *common],
+            ["fit", str(data / "mixed"), "--val", str(data / "val"), "-o", str(out / "mixed-dpmm.normdino"), *dpmm,
+             *common],
+            ["fit", str(data / "mixed"), "-o", str(out / "mixed-1shot.normdino"), "--method", "anomalydino-1shot",
+             "--seed", "3", *common]]
+
+
+@pytest.fixture(scope="module")
+def mixed_ranks(tmp_path_factory, tiny_dinov2_dir, phantom_data) -> tuple[Path, Path]:
+    pytest.importorskip("nibabel")
+    data = tmp_path_factory.mktemp("mixed-data")
+    (data / "images").mkdir()
+    (data / "mixed").mkdir()
+    (data / "val").mkdir()
+    for png in sorted((phantom_data / "valid" / "good" / "img").glob("*.png"))[:4]:
+        (data / "val" / png.name).write_bytes(png.read_bytes())
+    for i, png in enumerate(sorted((phantom_data / "train" / "good").glob("*.png"))[:8]):
+        (data / "images" / png.name).write_bytes(png.read_bytes())
+        if i < 5:
+            (data / "mixed" / png.name).write_bytes(png.read_bytes())
+    for k in range(3):
+        _write_volume(data / "mixed" / f"scan{k}.nii.gz", seed=40 + k)
+    out = tmp_path_factory.mktemp("mixed-ranks")
+    mp.start_processes(_cli_worker, args=(str(out), _mixed_argvs(data, out, str(tiny_dinov2_dir))), nprocs=WORLD,
+                       start_method="fork")
+    return data, out
+
+
+def _same_model(two_path: Path, one_path: Path) -> None:
+    from normdino.detector import AnomalyDetector
+
+    two = AnomalyDetector.load(two_path, progress=False, cache_dir=None, keep_fit_state=True)
+    one = AnomalyDetector.load(one_path, progress=False, cache_dir=None, keep_fit_state=True)
+    got, want = two.method_.state_dict(), one.method_.state_dict()
+    assert sorted(got) == sorted(want)
+    for key in want:
+        np.testing.assert_allclose(got[key].double().numpy(), want[key].double().numpy(), rtol=1e-5, atol=2e-5,
+                                   err_msg=key)
+    np.testing.assert_allclose(two.pixel_thresholds_, one.pixel_thresholds_, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(two.image_thresholds_, one.image_thresholds_, rtol=1e-5, atol=1e-6)
+    for key in ("n_train_images", "n_val_images", "val_held_out", "best_epoch", "n_prototypes"):
+        assert two.training_summary_.get(key) == one.training_summary_.get(key), key
+
+
+@pytest.mark.parametrize("index, name", [(0, "held-out"), (1, "mixed-dpmm"), (2, "mixed-1shot")])
+def test_cli_fit_on_two_ranks_equals_one_process_with_an_empty_held_out_share_or_mixed_inputs(
+        index, name, mixed_ranks, tiny_dinov2_dir, tmp_path) -> None:
+    from normdino.cli import main
+
+    data, out = mixed_ranks
+    for r in range(WORLD):
+        assert json.loads((out / f"cli-{index}-{r}.json").read_text()) == {"code": 0, "stderr": ""}
+    argv = _mixed_argvs(data, tmp_path, str(tiny_dinov2_dir))[index]
+    assert main(argv) == 0
+    _same_model(out / f"{name}.normdino", tmp_path / f"{name}.normdino")

@@ -338,12 +338,12 @@ def gather_scores(samples: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
     """Every rank's healthy scores (e.g. calibration pixel samples) as one flat array, in rank order.
 
     Thresholds are quantiles, so the order does not matter: the gathered multiset is the one a single
-    process would have scored, and the thresholds are exactly equal to a one-process calibration.
+    process would have scored, and the thresholds are exactly equal to a one-process calibration. Every rank
+    sends float64 whatever its data (float32 maps, Python-float image scores) and also when its share is
+    empty, so the ranks' rows always agree in dtype.
     """
-    parts = [np.asarray(a).ravel() for a in (samples if isinstance(samples, (list, tuple)) else [samples])]
-    dtype = np.result_type(*[p.dtype for p in parts]) if parts else np.float32
-    local = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
-    return gather_rows(local)
+    parts = [np.asarray(a, dtype=np.float64).ravel() for a in (samples if isinstance(samples, (list, tuple)) else [samples])]
+    return gather_rows(np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64))
 
 
 def thresholds_at_fprs(samples: Sequence[np.ndarray] | np.ndarray, fprs: Sequence[float] | np.ndarray) -> np.ndarray:

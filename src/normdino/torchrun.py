@@ -3,7 +3,8 @@
 A plain run (one process) never imports :mod:`normdino.distributed` (and torch) through this module: every
 helper answers "one process, all the inputs". Under ``torchrun`` :func:`join_job` initialises the process group
 (:func:`normdino.distributed.init_from_env`), and :func:`my_share` hands each rank its contiguous share of the
-images and of the volumes, in rank order, so that gathering in rank order gives back the input order.
+one input list a single process reads (the images, then the volumes), in rank order, so that gathering in rank
+order gives back the one-process order.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def world_size() -> int:
 
 
 def my_share(inputs: T, allow_empty: bool = False) -> T:
-    """This rank's contiguous share of ``inputs.images`` and ``inputs.volumes`` (all of them outside a job).
+    """This rank's contiguous share of the inputs (all of them outside a job), see :func:`share_of`.
 
     ``inputs`` is a :class:`normdino.io.inputs.Inputs`. Unless ``allow_empty``, a job with more processes than
     inputs is refused (a rank with nothing to fit on would stall the collectives).
@@ -47,10 +48,22 @@ def my_share(inputs: T, allow_empty: bool = False) -> T:
         return inputs
     from normdino import distributed as dist
 
-    if not allow_empty and len(inputs.images) + len(inputs.volumes) < dist.world_size():
-        raise InputError(f"{len(inputs.images) + len(inputs.volumes)} inputs cannot be shared by "
-                         f"{dist.world_size()} processes; start at most that many")
-    return dataclasses.replace(inputs, images=list(dist.shard(inputs.images)), volumes=list(dist.shard(inputs.volumes)))
+    n = len(inputs.images) + len(inputs.volumes)
+    if not allow_empty and n < dist.world_size():
+        raise InputError(f"{n} inputs cannot be shared by {dist.world_size()} processes; start at most that many")
+    return share_of(inputs, *dist.shard_range(n))
+
+
+def share_of(inputs: T, start: int, stop: int) -> T:
+    """The inputs at positions [start, stop) of the one list a single process reads: the images, then the volumes.
+
+    Images and volumes are not shared out as two lists: rank-order concatenation of such shares would interleave
+    them (images of rank 0, its volumes, images of rank 1, ...) and a model fitted on a mix would differ from the
+    one-process model (another memory bank order, another seeded one-shot pick).
+    """
+    n_images = len(inputs.images)
+    return dataclasses.replace(inputs, images=list(inputs.images[start:stop]),
+                               volumes=list(inputs.volumes[max(start - n_images, 0):max(stop - n_images, 0)]))
 
 
 def join_job(command: str, device: str | None) -> tuple[bool, str | None]:
