@@ -533,14 +533,28 @@ def save_random_backbone(
     return final
 
 
+WEIGHTS_RECORD = "normdino-weights.json"
+"""The record ``normdino weights import`` writes beside imported weights (normdino.features.weights)."""
+
+
+def default_weights_dir() -> Path:
+    """Where imported weights live: $NORMDINO_WEIGHTS_DIR, else ~/.cache/normdino/weights."""
+    return Path(os.environ.get("NORMDINO_WEIGHTS_DIR") or Path.home() / ".cache" / "normdino" / "weights")
+
+
+def imported_folder(alias: str, store: str | os.PathLike | None = None) -> Path | None:
+    """The folder of imported weights for ``alias`` (e.g. dinov2_vits14), or None when none were imported."""
+    folder = Path(store) if store is not None else default_weights_dir()
+    folder = folder / alias
+    return folder if (folder / WEIGHTS_RECORD).is_file() and (folder / "model.safetensors").is_file() else None
+
+
 def load_model(name_or_path: str | os.PathLike) -> tuple[torch.nn.Module, str]:
     """Resolve an alias, local folder, .safetensors file or hub name into an fp32 model and a display name.
 
     An alias (or its hub name) whose weights were imported with ``normdino weights import`` loads from the
     offline store (normdino.features.weights) under the hub name, before any hub lookup.
     """
-    from normdino.features.weights import imported_folder
-
     text = str(name_or_path)
     alias = text if text in ALIASES else next((a for a, repo in ALIASES.items() if repo == text), None)
     if alias is not None and (folder := imported_folder(alias)) is not None:  # `normdino weights import`: offline

@@ -58,29 +58,18 @@ from typing import Any
 import torch
 
 from normdino.errors import InputError, ModelFileError
+from normdino.features.backbone import (ALIASES, HUB_CONFIGS, WEIGHTS_RECORD, default_weights_dir, hub_config,
+                                        imported_folder)
 
 logger = logging.getLogger(__name__)
 
-RECORD = "normdino-weights.json"
 _WRAPPERS = ("teacher", "model", "state_dict", "module")
 _PREFIXES = ("backbone.", "module.", "model.")
 
 
-def default_weights_dir() -> Path:
-    """Where imported weights live: $NORMDINO_WEIGHTS_DIR, else ~/.cache/normdino/weights."""
-    return Path(os.environ.get("NORMDINO_WEIGHTS_DIR") or Path.home() / ".cache" / "normdino" / "weights")
-
-
-def imported_folder(alias: str, store: str | os.PathLike | None = None) -> Path | None:
-    """The folder of imported weights for ``alias`` (e.g. dinov2_vits14), or None when none were imported."""
-    folder = Path(store) if store is not None else default_weights_dir()
-    folder = folder / alias
-    return folder if (folder / RECORD).is_file() and (folder / "model.safetensors").is_file() else None
-
-
 @dataclass(frozen=True)
 class ImportedWeights:
-    """One entry of the store: the alias, its folder and what :data:`RECORD` says about it."""
+    """One entry of the store: the alias, its folder and what its ``normdino-weights.json`` says."""
 
     alias: str
     folder: Path
@@ -95,7 +84,7 @@ def list_weights(store: str | os.PathLike | None = None) -> list[ImportedWeights
         for folder in sorted(root.iterdir()):
             if imported_folder(folder.name, root) is not None:
                 try:
-                    record = json.loads((folder / RECORD).read_text())
+                    record = json.loads((folder / WEIGHTS_RECORD).read_text())
                 except (OSError, ValueError):
                     record = {}
                 found.append(ImportedWeights(folder.name, folder, record))
@@ -166,8 +155,6 @@ def _depth(state: dict[str, torch.Tensor]) -> int:
 
 def infer_arch(state: dict[str, torch.Tensor], path: Path) -> str:
     """The alias (e.g. dinov2_vits14_reg) whose architecture the checkpoint's tensors have, or one sentence."""
-    from normdino.features.backbone import HUB_CONFIGS
-
     family = _family(state, path)
     hidden = int(state["cls_token"].shape[-1])
     patch = int(state["patch_embed.proj.weight"].shape[-1])
@@ -333,8 +320,6 @@ def import_weights(source: str | os.PathLike, store: str | os.PathLike | None = 
     ``tiny``: the architecture of ``hub_config(arch, tiny=True)`` (tests). Nothing is written unless every
     check passes; the store entry appears at once (a temp folder renamed into place).
     """
-    from normdino.features.backbone import ALIASES, hub_config
-
     source = Path(source).expanduser()
     if not source.exists():
         raise InputError(f"{source} does not exist.")
@@ -382,7 +367,7 @@ def import_weights(source: str | os.PathLike, store: str | os.PathLike | None = 
                   "sha256": sha256(staging / "model.safetensors"), "model_type": model.config.model_type,
                   "n_tensors": len(model.state_dict()),
                   "imported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        (staging / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        (staging / WEIGHTS_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -404,8 +389,6 @@ def _check_published_hash(path: Path) -> None:
 
 def _alias_of_folder(folder: Path) -> str:
     """The alias whose architecture a Hugging Face folder's config.json describes, or one sentence."""
-    from normdino.features.backbone import HUB_CONFIGS
-
     path = folder / "config.json"
     if not path.is_file():
         raise InputError(f"{folder} has no config.json: it is not a Hugging Face model folder.")
