@@ -32,9 +32,14 @@ def test_volume_metrics_equal_a_direct_computation_on_the_predicted_maps(tiny_di
     assert main(["fit", str(tmp_path / "train"), "-o", str(model), "--backbone", str(tiny_dinov2_dir),
                  "--image-size", "56", "--epochs", "1", "--components", "8", "--no-cache", "--quiet"]) == 0
     assert main(["evaluate", str(model), str(tmp_path / "test"), "--layout", "volumes", "-o", str(tmp_path / "ev"),
-                 "--quiet"]) == 0
+                 "--timing-images", "3", "--quiet"]) == 0
     row = json.loads((tmp_path / "ev" / "results.json").read_text(),
                      parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))["rows"][0]
+    # runtime as for images (batch 1, backbone and scoring apart, 3 slices), the batched throughput apart
+    assert row["timing_images"] == 3 and row["backbone_ms"] > 0 and row["scoring_ms"] > 0
+    assert row["ms_per_sample"] == pytest.approx(row["backbone_ms"] + row["scoring_ms"], abs=2e-3)
+    assert row["evaluation_ms_per_slice"] > 0 and row["peak_memory_mb"] > 0
+    assert row["scoring_state_mb"] == round(row["n_prototypes"] * 32 * 4 / 2**20, 4)  # active means, dim 32
     assert main(["predict", str(model), str(tmp_path / "test" / "patient.nii.gz"), "-o", str(tmp_path / "pred"),
                  "--quiet"]) == 0
     anomaly = np.asarray(nib.load(tmp_path / "pred" / "patient_anomaly.nii.gz").dataobj, np.float32).ravel()

@@ -59,7 +59,8 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, report: Re
 
         options = (volume_flags or VolumeFlags()).slice_options(detector.volume_settings or {})
         paths, rows = evaluate_volumes(detector, Path(data), options, Path(report.output), json_path=report.json_path,
-                                       mask_suffix=mask_suffix, progress=report.progress)
+                                       mask_suffix=mask_suffix, progress=report.progress,
+                                       timing_images=report.timing_images)
         return EvaluationRun(paths, rows, detector.backbone_.is_random)
     from normdino.evaluation.datasets import load_dataset
 

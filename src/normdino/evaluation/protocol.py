@@ -245,15 +245,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_methods(backbone, scorers: Sequence[Scorer], images: Sequence[Path], sigma: float, top_fraction: float,
-                 warmup: int = 1, clock=time.perf_counter) -> list[Timing]:
+def time_methods(backbone, scorers: Sequence[Scorer], images: Sequence[Path | np.ndarray], sigma: float,
+                 top_fraction: float, warmup: int = 1, clock=time.perf_counter) -> list[Timing]:
     """Batch-1 backbone and scoring time of every scorer, interleaved image by image, then each one's peak memory.
 
     For each image (read once, outside the clock) every scorer in turn runs the backbone and then scores; the
     order rotates by one scorer per image, so no method always comes first or last. Backbone time is each
     method's own pass (the same work for methods of one backbone, measured under the same load). The peak
     memory comes from a second pass per scorer under :class:`PeakMemory` (its 1 kHz sampling thread slowed the
-    timed loop when both ran together: 6.9 -> 8.6 ms/sample for scoring, issue 11). ``clock`` is for tests.
+    timed loop when both ran together: 6.9 -> 8.6 ms/sample for scoring, issue 11). ``images`` are files or
+    arrays already read (volume slices); ``clock`` is for tests.
     """
     if not scorers:
         return []
@@ -269,7 +270,7 @@ def time_methods(backbone, scorers: Sequence[Scorer], images: Sequence[Path], si
         scoring.image_score(scoring.pixel_map(patch, image.shape[:2], sigma), top_fraction)
         return encoded - started, clock() - encoded
 
-    arrays = [read_image(path) for path in images]
+    arrays = [image if isinstance(image, np.ndarray) else read_image(image) for image in images]
     for image in arrays[:warmup]:
         for scorer in scorers:
             detect(scorer, image)
