@@ -43,6 +43,10 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, report: Re
     from normdino.evaluation.protocol import detector_scorer, evaluate_methods, evaluation_token_sets, write_outputs
 
     report.check_outputs()
+    flags = volume_flags or VolumeFlags()
+    if flags.series is not None or flags.modality is not None:
+        raise NormdinoError("--series and --modality pick the series of DICOM inputs for fit and predict; evaluate "
+                            "pairs each scan with its mask by name (--layout volumes) and takes no series filter")
     if layout == "volumes" and in_process_group():
         raise NormdinoError("normdino evaluate --layout volumes does not run under torchrun yet; run it as one "
                             "process: python -m normdino evaluate ... --layout volumes")
