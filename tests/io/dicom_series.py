@@ -15,8 +15,10 @@ def write_series(folder: Path, pixels: np.ndarray, *, study_uid: str | None = No
                  frame_of_reference_uid: str | None = None, modality: str = "MR", description: str = "AX FLAIR",
                  series_number: int = 3, origin=(-100.0, -80.0, 30.0), spacing=(0.7, 0.8), step: float = 2.5,
                  orientation=IOP, patient: dict | None = None, names: str = "IM{k:04d}.dcm", seed: int = 0,
-                 image_type=("ORIGINAL", "PRIMARY", "AXIAL")) -> list[Path]:
-    """Write ``pixels[:, :, k]`` (int16) as instance k of one series (files named in shuffled order); the paths by k."""
+                 image_type=("ORIGINAL", "PRIMARY", "AXIAL"), unsigned: bool = False, bits_stored: int = 16
+                 ) -> list[Path]:
+    """Write ``pixels[:, :, k]`` (int16, or uint16 with ``unsigned``, ``bits_stored`` of 16 used) as instance k of
+    one series (files named in shuffled order); the paths by k."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -57,14 +59,15 @@ def write_series(folder: Path, pixels: np.ndarray, *, study_uid: str | None = No
         ds.Rows, ds.Columns = rows, cols
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
+        ds.PixelRepresentation = 0 if unsigned else 1
         ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
         ds.ImageOrientationPatient = [f"{v:.8f}" for v in orientation]
         ds.PixelSpacing = [str(spacing[0]), str(spacing[1])]
         ds.SliceThickness = str(step)
         if modality == "CT":
             ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = "1", "0", "HU"
-        ds.PixelData = np.ascontiguousarray(pixels[:, :, k].astype("<i2")).tobytes()
+        ds.PixelData = np.ascontiguousarray(pixels[:, :, k].astype("<u2" if unsigned else "<i2")).tobytes()
         path = folder / names.format(k=int(order[k]))
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

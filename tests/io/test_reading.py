@@ -69,10 +69,24 @@ def test_16bit_png_keeps_its_type_range_whatever_else_is_in_the_image(tmp_path, 
     np.testing.assert_array_equal(with_lesion[4:], image[4:])
 
 
-def test_signed_32bit_tiff_spans_its_type_range(tmp_path):
-    values = np.array([[-2**31, 0], [1000, 2**31 - 1]] * 8, dtype=np.int32).repeat(8, axis=1)
-    image = read_image(_save(tmp_path / "s.tif", values))
-    np.testing.assert_allclose(image, (values.astype(np.float64) + 2**31) / (2**32 - 1), rtol=1e-6)
+def test_signed_integer_images_are_refused_in_one_sentence(tmp_path):
+    """By the int32 range, values 0..255000 all land in 0.5..0.50006: a 100 % mask, silently (issue 21)."""
+    values = (np.arange(400, dtype=np.int32).reshape(20, 20) * 639)  # 0 .. 255 000
+    with pytest.raises(InputError, match=r"s\.tif stores 32-bit signed integers \(values 0 to 254961\), which the 2D "
+                                         r"intensity rule cannot fit"):
+        read_image(_save(tmp_path / "s.tif", values))
+
+
+def test_a_16bit_image_of_8bit_values_reads_dark_with_a_warning(tmp_path, caplog):
+    values = np.arange(400, dtype=np.uint16).reshape(20, 20) % 256
+    with caplog.at_level("WARNING", logger="normdino"):
+        image = read_image(_save(tmp_path / "eight.png", values))
+    np.testing.assert_allclose(image, values / 65535.0, rtol=1e-6)  # the rule itself is unchanged
+    assert "eight.png is a 16-bit image whose values all lie in 0..255" in caplog.text and "nearly black" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="normdino"):
+        read_image(_save(tmp_path / "twelve.png", values * 16))  # 12-bit data: dark by design, documented, no warning
+    assert caplog.text == ""
 
 
 def test_float_tiff_must_lie_in_unit_range_and_nan_counts_as_zero(tmp_path):

@@ -785,3 +785,22 @@ def test_a_nan_in_the_geometry_is_one_sentence(tmp_path, field):
     path = nifti_with_a_nan(tmp_path / "scan.nii", field)
     with pytest.raises(InputError, match=r"scan.nii has a NaN or infinite voxel size or orientation in its header"):
         Volume.open(path)
+
+
+# --------------------------------------------------------------------------- issue 21: 8-bit values in uint16 DICOM
+@pytest.mark.parametrize("bits_stored", [16, 8])
+def test_uint16_dicom_of_8bit_values_is_scaled_by_its_bits_stored_or_warned_about(tmp_path, caplog, bits_stored):
+    pytest.importorskip("pydicom")
+    from tests.io.dicom_series import write_series
+
+    pixels = np.random.default_rng(2).integers(0, 256, size=(20, 24, 3)).astype(np.uint16)
+    write_series(tmp_path / "series", pixels, unsigned=True, bits_stored=bits_stored)
+    options = SliceOptions(normalization="dtype", fallback="percentile")  # a model fitted on 2D images
+    with caplog.at_level("WARNING", logger="normdino"), Volume.open(tmp_path / "series") as volume:
+        slices = dict(volume.iter_slices(options))
+    top = 255.0 if bits_stored == 8 else 65535.0
+    for k, plane in slices.items():
+        np.testing.assert_allclose(plane, pixels[:, :, k] / np.float32(top), rtol=1e-6)
+    dark = "all lie in 0..255, so scaled like the model's 2D training images (by the type's range, value / 65535)"
+    assert (dark in caplog.text) == (bits_stored == 16)
+    assert caplog.text.count("nearly black") == (bits_stored == 16)

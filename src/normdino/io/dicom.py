@@ -68,8 +68,10 @@ class DicomSource:
     """
 
     def __init__(self, files: list[Path], rescale: list[tuple[float, float]], shape: tuple[int, int, int],
-                 raw_dtype: np.dtype, inverted: list[int | None] | None = None, info: dict | None = None) -> None:
+                 raw_dtype: np.dtype, inverted: list[int | None] | None = None, info: dict | None = None,
+                 bits_stored: int | None = None) -> None:
         self.files = files
+        self.bits_stored = bits_stored  # unsigned integer pixels: the DICOM's own range is 0..2**bits_stored - 1
         self.info = dict(info or {})
         self.rescale = rescale
         self.shape = shape
@@ -167,6 +169,7 @@ def open_dicom_files(files: list[Path], folder: Path | str) -> tuple[DicomSource
             "rescale": (float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0)),
             "signed": int(ds.get("PixelRepresentation", 0)) == 1,
             "bits": int(ds.get("BitsAllocated", 16)),
+            "bits_stored": int(ds.get("BitsStored", 0) or 0),
             "thickness": float(ds.get("SpacingBetweenSlices", ds.get("SliceThickness", 1.0)) or 1.0),
             "inverted": _monochrome1_sum(ds),
             "info": {"study_uid": str(ds.get("StudyInstanceUID", "") or ""),
@@ -234,8 +237,10 @@ def open_dicom_files(files: list[Path], folder: Path | str) -> tuple[DicomSource
     else:
         raw_dtype = np.dtype(np.float32)
     shape = (first["size"][0], first["size"][1], len(records))
+    stored = {r["bits_stored"] for r in records}
+    bits_stored = stored.pop() if raw_dtype.kind == "u" and len(stored) == 1 else None
     return DicomSource([r["path"] for r in records], rescale, shape, raw_dtype,
-                       [r["inverted"] for r in records], first["info"]), affine
+                       [r["inverted"] for r in records], first["info"], bits_stored=bits_stored or None), affine
 
 
 def _monochrome1_sum(ds: Any) -> int | None:

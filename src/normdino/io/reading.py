@@ -1,8 +1,9 @@
 """Reading 2D images from disk into float arrays in [0, 1], and finding them in folders and globs.
 
 Intensity rule ("dtype", recorded in model files as ``volume_settings["image_intensity"]``): an integer
-image is scaled by the full range of its data type — 8-bit (and 1-bit) value / 255, 16-bit value / 65535,
-signed types from their minimum — and a float image must already hold values in [0, 1]. The rule is
+image is scaled by the full range of its data type — 8-bit (and 1-bit) value / 255, 16-bit value / 65535 —
+and a float image must already hold values in [0, 1]. Signed integer images (32-bit TIFFs) are refused: by
+their type's range every pixel lands near 0.5; a 16-bit image holding only 8-bit values gets a warning. The rule is
 fixed per file type, never fitted to the image, so a healthy pixel gets the same value whether or not the
 image holds a lesion (per-image min-max or percentiles would dim healthy tissue next to a bright lesion),
 and it is exactly what volumes get with ``normalization="dtype"`` (unsigned voxels), so a model fitted on
@@ -162,8 +163,26 @@ def _to_float(image: Image.Image, path: Path) -> np.ndarray:
         array = np.asarray(image)
         if image.format == "PNG" and array.dtype == np.int32:  # older Pillow: 16-bit PNG decoded as mode "I"
             array = array.astype(np.uint16)
-        return scale_by_dtype(array) if array.dtype.kind in "ui" else unit_float(array, str(path))
+        if array.dtype.kind == "i":
+            raise InputError(
+                f"{path} stores {8 * array.dtype.itemsize}-bit signed integers (values {int(array.min())} to "
+                f"{int(array.max())}), which the 2D intensity rule cannot fit (scaled by that type's range every pixel "
+                "lands near 0.5): save it as 8- or 16-bit unsigned integers with a fixed window, or as floats in [0, 1].")
+        if array.dtype.kind == "u":
+            _warn_if_dark(array, path)
+            return scale_by_dtype(array)
+        return unit_float(array, str(path))
     raise InputError(f"Image {path} has the unsupported pixel mode {mode!r}.")
+
+
+def _warn_if_dark(array: np.ndarray, path: Path) -> None:
+    """One warning for 8-bit values in a 16-bit (or wider) file: by its type's range it reads nearly black."""
+    if array.dtype.itemsize > 1 and array.size and int(array.max()) <= 255:
+        top = np.iinfo(array.dtype).max
+        logger.warning("%s is a %d-bit image whose values all lie in 0..%d, so by its type's range (value / %d) it "
+                       "reads nearly black (at most %.4f) and its scores say little; if it holds 8-bit data, save it "
+                       "as an 8-bit image.", path, 8 * array.dtype.itemsize, int(array.max()), top,
+                       int(array.max()) / top)
 
 
 def _scale_8bit(array: np.ndarray) -> np.ndarray:

@@ -300,8 +300,26 @@ class Volume:
             if self.dtype.kind != "u" or scaled:
                 raise InputError(f"normalization 'dtype' needs unsigned integer voxels, but {self.path} stores "
                                  f"{'scaled ' if scaled else ''}{self.dtype}: use 'percentile' or 'window'.")
-            return 0.0, float(np.iinfo(self.dtype).max)
+            return 0.0, self._type_top(options)
         return None
+
+    def _type_top(self, options: SliceOptions) -> float:
+        """The value "dtype" maps to 1: the type's largest, or a DICOM's own 2**BitsStored - 1 (8-bit values in a
+        16-bit container are 8-bit data). Warns once when the voxels would come out nearly black by it."""
+        top = float(np.iinfo(self.dtype).max)
+        bits = getattr(self._source, "bits_stored", None)
+        if bits and 0 < bits < 8 * self.dtype.itemsize:
+            top = float(2**bits - 1)
+        if top > 255 and "dark" not in self._warned:
+            high = self.statistics(options.percentiles)["max"]
+            if high <= 255:
+                self._warned.add("dark")
+                logger.warning("WARNING: %s stores %s voxels that all lie in 0..%g, so scaled like the model's 2D "
+                               "training images (by the type's range, value / %g) its slices are nearly black (at "
+                               "most %.4f) and its scores say little; if it holds 8-bit data, store it as uint8 (or "
+                               "with BitsStored 8), or pass --normalization window --window 0,255.", self.path,
+                               self.dtype, high, top, high / top)
+        return top
 
     def _foreground_level(self, options: SliceOptions) -> tuple[float, bool]:
         """Threshold for foreground pixels and whether it applies to normalised (True) or raw values."""
