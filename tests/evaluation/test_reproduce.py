@@ -92,3 +92,42 @@ def test_json_safe_writes_null_for_undefined_metrics():
     text = json.dumps(json_safe({"a": float("nan"), "b": [np.float32(1.5), float("inf")], "c": np.int64(3)}),
                       allow_nan=False)
     assert json.loads(text) == {"a": None, "b": [1.5, None], "c": 3}
+
+
+def test_reproduce_times_every_method_in_one_loop_and_compares_the_sum(bmad_root, tiny_dinov2_dir, tmp_path,
+                                                                       monkeypatch, capsys):
+    """A root with the liver set only: one interleaved timing loop over all 11 methods and seeds; ms = backbone +
+    scoring beside the paper's 35 ms; BraTS and RESC are reported as not found, with no rows."""
+    import shutil
+
+    from normdino.evaluation import protocol
+
+    root = tmp_path / "root"
+    shutil.copytree(bmad_root / "Liver", root / "Liver")
+    calls, real = [], protocol.time_methods
+
+    def recording(backbone, scorers, images, *args, **kwargs):
+        calls.append(([s.name for s in scorers], len(images)))
+        return real(backbone, scorers, images, *args, **kwargs)
+
+    monkeypatch.setattr(protocol, "time_methods", recording)
+    out = tmp_path / "repro"
+    code = main(["reproduce", str(root), "--datasets", "liver", "--backbone", str(tiny_dinov2_dir),
+                 "--image-size", "28", "--epochs", "1", "--components", "4", "--seeds", "0,1", "--bootstrap", "0", "--permutations", "20",
+                 "--timing-images", "2", "--no-cache", "-o", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert calls == [(["dpmm", "dpmm-euclidean", "dpmm-likelihood", "dpmm-raw", "dpmm-euclidean-raw",
+                       "dpmm-likelihood-raw", "anomalydino", "patchcore-10%", "patchcore-1024", "patchcore-150",
+                       "anomalydino-1shot@0", "anomalydino-1shot@1"], 2)]
+    tables = json.loads((out / "tables.json").read_text())
+    assert tables["not_found"] == ["BraTS2021", "RESC"]
+    cells = {(c["method"], c["metric"]): c for c in tables["tables"]["table1"]["cells"]}
+    assert {c["dataset"] for c in cells.values()} == {"liver"}
+    backbone, scoring, total = (cells[("dpmm", m)]["ours"] for m in ("backbone_ms", "scoring_ms", "ms_per_sample"))
+    assert backbone > 0 and scoring > 0 and total == pytest.approx(backbone + scoring, abs=2e-3)
+    assert cells[("dpmm", "ms_per_sample")]["paper"] == 35
+    assert cells[("dpmm", "ms_per_sample")]["difference"] == pytest.approx(total - 35)
+    assert cells[("dpmm", "backbone_ms")]["paper"] is None and cells[("dpmm", "scoring_state_mb")]["ours"] > 0
+    markdown = (out / "tables.md").read_text()
+    assert "Not found under the root (no rows, no comparison): BraTS2021, RESC." in markdown
+    assert "### BraTS2021" not in markdown and "image by image" in markdown
