@@ -68,7 +68,9 @@ def test_cells_carry_the_paper_figure_and_ours_minus_paper():
     cells = reproduce.table_cells([_dataset("brats"), _dataset("resc")])
     dpmm = _cell(cells, "table1", "brats", "dpmm", "pixel_auroc")
     assert dpmm["paper"] == 0.9621 and dpmm["difference"] == pytest.approx(0.90 - 0.9621)
-    assert dpmm["paper_row"] == "DPMM (paper)"
+    assert dpmm["paper_row"] == "DPMM (paper)" and dpmm["paper_significant"] is True  # † on BraTS and RESC
+    assert _cell(cells, "table1", "brats", "dpmm", "ms_per_sample")["paper_significant"] is False
+    assert _cell(cells, "table1", "brats", "patchcore-150", "pixel_auroc")["paper_significant"] is False
     # the one-shot rows: ours is the max / mean / min over the three seeds, each against its own published line
     for method, ours, paper in (("anomalydino-1shot-max", 0.95, 0.9224), ("anomalydino-1shot", (0.80 + 0.95 + 0.86) / 3, 0.8952),
                                 ("anomalydino-1shot-min", 0.80, 0.851)):
@@ -119,7 +121,7 @@ def test_markdown_json_and_html_show_paper_and_difference(tmp_path):
     brats = table1.split("### BraTS2021")[1].split("###")[0]
     assert "| AnomalyDINO 1-shot, max over seeds | 95.00 | 96.57 | -1.57 | 95.00 | 44.74 | +50.26 | — | — | — | — | — |" in brats
     assert "| AnomalyDINO 1-shot, min over seeds | 80.00 | 84.97 | -4.97 |" in brats
-    assert ("| DPMM (cosine, normalised) | 90.00 | 96.21 | -6.21 | 90.00 | 43.43 | +46.57 | 8.0 | 12.0 | 20.0 | 39.0 | "
+    assert ("| DPMM (cosine, normalised) | 90.00 | 96.21 † | -6.21 | 90.00 | 43.43 † | +46.57 | 8.0 | 12.0 | 20.0 | 39.0 | "
             "-19.0 |") in brats
     table3 = markdown.split("## Table 3")[1].split("## Table 1")[0]
     assert "| method | AUROC % | AUROC % paper | AUROC % Δ | AUPR % | AUPR % paper | AUPR % Δ | Dice@5% |" in table3

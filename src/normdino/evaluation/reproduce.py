@@ -107,7 +107,9 @@ PAPER_FIGURES = paper_figures(PAPER_TABLES)
 PAPER_SOURCE = PAPER_TABLES["source"]["paper"] + f" (arXiv {PAPER_TABLES['source']['arxiv']}), Tables 1-3"
 PAPER_NOTE = (f"Published figures: {PAPER_SOURCE}, from the package's copy (normdino/evaluation/paper_tables.json, "
               "which says how each row was read). 'paper' is the published figure, 'Δ' = ours − paper "
-              "(percentage points for AUROC, AUPR and Dice); '—' in 'paper': not reported there. The paper's setting: "
+              "(percentage points for AUROC, AUPR and Dice); '—' in 'paper': not reported there; '†': the paper's "
+              "significant improvement over PatchCore with 150 prototypes (paired permutation test; ours is in the "
+              "permutation-test table). The paper's setting: "
               "official DINOv2 ViT-S/14 weights, one NVIDIA A6000, batch size 1 for runtime and memory; its runtime "
               "column is per sample for the detection stage, compared here with our backbone + scoring sum.")
 
@@ -371,6 +373,8 @@ def table_cells(per_dataset: Sequence[dict], foreground: bool = False) -> list[d
                     cells.append({"table": table + ("_foreground" if foreground else ""), "dataset": data["dataset"],
                                   "method": method, "metric": metric, "ours": ours, "ci": ci, "seeds": seeds,
                                   "paper": paper, "paper_row": None if foreground else _paper_row(table, method),
+                                  "paper_significant": not foreground and paper_significant(table, method, metric,
+                                                                                            data["dataset"]),
                                   "difference": ours - paper if paper is not None and defined else None})
     return cells
 
@@ -405,8 +409,16 @@ def _ours_text(cell: dict) -> str:
     return text
 
 
+def paper_significant(table: str, method: str, metric: str, dataset: str) -> bool:
+    """Whether the paper marks this figure (†) as a significant improvement over PatchCore with 150 prototypes."""
+    row = PAPER_ROWS.get(table, {}).get(method)
+    marked = PAPER_TABLES["significant_over_patchcore_150"].get(row, []) if table == "table1" else []
+    return dataset in marked and metric in ("pixel_auroc", "pixel_aupr")
+
+
 def _paper_text(cell: dict) -> str:
-    return _number(cell["paper"], cell["metric"])
+    text = _number(cell["paper"], cell["metric"])
+    return text + " †" if cell.get("paper_significant") else text
 
 
 def _difference_text(cell: dict) -> str:
