@@ -3,6 +3,11 @@
     python benchmarks/bench_serve.py                                   # 4 clients, 32 images, ViT-S/14 at 448 px
     python benchmarks/bench_serve.py --clients 8 --requests 64 --volume   # NIfTI volumes instead of PNG slices
 
+Every other request is one of the crafted bad uploads of the issue-21 attack (a deflated-DICOM bomb, a zip of
+1144 small members, a 36 MP PNG, a TIFF of 5000 pages, a NaN-geometry NIfTI, a truncated PNG; --no-bad: good
+uploads only); each must get a 4xx. The server's temporary folder is its own (TMPDIR), and the files left in
+it after the load are reported.
+
 The server runs as its own process (``python -m normdino.cli serve``), as a user would start it, with random
 weights of the real architecture: honest for time and memory, meaningless for detection quality (none is
 printed). Reported: p50/p95 request latency, throughput, failed requests, /health latency under load, the
@@ -83,6 +88,77 @@ def volume_upload(root: Path, slices: list[Path]) -> Path:
     return path
 
 
+def deflated_dicom_zip(pixel_bytes: int) -> bytes:
+    """A stored zip of one DICOM file in the deflated transfer syntax: a few hundred KB inflating to ``pixel_bytes``."""
+    import io
+    import struct
+    import zipfile
+    import zlib
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Rows, ds.Columns = CTImageStorage, meta.MediaStorageSOPInstanceUID, 64, 64
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    out = DicomBytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [out.getvalue(), deflate.compress(body.getvalue() + b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<I", pixel_bytes))]
+    parts += [deflate.compress(bytes(2**20)) for _ in range(pixel_bytes // 2**20)] + [deflate.flush()]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("IM0001.dcm", b"".join(parts))
+    return buffer.getvalue()
+
+
+def bad_uploads() -> dict[str, bytes]:
+    """The crafted uploads of the issue-21 attack: each must get a 4xx sentence, quickly, and leave nothing."""
+    import io
+    import struct
+    import zipfile
+
+    import nibabel as nib
+    from PIL import Image
+
+    def png(array: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    members = io.BytesIO()
+    with zipfile.ZipFile(members, "w", zipfile.ZIP_DEFLATED) as zf:
+        for k in range(1144):
+            zf.writestr(f"{k:05d}.dcm", bytes(2**20))
+    tiff = io.BytesIO()
+    pages = [Image.new("L", (1, 1)) for _ in range(5000)]
+    pages[0].save(tiff, format="TIFF", save_all=True, append_images=pages[1:])
+    image = nib.Nifti1Image(np.ones((32, 32, 4), np.int16), np.eye(4))
+    image.header.set_qform(image.affine, code=1)
+    image.header.set_sform(image.affine, code=0)
+    nifti = bytearray(image.to_bytes())
+    struct.pack_into("<f", nifti, 80, float("nan"))  # pixdim[1]
+    return {"deflated DICOM (400 MB inflated)": deflated_dicom_zip(400 * 2**20),
+            "zip of 1144 x 1 MiB members": members.getvalue(),
+            "36 MP PNG": png(np.zeros((6000, 6000), np.uint8)),
+            "TIFF of 5000 pages": tiff.getvalue(),
+            "NaN-pixdim NIfTI": bytes(nifti),
+            "truncated PNG": png(np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8))[:20000]}
+
+
+def temp_files(folder: Path) -> int:
+    """Files the server left in its temporary folder (its lock file not counted)."""
+    return sum(1 for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".lock"))
+
+
 def in_thread(function, *args):
     """Run ``function(*args)`` in a worker thread, as the server runs inference, and return its result.
 
@@ -119,8 +195,8 @@ def direct_seconds_per_image(model: Path, images: list[Path], repeats: int) -> f
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def start_server(model: Path, port: int, concurrency: int) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def start_server(model: Path, port: int, concurrency: int, tmp: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp)}
     process = subprocess.Popen([sys.executable, "-m", "normdino.cli", "serve", str(model), "--port", str(port),
                                 "--concurrency", str(concurrency), "--max-queue", "1000", "-q"], env=env)
     url = f"http://127.0.0.1:{port}"
@@ -155,11 +231,12 @@ def run_load(url: str, payloads: list[bytes], clients: int, requests: int) -> di
                 if i is None:
                     return
                 started = time.perf_counter()
-                response = session.post(f"{url}/predict", files={"file": ("upload", payloads[i % len(payloads)])})
+                name, payload = payloads[i % len(payloads)]
+                response = session.post(f"{url}/predict", files={"file": ("upload", payload)})
                 elapsed = time.perf_counter() - started
                 with lock:
                     latencies.append(elapsed)
-                    statuses.append(response.status_code)
+                    statuses.append((name, response.status_code, elapsed))
                     if response.status_code == 200:
                         ids.append(response.json()["id"])
 
@@ -192,20 +269,30 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1, help="server inferences at once (default 1)")
     parser.add_argument("--volume", action="store_true", help="upload NIfTI volumes of 8 slices instead of PNGs")
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--no-bad", action="store_true", help="good uploads only (default: every other request "
+                        "is one of the crafted bad uploads of the issue-21 attack)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
         uploads, model, _ = in_thread(images_and_model, root, args.image_size, 8)
         images_per_request = 8 if args.volume else 1
-        payloads = [volume_upload(root, uploads[:8]).read_bytes()] if args.volume else [p.read_bytes() for p in uploads]
+        good = [volume_upload(root, uploads[:8]).read_bytes()] if args.volume else [p.read_bytes() for p in uploads]
+        bad = {} if args.no_bad else bad_uploads()
+        payloads = [("good", g) for g in good]
+        if bad:  # every other request is a bad one
+            bad_items = list(bad.items())
+            payloads = [item for k in range(max(len(good), len(bad_items)))
+                        for item in (("good", good[k % len(good)]), bad_items[k % len(bad_items)])]
         direct_before = direct_seconds_per_image(model, uploads, 6)
 
         port = free_port()
-        server = start_server(model, port, args.concurrency)
+        server_tmp = root / "server-tmp"
+        server_tmp.mkdir()
+        server = start_server(model, port, args.concurrency, server_tmp)
         url = f"http://127.0.0.1:{port}"
         try:
-            warm = httpx.post(f"{url}/predict", files={"file": ("upload", payloads[0])}, timeout=600)
+            warm = httpx.post(f"{url}/predict", files={"file": ("upload", good[0])}, timeout=600)
             assert warm.status_code == 200, warm.text
             httpx.delete(f"{url}/results/{warm.json()['id']}")
             baseline_rss, _ = rss_mb(server.pid)
@@ -216,6 +303,7 @@ def main() -> None:
             time.sleep(1.0)  # let the server settle before reading its memory again
             cleaned_rss, _ = rss_mb(server.pid)
             left = httpx.get(f"{url}/health").json()["results"]
+            files_left = temp_files(server_tmp)
         finally:
             server.terminate()
             server.wait(30)
@@ -223,8 +311,15 @@ def main() -> None:
         direct_after = direct_seconds_per_image(model, uploads, 6)
         direct = (direct_before + direct_after) / 2
 
-    lat = load["latencies"]
-    failed = sum(s != 200 for s in load["statuses"])
+    lat = [t for name, _, t in load["statuses"] if name == "good"]
+    failed = sum(status != 200 for name, status, _ in load["statuses"] if name == "good")
+    bad_rows = {}
+    for name, status, elapsed in load["statuses"]:
+        if name != "good":
+            row = bad_rows.setdefault(name, {"statuses": [], "max_s": 0.0})
+            row["statuses"].append(status)
+            row["max_s"] = max(row["max_s"], elapsed)
+    bad_failed = sum(not 400 <= s < 500 for row in bad_rows.values() for s in row["statuses"])
     figures = {
         "clients": args.clients, "requests": args.requests, "upload": "NIfTI volume, 8 slices" if args.volume else
         "PNG slice", "image_size": args.image_size, "server_concurrency": args.concurrency,
@@ -237,9 +332,10 @@ def main() -> None:
         "health_p50_ms": 1000 * percentile(load["health"], 50), "health_p95_ms": 1000 * percentile(load["health"], 95),
         "health_max_ms": 1000 * max(load["health"], default=float("nan")),
         "rss_after_warmup_mb": baseline_rss, "rss_peak_mb": peak_rss, "rss_after_load_mb": after_rss,
-        "rss_after_results_deleted_mb": cleaned_rss, "results_left": left,
+        "rss_after_results_deleted_mb": cleaned_rss, "results_left": left, "temp_files_left": files_left,
+        "bad_uploads": bad_rows, "bad_uploads_not_4xx": bad_failed,
     }
-    print(f"{args.clients} clients, {args.requests} requests ({figures['upload']}, ViT-S/14 random weights at "
+    print(f"{args.clients} clients, {args.requests} requests, {len(lat)} good ({figures['upload']}, ViT-S/14 random weights at "
           f"{args.image_size} px, server concurrency {args.concurrency}); failed requests: {failed}")
     print(f"  latency p50 {figures['latency_p50_s']:.2f} s   p95 {figures['latency_p95_s']:.2f} s   "
           f"throughput {figures['throughput_requests_per_s']:.2f} req/s "
@@ -250,7 +346,12 @@ def main() -> None:
     print(f"  /health under load: p50 {figures['health_p50_ms']:.1f} ms   p95 {figures['health_p95_ms']:.1f} ms   "
           f"max {figures['health_max_ms']:.1f} ms ({len(load['health'])} probes)")
     print(f"  server RSS: after warm-up {baseline_rss:.0f} MB, peak {peak_rss:.0f} MB, after load {after_rss:.0f} MB, "
-          f"after deleting results {cleaned_rss:.0f} MB; results left {left}")
+          f"after deleting results {cleaned_rss:.0f} MB; results left {left}; temp files left {files_left}")
+    for name, row in bad_rows.items():
+        print(f"  bad upload {name}: statuses {sorted(set(row['statuses']))} x{len(row['statuses'])}, "
+              f"slowest {row['max_s']:.2f} s")
+    if bad_rows:
+        print(f"  bad uploads answered other than 4xx: {bad_failed}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
 

@@ -106,10 +106,11 @@ def upload_name(filename: str | None) -> str:
 
 
 class RequestGate:
-    """ASGI middleware in front of every route: the token, the upload's size and the upload's time.
+    """ASGI middleware in front of every route: the token, the caller's origin, the upload's size and time.
 
     The token is checked on the request's headers, before a byte of its body is read: a client without it gets
-    a 401 and nothing it sends is kept. POST bodies over the size limit are refused from Content-Length, or as
+    a 401 and nothing it sends is kept; so is the Origin of a POST or DELETE (403 unless it is the server's own
+    or a configured one). POST bodies over the size limit are refused from Content-Length, or as
     they stream in; a body that takes longer than ``body_timeout_s`` to arrive is refused with a 408 and its
     connection closed (a slow client cannot hold a connection and a temporary file open for ever). A refused
     body of bounded declared size is drained by the server after the answer (nothing is stored), so that the
@@ -371,6 +372,8 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings = ServeSe
             discard(job)
             if not published:
                 store.remove(result_id)
+                if served.running == 0:  # a refused upload's buffers go back to the system too
+                    await run_in_threadpool(release_memory)
         log.info("predict: model %s, %s, %.2f s", served.name, upload.kind, time.perf_counter() - started)
         base = f"/results/{result_id}"
         answer["id"] = result_id
