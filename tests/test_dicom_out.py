@@ -153,3 +153,35 @@ def test_cli_fit_and_predict_on_a_pacs_export(tiny_dinov2_dir, tmp_path, capsys)
         main(["predict", str(model), str(staging / "export"), "-o", str(tmp_path / "o3"), "--dicom-out", "rtstruct"])
     assert exit_info.value.code == 2 and "is not a choice" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_evaluate_pairs_each_series_of_an_export_with_the_segmentation_that_references_it(detector, tmp_path):
+    import json
+
+    from pydicom.fileset import FileSet
+
+    from normdino.evaluation.volumes import evaluate_volumes
+    from normdino.io import dicom_results
+    from normdino.io.volumes import Volume
+
+    rng = np.random.default_rng(2)
+    flair = write_series(tmp_path / "staging" / "flair", (np.stack(
+        [make_phantom(rng, size=32, lesions=1)[0] for _ in range(4)], axis=2) * 1000).astype(np.int16))
+    ct = write_series(tmp_path / "staging" / "ct", (rng.random((32, 32, 3)) * 900).astype(np.int16), modality="CT",
+                      description="CT HEAD", series_number=2)
+    with Volume.open(tmp_path / "staging" / "flair") as volume:
+        truth = np.zeros(volume.shape, dtype=np.uint8)
+        truth[10:20, 8:16, 1:3] = 1
+        sources = dicom_results.read_sources(volume.files)
+    seg = dicom_results.write_segmentation(tmp_path / "staging" / "truth.dcm", sources, truth,
+                                           dicom_results.Algorithm(method="manual", version="1"))
+    fileset = FileSet()
+    for path in [*flair, *ct, seg]:
+        fileset.add(pydicom.dcmread(path))
+    fileset.write(tmp_path / "export")
+    paths, rows = evaluate_volumes(detector, tmp_path / "export", SliceOptions(window=(0, 1000)), tmp_path / "report",
+                                   progress=False)
+    per_item = {item["volume"]: item for item in json.loads(paths["json"].read_text())["per_item"]}
+    assert per_item["PID-0042/20240102_ACC42/S003_AX_FLAIR"]["mask_voxels"] == int(truth.sum())
+    assert per_item["PID-0042/20240102_ACC42/S002_CT_HEAD"]["mask"] == ""
+    assert 0 <= rows[0]["pixel_auroc"] <= 1 and rows[0]["n_volumes"] == 2

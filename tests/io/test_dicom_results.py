@@ -168,3 +168,19 @@ def test_an_empty_mask_gives_a_segmentation_with_one_empty_frame(series, tmp_pat
     validate(path)
     seg = hd.seg.segread(path)
     assert seg.NumberOfFrames >= 1 and not seg.pixel_array.any()
+
+
+def test_a_segmentation_reads_back_onto_its_series_grid_and_nowhere_else(series, tmp_path):
+    volume = Volume.open(series)
+    sources = read_sources(volume.files)
+    mask = np.zeros(volume.shape, dtype=np.uint8)
+    mask[3:7, 5:12, 1] = 1
+    mask[0:2, 0:3, 4] = 1
+    path = dicom_results.write_segmentation(tmp_path / "seg.dcm", sources, mask, ALGORITHM)
+    assert dicom_results.is_segmentation(path) and not dicom_results.is_segmentation(volume.files[0])
+    np.testing.assert_array_equal(dicom_results.read_segmentation_mask(path, volume.files, volume.shape), mask)
+    other = write_series(tmp_path / "other", np.zeros((20, 24, 6), dtype=np.int16), origin=(0.0, 0.0, 500.0))
+    with pytest.raises(InputError, match="belongs to no slice of its series"):
+        dicom_results.read_segmentation_mask(path, other, (20, 24, 6))
+    with pytest.raises(InputError, match="was not made on this series"):
+        dicom_results.read_segmentation_mask(path, other, (10, 24, 6))

@@ -44,9 +44,8 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, report: Re
 
     report.check_outputs()
     flags = volume_flags or VolumeFlags()
-    if flags.series is not None or flags.modality is not None:
-        raise NormdinoError("--series and --modality pick the series of DICOM inputs for fit and predict; evaluate "
-                            "pairs each scan with its mask by name (--layout volumes) and takes no series filter")
+    if (flags.series is not None or flags.modality is not None) and layout != "volumes":
+        raise NormdinoError("--series and --modality pick the series of a DICOM export: use them with --layout volumes")
     if layout == "volumes" and in_process_group():
         raise NormdinoError("normdino evaluate --layout volumes does not run under torchrun yet; run it as one "
                             "process: python -m normdino evaluate ... --layout volumes")
@@ -64,7 +63,7 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, report: Re
         options = (volume_flags or VolumeFlags()).slice_options(detector.volume_settings or {})
         paths, rows = evaluate_volumes(detector, Path(data), options, Path(report.output), json_path=report.json_path,
                                        mask_suffix=mask_suffix, progress=report.progress,
-                                       timing_images=report.timing_images)
+                                       timing_images=report.timing_images, series_filter=flags.series_filter())
         return EvaluationRun(paths, rows, detector.backbone_.is_random)
     from normdino.evaluation.datasets import load_dataset
 

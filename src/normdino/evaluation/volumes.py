@@ -22,14 +22,21 @@ from normdino.io.writing import TopFraction
 log = logging.getLogger(__name__)
 
 
-def volume_pairs(root: Path, mask_suffix: str = "_mask") -> list[tuple[Path, Path | None]]:
+def volume_pairs(root: Path, mask_suffix: str = "_mask", series_filter=None) -> list[tuple[Path, Path | None]]:
     """(scan, mask) pairs in a folder: the mask of ``scan.nii.gz`` is ``scan<mask_suffix>.nii.gz``.
 
     Scans whose name ends in ``_flair``/``_t1``... are matched by their patient stem too
-    (``P_flair.nii.gz`` -> ``P_mask.nii.gz``), as in ../shared/data/lgg-flair/volumes.
+    (``P_flair.nii.gz`` -> ``P_mask.nii.gz``), as in ../shared/data/lgg-flair/volumes. A PACS export (a DICOMDIR,
+    or DICOM files in nested folders) pairs each image series with the DICOM Segmentation that references it
+    (:func:`dicom_volume_pairs`).
     """
     from normdino.io.volumes import list_volumes, volume_stem
 
+    if _is_dicom_export(root):
+        return dicom_volume_pairs(root, series_filter)
+    if series_filter:
+        raise InputError("--series and --modality pick series of a DICOM export; "
+                         f"{root} holds NIfTI volumes or DICOM folders paired by name")
     volumes = list_volumes(root)
     by_stem = {volume_stem(v): v for v in volumes}
     masks = {stem for stem in by_stem if stem.endswith(mask_suffix)}
@@ -43,6 +50,54 @@ def volume_pairs(root: Path, mask_suffix: str = "_mask") -> list[tuple[Path, Pat
     if not pairs:
         raise InputError(f"no scans in {root} (only masks named *{mask_suffix})")
     return pairs
+
+
+def _is_dicom_export(root: Path) -> bool:
+    """A DICOMDIR, or no NIfTI file and no DICOM series folder at the top (nested folders of DICOM files)."""
+    from normdino.io.volumes import is_volume
+
+    if (root / "DICOMDIR").is_file():
+        return True
+    if not root.is_dir() or is_volume(root):
+        return False
+    return not any(is_volume(child) for child in root.iterdir() if not child.name.startswith("."))
+
+
+def dicom_volume_pairs(root: Path, series_filter=None) -> list[tuple[Path, Path | None]]:
+    """(series, Segmentation file) pairs of a PACS export: each image series (as io.dicom_tree names it) with the
+    DICOM Segmentation whose ReferencedSeriesSequence points at it (None when it has none)."""
+    from normdino.io.dicom_tree import find_series
+    from normdino.io.dicom_results import is_segmentation
+    from normdino.io.dicom import import_pydicom
+
+    pydicom = import_pydicom()
+    every = find_series(root)
+    images = [s for s in every if s.not_image is None and (not series_filter or series_filter.matches(s))]
+    if not images:
+        raise InputError(f"no image series in {root}{' matches the series filter' if series_filter else ''}")
+    masks: dict[str, Path] = {}
+    for series in every:
+        if series.not_image is None:
+            continue
+        for path in series.files:
+            if not is_segmentation(path):
+                continue
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            for reference in ds.get("ReferencedSeriesSequence", []):
+                uid = str(reference.SeriesInstanceUID)
+                if uid in masks:
+                    raise InputError(f"Two Segmentations reference series {uid}: {masks[uid]} and {path}; keep one "
+                                     "ground truth per series")
+                masks[uid] = path
+    return [(series.path, masks.get(series.uid)) for series in images]
+
+
+def _display_name(path: Path) -> str:
+    """A scan's name in the report: its file name, or patient/study/series for a series of an export."""
+    from normdino.io.dicom_tree import export_name, known_series
+
+    series = known_series(path)
+    return export_name(series) if series is not None else path.name
 
 
 def binary_mask_plane(plane: np.ndarray, path: Path, seen: set) -> np.ndarray:
@@ -61,18 +116,20 @@ def binary_mask_plane(plane: np.ndarray, path: Path, seen: set) -> np.ndarray:
 
 
 def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Path | None = None,
-                     mask_suffix: str = "_mask", fprs=EVAL_FPRS, progress: bool = True, timing_images: int = 10):
+                     mask_suffix: str = "_mask", fprs=EVAL_FPRS, progress: bool = True, timing_images: int = 10,
+                     series_filter=None):
     """Voxel metrics of a fitted detector over every scan in ``root``; writes results.json/.md and report.html.
 
     Runtime and peak memory are those of the image protocol (:func:`protocol.time_methods`: batch size 1,
     backbone and scoring apart, memory in its own pass) over the first ``timing_images`` scored slices; the
     whole evaluation's throughput (reading, batched prediction, metrics) is reported apart from them.
     """
+    from normdino.io.dicom_results import is_segmentation, read_segmentation_mask
     from normdino.io.slicing import SliceOptions
     from normdino.io.volumes import Volume, read_mask_volume
 
-    pairs = volume_pairs(root, mask_suffix)
-    without = [scan.name for scan, mask in pairs if mask is None]
+    pairs = volume_pairs(root, mask_suffix, series_filter)
+    without = [_display_name(scan) for scan, mask in pairs if mask is None]
     if without:  # said, never assumed silently
         log.warning("%d of %d scans have no mask (*%s): %s; their voxels count as healthy in the voxel metrics and "
                     "they are left out of the image AUROC", len(without), len(pairs), mask_suffix,
@@ -90,7 +147,13 @@ def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Pa
             kept = volume.slice_indices(options)
             axis = volume.resolve_axis(options.axis)
             masks, mask_voxels = {}, 0
-            if mask_path is not None:  # masks of the kept slices as bits; all mask voxels counted
+            if mask_path is not None and volume.kind == "dicom" and is_segmentation(mask_path):
+                seg = read_segmentation_mask(mask_path, volume.files, volume.shape)
+                mask_voxels = int(seg.sum())
+                for index in kept:
+                    masks[index] = np.packbits(seg[(slice(None),) * axis + (index,)])
+                del seg
+            elif mask_path is not None:  # masks of the kept slices as bits; all mask voxels counted
                 with read_mask_volume(mask_path, volume) as mask_volume:
                     kept_set, values = set(kept), set()
                     for index, plane in mask_volume.iter_slices(mask_options, indices=range(volume.shape[axis])):
@@ -120,7 +183,7 @@ def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Pa
             volume.close()
             scored_mask = sum(int(np.unpackbits(m).sum()) for m in masks.values())
             label = int(mask_voxels > 0) if mask_path is not None else None
-            volume_rows.append({"volume": image_path.name, "mask": mask_path.name if mask_path else "",
+            volume_rows.append({"volume": _display_name(image_path), "mask": mask_path.name if mask_path else "",
                                 "score": top.mean(), "slices_scored": len(kept), "mask_voxels": mask_voxels,
                                 "mask_voxels_skipped": mask_voxels - scored_mask,
                                 "dice_fpr5": 2 * tp / (2 * tp + fp + fn) if tp + fn else float("nan")})

@@ -239,3 +239,60 @@ def _save(obj: Any, path: str | os.PathLike) -> Path:
         obj.save_as(tmp, enforce_file_format=True)
     logger.info("wrote %s", path)
     return path
+
+
+def is_segmentation(path: str | os.PathLike) -> bool:
+    """True for a DICOM Segmentation file (SOP class Segmentation Storage), read up to its pixel data."""
+    _, pydicom = _libraries()
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # not DICOM at all
+        return False
+    return str(ds.get("SOPClassUID", "")) == "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def read_segmentation_mask(path: str | os.PathLike, files: Sequence[str | os.PathLike],
+                           shape: tuple[int, int, int]) -> np.ndarray:
+    """A DICOM Segmentation as a boolean mask on a series' voxel grid (rows, columns, slices of ``files``).
+
+    Each frame lands on the slice it references (its source SOPInstanceUID), or else on the slice at its
+    ImagePositionPatient; all segments are merged (a lesion mask); fractional segmentations count above 0.5.
+    One sentence when a frame belongs to no slice of the series or the pixel grids differ.
+    """
+    hd, pydicom = _libraries()
+    try:
+        seg = hd.seg.segread(path)
+    except Exception as err:  # highdicom raises many types for a bad object
+        raise InputError(f"{path} is not a readable DICOM Segmentation ({err}).") from err
+    headers = [pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "ImagePositionPatient"])
+               for f in files]
+    by_uid = {str(h.SOPInstanceUID): k for k, h in enumerate(headers)}
+    positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    pixels = np.asarray(seg.pixel_array)
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    if pixels.shape[1:3] != tuple(shape[:2]):
+        raise InputError(f"Segmentation {path} has {pixels.shape[1]}x{pixels.shape[2]} pixels per frame but its "
+                         f"series has {shape[0]}x{shape[1]}: it was not made on this series.")
+    if pixels.ndim == 4:  # (frames, rows, columns, segments) in some highdicom versions
+        pixels = pixels.any(axis=-1)
+    fractional = str(seg.get("SegmentationType", "BINARY")) == "FRACTIONAL"
+    maximum = float(seg.get("MaximumFractionalValue", 1) or 1)
+    mask = np.zeros(shape, dtype=bool)
+    for n, group in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        k = None
+        derivation = group.get("DerivationImageSequence")
+        if derivation:
+            sources = derivation[0].get("SourceImageSequence") or []
+            if sources:
+                k = by_uid.get(str(sources[0].ReferencedSOPInstanceUID))
+        if k is None and "PlanePositionSequence" in group:
+            position = np.array([float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient])
+            distances = np.linalg.norm(positions - position, axis=1)
+            k = int(np.argmin(distances)) if distances.min() < 1e-3 else None
+        if k is None:
+            raise InputError(f"Frame {n + 1} of Segmentation {path} belongs to no slice of its series (neither its "
+                             "source instance nor its position is in the series).")
+        frame = pixels[n] > (maximum / 2 if fractional else 0)
+        mask[:, :, k] |= frame
+    return mask
