@@ -15,16 +15,18 @@ TINY = {"image_size": 56, "epochs": 2, "n_components": 6, "cache_dir": None, "pr
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_phantom_dataset(tmp_path_factory.mktemp("workflow-data"), n_train=10, n_valid=0,
-                                 n_test_normal=2, n_test_anomalous=3, size=48, seed=5)
+def fitted(tiny_dinov2_dir, tmp_path_factory):
+    """Phantoms without validation images, and the model fit_to_file wrote from their healthy training images."""
+    root = tmp_path_factory.mktemp("workflows")
+    data = write_phantom_dataset(root / "data", n_train=10, n_valid=0, n_test_normal=2, n_test_anomalous=3,
+                                 size=48, seed=5)
+    detector = fit_to_file([data / "train" / "good"], root / "m.normdino", backbone=str(tiny_dinov2_dir), **TINY)
+    return root / "m.normdino", detector
 
 
 @pytest.fixture(scope="module")
-def fitted(data, tiny_dinov2_dir, tmp_path_factory):
-    path = tmp_path_factory.mktemp("workflow-model") / "m.normdino"
-    detector = fit_to_file([data / "train" / "good"], path, backbone=str(tiny_dinov2_dir), **TINY)
-    return path, detector
+def data(fitted):
+    return fitted[0].parent / "data"
 
 
 def test_fit_to_file_holds_out_healthy_images_and_writes_the_model_it_returns(fitted, data):
