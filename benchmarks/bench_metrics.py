@@ -26,7 +26,7 @@ def peak_rss_mb() -> float:
 def bench_pixels(n_pixels: float, subsample: int, seed: int = 0) -> list[tuple[str, str]]:
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from normdino.evaluation.metrics import PixelScoreAccumulator
+    from normdino.evaluation.accumulator import PixelScoreAccumulator
 
     rng = np.random.default_rng(seed)
     side = 240

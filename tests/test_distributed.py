@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from normdino import distributed as dist
 from normdino.errors import InputError
-from normdino.evaluation.metrics import PixelScoreAccumulator
+from normdino.evaluation.accumulator import PixelScoreAccumulator
 from normdino.thresholds import thresholds_at_fprs
 from normdino.features.tokens import TokenSet
 from normdino.methods.mixture import DirichletProcessMixture

@@ -45,7 +45,7 @@ _EXPORTS = {
     "Coreset": "normdino.methods.memory_bank",
     # evaluation
     "load_dataset": "normdino.evaluation.datasets",
-    "PixelScoreAccumulator": "normdino.evaluation.metrics",
+    "PixelScoreAccumulator": "normdino.evaluation.accumulator",
     # data for trying things out, and errors
     "write_phantom_dataset": "normdino.io.phantoms",
     "NormdinoError": "normdino.errors",

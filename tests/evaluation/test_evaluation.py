@@ -16,7 +16,7 @@ from normdino.cli import main
 from normdino.evaluation import protocol
 from normdino.evaluation.assess import AssessedResult, assess_scorer
 from normdino.evaluation.datasets import Sample, load_dataset
-from normdino.evaluation.metrics import PixelScoreAccumulator
+from normdino.evaluation.accumulator import PixelScoreAccumulator
 from normdino.evaluation.protocol import LabelledTokens, PeakMemory, markdown_table, write_outputs
 from normdino.evaluation.scorers import Scorer
 from normdino.evaluation.splits import calibration_folds

@@ -8,9 +8,9 @@ import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from normdino.errors import InputError
+from normdino.evaluation.accumulator import PixelScoreAccumulator
+from normdino.evaluation.curves import MetricUndefinedWarning
 from normdino.evaluation.metrics import (
-    MetricUndefinedWarning,
-    PixelScoreAccumulator,
     aupro,
     dice,
     image_aupr,

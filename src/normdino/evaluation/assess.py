@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from normdino import distributed as dist
 from normdino.evaluation.foreground import Foreground
-from normdino.evaluation.metrics import PixelScoreAccumulator, image_aupr, image_auroc
+from normdino.evaluation.accumulator import PixelScoreAccumulator
+from normdino.evaluation.metrics import image_aupr, image_auroc
 from normdino.evaluation.scorers import scorer_pixel_maps
 from normdino.evaluation.splits import CalibrationFolds
 from normdino.evaluation.statistics import ImageStatistics, few_shot_summary, paired_permutation_test

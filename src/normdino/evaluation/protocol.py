@@ -25,7 +25,7 @@ from normdino import distributed as dist
 from normdino.evaluation.datasets import Dataset, Sample
 from normdino.features.tokens import Tokens, TokenSet, pick_layers
 from normdino.methods import scoring
-from normdino.evaluation.metrics import PixelScoreAccumulator
+from normdino.evaluation.accumulator import PixelScoreAccumulator
 from normdino.evaluation.scorers import Scorer
 from normdino.io.reading import read_image
 

@@ -31,7 +31,7 @@ import numpy as np
 from scipy import sparse
 
 from normdino.errors import InputError
-from normdino.evaluation.metrics import float_keys
+from normdino.evaluation.accumulator import float_keys
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from normdino.errors import InputError
+from normdino.evaluation.accumulator import PixelScoreAccumulator
+from normdino.evaluation.metrics import image_aupr, image_auroc
 from normdino.evaluation.protocol import (EVAL_FPRS, UNTIMED, MethodResult, PeakMemory, detector_scorer,
                                          time_methods, write_outputs)
-from normdino.evaluation.metrics import PixelScoreAccumulator, image_aupr, image_auroc
 from normdino.io.writing import TopFraction
 
 log = logging.getLogger(__name__)
