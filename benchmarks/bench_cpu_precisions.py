@@ -47,7 +47,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from bench_gpu import phantom_pixels
 
-    from normdino.features.backbone import Backbone, build_random_model
+    from normdino.features.backbone import Backbone
+    from normdino.features.loading import build_random_model
     from normdino.features.runtimes import cpu_has_bf16
 
     configs = [("torch", "fp32"), ("torch", "int8"), ("onnx", "int8")]

@@ -144,7 +144,7 @@ def cuda_graph(fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor
 
 
 def forward_table(args, device: torch.device, pixels_cpu: torch.Tensor) -> list[dict]:
-    from normdino.features.backbone import build_random_model
+    from normdino.features.loading import build_random_model
 
     rows = []
     for arch in args.archs:
@@ -191,7 +191,7 @@ def forward_table(args, device: torch.device, pixels_cpu: torch.Tensor) -> list[
 
 def compile_rows(args, device: torch.device, pixels_cpu: torch.Tensor, deadline: float) -> list[dict]:
     """torch.compile (default mode) on bf16 weights at the largest batch, time permitting."""
-    from normdino.features.backbone import build_random_model
+    from normdino.features.loading import build_random_model
 
     rows = []
     batch = max(args.batches)
@@ -230,7 +230,8 @@ def compile_rows(args, device: torch.device, pixels_cpu: torch.Tensor, deadline:
 # ---------------------------------------------------------------------- 2. Backbone path vs raw forward
 def backbone_gap(args, device: torch.device, pixels_cpu: torch.Tensor) -> dict:
     """Raw transformers forward vs Backbone.encode (tokens on the device) vs encode + copy to the host."""
-    from normdino.features.backbone import Backbone, build_random_model
+    from normdino.features.backbone import Backbone
+    from normdino.features.loading import build_random_model
 
     arch = args.archs[0]
     batch = min(32, max(args.batches))
@@ -256,7 +257,7 @@ def backbone_gap(args, device: torch.device, pixels_cpu: torch.Tensor) -> dict:
 def pipeline(args, device: torch.device) -> dict:
     """Fit a DPMM detector on phantom PNGs and predict, timing the stages the CPU does around the GPU."""
     from normdino import AnomalyDetector
-    from normdino.features.backbone import save_random_backbone
+    from normdino.features.loading import save_random_backbone
     from normdino.features.cache import extract_tokens
     from normdino.io.phantoms import write_phantom_dataset
     from normdino.io.reading import read_image

@@ -34,7 +34,7 @@ def lgg_flair() -> Path:
 # --- tiny random DINO backbones saved with save_pretrained (issue 4) ---------------------------
 def _saved_tiny_backbone(factory, arch: str) -> Path:
     """Save a tiny seeded random model of ``arch`` once per session; load it with Backbone.from_pretrained."""
-    from normdino.features.backbone import save_random_backbone
+    from normdino.features.loading import save_random_backbone
 
     return save_random_backbone(factory.mktemp("backbones") / arch, arch=arch, seed=0, tiny=True)
 

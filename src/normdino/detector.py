@@ -529,7 +529,7 @@ def _check_scores_tokens(path, method: NormativeMethod, spec: dict, training: di
 def check_backbone_architecture(path, spec: dict, backbone: Any, default_arch: str = "dinov2_vits14") -> None:
     """Refuse a ``random:ARCH`` backbone of another token width or patch size than the model's before building it
     (a ViT-g is 1.1 B parameters: 45 s and 5 GB to learn it does not fit a ViT-S model)."""
-    from normdino.features.backbone import HUB_CONFIGS
+    from normdino.features.loading import HUB_CONFIGS
 
     if not isinstance(backbone, str):
         return

@@ -3,7 +3,7 @@ import json, sys, numpy as np, torch
 from pathlib import Path
 from normdino import AnomalyDetector
 from normdino.io.phantoms import write_phantom_dataset
-from normdino.features.backbone import save_random_backbone
+from normdino.features.loading import save_random_backbone
 torch.set_num_threads(1)
 tmp = Path(sys.argv[1]); tmp.mkdir(parents=True, exist_ok=True)
 bb = save_random_backbone(tmp / "bb", arch="dinov2_vits14", seed=0, tiny=True)

@@ -13,15 +13,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from normdino.features.backbone import (
-    ALIASES,
-    HUB_CONFIGS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Backbone,
-    hub_config,
-    save_random_backbone,
-)
+from normdino.features.backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone
+from normdino.features.loading import ALIASES, HUB_CONFIGS, hub_config, save_random_backbone
 from normdino.errors import InputError, ModelFileError, WeightsNotFoundError
 
 TINY = {"tiny_dinov2_dir": (14, 0), "tiny_dinov2_reg_dir": (14, 4), "tiny_dinov3_dir": (16, 4)}
@@ -264,7 +257,7 @@ def test_embed_images_from_paths_and_arrays(tiny_dinov2_dir, tmp_path):
 
 
 def test_unreachable_hub_fails_without_retrying(monkeypatch):
-    import normdino.features.backbone as module
+    import normdino.features.loading as module
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -276,7 +269,7 @@ def test_unreachable_hub_fails_without_retrying(monkeypatch):
 
 
 def test_gated_and_connection_errors_are_recognised_through_the_cause_chain():
-    import normdino.features.backbone as module
+    import normdino.features.loading as module
 
     class GatedRepoError(Exception):
         pass
@@ -295,7 +288,8 @@ def test_gated_and_connection_errors_are_recognised_through_the_cause_chain():
 def test_bf16_copy_equals_a_converted_deep_copy_and_leaves_the_model_fp32(arch):
     import copy
 
-    from normdino.features.backbone import bf16_copy, build_random_model
+    from normdino.features.backbone import bf16_copy
+    from normdino.features.loading import build_random_model
 
     model = build_random_model(arch, tiny=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}

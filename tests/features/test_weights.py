@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from normdino.errors import ModelFileError
-from normdino.features.backbone import ALIASES, Backbone, build_random_model, load_model
+from normdino.features.backbone import Backbone
+from normdino.features.loading import ALIASES, build_random_model, load_model
 from normdino.features.weights import import_weights, list_weights, sha256
 
 ARCHS = ["dinov2_vits14", "dinov2_vits14_reg", "dinov2_vitg14", "dinov3_vits16", "dinov3_vits16plus"]

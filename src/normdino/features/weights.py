@@ -58,8 +58,8 @@ from typing import Any
 import torch
 
 from normdino.errors import InputError, ModelFileError
-from normdino.features.backbone import (ALIASES, HUB_CONFIGS, WEIGHTS_RECORD, default_weights_dir, hub_config,
-                                        imported_folder)
+from normdino.features.loading import (ALIASES, HUB_CONFIGS, WEIGHTS_RECORD, default_weights_dir, hub_config,
+                                       imported_folder)
 
 logger = logging.getLogger(__name__)
 
