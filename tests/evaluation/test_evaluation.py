@@ -289,7 +289,7 @@ def test_timing_reports_backbone_and_scoring_apart_with_every_method_interleaved
 
     class RecordingMemory:
         def __init__(self, device):
-            self.peak_bytes = 2**20
+            self.peak_bytes, self.added_bytes = 3 * 2**20, 2**20  # 1 MB above what was held on entering
 
         def __enter__(self):
             state["sampling"] = True
@@ -310,7 +310,13 @@ def test_timing_reports_backbone_and_scoring_apart_with_every_method_interleaved
     assert timed == ["a", "b", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # warm-up, then rotating turns
     sampled = [name for name, sampling in state["calls"] if sampling]
     assert sampled == ["a"] * 3 + ["b"] * 3 + ["c"] * 3  # peak memory: each method's own pass, never timed
-    assert all(t.peak_mb == 1.0 for t in timings) and state["backbone"] == 3 + 9 + 9
+    assert all(t.peak_mb == 1.0 for t in timings) and state["backbone"] == 3 + 9 + 9  # stubs: no weights, no state
+
+    # a backbone with weights and a method with a scoring state: peak = weights + state + what the pass added
+    backbone.model = torch.nn.Linear(10, 10)  # 110 float32 = 440 bytes
+    scorers[0].method.scoring_bytes = lambda: 1000
+    [timing] = protocol.time_methods(backbone, scorers[:1], images[:1], 0.0, 0.01, warmup=0, clock=clock)
+    assert timing.peak_mb == (440 + 1000 + 2**20) / 2**20
 
 
 def test_evaluate_methods_times_all_methods_in_one_loop(tmp_path, monkeypatch):

@@ -161,6 +161,12 @@ class PeakMemory:
         self.device = torch.device(device)
         self.interval = interval
         self.peak_bytes = 0
+        self.start_bytes = 0  # the reading on entering: what the block's peak adds to is peak_bytes - start_bytes
+
+    @property
+    def added_bytes(self) -> int:
+        """How far the peak rose above the memory held on entering (the block's own transient memory)."""
+        return max(0, self.peak_bytes - self.start_bytes)
 
     @staticmethod
     def rss_bytes() -> int:
@@ -181,8 +187,9 @@ class PeakMemory:
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
             return self
-        self.peak_bytes = self.rss_bytes()
+        self.peak_bytes = self.start_bytes = self.rss_bytes()
         self.n_samples_ = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -210,7 +217,11 @@ TIMING_NOTE = ("Runtime per sample at batch size 1, as the paper defines it (det
                "forward pass to its patch tokens; 'scoring ms': the method's patch scores, their upsampling (and "
                "smoothing) to the image size and the image score; 'ms/sample': their sum. Reading the file is data "
                "loading, in neither. Peak memory is measured in a separate pass per method over the same images "
-               "(backbone + scoring), so its sampler never slows the timed loop. 'scoring state MB': what the "
+               "(backbone + scoring), so its sampler never slows the timed loop: the backbone's weights, the "
+               "method's scoring state and the most one image's detection added above what the process held "
+               "before the pass (resident memory on a CPU, allocated memory on a GPU), so the other methods' "
+               "states and the cached tokens kept for the evaluation do not count (on a CPU the added part is a lower "
+               "bound: memory the allocator kept from earlier passes is reused unseen). 'scoring state MB': what the "
                "method's scoring reads (the DPMM's active means, a bank); 'saved state MB': the method's tensors in "
                "its model file (the DPMM's EM state of all its components).")
 
@@ -237,6 +248,19 @@ class Timing:
 
 
 UNTIMED = Timing(math.nan, math.nan, math.nan, 0)
+
+
+def backbone_bytes(backbone, device: torch.device) -> int:
+    """Bytes of the torch backbone's weights and buffers on ``device`` (0 for a stub or a graph runtime's copy)."""
+    model = getattr(backbone, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type == device.type)
+
+
+def _scoring_bytes(method) -> int:
+    return method.scoring_bytes() if hasattr(method, "scoring_bytes") else method.state_bytes()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -279,12 +303,14 @@ def time_methods(backbone, scorers: Sequence[Scorer], images: Sequence[Path | np
         for k in range(len(scorers)):
             j = (i + k) % len(scorers)
             spent[j] += detect(scorers[j], image)
-    peaks = []
+    peaks, weights = [], backbone_bytes(backbone, device)
     for scorer in scorers:
         with PeakMemory(device) as memory:  # its own pass, for the peak only
             for image in arrays:
                 detect(scorer, image)
-        peaks.append(memory.peak_bytes / 2**20)
+        # what this method's detection holds at its peak, whatever else the process keeps (other methods' states,
+        # training tokens): the backbone's weights + this method's scoring state + what one image's pass adds
+        peaks.append((weights + _scoring_bytes(scorer.method) + memory.added_bytes) / 2**20)
     n = max(1, len(arrays))
     return [Timing(1000.0 * b / n, 1000.0 * s / n, peak, len(arrays)) for (b, s), peak in zip(spent, peaks)]
 
