@@ -20,7 +20,8 @@ from transformers import AutoModel
 
 from normdino.errors import InputError
 from normdino.features.backbone import Backbone
-from normdino.features.cache import check_cache_dir, embed_arrays, extract_tokens, remove_stale_temporaries
+from normdino.features.cache import embed_arrays, extract_tokens
+from normdino.features.cache_folder import check_cache_dir, remove_stale_temporaries
 from normdino.io.reading import read_image
 
 TINY = {"tiny_dinov2_dir": 14, "tiny_dinov2_reg_dir": 14, "tiny_dinov3_dir": 16}
@@ -334,7 +335,8 @@ class FakeBackbone:  # the store's view of a backbone, without loading transform
 FULL_DISK_SCRIPT = FAKE_BACKBONE + """
 import json, shutil
 from normdino.errors import InputError
-from normdino.features.cache import check_cache_dir, extract_tokens
+from normdino.features.cache import extract_tokens
+from normdino.features.cache_folder import check_cache_dir
 
 small, readonly, *images = sys.argv[1:]
 results = {}

@@ -85,7 +85,7 @@ def run_bench(data: str | os.PathLike, methods: Sequence[str], report: ReportOpt
     dataset = without_training_patients(dataset, train_images)  # calibration never on a training patient's slices
     cache_dir = None if settings.get("cache_dir") is None else Path(settings["cache_dir"])
     if cache_dir is not None:
-        from normdino.features.cache import check_cache_dir
+        from normdino.features.cache_folder import check_cache_dir
 
         check_cache_dir(cache_dir)
     sigma = settings["sigma"]

@@ -51,7 +51,7 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, report: Re
                             "process: python -m normdino evaluate ... --layout volumes")
     cache = None if cache_dir is None else Path(cache_dir)
     if cache is not None:
-        from normdino.features.cache import check_cache_dir
+        from normdino.features.cache_folder import check_cache_dir
 
         check_cache_dir(cache)
     detector = AnomalyDetector.load(model, progress=report.progress, **load)

@@ -31,16 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import itertools
 import json
 import logging
 import os
-import re
-import secrets
 import shutil
-import socket
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,6 +47,8 @@ import torch
 from tqdm.auto import tqdm
 
 from normdino.errors import InputError
+from normdino.features.cache_folder import (CACHE_FORMAT, WRITING, check_cache_dir, entry_key, file_sha256,
+                                           remove_stale_temporaries, shard_name, temporary_name)
 from normdino.features.tokens import TokenSet
 from normdino.files import atomic_write_text
 from normdino.io.reading import image_shape
@@ -59,111 +56,7 @@ from normdino.parallel import default_workers, ordered_map
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2
-STALE_SECONDS = 24 * 3600  # a temporary untouched this long is stale even if its writer cannot be checked
-_TMP_PATTERN = re.compile(r"\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[0-9a-f]+(\.old)?\.tmp$")
 _FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-_WRITING: set[str] = set()  # names of the temporaries this process is writing now
-
-
-# ---------------------------------------------------------------------- keys and folder checks
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, with an InputError naming a file that cannot be read."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    except OSError as err:
-        raise InputError(f"Image {path} cannot be read ({err.strerror or err}).") from err
-    return digest.hexdigest()
-
-
-def entry_key(identifier: str, file_hash: str, cls: bool) -> str:
-    """Hex key of one image's tokens: backbone settings + the file's content hash + whether CLS is stored."""
-    payload = json.dumps({"format": CACHE_FORMAT, "backbone": identifier, "image": file_hash, "cls": bool(cls)})
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def shard_name(keys: Sequence[str]) -> str:
-    """Folder name of the shard that holds exactly ``keys`` in this order."""
-    return "tokens-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:40]
-
-
-def check_cache_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` if needed and make sure files can be written there; one InputError sentence otherwise.
-
-    The CLI calls it before any work, so a wrong ``--cache-dir`` fails in a second rather than after extraction.
-    """
-    root = Path(path).expanduser()
-    if root.exists() and not root.is_dir():
-        raise InputError(f"Token cache folder {root} is a file, not a folder; pass a folder to --cache-dir.")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / _temporary_name("probe")
-        probe.write_bytes(b"")
-        probe.unlink(missing_ok=True)
-    except OSError as err:
-        raise InputError(
-            f"Token cache folder {root} is not writable ({err.strerror or err}); pass a writable --cache-dir "
-            "or leave it out."
-        ) from None
-    return root
-
-
-def remove_stale_temporaries(root: Path) -> list[Path]:
-    """Delete temporaries (``.*.tmp``) in ``root`` whose writer has exited or that are a day old; return them."""
-    removed = []
-    now = time.time()
-    for path in [*root.glob(".*.tmp"), *root.glob("tokens-*/.*.tmp")]:
-        if not _is_stale(path, now):
-            continue
-        try:
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        except FileNotFoundError:
-            continue  # another process removed it first
-        except OSError as err:
-            logger.warning("Cannot remove the stale temporary %s (%s)", path, err.strerror or err)
-            continue
-        logger.info("Removed stale temporary %s", path)
-        removed.append(path)
-    return removed
-
-
-def _writer_tag() -> str:
-    """'<host>-<pid>' of this process, embedded in temporary names so that others can tell when it is gone."""
-    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:64] or "host"
-    return f"{host}-{os.getpid()}"
-
-
-def _temporary_name(stem: str, suffix: str = ".tmp") -> str:
-    """'.<stem>.<host>-<pid>.<random>.tmp': unique, hidden, and telling which process writes it."""
-    return f".{stem}.{_writer_tag()}.{secrets.token_hex(4)}{suffix}"
-
-
-def _is_stale(path: Path, now: float) -> bool:
-    """True when a temporary's writer (same host, pid in its name) has exited, or it is untouched for a day."""
-    try:
-        age = now - path.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    if age > STALE_SECONDS:
-        return True
-    match = _TMP_PATTERN.search(path.name)
-    host, pid = _writer_tag().rsplit("-", 1)
-    if match is None or match["host"] != host:
-        return False  # not ours to judge before a day has passed
-    if match["pid"] == pid:
-        return path.name not in _WRITING  # our pid, but not one of our writes: a dead process had this pid
-    if os.name == "nt":
-        return False  # signal 0 cannot probe a process there
-    try:
-        os.kill(int(match["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # exists, but belongs to another user
-        return False
-    return False
 
 
 # ---------------------------------------------------------------------- public API
@@ -434,8 +327,8 @@ def _assemble(
         if hit is not None:
             found[i] = hit
     _check_free_space(root, shard, len(paths))
-    tmp = root / _temporary_name(shard.folder.name)
-    _WRITING.add(tmp.name)
+    tmp = root / temporary_name(shard.folder.name)
+    WRITING.add(tmp.name)
     try:
         tmp.mkdir()
         with _ShardWriter(tmp, shard) as writer:
@@ -460,7 +353,7 @@ def _assemble(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        _WRITING.discard(tmp.name)
+        WRITING.discard(tmp.name)
     return shard
 
 
@@ -556,7 +449,7 @@ def _commit(tmp: Path, final: Path, keys: list[str], corrupt: set[str]) -> bool:
     existing = _Shard.open(final)
     if existing is not None and existing.keys == keys and final.name not in corrupt:
         return False  # another process wrote the same list meanwhile: its shard is as good as ours
-    trash = final.with_name(_temporary_name(final.name, ".old.tmp"))
+    trash = final.with_name(temporary_name(final.name, ".old.tmp"))
     os.rename(final, trash)
     os.rename(tmp, final)
     shutil.rmtree(trash, ignore_errors=True)

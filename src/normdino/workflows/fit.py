@@ -91,7 +91,7 @@ def fit_to_file(normal: Sequence[str | os.PathLike], output: str | os.PathLike, 
         image_shape(path, max_megapixels)
     warn_if_validation_overlaps(train, validation)
     if isinstance(detector_params.get("cache_dir"), (str, os.PathLike)):  # True: the default folder
-        from normdino.features.cache import check_cache_dir
+        from normdino.features.cache_folder import check_cache_dir
 
         check_cache_dir(detector_params["cache_dir"])
     has_volumes = train.volumes or (validation and validation.volumes)
