@@ -3,6 +3,12 @@
 Equations are those of DESIGN.md ("The Dirichlet process mixture"). Everything that scales with the data is a
 matrix product over K or K x D statistics (diag, spherical) or a per-component Cholesky solve (full); nothing of
 size N x D x D or N x K x D is ever built. Weights live in log space, so no component dies of float underflow.
+
+Why this module is longer than ~500 lines: it is one scikit-learn-style estimator, and its initialisation,
+E and M steps, sharded (torchrun) fit, scoring and (de)serialisation all read and write the same private
+state (means, Cholesky factors, stick ratios, running statistics). Splitting the class would turn that state
+into a public interface between modules; the scoring-only view (:class:`ActiveComponents`) and the batching
+helpers at the end are small and used only here.
 """
 
 from __future__ import annotations
