@@ -137,11 +137,11 @@ def test_cli_fit_and_predict_on_a_pacs_export(tiny_dinov2_dir, tmp_path, capsys)
                  "--no-cache", "--quiet"]) == 0
     out = tmp_path / "out"
     assert main(["predict", str(model), str(staging / "export"), "-o", str(out), "--modality", "MR",
-                 "--dicom-out", "seg", "--anonymize", "--quiet"]) == 0
+                 "--dicom-out", "seg", "--anonymize", "--strict", "--quiet"]) == 0  # the localizer is no failure
     rows = _rows(out)
     by_uid = {r["series_uid"]: r for r in rows}
     assert set(by_uid) == {uids["flair"], uids["t1"], uids["localizer"]}
-    assert by_uid[uids["localizer"]]["status"] == "skipped"
+    assert by_uid[uids["localizer"]]["status"] == "skipped" and by_uid[uids["localizer"]]["kind"] == "dicom"
     flair = by_uid[uids["flair"]]
     assert flair["dicom_seg"] == "patient-001/study-001/S003_AX_FLAIR_seg.dcm" and flair["dicom_pmap"] == ""
     assert pydicom.dcmread(out / flair["dicom_seg"]).PatientID == ""

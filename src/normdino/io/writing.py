@@ -381,8 +381,16 @@ class PredictionWriter:
 
     def skip_unusable(self, entries: Sequence[tuple[Path, str]]) -> None:
         """A ``skipped`` row (and a warning) for each folder entry that is no regular file: (path, why), as
-        :class:`normdino.io.inputs.Inputs` lists them; never opened. Under ``strict``, stop at the first."""
+        :class:`normdino.io.inputs.Inputs` lists them; never opened. Under ``strict``, stop at the first.
+        The objects of a DICOM export that are no image volume (reports, localizers ...) are expected there:
+        their rows never stop a ``strict`` run."""
+        from normdino.io.dicom_tree import split_series_path
+
         for path, why in entries:
+            if split_series_path(path) is not None:
+                log.warning("skipped %s: it %s", path, why)
+                self._append(self._skipped_row(Path(path), "dicom", f"{path} {why}"))
+                continue
             kind = "volume" if str(path).lower().endswith((".nii", ".nii.gz")) else "image"
             self._skip(Path(path), kind, InputError(f"{path} {why}"))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from normdino.errors import NormdinoError
+from normdino.io.dicom_tree import split_series_path
 from normdino.io.inputs import Inputs, resolve_inputs
 from normdino.io.volume_flags import VolumeFlags
 from normdino.io.writing import DEFAULT_MAX_MEGAPIXELS, PredictionWriter, check_image_sizes, prepare_results_folder
@@ -41,8 +42,9 @@ def check_predict_inputs(inputs: Inputs, output: str | os.PathLike, overwrite: b
     """Before the model loads: the results folder can be used and no image is too large (one sentence if not)."""
     if is_main_rank():  # under torchrun rank 0 may already be writing there when another rank gets here
         prepare_results_folder(Path(output), overwrite, check_only=True)
-    if strict and inputs.unusable:
-        path, why = inputs.unusable[0]
+    unreadable = [(path, why) for path, why in inputs.unusable if split_series_path(path) is None]
+    if strict and unreadable:  # a DICOM export's reports and localizers are expected there, not unreadable
+        path, why = unreadable[0]
         raise NormdinoError(f"{path} {why} (stopped by --strict before any work; without it such inputs are skipped)")
     check_image_sizes(inputs.images, max_megapixels or DEFAULT_MAX_MEGAPIXELS, strict=strict)
 
