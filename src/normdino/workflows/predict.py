@@ -153,12 +153,20 @@ def _predict_shares(detector: AnomalyDetector, inputs: Inputs, output: Path, opt
     everything = [*inputs.images, *inputs.volumes]
     mine.assign_names(everything)  # the same unique names on every rank
     share = my_share(inputs, allow_empty=True)
-    with dist.failing_together("predict"):
+    try:
+        with dist.failing_together("predict"):
+            if dist.is_main():
+                mine.skip_unusable(inputs.unusable)
+            mine.write_images(share.images)
+            for volume in share.volumes:
+                mine.write_volume(volume, options)
+    except BaseException as err:  # rank 0 marks the folder partial (its own rows: the others' are not gathered)
         if dist.is_main():
-            mine.skip_unusable(inputs.unusable)
-        mine.write_images(share.images)
-        for volume in share.volumes:
-            mine.write_volume(volume, options)
+            try:
+                mine.finish(stopped=stop_reason(err))
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                pass
+        raise
     position = {str(p): i for i, p in enumerate(everything)}
     rows = sorted(dist.gather_list(mine.rows), key=lambda row: position.get(row["input"], len(position)))
     mine.adopt_rows(rows, write=dist.is_main())
