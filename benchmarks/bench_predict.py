@@ -1,0 +1,247 @@
+"""Throughput of ``normdino predict`` against the backbone's best forward pass, interleaved in one run.
+
+    python benchmarks/bench_predict.py                      # 42 lgg-flair slices, 2 rounds, 155-slice volume
+    python benchmarks/bench_predict.py --n 16 --reps 1 --volume-slices 0     # a quick look
+
+Every figure is a ratio to the backbone alone: the model's forward on already preprocessed images at its best
+batch size (and thread count) for the runtime in use (torch fp32 on a CPU), measured in the same run, between
+the other measurements, on the same images. ``normdino predict`` is timed as a whole process (start-up,
+model load, reading, scoring, every output, report), as a user runs it, with its default settings.
+
+Rows:
+  backbone best           forward only, best of --batches x --threads (per-batch figures are printed too)
+  predict (all outputs)   ``python -m normdino predict MODEL IMAGES -o OUT``
+  predict --no-overlays   the same without overlay PNGs
+  API predict             ``AnomalyDetector.predict(paths)`` in a loaded process (load not timed)
+  onnx int8 predict       ``--runtime onnx --precision int8`` (the exported graph is cached beforehand),
+                          as a speed-up over the default command, with the correlation of its maps to fp32
+  volume vs PNG slices    a NIfTI volume of S slices against the same S slices as PNG files, per slice
+
+Random ViT-S/14 weights at 448 px (honest for time, meaningless for quality). The cores may be shared:
+rounds interleave every measurement, the table gives the best and the median round, and the load average
+is printed. Images: lgg-flair validation slices from ../shared/data, or generated phantoms when absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "lgg-flair"
+
+
+# ---------------------------------------------------------------------- children (fresh processes)
+
+
+def child_backbone(model: str, paths: list[str], batches: list[int], threads: int) -> dict:
+    """Seconds per image of the forward pass alone at each batch size (preprocessed input, after a warm-up)."""
+    import torch
+
+    from normdino.detector import AnomalyDetector
+    from normdino.io.reading import read_image
+
+    torch.set_num_threads(threads)
+    detector = AnomalyDetector.load(model, progress=False, cache_dir=None)
+    backbone = detector.backbone_
+    pixels = [backbone.preprocess(read_image(p)) for p in paths]
+    out = {}
+    for batch in batches:
+        chunks = [torch.stack(pixels[i:i + batch]) for i in range(0, len(pixels), batch)]
+        backbone(chunks[0])  # warm-up
+        started = time.perf_counter()
+        for chunk in chunks:
+            backbone(chunk)
+        out[str(batch)] = (time.perf_counter() - started) / len(pixels)
+    return out
+
+
+def child_api(model: str, paths: list[str]) -> dict:
+    """Seconds of ``AnomalyDetector.predict`` over the paths (load and a one-image warm-up not timed)."""
+    from normdino.detector import AnomalyDetector
+
+    detector = AnomalyDetector.load(model, progress=False, cache_dir=None)
+    detector.predict(paths[:1])
+    started = time.perf_counter()
+    predictions = detector.predict(paths)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "n": len(predictions), "batch_size": detector.batch_size}
+
+
+def _run_child(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True,
+                         env=_env())
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def run_predict(model: Path, inputs: list[str], out: Path, *extra: str) -> float:
+    """Wall seconds of one ``normdino predict`` process (start-up included)."""
+    command = [sys.executable, "-m", "normdino", "predict", str(model), *inputs, "-o", str(out), "--overwrite",
+               "-q", *extra]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env=_env(), stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------- set-up
+
+
+def bench_images(n: int, work: Path, data: Path = DATA) -> list[Path]:
+    """n lgg-flair validation slices (anomalous first, then healthy), or n generated phantoms."""
+    found = sorted((data / "valid" / "Ungood" / "img").glob("*.png")) + sorted((data / "valid" / "good" / "img").glob("*.png"))
+    if len(found) >= n:
+        return found[:n]
+    from normdino.io.phantoms import write_phantom_dataset
+
+    root = write_phantom_dataset(work / "phantoms", n_train=n, n_valid=1, n_test_normal=0, n_test_anomalous=0, size=256)
+    return sorted((Path(root) / "train" / "good").glob("*.png"))[:n]
+
+
+def fit_model(work: Path, images: list[Path]) -> Path:
+    """A small dpmm model on random ViT-S/14 weights at 448 px (its prototypes do not change the timing)."""
+    from normdino.detector import AnomalyDetector
+
+    detector = AnomalyDetector(backbone="random", image_size=448, epochs=2, n_components=32, cache_dir=None,
+                               progress=False)
+    detector.fit(images[:8], images[8:12])
+    return detector.save(work / "model.normdino")
+
+
+def write_volume(paths: list[Path], target: Path) -> None:
+    """The slices stacked along the third (axial) axis of an RAS uint8 NIfTI: slice k is image k's pixels."""
+    import nibabel as nib
+    from PIL import Image
+
+    planes = [np.asarray(Image.open(p).convert("L")) for p in paths]
+    shape = planes[0].shape
+    volume = np.stack([p for p in planes if p.shape == shape], axis=2)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), target)
+
+
+def correlation(folder_a: Path, folder_b: Path) -> tuple[float, float]:
+    """(Pearson r over all pixels of every map, lowest per-image r) between the .npy maps of two runs."""
+    a_files = sorted(folder_a.glob("*_anomaly.npy"))
+    per_image, a_all, b_all = [], [], []
+    for fa in a_files:
+        a, b = np.load(fa).ravel(), np.load(folder_b / fa.name).ravel()
+        per_image.append(float(np.corrcoef(a, b)[0, 1]))
+        a_all.append(a)
+        b_all.append(b)
+    return float(np.corrcoef(np.concatenate(a_all), np.concatenate(b_all))[0, 1]), min(per_image)
+
+
+# ---------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=42, help="images (default 42)")
+    parser.add_argument("--reps", type=int, default=2, help="interleaved rounds (default 2)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8], help="backbone batch sizes tried")
+    parser.add_argument("--threads", type=int, nargs="+", default=[os.cpu_count() or 1], help="torch threads tried")
+    parser.add_argument("--volume-slices", type=int, default=155, help="slices of the NIfTI vs PNG comparison (0: skip)")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the onnx int8 rows")
+    parser.add_argument("--extra", default="", help="extra options for every predict command, e.g. '--batch-size 1'")
+    parser.add_argument("--data", type=Path, default=DATA, help="lgg-flair root (default ../shared/data/lgg-flair)")
+    parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temp folder)")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, model, *rest = args.child
+        if kind == "backbone":
+            batches, threads, paths = rest[0], int(rest[1]), rest[2:]
+            print(json.dumps(child_backbone(model, paths, [int(b) for b in batches.split(",")], threads)))
+        else:
+            print(json.dumps(child_api(model, rest)))
+        return
+
+    sys.path.insert(0, str(ROOT / "src"))
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    work = args.keep or Path(tempfile.mkdtemp(prefix="normdino-bench-predict-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("NORMDINO_RUNTIME_CACHE", str(work / "runtimes"))
+    images = bench_images(max(args.n, 12, args.volume_slices), work, args.data)
+    paths = [str(p) for p in images[: args.n]]
+    model = fit_model(work, images)
+    extra = args.extra.split()
+    if not args.no_onnx:  # export and quantise once, outside the timings (the graph is cached per weights)
+        run_predict(model, paths[:1], work / "warm-onnx", "--runtime", "onnx", "--precision", "int8")
+    volume = None
+    if args.volume_slices:
+        volume_pngs = [str(p) for p in images[: args.volume_slices]]
+        volume = work / f"volume{args.volume_slices}.nii.gz"
+        write_volume([Path(p) for p in volume_pngs], volume)
+    print(f"{len(paths)} images ({'lgg-flair' if args.data.is_dir() else 'phantoms'}), cpus {os.cpu_count()}, "
+          f"load average at start {os.getloadavg()}, work folder {work}", flush=True)
+
+    results: dict[str, list[float]] = {}
+    backbone: dict[str, list[float]] = {}
+
+    def record(name: str, value: float) -> None:
+        results.setdefault(name, []).append(value)
+        print(f"  {name:<34}{value:9.2f} s", flush=True)
+
+    for rep in range(args.reps):
+        print(f"round {rep + 1}/{args.reps}, load average {os.getloadavg()}", flush=True)
+        for threads in args.threads:
+            per_image = _run_child("backbone", str(model), ",".join(map(str, args.batches)), str(threads), *paths)
+            for batch, seconds in per_image.items():
+                backbone.setdefault(f"{threads} threads, batch {batch}", []).append(seconds)
+                print(f"  backbone {threads} threads batch {batch:<4}{1000 * seconds:14.0f} ms/image", flush=True)
+        record("predict (all outputs)", run_predict(model, paths, work / "out-all", *extra))
+        api = _run_child("api", str(model), *paths)
+        record("API predict", api["seconds"])
+        record("predict --no-overlays", run_predict(model, paths, work / "out-no-overlays", "--no-overlays", *extra))
+        if not args.no_onnx:
+            record("predict onnx int8", run_predict(model, paths, work / "out-onnx", "--runtime", "onnx",
+                                                    "--precision", "int8", *extra))
+        if volume is not None:
+            record(f"predict {args.volume_slices} PNG slices", run_predict(model, volume_pngs, work / "out-pngs", *extra))
+            record(f"predict NIfTI of {args.volume_slices} slices",
+                   run_predict(model, [str(volume)], work / "out-volume", "--normalization", "dtype", *extra))
+
+    best_config = min(backbone, key=lambda k: min(backbone[k]))
+    base = min(backbone[best_config])  # seconds per image
+    n = len(paths)
+    print(f"\nload average at the end {os.getloadavg()}")
+    print(f"\nbackbone alone (ms/image; best / median of {args.reps} rounds)")
+    for key, values in backbone.items():
+        print(f"  {key:<26}{1000 * min(values):8.0f}{1000 * statistics.median(values):8.0f}")
+    print(f"\n| figure | best s | median s | ms/image | ratio to backbone best ({best_config}, {1000 * base:.0f} ms/image) |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| backbone best forward x {n} | {n * base:.2f} | | {1000 * base:.0f} | 1.00 |")
+    for name, values in results.items():
+        count = args.volume_slices if "slices" in name else n
+        print(f"| {name} | {min(values):.2f} | {statistics.median(values):.2f} | {1000 * min(values) / count:.0f} | "
+              f"{min(values) / (count * base):.2f} |")
+    if not args.no_onnx:
+        default, onnx = min(results["predict (all outputs)"]), min(results["predict onnx int8"])
+        r_all, r_min = correlation(work / "out-all", work / "out-onnx")
+        print(f"\nonnx int8 vs default command, end to end: {default / onnx:.2f}x faster; maps vs fp32: "
+              f"Pearson r {r_all:.4f} over all pixels, lowest per image {r_min:.4f}")
+    if volume is not None:
+        png, nii = (min(results[f"predict {args.volume_slices} PNG slices"]),
+                    min(results[f"predict NIfTI of {args.volume_slices} slices"]))
+        print(f"NIfTI volume per-slice time / PNG slice time: {nii / png:.2f}")
+
+
+if __name__ == "__main__":
+    main()
