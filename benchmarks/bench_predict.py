@@ -17,7 +17,8 @@ Rows:
                           as a speed-up over the default command, with the correlation of its maps to fp32
   volume vs PNG slices    a NIfTI volume of S slices against the same S slices as PNG files, per slice
 
-Random ViT-S/14 weights at 448 px (honest for time, meaningless for quality). The cores may be shared:
+Random ViT-S/14 weights at 448 px (honest for time, meaningless for quality), saved once and loaded from
+that folder by every process as real weights are (``--random-init``: drawn again by each process instead). The cores may be shared:
 rounds interleave every measurement, the table gives the best and the median round, and the load average
 is printed. Images: lgg-flair validation slices from ../shared/data, or generated phantoms when absent.
 """
@@ -113,11 +114,17 @@ def bench_images(n: int, work: Path, data: Path = DATA) -> list[Path]:
     return sorted((Path(root) / "train" / "good").glob("*.png"))[:n]
 
 
-def fit_model(work: Path, images: list[Path]) -> Path:
-    """A small dpmm model on random ViT-S/14 weights at 448 px (its prototypes do not change the timing)."""
-    from normdino.detector import AnomalyDetector
+def fit_model(work: Path, images: list[Path], random_init: bool = False) -> Path:
+    """A small dpmm model on random ViT-S/14 weights at 448 px (its prototypes do not change the timing).
 
-    detector = AnomalyDetector(backbone="random", image_size=448, epochs=2, n_components=32, cache_dir=None,
+    The weights are saved to a folder and loaded from it (``from_pretrained``), as real weights are; with
+    ``random_init`` the model says ``random`` and every process draws the weights again (seconds of start-up).
+    """
+    from normdino.detector import AnomalyDetector
+    from normdino.features.backbone import save_random_backbone
+
+    backbone = "random" if random_init else str(save_random_backbone(work / "vits14-random"))
+    detector = AnomalyDetector(backbone=backbone, image_size=448, epochs=2, n_components=32, cache_dir=None,
                                progress=False)
     detector.fit(images[:8], images[8:12])
     return detector.save(work / "model.normdino")
@@ -159,6 +166,8 @@ def main() -> None:
     parser.add_argument("--no-onnx", action="store_true", help="skip the onnx int8 rows")
     parser.add_argument("--extra", default="", help="extra options for every predict command, e.g. '--batch-size 1'")
     parser.add_argument("--data", type=Path, default=DATA, help="lgg-flair root (default ../shared/data/lgg-flair)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="the model names the backbone 'random': each process draws the weights (slow start-up)")
     parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temp folder)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -180,7 +189,7 @@ def main() -> None:
     os.environ.setdefault("NORMDINO_RUNTIME_CACHE", str(work / "runtimes"))
     images = bench_images(max(args.n, 12, args.volume_slices), work, args.data)
     paths = [str(p) for p in images[: args.n]]
-    model = fit_model(work, images)
+    model = fit_model(work, images, args.random_init)
     extra = args.extra.split()
     if not args.no_onnx:  # export and quantise once, outside the timings (the graph is cached per weights)
         run_predict(model, paths[:1], work / "warm-onnx", "--runtime", "onnx", "--precision", "int8")
