@@ -323,3 +323,37 @@ def test_held_out_groups_fall_back_to_files_for_independent_images():
     assert held_out_groups(numbered) == numbered
     volumes = ["p1/flair.nii.gz", "p2/flair.nii.gz", "p3/flair.nii.gz", "p4/flair.nii.gz"]
     assert len(set(held_out_groups(volumes))) == 4
+
+
+def test_the_batch_size_is_chosen_per_device_and_runtime_unless_given(fitted, tmp_path):
+    """None or 'auto' gives the measured best of the device and runtime (issue 22); a given number wins, and a
+    loaded model does not reuse the batch size it was fitted with."""
+    from normdino.features.runtimes import AUTO_BATCH_SIZES, auto_batch_size
+
+    assert auto_batch_size("cpu", "torch") == AUTO_BATCH_SIZES[("cpu", "torch")] == 1
+    assert auto_batch_size("cpu", "onnx") == 8 and auto_batch_size("cuda:0", "torch") == 64
+    assert auto_batch_size("xla", "torch") == 8  # untabled: 8
+    assert AnomalyDetector(batch_size="auto").effective_batch_size == 1
+    assert AnomalyDetector(batch_size=None, device="cpu", runtime="onnx").effective_batch_size == 8
+    assert AnomalyDetector(batch_size=5).effective_batch_size == 5
+    with pytest.raises(InputError, match="batch_size must be of type int"):
+        AnomalyDetector(batch_size="many").effective_batch_size
+    path = fitted.save(tmp_path / "m.normdino")
+    assert json.loads(_header_json(path))["detector"]["batch_size"] is None  # "auto" is what the file records
+    assert AnomalyDetector.load(path, progress=False).effective_batch_size == 1
+    assert AnomalyDetector.load(path, progress=False, batch_size=3).effective_batch_size == 3
+
+
+def test_maps_do_not_depend_on_the_batch_size_beyond_float_rounding(fitted, phantoms):
+    """The auto batch size may differ from the old fixed 8: maps agree to float rounding (fp32 torch on a CPU)."""
+    images = _pngs(phantoms / "test" / "Ungood" / "img") + _pngs(phantoms / "test" / "good" / "img")
+    batch_size = fitted.batch_size
+    try:
+        fitted.batch_size = 1
+        one = [p.pixel_map for p in fitted.predict(images)]
+        fitted.batch_size = 8
+        eight = [p.pixel_map for p in fitted.predict(images)]
+    finally:
+        fitted.batch_size = batch_size
+    for a, b in zip(one, eight):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)

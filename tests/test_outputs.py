@@ -527,3 +527,49 @@ def test_a_complete_run_says_so(model, data, tmp_path):
     assert main(["predict", str(model), *map(str, _test_images(data)), "-o", str(tmp_path / "out"), "-q"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["complete"] is True and summary["stopped"] is None
+
+
+def _tree_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_writer_processes_write_the_serial_bytes_and_rows_in_input_order(detector, data, tmp_path, monkeypatch,
+                                                                         threads):
+    """Files encoded in worker processes (as beside a GPU) are byte for byte the serial run's, and scores.csv lists
+    the same rows in input order, the unreadable file in the middle included (issue 22)."""
+    import normdino.io.writing as writing
+
+    folder = _folder_with_a_bad_file(data, tmp_path)
+    for extra in _test_images(data):
+        (folder / f"9_{extra.name}").write_bytes(extra.read_bytes())
+    images = sorted(folder.iterdir())
+    monkeypatch.setattr(writing, "default_workers", lambda device="cpu": 0)  # reads and writes in this thread
+    serial = PredictionWriter(detector, tmp_path / "serial", progress=False, writer_processes=0)
+    serial.write_images(images)
+    serial.finish()
+    monkeypatch.setattr(writing, "default_workers", lambda device="cpu": threads)
+    pooled = PredictionWriter(detector, tmp_path / "processes", progress=False, writer_processes=2)
+    pooled.write_images(images)
+    pooled.finish()
+    rows = _rows(tmp_path / "serial")
+    assert [r["input"] for r in rows] == [str(p) for p in images]
+    assert [r["status"] for r in rows].count("skipped") == 1 and rows[1]["status"] == "skipped"
+    expected = _tree_bytes(tmp_path / "serial")
+    assert len(expected) == 3 + 4 * 7  # the report files, and 4 files for each of the 7 readable images
+    assert _tree_bytes(tmp_path / "processes") == expected
+
+
+def test_a_write_failing_in_a_worker_process_stops_with_the_rows_before_it_and_no_orphans(detector, data, tmp_path):
+    """An output file a worker process cannot create stops the run with one sentence; the inputs before it keep
+    their rows and files, nothing of the later ones is left (as with threads)."""
+    images = _test_images(data)
+    writer = PredictionWriter(detector, tmp_path / "out", progress=False, writer_processes=2)
+    writer.assign_names(images)
+    (tmp_path / "out" / f"{writer.names[images[1]]}_anomaly.npy").mkdir()  # a folder where its .npy must go
+    with pytest.raises(OutputError, match="cannot write .*_anomaly.npy"):
+        writer.write_images(images)
+    rows = _rows(tmp_path / "out")
+    assert [r["input"] for r in rows] == [str(images[0])]
+    listed = {r[c] for r in rows for c in ("anomaly_map", "anomaly_npy", "mask", "overlay")}
+    assert {p.name for p in (tmp_path / "out").iterdir() if p.is_file()} - {"scores.csv"} == listed

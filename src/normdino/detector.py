@@ -92,7 +92,10 @@ def _check_detector_params(values: dict) -> dict:
     checked = {}
     for param in DETECTOR_PARAMS:
         if param.name in values:
-            checked[param.name] = param.check(values[param.name], "AnomalyDetector")
+            value = values[param.name]
+            if param.name == "batch_size" and isinstance(value, str) and value.strip().lower() == "auto":
+                value = None  # chosen per device and runtime (AnomalyDetector.effective_batch_size)
+            checked[param.name] = param.check(value, "AnomalyDetector")
     return checked
 
 
@@ -119,7 +122,7 @@ class AnomalyDetector:
         val_fraction: float = 0.1,
         cache_dir: str | Path | bool | None = True,
         device: str = "cpu",
-        batch_size: int = 8,
+        batch_size: int | str | None = None,
         seed: int = 0,
         progress: bool = True,
         volume_settings: dict | None = None,
@@ -138,7 +141,7 @@ class AnomalyDetector:
         self.val_fraction = val_fraction
         self.cache_dir = cache_dir  # True: the default folder ($NORMDINO_CACHE_DIR or ~/.cache/...); None: no cache
         self.device = device
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # None or "auto": effective_batch_size picks the measured best for the device
         self.seed = seed
         self.progress = progress
         self.volume_settings = volume_settings
@@ -157,6 +160,19 @@ class AnomalyDetector:
         params["fprs"] = [float(f) for f in self.fprs]
         params["volume_settings"] = self.volume_settings
         return params
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Images per forward pass: ``batch_size``, or for None/"auto" the measured best of the device and runtime."""
+        value = _check_detector_params({"batch_size": self.batch_size})["batch_size"]
+        if value is not None:
+            return int(value)
+        from normdino.features.backbone import resolve_device
+        from normdino.features.runtimes import auto_batch_size
+
+        backbone = getattr(self, "backbone_", None)
+        device = backbone.device if backbone is not None else resolve_device(self.device)
+        return auto_batch_size(device, getattr(backbone, "runtime", self.runtime))
 
     def _check_params(self) -> None:
         checked = _check_detector_params({p.name: getattr(self, p.name) for p in DETECTOR_PARAMS})
@@ -217,9 +233,9 @@ class AnomalyDetector:
         if isinstance(images, (list, tuple)) and images and all(isinstance(im, (str, Path)) for im in images):
             cache_dir = self.token_cache_dir()
             return extract_tokens(self.backbone_, [Path(p) for p in images], cache_dir=cache_dir,
-                                  batch_size=self.batch_size, progress=self.progress, cls=cls)
+                                  batch_size=self.effective_batch_size, progress=self.progress, cls=cls)
         arrays = (image if isinstance(image, np.ndarray) else _read(image) for image in images)
-        tokens = embed_arrays(self.backbone_, arrays, batch_size=self.batch_size, cls=cls, progress=self.progress)
+        tokens = embed_arrays(self.backbone_, arrays, batch_size=self.effective_batch_size, cls=cls, progress=self.progress)
         if len(tokens) == 0:
             raise InputError("no training images were given")
         if len(sources) == len(tokens):
@@ -394,8 +410,9 @@ class AnomalyDetector:
 
         # threads read and preprocess the next images while the model scores this batch
         workers = default_workers(self.backbone_.device)
-        loaded = ordered_map(load, enumerate(expand_images(images)), workers, ahead=max(2 * workers, 2 * self.batch_size))
-        for batch in _batches(loaded, self.batch_size):
+        batch_size = self.effective_batch_size
+        loaded = ordered_map(load, enumerate(expand_images(images)), workers, ahead=max(2 * workers, 2 * batch_size))
+        for batch in _batches(loaded, batch_size):
             maps = self.patch_maps(self._embed([pixels for _, pixels in batch])).float().cpu()
             for patch_map, (shape, _) in zip(maps, batch):
                 pixels = scoring.pixel_map(patch_map, shape, self.sigma)
@@ -428,7 +445,8 @@ class AnomalyDetector:
     @classmethod
     def load(cls, path: str | Path, backbone=None, cache_dir: str | Path | bool | None = True,
              device: str = "cpu", progress: bool = True, runtime: str | None = None,
-             precision: str | None = None, keep_fit_state: bool = False) -> "AnomalyDetector":
+             precision: str | None = None, keep_fit_state: bool = False,
+             batch_size: int | str | None = None) -> "AnomalyDetector":
         """Load a model file written by :meth:`save`; ``backbone`` overrides where the backbone weights come from.
 
         The method keeps only what scoring reads (e.g. the DPMM's active means, not its EM state of all
@@ -437,15 +455,21 @@ class AnomalyDetector:
 
         ``runtime``/``precision`` default to the model's own where this device supports them (a model fitted
         in bf16 on a GPU runs in fp32 on a CPU); a different choice gives a warning, not a refusal.
+        ``batch_size`` is a choice of this run, like the device (None: the measured best for the device and
+        runtime); the one the model was fitted with is not reused, as it does not change a score.
         """
         from normdino.features.backbone import resolve_device
 
         header, method, tensors = read_checked_model(path)
         spec = header["backbone"]
+        try:
+            detector_params = _check_detector_params(header["detector"])
+        except InputError as err:
+            raise ModelFileError(f"{path} holds invalid settings: {err}") from None
+        detector_params["batch_size"] = _check_detector_params({"batch_size": batch_size})["batch_size"]
         detector = cls(method=method, backbone=backbone if backbone is not None else spec["name"],
                        cache_dir=cache_dir, device=device, progress=progress,
-                       volume_settings=header["detector"].get("volume_settings"),
-                       **_check_detector_params(header["detector"]))
+                       volume_settings=header["detector"].get("volume_settings"), **detector_params)
         detector.image_size = int(spec["image_size"])
         detector.runtime = runtime or spec.get("runtime", "torch")
         detector.precision = precision or _portable_precision(spec.get("precision"), device)

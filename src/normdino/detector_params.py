@@ -17,6 +17,7 @@ DETECTOR_PARAMS: tuple[Param, ...] = (
     Param("top_fraction", float, "image score = mean of this top fraction of pixel scores", minimum=1e-6, maximum=1.0),
     Param("val_fraction", float, "fraction of training sources held out for calibration when no --val is given",
           minimum=0.0, maximum=0.9),
-    Param("batch_size", int, "images per backbone forward pass", minimum=1),
+    Param("batch_size", int, "images per backbone forward pass (None or 'auto': the measured best for the device "
+          "and runtime, normdino.features.runtimes.AUTO_BATCH_SIZES)", minimum=1),
     Param("seed", int, "random seed (few-shot image choice, coreset start, mixture initialisation)"),
 )

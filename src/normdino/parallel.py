@@ -1,4 +1,5 @@
-"""Threads that keep the model fed: read and preprocess images ahead of it, write outputs behind it.
+"""Threads that keep the model fed: read and preprocess images ahead of it, write outputs behind it
+(and, beside a GPU, processes that encode the output files without holding the model's Python lock).
 
 Decoding, resizing and PNG encoding happen in Pillow, NumPy and zlib, which release the GIL, so threads
 scale them over the cores without the copies and start-up of worker processes. On a GPU this is what
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 
 if TYPE_CHECKING:
@@ -27,6 +28,23 @@ def default_workers(device: "torch.device | str" = "cpu") -> int:
     if str(device).split(":")[0] == "cpu":
         return 1
     return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def default_writer_processes(device: "torch.device | str" = "cpu") -> int:
+    """Processes that encode output files beside the model: none beside a CPU model (a thread suffices and the
+    cores are the model's), up to 8 beside a GPU, where work holding Python's lock would starve the model's feed."""
+    if str(device).split(":")[0] == "cpu":
+        return 0
+    return max(1, min(MAX_WORKERS, (os.cpu_count() or 2) - 1))
+
+
+def process_pool(processes: int) -> "ProcessPoolExecutor":
+    """A pool of fresh worker processes (forkserver where the platform has it, else spawn; never a fork of a
+    process that runs torch's threads) that import only what their functions need."""
+    import multiprocessing
+
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context(method))
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int | None = None) -> Iterator[R]:

@@ -166,7 +166,7 @@ def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Pa
             tp = fp = fn = 0
             started = time.perf_counter()
             slices = volume.iter_slices(options)
-            while chunk := [s for _, s in zip(range(detector.batch_size), slices)]:
+            while chunk := [s for _, s in zip(range(detector.effective_batch_size), slices)]:
                 timing += [image.copy() for _, image in chunk][:max(0, timing_images - len(timing))]
                 for (index, _), pred in zip(chunk, detector.predict([image for _, image in chunk])):
                     truth = masks.get(index)

@@ -21,6 +21,7 @@ Rules that keep results safe:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import heapq
 import html
@@ -42,7 +43,7 @@ from normdino.errors import InputError, OutputError
 from normdino.files import atomic_path, atomic_write_text, check_writable_folder, describe_write_error
 from normdino.io import rendering
 from normdino.io.reading import MAX_MEGAPIXELS, check_megapixels
-from normdino.parallel import default_workers, ordered_map
+from normdino.parallel import default_workers, default_writer_processes, ordered_map, process_pool
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,50 @@ def _is_output_error(err: OSError, out_dir: Path) -> bool:
         return True
 
 
+# ---------------------------------------------------------------------- one image's files
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageJob:
+    """Everything one image's files are made of: plain arrays and numbers, so a thread or a process can write them."""
+
+    out_dir: Path
+    name: str
+    image: np.ndarray | None  # None: no overlay
+    pixel_map: np.ndarray
+    mask: np.ndarray
+    map_range: tuple[float, float]
+    color_range: tuple[float, float]
+
+
+def write_image_files(job: ImageJob, written: list[Path]) -> dict[str, str]:
+    """16-bit PNG map, .npy map, mask PNG and (with an image) overlay PNG of one image; returns the file names.
+
+    Each path goes into ``written`` before its file is started, so a failure can remove what it left.
+    A pure function of the job: the same bytes whichever thread or process runs it.
+    """
+    name = job.name
+    files = {"anomaly_map": f"{name}_anomaly.png", "anomaly_npy": f"{name}_anomaly.npy", "mask": f"{name}_mask.png"}
+    written.append(job.out_dir / files["anomaly_map"])
+    rendering.save_map_png16(written[-1], job.pixel_map, *job.map_range)
+    written.append(job.out_dir / files["anomaly_npy"])
+    save_npy(written[-1], job.pixel_map.astype(np.float32, copy=False))
+    written.append(job.out_dir / files["mask"])
+    rendering.save_png(written[-1], job.mask.astype(np.uint8) * np.uint8(255))
+    if job.image is not None:
+        files["overlay"] = f"{name}_overlay.png"
+        small_image, small_map, small_mask = _thumbnail(job.image, job.pixel_map, job.mask, OVERLAY_MAX_SIDE)
+        overlay = rendering.overlay_image(small_image, small_map, small_mask, *job.color_range)
+        written.append(job.out_dir / files["overlay"])
+        rendering.save_png(written[-1], overlay)
+    return files
+
+
+def _write_image_job(job: ImageJob) -> tuple[dict | BaseException, list[Path]]:
+    """(file names, files) of ``job``, or (error, []) with what it wrote removed: what a writer process runs."""
+    return _attempt(functools.partial(write_image_files, job))
+
+
 # ---------------------------------------------------------------------- the writer
 
 
@@ -279,13 +324,19 @@ class PredictionWriter:
     both where the series allows (a series without the UIDs they must reference gets a warning and NIfTI only);
     objects asked for explicitly are required (the input is skipped with a sentence if they cannot be made).
     ``anonymize``: those objects get empty patient and study identifiers instead of the source's.
+    ``writer_processes``: processes that encode each image's files (overlay drawing, PNG encoding) away from the
+    model's Python lock; None chooses (none beside a CPU model, which threads keep fed; up to 8 beside a GPU).
+    The bytes of every file and the order of the rows are the same whichever threads or processes write them.
     """
 
     def __init__(self, detector, out_dir: Path, fpr: float | None = None, overlays: bool = True, progress: bool = True,
                  overwrite: bool = False, strict: bool = False, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
                  context: dict | None = None, csv_name: str = "scores.csv", prepare: bool = True,
-                 dicom_out: Sequence[str] | None = None, anonymize: bool = False):
+                 dicom_out: Sequence[str] | None = None, anonymize: bool = False,
+                 writer_processes: int | None = None):
         self.detector = detector
+        # processes that write image files (None: parallel.default_writer_processes, i.e. none beside a CPU model)
+        self.writer_processes = writer_processes
         self.out_dir = Path(out_dir)
         self.fpr = detector.default_fpr if fpr is None else fpr
         self.overlays = overlays
@@ -435,39 +486,45 @@ class PredictionWriter:
         paths = [Path(p) for p in paths]
         self.assign_names(paths)
         sizes = check_image_sizes(paths, self.max_megapixels, self.strict)
-        workers = default_workers(getattr(getattr(self.detector, "backbone_", None), "device", "cpu"))
+        device = getattr(getattr(self.detector, "backbone_", None), "device", "cpu")
+        workers = default_workers(device)
+        processes = default_writer_processes(device) if self.writer_processes is None else int(self.writer_processes)
         # (path, the future of its write or None, the error or (image, prediction)), in input order
         pending: deque[tuple[Path, Future | None, object]] = deque()
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="normdino-write")
+        pool = process_pool(processes) if processes > 0 else \
+            ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="normdino-write")
+        in_flight = 2 * max(workers, processes)
         with tqdm(total=len(paths), desc="predict", unit="img", disable=not self.progress) as bar:
             def settle_oldest() -> None:
                 path, future, payload = pending.popleft()
                 if future is None:  # unreadable, too large, or failed to score
                     self._skip(path, "image", payload)
                 else:
-                    self._settle(path, "image", *future.result())
+                    files, written = future.result()
+                    outcome = self._image_row(path, payload[1], files) if isinstance(files, dict) else files
+                    self._settle(path, "image", outcome, written)
                     if on_image is not None:
                         on_image(path, *payload)
                 bar.update(1)
 
             try:
-                for batch in _batches_by_pixels(list(sizes.items()), max(1, self.detector.batch_size), BATCH_PIXELS):
+                for batch in _batches_by_pixels(list(sizes.items()), self.detector.effective_batch_size, BATCH_PIXELS):
                     results = self._predict_batch([p for p, size in batch if not isinstance(size, str)], workers)
                     for path, size in batch:
                         outcome = InputError(size) if isinstance(size, str) else results[path]
                         if isinstance(outcome, BaseException):
                             pending.append((path, None, outcome))
                         else:
-                            write = functools.partial(self._write_image_outputs, path, *outcome)
-                            pending.append((path, pool.submit(_attempt, write), outcome))
-                        while len(pending) > 2 * workers:
+                            job = self._image_job(path, *outcome)
+                            pending.append((path, pool.submit(_write_image_job, job), outcome))
+                        while len(pending) > in_flight:
                             settle_oldest()
                 while pending:
                     settle_oldest()
             finally:  # stopped early: let the writes under way end, and remove the files of unrecorded inputs
                 pool.shutdown(wait=True, cancel_futures=True)
                 for _, future, _ in pending:
-                    if future is not None and not future.cancelled():
+                    if future is not None and not future.cancelled() and future.exception() is None:
                         _remove(future.result()[1])
 
     def _predict_batch(self, paths: list[Path], workers: int = 0) -> dict[Path, tuple[np.ndarray, object] | BaseException]:
@@ -496,22 +553,15 @@ class PredictionWriter:
                 results[path] = err
         return results
 
-    def _write_image_outputs(self, path: Path, image: np.ndarray, pred, written: list[Path]) -> dict:
-        name = self.names[path]
-        files = {"anomaly_map": f"{name}_anomaly.png", "anomaly_npy": f"{name}_anomaly.npy", "mask": f"{name}_mask.png"}
-        written.append(self.out_dir / files["anomaly_map"])
-        rendering.save_map_png16(written[-1], pred.pixel_map, *self.map_range)
-        written.append(self.out_dir / files["anomaly_npy"])
-        save_npy(written[-1], pred.pixel_map.astype(np.float32, copy=False))
-        written.append(self.out_dir / files["mask"])
-        rendering.save_png(written[-1], pred.mask.astype(np.uint8) * np.uint8(255))
-        if self.overlays:
-            files["overlay"] = f"{name}_overlay.png"
-            small_image, small_map, small_mask = _thumbnail(image, pred.pixel_map, pred.mask, OVERLAY_MAX_SIDE)
-            overlay = rendering.overlay_image(small_image, small_map, small_mask, self.vmin, self.vmax)
-            written.append(self.out_dir / files["overlay"])
-            rendering.save_png(written[-1], overlay)
+    def _image_job(self, path: Path, image: np.ndarray, pred) -> "ImageJob":
+        return ImageJob(self.out_dir, self.names[path], image if self.overlays else None, pred.pixel_map, pred.mask,
+                        tuple(self.map_range), (self.vmin, self.vmax))
+
+    def _image_row(self, path: Path, pred, files: dict) -> dict:
         return self._row(path, "image", pred.score, float(pred.mask.mean()), **files)
+
+    def _write_image_outputs(self, path: Path, image: np.ndarray, pred, written: list[Path]) -> dict:
+        return self._image_row(path, pred, write_image_files(self._image_job(path, image, pred), written))
 
     # ------------------------------------------------------------------ volumes
 
@@ -545,7 +595,7 @@ class PredictionWriter:
                     VolumeWriter(volume, written[0], options.axis, np.float32) as maps, \
                     VolumeWriter(volume, written[1], options.axis, np.uint8) as masks:
                 slices = volume.iter_slices(options, indices=indices)
-                while chunk := list(itertools.islice(slices, max(1, self.detector.batch_size))):
+                while chunk := list(itertools.islice(slices, self.detector.effective_batch_size)):
                     for (index, image_slice), pred in zip(chunk, self.detector.predict([s for _, s in chunk],
                                                                                        fpr=self.fpr)):
                         maps.write(index, pred.pixel_map)
