@@ -37,6 +37,11 @@ def dicom_out(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def batch_size(text: str) -> int | None:
+    """A batch size: a whole number >= 1, or ``auto`` (None: the measured best for the device and runtime)."""
+    return None if text.strip().lower() == "auto" else positive_int(text)
+
+
 def positive_int(text: str) -> int:
     """A whole number >= 1 (batch sizes, epochs, counts), checked before any work starts."""
     try:

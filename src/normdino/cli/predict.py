@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from normdino.cli.options import (add_common, add_runtime_options, add_volume_options, dicom_out, fpr, positive_float,
-                                  positive_int, volume_flags)
+from normdino.cli.options import (add_common, add_runtime_options, add_volume_options, batch_size, dicom_out, fpr,
+                                  positive_float, volume_flags)
 
 
 def add_parser(sub) -> None:
@@ -15,7 +15,9 @@ def add_parser(sub) -> None:
     predict.add_argument("--fpr", type=fpr, default=None, help="false-positive rate of the masks (default: the model's, 0.05)")
     predict.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
     predict.add_argument("--backbone", default=None, help="where to load the backbone weights from, if not the name saved in the model")
-    predict.add_argument("--batch-size", type=positive_int, default=8, help="images per backbone forward pass (default 8)")
+    predict.add_argument("--batch-size", type=batch_size, default=None,
+                         help="images per backbone forward pass (default auto: the measured best for the device and "
+                              "runtime, 1 for torch on a CPU, 8 for onnx, 64 on a GPU)")
     predict.add_argument("--overwrite", action="store_true",
                          help="replace the results of an earlier predict in OUTPUT (without it, a folder that already "
                               "holds files is refused, so no earlier result is ever lost)")

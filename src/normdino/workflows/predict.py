@@ -67,7 +67,7 @@ def predict_to_folder(model: AnomalyDetector | str | os.PathLike, inputs: Inputs
 
     ``model``: a fitted :class:`~normdino.detector.AnomalyDetector`, or a model file, loaded after the inputs and
     the folder are checked, with ``load`` passed to :meth:`AnomalyDetector.load` (backbone, device, runtime,
-    precision) except ``batch_size``, set on the loaded detector.
+    precision, batch_size: None for the measured best of the device and runtime).
     ``inputs``: folders, globs and files (or already resolved :class:`~normdino.io.inputs.Inputs`);
     ``volume_flags``: slicing and scaling given for this run over the model's (default: the model's);
     ``fpr``: the masks' false-positive rate (default the model's). An input that cannot be read gets a
@@ -81,11 +81,8 @@ def predict_to_folder(model: AnomalyDetector | str | os.PathLike, inputs: Inputs
     if isinstance(model, (str, os.PathLike)):
         from normdino.detector import AnomalyDetector
 
-        batch_size = load.pop("batch_size", None)
         context = {"model": str(model), **(context or {})}
         detector = AnomalyDetector.load(model, progress=progress, **load)
-        if batch_size is not None:
-            detector.batch_size = batch_size
     else:
         detector = model
     max_megapixels = max_megapixels or DEFAULT_MAX_MEGAPIXELS
