@@ -234,3 +234,35 @@ def test_a_nifti_with_nan_geometry_is_refused_in_one_sentence(volume_model, tmp_
     assert main(["predict", str(volume_model), str(path), "-o", str(tmp_path / "out"), "-q"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "NaN or infinite voxel size or orientation" in err[0] and "LinAlgError" not in err[0]
+
+
+def test_volume_maps_stream_through_the_detector_equal_to_each_slice_alone(volume_model, tmp_path, monkeypatch):
+    """The NIfTI map of a volume is, slice for slice, bit for bit the map of predicting that slice on its own,
+    and only a bounded number of slices is ever between reading and writing (issue 22)."""
+    from normdino.detector import AnomalyDetector
+    from normdino.io.volume_flags import VolumeFlags
+    from normdino.io.volumes import Volume
+    from normdino.io.writing import PredictionWriter
+
+    scan = _write_scan(tmp_path / "long.nii.gz", seed=21, lesions=1, n_slices=40, size=32, with_mask=False)
+    detector = AnomalyDetector.load(volume_model, progress=False, batch_size=2)
+    options = VolumeFlags().slice_options(detector.volume_settings)
+    read, written, most = [0], [0], [0]
+    real_iter = Volume.iter_slices
+
+    def counting_iter(self, *args, **kwargs):
+        for item in real_iter(self, *args, **kwargs):
+            read[0] += 1
+            most[0] = max(most[0], read[0] - written[0])
+            yield item
+
+    monkeypatch.setattr(Volume, "iter_slices", counting_iter)
+    writer = PredictionWriter(detector, tmp_path / "out", progress=False)
+    writer.write_volume(scan, options, on_slice=lambda *a: written.__setitem__(0, written[0] + 1))
+    monkeypatch.setattr(Volume, "iter_slices", real_iter)
+    assert read[0] == written[0] == 40
+    assert most[0] <= 2 * 2 + 2  # the loader's look-ahead (2 x batch) and the batch being scored, not the volume
+    maps = np.asarray(nib.load(tmp_path / "out" / "long_anomaly.nii.gz").dataobj)
+    with Volume.open(scan) as volume:
+        for k, plane in volume.iter_slices(options):
+            np.testing.assert_array_equal(maps[:, :, k], detector.predict_one(plane).pixel_map)

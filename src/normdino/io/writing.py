@@ -26,7 +26,6 @@ import functools
 import heapq
 import html
 import io
-import itertools
 import json
 import logging
 import os
@@ -594,21 +593,29 @@ class PredictionWriter:
             with tqdm(total=len(indices), desc=name, unit="slice", disable=not self.progress) as bar, \
                     VolumeWriter(volume, written[0], options.axis, np.float32) as maps, \
                     VolumeWriter(volume, written[1], options.axis, np.uint8) as masks:
-                slices = volume.iter_slices(options, indices=indices)
-                while chunk := list(itertools.islice(slices, self.detector.effective_batch_size)):
-                    for (index, image_slice), pred in zip(chunk, self.detector.predict([s for _, s in chunk],
-                                                                                       fpr=self.fpr)):
-                        maps.write(index, pred.pixel_map)
-                        masks.write(index, pred.mask.astype(np.uint8))
-                        top.add(pred.pixel_map)
-                        n_voxels += pred.mask.size
-                        n_anomalous += int(pred.mask.sum())
-                        entry = (float(pred.score), int(index),
-                                 *_thumbnail(image_slice, pred.pixel_map, pred.mask, STRIP_SIDE))
-                        (heapq.heappush if len(top_slices) < TOP_SLICES else heapq.heappushpop)(top_slices, entry)
-                        if on_slice is not None:
-                            on_slice(index, image_slice, pred)
-                        bar.update(1)
+                # One stream of slices through the detector, as image files go: its loader thread prepares the
+                # next slices while the model runs; a bounded number of slices is ever in flight (iter_predict's
+                # look-ahead), and each slice's map goes to the files as soon as it is scored.
+                in_flight: deque[tuple[int, np.ndarray]] = deque()
+
+                def stream() -> Iterator[np.ndarray]:
+                    for index, image_slice in volume.iter_slices(options, indices=indices):
+                        in_flight.append((index, image_slice))
+                        yield image_slice
+
+                for pred in self.detector.iter_predict(stream(), fpr=self.fpr):
+                    index, image_slice = in_flight.popleft()
+                    maps.write(index, pred.pixel_map)
+                    masks.write(index, pred.mask.astype(np.uint8))
+                    top.add(pred.pixel_map)
+                    n_voxels += pred.mask.size
+                    n_anomalous += int(pred.mask.sum())
+                    entry = (float(pred.score), int(index),
+                             *_thumbnail(image_slice, pred.pixel_map, pred.mask, STRIP_SIDE))
+                    (heapq.heappush if len(top_slices) < TOP_SLICES else heapq.heappushpop)(top_slices, entry)
+                    if on_slice is not None:
+                        on_slice(index, image_slice, pred)
+                    bar.update(1)
             if volume.kind == "dicom" and self.dicom_out:
                 self._write_dicom_results(volume, name, indices, options, written, files)
             info = volume.info
