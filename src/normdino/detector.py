@@ -34,6 +34,9 @@ DEFAULT_FPRS = (0.01, 0.05, 0.10)
 FPR_GRID = np.unique(np.concatenate([np.geomspace(1e-4, 0.5, 240), DEFAULT_FPRS]))
 _MAX_CALIBRATION_PIXELS = 50_000_000
 RANDOM_BACKBONE = "random"
+#: Images per forward pass of a fit when no batch size is given: a fixed number, as before ``auto`` existed,
+#: because tokens may differ in the last bits between batch sizes and a refit must give the same model.
+FIT_BATCH_SIZE = 8
 
 @dataclass
 class Prediction:
@@ -174,6 +177,13 @@ class AnomalyDetector:
         device = backbone.device if backbone is not None else resolve_device(self.device)
         return auto_batch_size(device, getattr(backbone, "runtime", self.runtime))
 
+    @property
+    def fit_batch_size(self) -> int:
+        """Images per forward pass when fitting: ``batch_size``, or ``FIT_BATCH_SIZE`` for None/"auto", so the
+        tokens a model is fitted on (and so its thresholds) do not depend on the machine that fits it."""
+        value = _check_detector_params({"batch_size": self.batch_size})["batch_size"]
+        return FIT_BATCH_SIZE if value is None else int(value)
+
     def _check_params(self) -> None:
         checked = _check_detector_params({p.name: getattr(self, p.name) for p in DETECTOR_PARAMS})
         for name, value in checked.items():
@@ -233,9 +243,9 @@ class AnomalyDetector:
         if isinstance(images, (list, tuple)) and images and all(isinstance(im, (str, Path)) for im in images):
             cache_dir = self.token_cache_dir()
             return extract_tokens(self.backbone_, [Path(p) for p in images], cache_dir=cache_dir,
-                                  batch_size=self.effective_batch_size, progress=self.progress, cls=cls)
+                                  batch_size=self.fit_batch_size, progress=self.progress, cls=cls)
         arrays = (image if isinstance(image, np.ndarray) else _read(image) for image in images)
-        tokens = embed_arrays(self.backbone_, arrays, batch_size=self.effective_batch_size, cls=cls, progress=self.progress)
+        tokens = embed_arrays(self.backbone_, arrays, batch_size=self.fit_batch_size, cls=cls, progress=self.progress)
         if len(tokens) == 0:
             raise InputError("no training images were given")
         if len(sources) == len(tokens):
