@@ -78,25 +78,25 @@ def child_api(model: str, paths: list[str]) -> dict:
     return {"seconds": seconds, "n": len(predictions), "batch_size": detector.batch_size}
 
 
-def _run_child(*args: str) -> dict:
+def _run_child(*args: str, src: Path | None = None) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True,
-                         env=_env())
+                         env=_env(src))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _env() -> dict:
+def _env(src: Path | None = None) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(src or ROOT / "src")
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
 
 
-def run_predict(model: Path, inputs: list[str], out: Path, *extra: str) -> float:
-    """Wall seconds of one ``normdino predict`` process (start-up included)."""
+def run_predict(model: Path, inputs: list[str], out: Path, *extra: str, src: Path | None = None) -> float:
+    """Wall seconds of one ``normdino predict`` process (start-up included), of this tree's code or of ``src``."""
     command = [sys.executable, "-m", "normdino", "predict", str(model), *inputs, "-o", str(out), "--overwrite",
                "-q", *extra]
     started = time.perf_counter()
-    subprocess.run(command, check=True, env=_env(), stdout=subprocess.DEVNULL)
+    subprocess.run(command, check=True, env=_env(src), stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 
@@ -168,6 +168,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA, help="lgg-flair root (default ../shared/data/lgg-flair)")
     parser.add_argument("--random-init", action="store_true",
                         help="the model names the backbone 'random': each process draws the weights (slow start-up)")
+    parser.add_argument("--compare-src", type=Path, default=None,
+                        help="another tree's src folder (e.g. of the code before a change: git archive COMMIT src | "
+                             "tar -x -C DIR): every predict row is also run with it, interleaved, marked [before]")
     parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temp folder)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -208,6 +211,7 @@ def main() -> None:
         results.setdefault(name, []).append(value)
         print(f"  {name:<34}{value:9.2f} s", flush=True)
 
+    trees = [(None, "")] + ([(args.compare_src.resolve(), " [before]")] if args.compare_src else [])
     for rep in range(args.reps):
         print(f"round {rep + 1}/{args.reps}, load average {os.getloadavg()}", flush=True)
         for threads in args.threads:
@@ -215,17 +219,20 @@ def main() -> None:
             for batch, seconds in per_image.items():
                 backbone.setdefault(f"{threads} threads, batch {batch}", []).append(seconds)
                 print(f"  backbone {threads} threads batch {batch:<4}{1000 * seconds:14.0f} ms/image", flush=True)
-        record("predict (all outputs)", run_predict(model, paths, work / "out-all", *extra))
-        api = _run_child("api", str(model), *paths)
-        record("API predict", api["seconds"])
-        record("predict --no-overlays", run_predict(model, paths, work / "out-no-overlays", "--no-overlays", *extra))
-        if not args.no_onnx:
-            record("predict onnx int8", run_predict(model, paths, work / "out-onnx", "--runtime", "onnx",
-                                                    "--precision", "int8", *extra))
-        if volume is not None:
-            record(f"predict {args.volume_slices} PNG slices", run_predict(model, volume_pngs, work / "out-pngs", *extra))
-            record(f"predict NIfTI of {args.volume_slices} slices",
-                   run_predict(model, [str(volume)], work / "out-volume", "--normalization", "dtype", *extra))
+        for src, mark in trees:
+            record("predict (all outputs)" + mark, run_predict(model, paths, work / f"out-all{mark}", *extra, src=src))
+            record("API predict" + mark, _run_child("api", str(model), *paths, src=src)["seconds"])
+            record("predict --no-overlays" + mark, run_predict(model, paths, work / f"out-no-overlays{mark}",
+                                                               "--no-overlays", *extra, src=src))
+            if not args.no_onnx:
+                record("predict onnx int8" + mark, run_predict(model, paths, work / f"out-onnx{mark}", "--runtime",
+                                                               "onnx", "--precision", "int8", *extra, src=src))
+            if volume is not None:
+                record(f"predict {args.volume_slices} PNG slices{mark}",
+                       run_predict(model, volume_pngs, work / f"out-pngs{mark}", *extra, src=src))
+                record(f"predict NIfTI of {args.volume_slices} slices{mark}",
+                       run_predict(model, [str(volume)], work / f"out-volume{mark}", "--normalization", "dtype",
+                                   *extra, src=src))
 
     best_config = min(backbone, key=lambda k: min(backbone[k]))
     base = min(backbone[best_config])  # seconds per image
@@ -238,18 +245,20 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     print(f"| backbone best forward x {n} | {n * base:.2f} | | {1000 * base:.0f} | 1.00 |")
     for name, values in results.items():
-        count = args.volume_slices if "slices" in name else n
+        count = args.volume_slices if " slices" in name else n
         print(f"| {name} | {min(values):.2f} | {statistics.median(values):.2f} | {1000 * min(values) / count:.0f} | "
               f"{min(values) / (count * base):.2f} |")
-    if not args.no_onnx:
-        default, onnx = min(results["predict (all outputs)"]), min(results["predict onnx int8"])
-        r_all, r_min = correlation(work / "out-all", work / "out-onnx")
-        print(f"\nonnx int8 vs default command, end to end: {default / onnx:.2f}x faster; maps vs fp32: "
-              f"Pearson r {r_all:.4f} over all pixels, lowest per image {r_min:.4f}")
-    if volume is not None:
-        png, nii = (min(results[f"predict {args.volume_slices} PNG slices"]),
-                    min(results[f"predict NIfTI of {args.volume_slices} slices"]))
-        print(f"NIfTI volume per-slice time / PNG slice time: {nii / png:.2f}")
+    for _, mark in trees:
+        print(f"\n{mark.strip() or '[this tree]'}")
+        if not args.no_onnx:
+            default, onnx = min(results["predict (all outputs)" + mark]), min(results["predict onnx int8" + mark])
+            r_all, r_min = correlation(work / f"out-all{mark}", work / f"out-onnx{mark}")
+            print(f"  onnx int8 vs default command, end to end: {default / onnx:.2f}x faster; maps vs fp32: "
+                  f"Pearson r {r_all:.4f} over all pixels, lowest per image {r_min:.4f}")
+        if volume is not None:
+            png, nii = (min(results[f"predict {args.volume_slices} PNG slices{mark}"]),
+                        min(results[f"predict NIfTI of {args.volume_slices} slices{mark}"]))
+            print(f"  NIfTI volume per-slice time / PNG slice time: {nii / png:.2f}")
 
 
 if __name__ == "__main__":

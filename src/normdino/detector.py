@@ -447,7 +447,7 @@ class AnomalyDetector:
             "method": {"name": self.method_.name or self.method_name, "params": self.method_.get_params(),
                        "info": self.method_.fit_info()},
             "backbone": self._backbone_spec(self.backbone_),
-            "detector": self.get_params(),
+            "detector": {**self.get_params(), "batch_size": self.fit_batch_size},  # what the fit used; any reader loads it
             "training": self.training_summary_,
         }
         return write_model_file(path, header, tensors)
