@@ -121,7 +121,7 @@ def fit_model(work: Path, images: list[Path], random_init: bool = False) -> Path
     ``random_init`` the model says ``random`` and every process draws the weights again (seconds of start-up).
     """
     from normdino.detector import AnomalyDetector
-    from normdino.features.backbone import save_random_backbone
+    from normdino.features.loading import save_random_backbone
 
     backbone = "random" if random_init else str(save_random_backbone(work / "vits14-random"))
     detector = AnomalyDetector(backbone=backbone, image_size=448, epochs=2, n_components=32, cache_dir=None,

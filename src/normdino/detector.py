@@ -423,9 +423,9 @@ class AnomalyDetector:
         batch_size = self.effective_batch_size
         loaded = ordered_map(load, enumerate(expand_images(images)), workers, ahead=max(2 * workers, 2 * batch_size))
         for batch in _batches(loaded, batch_size):
-            maps = self.patch_maps(self._embed([pixels for _, pixels in batch])).float().cpu()
-            for patch_map, (shape, _) in zip(maps, batch):
-                pixels = scoring.pixel_map(patch_map, shape, self.sigma)
+            maps = self.patch_maps(self._embed([pixels for _, pixels in batch])).float()
+            pixel_maps = scoring.batch_pixel_maps(maps, [shape for shape, _ in batch], self.sigma)
+            for patch_map, pixels in zip(maps.cpu(), pixel_maps):
                 score = scoring.image_score(pixels, self.top_fraction)
                 yield Prediction(patch_map=patch_map.numpy(), pixel_map=pixels, score=score, fpr=fpr,
                                  threshold=pixel_threshold, mask=pixels > pixel_threshold,

@@ -77,3 +77,18 @@ def test_likelihood_score_is_minus_the_best_weighted_component_density():
     got = scoring.negative_best_likelihood(tokens, mixture)
     assert got.shape == (3, 11)
     np.testing.assert_allclose(got.reshape(-1).numpy(), expected.numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.5])
+def test_batch_pixel_maps_equal_each_map_upsampled_alone_bit_for_bit(sigma):
+    """One batched upsampling (as on a GPU) gives every image's map of the one-by-one path exactly (issue 22)."""
+    from normdino.methods.scoring import batch_pixel_maps, pixel_map
+
+    maps = torch.rand(5, 7, 9, generator=torch.Generator().manual_seed(0))
+    same = batch_pixel_maps(maps, [(61, 83)] * 5, sigma)
+    mixed = batch_pixel_maps(maps, [(61, 83), (20, 20), (61, 83), (100, 50), (7, 9)], sigma)
+    for i in range(5):
+        np.testing.assert_array_equal(same[i], pixel_map(maps[i], (61, 83), sigma))
+        assert same[i].dtype == np.float32
+    for plane, shape, out in zip(maps, [(61, 83), (20, 20), (61, 83), (100, 50), (7, 9)], mixed):
+        np.testing.assert_array_equal(out, pixel_map(plane, shape, sigma))

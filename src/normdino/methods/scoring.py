@@ -150,6 +150,22 @@ def pixel_map(patch_map: torch.Tensor | np.ndarray, size: tuple[int, int], sigma
     return smooth(upsample(patch_map, size), sigma)
 
 
+def batch_pixel_maps(patch_maps: torch.Tensor, shapes: list[tuple[int, int]], sigma: float = 0.0) -> list[np.ndarray]:
+    """Pixel maps of a batch of (B, h, w) patch maps, upsampled where the maps are (on a GPU: on the device).
+
+    Images of one size are upsampled in one call and cross to the host once, instead of one call per image
+    holding Python's lock; each map is bit for bit :func:`pixel_map`'s (bilinear interpolation computes every
+    pixel from its own four neighbours, whatever the batch). Images of several sizes go one by one.
+    """
+    maps = patch_maps.float()
+    if len(shapes) > 1 and len({tuple(s) for s in shapes}) == 1:
+        size = tuple(int(v) for v in shapes[0])
+        with torch.no_grad():
+            upsampled = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        return [smooth(plane, sigma) for plane in upsampled.cpu().numpy()]
+    return [pixel_map(plane.cpu(), tuple(shape), sigma) for plane, shape in zip(maps, shapes)]
+
+
 def pixel_maps(patch_scores: Callable, tokens, sigma: float = 0.0, device: torch.device | str = "cpu",
                chunk: int = 32) -> Iterator[np.ndarray]:
     """Pixel map of each image of a token set, scoring ``chunk`` images at a time on ``device`` (bounded memory).
