@@ -85,6 +85,8 @@ def test_dicom_series_gets_a_segmentation_and_a_parametric_map_equal_to_the_nift
     for n, k in enumerate(frames):
         np.testing.assert_array_equal(pmap.pixel_array[n], scores[:, :, k].astype(np.float32))
     assert pmap.StudyInstanceUID == seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    index = (out / "index.html").read_text()
+    assert 'href="flair_seg.dcm">DICOM seg</a>' in index and 'href="flair_pmap.dcm">DICOM pmap</a>' in index
 
 
 def test_dicom_out_none_and_nifti_inputs_write_no_dicom(detector, series, tmp_path):

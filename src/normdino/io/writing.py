@@ -762,7 +762,8 @@ def _index_row(row: dict) -> str:
     verdict = "anomalous" if int(row["anomalous"]) else "normal"
     links = " ".join(f'<a href="{e(row[c], quote=True)}">{label}</a>' for c, label in
                      (("anomaly_map", "map"), ("anomaly_npy", "npy"), ("mask", "mask"), ("overlay", "overlay"),
-                      ("top_slices", "slices")) if row.get(c))
+                      ("top_slices", "slices"), ("dicom_seg", "DICOM seg"), ("dicom_pmap", "DICOM pmap"))
+                     if row.get(c))
     return (f"<tr><td>{preview}</td><td class=\"path\">{e(row['input'])}</td><td>{e(row['kind'])}</td>"
             f"<td class=\"verdict-{verdict}\">{verdict}</td><td class=\"num\">{format_score(row['score'])}</td>"
             f"<td class=\"num\">{float(row['anomalous_fraction']):.2%}</td><td>{links}</td></tr>")
