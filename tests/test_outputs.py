@@ -573,3 +573,36 @@ def test_a_write_failing_in_a_worker_process_stops_with_the_rows_before_it_and_n
     assert [r["input"] for r in rows] == [str(images[0])]
     listed = {r[c] for r in rows for c in ("anomaly_map", "anomaly_npy", "mask", "overlay")}
     assert {p.name for p in (tmp_path / "out").iterdir() if p.is_file()} - {"scores.csv"} == listed
+
+
+def test_a_signal_while_waiting_for_an_images_files_removes_them(model, data, tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM lands while the main thread waits for the writer thread of the third image, whose files are
+    complete but whose row is not recorded: those files go too (they stayed before: maps without a row)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import normdino.io.writing as writing
+
+    submitted = []
+
+    class InterruptedWait(ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            future = super().submit(fn, *args, **kwargs)
+            submitted.append(future)
+            if len(submitted) == 3:
+                real, raised = future.result, []
+
+                def result(timeout=None):
+                    value = real(timeout)  # the files are written...
+                    if not raised:  # ...and the signal arrives as the main thread gets them, once
+                        raised.append(True)
+                        raise KeyboardInterrupt
+                    return value
+
+                future.result = result
+            return future
+
+    monkeypatch.setattr(writing, "ThreadPoolExecutor", InterruptedWait)
+    monkeypatch.setattr(writing, "default_workers", lambda device="cpu": 1)
+    out = tmp_path / "out"
+    assert main(["predict", str(model), *map(str, _test_images(data)), "-o", str(out), "-q", "--batch-size", "1"]) == 130
+    _assert_partial_and_clean(out, "interrupted (SIGINT")

@@ -495,13 +495,17 @@ class PredictionWriter:
         in_flight = 2 * max(workers, processes)
         with tqdm(total=len(paths), desc="predict", unit="img", disable=not self.progress) as bar:
             def settle_oldest() -> None:
-                path, future, payload = pending.popleft()
+                # the input leaves ``pending`` only once its row is recorded: a signal while waiting for its
+                # write leaves it there, and the cleanup below removes its files
+                path, future, payload = pending[0]
                 if future is None:  # unreadable, too large, or failed to score
                     self._skip(path, "image", payload)
+                    pending.popleft()
                 else:
                     files, written = future.result()
                     outcome = self._image_row(path, payload[1], files) if isinstance(files, dict) else files
                     self._settle(path, "image", outcome, written)
+                    pending.popleft()
                     if on_image is not None:
                         on_image(path, *payload)
                 bar.update(1)
