@@ -154,6 +154,21 @@ def _dpmm_key(method) -> str | None:
 # ---------------------------------------------------------------------- measuring
 
 
+def release_free_heap() -> None:
+    """Hand memory that glibc's malloc keeps after frees back to the system (malloc_trim; a no-op elsewhere).
+
+    Without it a block's resident-memory rise under-reads its allocations (measured for one ViT-S/14 forward at
+    448 px: 12 MB seen without, 29 MB with).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak resident memory (CPU, sampled every millisecond) or peak allocated memory (CUDA) inside a block."""
 
@@ -189,6 +204,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start_bytes = torch.cuda.memory_allocated(self.device)
             return self
+        release_free_heap()  # so what the block allocates shows in the RSS instead of reusing kept pages unseen
         self.peak_bytes = self.start_bytes = self.rss_bytes()
         self.n_samples_ = 0
         self._stop = threading.Event()
@@ -220,8 +236,8 @@ TIMING_NOTE = ("Runtime per sample at batch size 1, as the paper defines it (det
                "(backbone + scoring), so its sampler never slows the timed loop: the backbone's weights, the "
                "method's scoring state and the most one image's detection added above what the process held "
                "before the pass (resident memory on a CPU, allocated memory on a GPU), so the other methods' "
-               "states and the cached tokens kept for the evaluation do not count (on a CPU the added part is a lower "
-               "bound: memory the allocator kept from earlier passes is reused unseen). 'scoring state MB': what the "
+               "states and the cached tokens kept for the evaluation do not count (on a CPU, free heap memory is "
+               "handed back before the pass, yet the added part stays a lower bound). 'scoring state MB': what the "
                "method's scoring reads (the DPMM's active means, a bank); 'saved state MB': the method's tensors in "
                "its model file (the DPMM's EM state of all its components).")
 
