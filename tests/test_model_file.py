@@ -188,6 +188,8 @@ TAMPERED = {
                                 "dpmm setting 'alpha' is missing"),
     "absurd image size": (lambda s, p: _rewrite(s, p, change_header=lambda h: h["backbone"].update(image_size=14 * 10**6)),
                           "impossible backbone input size"),
+    "absurd detector image size": (lambda s, p: _rewrite(s, p, change_header=lambda h: h["detector"].update(
+        image_size=10**9)), "invalid detector setting 'image_size'"),
     "bad volume-settings rule": (lambda s, p: _rewrite(s, p, change_header=lambda h: h["detector"].update(
         volume_settings={"normalization": INJECTED, "image_intensity": "dtype"})), "invalid volume settings"),
     "bad 2D intensity rule": (lambda s, p: _rewrite(s, p, change_header=lambda h: h["detector"].update(

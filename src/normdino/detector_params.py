@@ -6,9 +6,14 @@ from __future__ import annotations
 
 from normdino.methods.base import Param
 
+#: The largest input side a model may have: 292 x 292 tokens at patch 14 already; beyond it a size is absurd
+#: (a tampered model file, a typo), and fit and the model file refuse it alike.
+MAX_IMAGE_SIZE = 4096
+
 #: Hyper-parameters of the detector itself (those of each method are declared by the method).
 DETECTOR_PARAMS: tuple[Param, ...] = (
-    Param("image_size", int, "input resolution in pixels (rounded down to a multiple of the patch size)", minimum=14),
+    Param("image_size", int, "input resolution in pixels (rounded down to a multiple of the patch size)", minimum=14,
+          maximum=MAX_IMAGE_SIZE),
     Param("normalize", bool, "L2-normalise the patch tokens (the paper does)"),
     Param("sigma", float, "Gaussian smoothing of pixel maps, in pixels (0 = none)", minimum=0.0, maximum=1000.0),
     Param("fprs", float, "false-positive rates to report thresholds for (any FPR in 1e-4..0.5 works at predict time)",

@@ -29,7 +29,6 @@ _BACKBONE = {"name": str, "identifier": str, "is_random": bool, "patch_size": in
              "image_size": int, "layers": list}
 _CALIBRATION = ("calibration.fprs", "calibration.pixel_thresholds", "calibration.image_thresholds")
 _OPTIONAL_CALIBRATION = ("calibration.pixel_range",)  # recorded since issue 20; older files lack it
-MAX_IMAGE_SIZE = 4096  # a backbone input side beyond this is no model normdino wrote (292² tokens at patch 14)
 _MAX_PATCH = 64
 _MAX_EMBED_DIM = 16384
 _V1_DPMM_PARAMS = ("n_components", "covariance_type", "epochs", "batch_images", "update_rate", "alpha", "score",
@@ -145,6 +144,8 @@ def _check_backbone(path: Path, backbone: dict) -> None:
             raise ModelFileError(f"{path} has a malformed header: backbone {key!r} must be a {kind.__name__}")
     if not backbone["name"] or not backbone["identifier"]:
         raise ModelFileError(f"{path} has a malformed header: the backbone's name and identifier must not be empty")
+    from normdino.detector_params import MAX_IMAGE_SIZE
+
     patch, dim, size = backbone["patch_size"], backbone["embed_dim"], backbone["image_size"]
     if not 1 <= patch <= _MAX_PATCH or not 1 <= dim <= _MAX_EMBED_DIM:
         raise ModelFileError(f"{path} has an impossible backbone geometry (patch size or token width out of range); "
