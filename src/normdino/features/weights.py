@@ -379,12 +379,13 @@ def import_weights(source: str | os.PathLike, store: str | os.PathLike | None = 
 
 
 def _check_published_hash(path: Path) -> None:
-    """Official DINOv3 files end in the first hex digits of their SHA-256 (torch.hub's convention, e.g.
-    ``...-08c60483.pth``): a file whose content does not match its name is damaged."""
+    """Official DINOv3 files end in the first hex digits of their SHA-256 (torch.hub's ``check_hash`` convention,
+    e.g. ``...-08c60483.pth``): warn loudly when the content does not match its name (a damaged or renamed copy;
+    a truncated one is refused when it is read)."""
     match = re.search(r"-([0-9a-f]{8,64})\.pth$", path.name)
     if match and not sha256(path).startswith(match.group(1)):
-        raise ModelFileError(f"{path} does not match the checksum in its name ({match.group(1)}): the copy is "
-                             "damaged or incomplete; copy it again.")
+        logger.warning("WARNING: %s does not match the checksum in its name (%s): the copy may be damaged or "
+                       "renamed; compare its SHA-256 with the original's.", path, match.group(1))
 
 
 def _alias_of_folder(folder: Path) -> str:
