@@ -187,3 +187,27 @@ def test_evaluate_pairs_each_series_of_an_export_with_the_segmentation_that_refe
     assert per_item["PID-0042/20240102_ACC42/S003_AX_FLAIR"]["mask_voxels"] == int(truth.sum())
     assert per_item["PID-0042/20240102_ACC42/S002_CT_HEAD"]["mask"] == ""
     assert 0 <= rows[0]["pixel_auroc"] <= 1 and rows[0]["n_volumes"] == 2
+
+
+def test_a_series_without_the_uids_to_reference_gets_nifti_only_unless_dicom_was_asked_for(detector, tmp_path, caplog):
+    import logging
+
+    rng = np.random.default_rng(4)
+    files = write_series(tmp_path / "bare", (rng.random((32, 32, 3)) * 900).astype(np.int16))
+    for path in files:  # an export stripped of its frame of reference
+        ds = pydicom.dcmread(path)
+        del ds.FrameOfReferenceUID
+        ds.save_as(path)
+    with caplog.at_level(logging.WARNING, logger="normdino"):
+        writer = PredictionWriter(detector, tmp_path / "default", progress=False)
+        writer.write_volume(tmp_path / "bare", SliceOptions(window=(0, 1000)))
+        writer.finish()
+    row = _rows(tmp_path / "default")[0]
+    assert row["status"] == "ok" and row["dicom_seg"] == "" and (tmp_path / "default" / row["anomaly_map"]).is_file()
+    assert "lacks FrameOfReferenceUID" in caplog.text
+    writer = PredictionWriter(detector, tmp_path / "asked", progress=False, dicom_out=("seg",))
+    writer.write_volume(tmp_path / "bare", SliceOptions(window=(0, 1000)))
+    writer.finish()
+    row = _rows(tmp_path / "asked")[0]
+    assert row["status"] == "skipped" and "lacks FrameOfReferenceUID" in row["message"]
+    assert not list((tmp_path / "asked").glob("bare_*"))  # nothing half-written
