@@ -100,6 +100,10 @@ def run_bench(data: str | os.PathLike, methods: Sequence[str], report: ReportOpt
         backbone = maker.build_backbone(FeatureRequest(layers=layers, cls=cls))
     progress = report.progress
     batch = settings["batch_size"]
+    if batch is None or str(batch).lower() == "auto":  # the measured best of this device and runtime
+        from normdino.features.runtimes import auto_batch_size
+
+        batch = auto_batch_size(backbone.device, backbone.runtime)
     train = token_set(backbone, train_images, cache_dir, batch, progress, cls=cls)
     healthy, test = evaluation_token_sets(backbone, dataset, cache_dir, batch, progress, report.max_eval, seed, cls=cls)
     scorers = fit_methods(fitted, layers, train, healthy.tokens, device=backbone.device, progress=progress,
