@@ -13,14 +13,15 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from normdino.cli import main
-from normdino.evaluation import protocol
+from normdino.evaluation import protocol, timing
+from normdino.evaluation.accumulator import PixelScoreAccumulator
 from normdino.evaluation.assess import AssessedResult, assess_scorer
 from normdino.evaluation.datasets import Sample, load_dataset
-from normdino.evaluation.accumulator import PixelScoreAccumulator
-from normdino.evaluation.protocol import LabelledTokens, PeakMemory, markdown_table, write_outputs
+from normdino.evaluation.protocol import LabelledTokens, markdown_table, write_outputs
 from normdino.evaluation.scorers import Scorer
 from normdino.evaluation.splits import calibration_folds
 from normdino.evaluation.statistics import ImageStatistics
+from normdino.evaluation.timing import PeakMemory
 from normdino.features.tokens import TokenSet
 from normdino.io.phantoms import write_phantom_dataset
 from normdino.io.reading import read_image
@@ -299,8 +300,8 @@ def test_timing_reports_backbone_and_scoring_apart_with_every_method_interleaved
             state["sampling"] = False
 
     backbone, scorers, images = _timing_stubs(tmp_path, clock, state, [("a", 2.0), ("b", 7.0), ("c", 1.0)])
-    monkeypatch.setattr(protocol, "PeakMemory", RecordingMemory)
-    timings = protocol.time_methods(backbone, scorers, images, 0.0, 0.01, warmup=1, clock=clock)
+    monkeypatch.setattr(timing, "PeakMemory", RecordingMemory)
+    timings = timing.time_methods(backbone, scorers, images, 0.0, 0.01, warmup=1, clock=clock)
     assert [t.backbone_ms for t in timings] == pytest.approx([5.0] * 3)
     assert [t.scoring_ms for t in timings] == pytest.approx([2.0, 7.0, 1.0])
     assert [t.total_ms for t in timings] == pytest.approx([7.0, 12.0, 6.0])
@@ -315,8 +316,8 @@ def test_timing_reports_backbone_and_scoring_apart_with_every_method_interleaved
     # a backbone with weights and a method with a scoring state: peak = weights + state + what the pass added
     backbone.model = torch.nn.Linear(10, 10)  # 110 float32 = 440 bytes
     scorers[0].method.scoring_bytes = lambda: 1000
-    [timing] = protocol.time_methods(backbone, scorers[:1], images[:1], 0.0, 0.01, warmup=0, clock=clock)
-    assert timing.peak_mb == (440 + 1000 + 2**20) / 2**20
+    [one] = timing.time_methods(backbone, scorers[:1], images[:1], 0.0, 0.01, warmup=0, clock=clock)
+    assert one.peak_mb == (440 + 1000 + 2**20) / 2**20
 
 
 def test_evaluate_methods_times_all_methods_in_one_loop(tmp_path, monkeypatch):
@@ -325,7 +326,7 @@ def test_evaluate_methods_times_all_methods_in_one_loop(tmp_path, monkeypatch):
 
     def fake_time_methods(backbone, scorers, images, sigma, top_fraction):
         calls.append([s.name for s in scorers])
-        return [protocol.Timing(4.0, float(i), 10.0, len(images)) for i in range(len(scorers))]
+        return [timing.Timing(4.0, float(i), 10.0, len(images)) for i in range(len(scorers))]
 
     truth = [np.zeros((4, 4), bool) for _ in range(2)]
     truth[1][1:3, 1:3] = True

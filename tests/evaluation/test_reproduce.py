@@ -100,17 +100,17 @@ def test_reproduce_times_every_method_in_one_loop_and_compares_the_sum(bmad_root
     scoring beside the paper's 35 ms; BraTS and RESC are reported as not found, with no rows."""
     import shutil
 
-    from normdino.evaluation import protocol
+    from normdino.evaluation import timing
 
     root = tmp_path / "root"
     shutil.copytree(bmad_root / "Liver", root / "Liver")
-    calls, real = [], protocol.time_methods
+    calls, real = [], timing.time_methods
 
     def recording(backbone, scorers, images, *args, **kwargs):
         calls.append(([s.name for s in scorers], len(images)))
         return real(backbone, scorers, images, *args, **kwargs)
 
-    monkeypatch.setattr(protocol, "time_methods", recording)
+    monkeypatch.setattr(timing, "time_methods", recording)
     out = tmp_path / "repro"
     code = main(["reproduce", str(root), "--datasets", "liver", "--backbone", str(tiny_dinov2_dir),
                  "--image-size", "28", "--epochs", "1", "--components", "4", "--seeds", "0,1", "--bootstrap", "0", "--permutations", "20",

@@ -1,5 +1,5 @@
 """One method's metrics with everything a table needs: out-of-sample thresholds, foreground numbers, bootstrap
-intervals, per-image statistics for paired tests (timing and memory: ``protocol.time_methods``).
+intervals, per-image statistics for paired tests (timing and memory: ``timing.time_methods``).
 
 Thresholds: fold k of the evaluated images is scored with thresholds set on the healthy images that
 calibrate fold k (:class:`~normdino.evaluation.splits.CalibrationFolds`; one fold when the two sets share

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from normdino.errors import InputError
-from normdino.evaluation.protocol import TIMING_NOTE
+from normdino.evaluation.timing import TIMING_NOTE
 from normdino.io.report import json_safe
 
 log = logging.getLogger(__name__)
@@ -261,8 +261,8 @@ def reproduce_dataset(name: str, folder: Path, layout: str, settings: Settings) 
     from normdino.evaluation.assess import assess_scorer, compare_methods, seed_summary
     from normdino.evaluation.datasets import load_dataset
     from normdino.evaluation.foreground import foreground_from_option
-    from normdino.evaluation.protocol import (UNTIMED, create_methods, feature_union, subset, time_methods,
-                                              token_set)
+    from normdino.evaluation.protocol import create_methods, feature_union, subset, token_set
+    from normdino.evaluation.timing import UNTIMED, time_methods
     from normdino.evaluation.splits import calibration_folds, drop_training_groups
 
     started = time.perf_counter()

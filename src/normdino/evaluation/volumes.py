@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from normdino.errors import InputError
 from normdino.evaluation.accumulator import PixelScoreAccumulator
 from normdino.evaluation.metrics import image_aupr, image_auroc
-from normdino.evaluation.protocol import (EVAL_FPRS, UNTIMED, MethodResult, PeakMemory, detector_scorer,
-                                         time_methods, write_outputs)
+from normdino.evaluation.protocol import EVAL_FPRS, MethodResult, detector_scorer, write_outputs
+from normdino.evaluation.timing import UNTIMED, PeakMemory, time_methods
 from normdino.io.writing import TopFraction
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def evaluate_volumes(detector, root: Path, options, out_dir: Path, json_path: Pa
                      series_filter=None):
     """Voxel metrics of a fitted detector over every scan in ``root``; writes results.json/.md and report.html.
 
-    Runtime and peak memory are those of the image protocol (:func:`protocol.time_methods`: batch size 1,
+    Runtime and peak memory are those of the image protocol (:func:`normdino.evaluation.timing.time_methods`: batch size 1,
     backbone and scoring apart, memory in its own pass) over the first ``timing_images`` scored slices; the
     whole evaluation's throughput (reading, batched prediction, metrics) is reported apart from them.
     """
