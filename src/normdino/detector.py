@@ -539,25 +539,27 @@ def read_checked_model(path: str | Path) -> tuple[dict, NormativeMethod, dict]:
 
 
 def _check_scores_tokens(path, method: NormativeMethod, spec: dict, training: dict) -> None:
-    """The method scores a small grid of tokens of the backbone's width, finitely (wrong-width prototypes fail)."""
+    """The method scores a grid of tokens of the backbone's width, finitely (wrong-width prototypes fail): a 2 x 2
+    grid (cheap even against a large memory bank), else the training grid for methods tied to it (HiMatch)."""
     grid = training.get("grid_shape")
     if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(v, int) and 0 < v <= 1024 for v in grid)):
         side = int(spec["image_size"]) // int(spec["patch_size"])
         grid = [side, side]
     request = method.feature_request()
-    generator = torch.Generator().manual_seed(0)
     layers, dim = len(request.layers), int(spec["embed_dim"])
-    patches = torch.randn(1, layers, grid[0], grid[1], dim, generator=generator)
-    cls = torch.randn(1, layers, dim, generator=generator) if request.cls else None
-    try:
-        with torch.no_grad():
-            scores = method.patch_scores(Tokens(patches, cls))
-        ok = tuple(scores.shape) == (1, grid[0], grid[1]) and bool(torch.isfinite(scores).all())
-    except Exception:  # noqa: BLE001 - a state that does not fit the tokens fails anywhere inside
-        ok = False
-    if not ok:
-        raise ModelFileError(f"{path} holds a {method.name or type(method).__name__} state that cannot score the "
-                             f"{dim}-wide tokens of its backbone; the file is corrupt or was altered")
+    for h, w in ((2, 2), tuple(grid)):
+        generator = torch.Generator().manual_seed(0)
+        patches = torch.randn(1, layers, h, w, dim, generator=generator)
+        cls = torch.randn(1, layers, dim, generator=generator) if request.cls else None
+        try:
+            with torch.no_grad():
+                scores = method.patch_scores(Tokens(patches, cls))
+            if tuple(scores.shape) == (1, h, w) and bool(torch.isfinite(scores).all()):
+                return
+        except Exception:  # noqa: BLE001 - a state that does not fit the tokens fails anywhere inside
+            pass
+    raise ModelFileError(f"{path} holds a {method.name or type(method).__name__} state that cannot score the "
+                         f"{dim}-wide tokens of its backbone; the file is corrupt or was altered")
 
 
 def check_backbone_architecture(path, spec: dict, backbone: Any, default_arch: str = "dinov2_vits14") -> None:
