@@ -16,8 +16,8 @@ from normdino.cli import main
 from normdino.errors import InputError, OutputError
 from normdino.io import rendering
 from normdino.io.phantoms import write_phantom_dataset
-from normdino.io.writing import (BYTES_PER_PIXEL, FIXED_BYTES, PredictionWriter, check_image_sizes, output_names,
-                                 prepare_results_folder)
+from normdino.io.results_folder import BYTES_PER_PIXEL, check_image_sizes, output_names, prepare_results_folder
+from normdino.io.writing import FIXED_BYTES, PredictionWriter
 
 
 @pytest.fixture(scope="module")

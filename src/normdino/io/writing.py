@@ -1,5 +1,9 @@
 """Prediction outputs a person can open: 16-bit PNG and .npy maps, masks, overlays, NIfTI maps, ``scores.csv``,
-``summary.json`` and an ``index.html`` to browse them.
+``summary.json`` and an ``index.html`` to browse them (:mod:`normdino.io.index_page`).
+
+Why this module is longer than ~500 lines: :class:`PredictionWriter` is one object whose batching, reader and
+writer threads, per-input rows and clean-up on failure share its state; the folder and naming rules
+(:mod:`normdino.io.results_folder`) and the index page (:mod:`normdino.io.index_page`) live apart.
 
 Rules that keep results safe:
 
@@ -29,7 +33,7 @@ import io
 import json
 import logging
 import os
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -41,7 +45,10 @@ from tqdm.auto import tqdm
 from normdino.errors import InputError, OutputError
 from normdino.files import atomic_path, atomic_write_text, check_writable_folder, describe_write_error
 from normdino.io import rendering
-from normdino.io.reading import MAX_MEGAPIXELS, check_megapixels
+from normdino.io.index_page import write_index
+from normdino.io.reading import check_megapixels
+from normdino.io.results_folder import (BYTES_PER_PIXEL, DEFAULT_MAX_MEGAPIXELS, FILE_COLUMNS, check_image_sizes,
+                                       output_names, prepare_results_folder)
 from normdino.parallel import default_workers, default_writer_processes, ordered_map, process_pool
 
 log = logging.getLogger(__name__)
@@ -49,16 +56,9 @@ log = logging.getLogger(__name__)
 CSV_COLUMNS = ("input", "kind", "status", "score", "anomalous", "fpr", "pixel_threshold", "image_threshold",
                "anomalous_fraction", "anomaly_map", "anomaly_npy", "mask", "overlay", "top_slices",
                "random_weights", "message", "dicom_seg", "dicom_pmap", "study_uid", "series_uid")
-FILE_COLUMNS = ("anomaly_map", "anomaly_npy", "mask", "overlay", "top_slices", "dicom_seg", "dicom_pmap")
-REPORT_FILES = ("scores.csv", "summary.json", "index.html")
 RANDOM_WARNING = ("The backbone has RANDOM weights: these maps, scores and verdicts say nothing about DINOv2's "
                   "quality (use it only to try the pipeline).")
 
-#: Images larger than this are refused before any work (``--max-megapixels``), in fit as in predict.
-DEFAULT_MAX_MEGAPIXELS = MAX_MEGAPIXELS
-#: Peak memory of predict per pixel of the largest batch, an upper bound: measured +14 B/px of peak RSS from a
-#: 2000x2000 to a 5000x5000 8-bit PNG (tiny backbone); 16-bit images add ~20 B/px while they are read.
-BYTES_PER_PIXEL = 40
 #: Memory that does not grow with the image: the overlay drawn at OVERLAY_MAX_SIDE, PNG buffers, scratch.
 FIXED_BYTES = 200_000_000
 #: A batch holds at most this many pixels, or one image.
@@ -68,120 +68,6 @@ OVERLAY_MAX_SIDE = 1024
 #: Volumes: how many top-scoring slices the strip shows, and their side in pixels.
 TOP_SLICES = 5
 STRIP_SIDE = 192
-
-
-# ---------------------------------------------------------------------- names
-
-
-def _stem_and_extension(path: Path) -> tuple[str, str]:
-    """(stem, extension) of an input: ``scan.nii.gz`` -> (scan, nii_gz), a DICOM folder -> (name, "")."""
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)], suffix[1:].replace(".", "_").lower()
-    if path.suffix and not path.is_dir():
-        return path.stem, path.suffix[1:].lower()
-    return name, ""
-
-
-def output_names(paths: Sequence[Path], taken: Iterable[str] = ()) -> list[str]:
-    """A unique output name per input (case-insensitively, and unlike every name in ``taken``).
-
-    The stem where it is unique; colliding stems in one folder get their extension; remaining collisions
-    get parent folder names, nearest first, joined with ``__``; a number is the last resort.
-    """
-    paths = [Path(p) for p in paths]
-    taken_keys = {t.casefold() for t in taken}
-    split = [_stem_and_extension(p) for p in paths]
-    parents = [Path(os.path.abspath(p)).parent for p in paths]
-    same_folder = Counter((str(parent), stem.casefold()) for parent, (stem, _) in zip(parents, split))
-    bases = [f"{stem}_{ext}" if same_folder[(str(parent), stem.casefold())] > 1 and ext else stem
-             for parent, (stem, ext) in zip(parents, split)]
-    folders = [parent.parts[1:] for parent in parents]
-    depth = [0] * len(paths)
-    names = list(bases)
-    while True:
-        counts = Counter(n.casefold() for n in names)
-        clashing = [i for i, n in enumerate(names) if counts[n.casefold()] > 1 or n.casefold() in taken_keys]
-        grown = [i for i in clashing if depth[i] < len(folders[i])]
-        if not grown:
-            break
-        for i in grown:
-            depth[i] += 1
-            names[i] = "__".join((*folders[i][-depth[i]:], bases[i]))
-    unique, used = [], set(taken_keys)
-    for name in names:
-        candidate, k = name, 2
-        while candidate.casefold() in used:
-            candidate, k = f"{name}_{k}", k + 1
-        used.add(candidate.casefold())
-        unique.append(candidate)
-    return unique
-
-
-def unique_stems(paths: Sequence[Path]) -> list[str]:
-    """Output stems of inputs (kept for callers of the old name; see :func:`output_names`)."""
-    return output_names(paths)
-
-
-# ---------------------------------------------------------------------- results folder
-
-
-def _listed_outputs(csv_path: Path) -> list[str]:
-    """File names an earlier run's scores.csv lists (empty if there is none or it is not ours)."""
-    try:
-        with csv_path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return []
-    return [row[c] for row in rows for c in FILE_COLUMNS if row.get(c)]
-
-
-def prepare_results_folder(out_dir: str | os.PathLike, overwrite: bool = False, check_only: bool = False) -> None:
-    """Refuse a results folder that already holds files unless ``overwrite``; then remove the earlier run's outputs.
-
-    Only files an earlier normdino run wrote (listed in its scores.csv, plus the report files) are removed,
-    and nothing at all with ``check_only`` (to check before any work). Checks that the folder can be written,
-    without creating it.
-    """
-    out_dir = Path(out_dir)
-    check_writable_folder(out_dir, "results folder")
-    if not out_dir.is_dir():
-        return
-    entries = [e for e in out_dir.iterdir() if not e.name.startswith(".normdino-probe.")]
-    if not entries:
-        return
-    if not overwrite:
-        earlier = " from an earlier predict" if (out_dir / "scores.csv").exists() else ""
-        raise OutputError(f"the results folder {out_dir} already holds {len(entries)} files{earlier}; choose a new "
-                          "folder, or pass --overwrite to replace the earlier normdino results in it")
-    if check_only:
-        return
-    for name in [*_listed_outputs(out_dir / "scores.csv"), *REPORT_FILES]:
-        target = out_dir / Path(name).name  # never outside the folder, whatever the CSV says
-        if target.is_file():
-            target.unlink()
-
-
-def check_image_sizes(paths: Sequence[Path], max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
-                      strict: bool = False) -> dict[Path, tuple[int, int] | str]:
-    """(H, W) of each image from its header, or why it will be skipped; under ``strict`` the first problem raises.
-
-    Reads headers only, so it is cheap enough to run before the model loads.
-    """
-    from normdino.io.reading import image_shape
-
-    found: dict[Path, tuple[int, int] | str] = {}
-    for path in paths:
-        try:
-            shape = image_shape(path, max_megapixels, BYTES_PER_PIXEL)
-            found[path] = shape
-        except InputError as err:
-            if strict:
-                raise InputError(f"{err} (stopped by --strict before any work; without it such inputs are "
-                                 "skipped)") from None
-            found[path] = str(err)
-    return found
 
 
 # ---------------------------------------------------------------------- small writers
@@ -731,72 +617,6 @@ def _remove(paths: Iterable[Path]) -> None:
             path.unlink()
         except OSError:
             pass
-
-
-# ---------------------------------------------------------------------- index.html
-
-
-_INDEX_CSS = """<style>
-.table-wrap { overflow-x:auto; max-width:100%; }
-td.path { white-space:normal; word-break:break-all; min-width:14em; max-width:28em; }
-td.why { white-space:normal; max-width:36em; }
-img.thumb { display:block; max-width:420px; max-height:220px; width:auto; height:auto; border-radius:4px; }
-.verdict-anomalous { color:#b3261e; font-weight:600; }
-.verdict-skipped { color:#8a6d00; }
-dl.setting { display:grid; grid-template-columns:max-content 1fr; gap:4px 18px; margin:0; }
-dl.setting dt { color:#57606a; } dl.setting dd { margin:0; font-variant-numeric:tabular-nums; }
-</style>"""
-
-
-def format_score(value: float | str) -> str:
-    """Scores and thresholds everywhere in the report: four decimals (e.g. 0.1234, -12.5000)."""
-    return f"{float(value):.4f}"
-
-
-def _index_row(row: dict) -> str:
-    e = html.escape
-    preview_file = row.get("overlay") or row.get("top_slices")
-    preview = (f'<a href="{e(preview_file, quote=True)}"><img class="thumb" loading="lazy" '
-               f'src="{e(preview_file, quote=True)}" alt="overlay of {e(row["input"], quote=True)}"></a>'
-               if preview_file else "&mdash;")
-    if row["status"] != "ok":
-        return (f"<tr><td>{preview}</td><td class=\"path\">{e(row['input'])}</td><td>{e(row['kind'])}</td>"
-                f"<td class=\"verdict-skipped\">skipped</td><td class=\"num\">&mdash;</td><td class=\"num\">&mdash;</td>"
-                f"<td class=\"why\">{e(row['message'])}</td></tr>")
-    verdict = "anomalous" if int(row["anomalous"]) else "normal"
-    links = " ".join(f'<a href="{e(row[c], quote=True)}">{label}</a>' for c, label in
-                     (("anomaly_map", "map"), ("anomaly_npy", "npy"), ("mask", "mask"), ("overlay", "overlay"),
-                      ("top_slices", "slices"), ("dicom_seg", "DICOM seg"), ("dicom_pmap", "DICOM pmap"))
-                     if row.get(c))
-    return (f"<tr><td>{preview}</td><td class=\"path\">{e(row['input'])}</td><td>{e(row['kind'])}</td>"
-            f"<td class=\"verdict-{verdict}\">{verdict}</td><td class=\"num\">{format_score(row['score'])}</td>"
-            f"<td class=\"num\">{float(row['anomalous_fraction']):.2%}</td><td>{links}</td></tr>")
-
-
-def write_index(path: Path, rows: Sequence[dict], summary: dict) -> None:
-    """``index.html``: the inputs, most anomalous first, with overlay thumbnails, verdicts and scores."""
-    from normdino.io.report import html_report
-
-    e = html.escape
-    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -float(r["score"]))
-    ordered = ok + [r for r in rows if r["status"] != "ok"]
-    head = ("<tr><th>Preview</th><th>Input</th><th>Kind</th><th>Verdict</th><th class=\"num\">Image score</th>"
-            "<th class=\"num\">Anomalous area</th><th>Files / reason</th></tr>")
-    table = (f"{_INDEX_CSS}<div class=\"table-wrap\"><table><thead>{head}</thead><tbody>\n"
-             + "\n".join(_index_row(r) for r in ordered) + "\n</tbody></table></div>")
-    setting = [
-        ("Inputs", f"{summary['n_inputs']} ({summary['n_anomalous']} anomalous, {summary['n_skipped']} skipped)"),
-        ("False-positive rate", f"{float(summary['fpr']):.1%} of healthy pixels / images"),
-        ("Pixel threshold", format_score(summary["pixel_threshold"])),
-        ("Image threshold", format_score(summary["image_threshold"])),
-        ("Method", str(summary.get("method"))), ("Backbone", str(summary.get("backbone"))),
-        ("Random weights", "yes" if summary["random_weights"] else "no"),
-        *((key.replace("_", " ").capitalize(), str(summary[key])) for key in ("model",) if summary.get(key)),
-    ]
-    setting_html = "<dl class=\"setting\">" + "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in setting) + "</dl>"
-    html_report(path, "normdino predictions", [("Setting", setting_html), ("Inputs, most anomalous first", table)],
-                warning=summary.get("warning"),
-                subtitle="Overlays: image | anomaly heat map | predicted mask contour; scores.csv has every number.")
 
 
 # ---------------------------------------------------------------------- volumes' image score

@@ -18,7 +18,8 @@ from normdino.errors import NormdinoError
 from normdino.io.dicom_tree import split_series_path
 from normdino.io.inputs import Inputs, resolve_inputs
 from normdino.io.volume_flags import VolumeFlags
-from normdino.io.writing import DEFAULT_MAX_MEGAPIXELS, PredictionWriter, check_image_sizes, prepare_results_folder
+from normdino.io.results_folder import DEFAULT_MAX_MEGAPIXELS, check_image_sizes, prepare_results_folder
+from normdino.io.writing import PredictionWriter
 from normdino.torchrun import in_process_group, is_main_rank, my_share
 
 if TYPE_CHECKING:
