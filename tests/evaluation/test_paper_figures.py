@@ -6,7 +6,7 @@ from importlib import resources
 
 import pytest
 
-from normdino.evaluation import reproduce
+from normdino.evaluation import paper_tables, reproduce
 from normdino.evaluation.assess import seed_summary
 
 QUALITY = ("pixel_auroc", "pixel_aupr", "dice_fpr10", "dice_fpr5", "dice_fpr1")
@@ -34,7 +34,7 @@ def _cell(cells, table, dataset, method, metric):
 def test_the_package_carries_its_own_copy_of_the_tables_with_the_source_named():
     data = json.loads(resources.files("normdino.evaluation").joinpath("paper_tables.json").read_text("utf-8"))
     assert "Schulthess" in data["source"]["paper"] and data["source"]["arxiv"] == "2509.19997"
-    assert "Tables 1" in reproduce.PAPER_SOURCE and "PatchCore few-shot 150 prototypes" in data["reading_notes"]
+    assert "Tables 1" in paper_tables.PAPER_SOURCE and "PatchCore few-shot 150 prototypes" in data["reading_notes"]
     # figures as printed in the paper (percent), one per table, read from the packaged file
     assert data["table1"]["DPMM (paper)"]["brats"]["pixel_auroc"] == 96.21
     assert data["table2_dice"]["AnomalyDINO (one-shot)"]["resc"]["dice_fpr1"] == 33.88
@@ -45,7 +45,7 @@ def test_the_package_carries_its_own_copy_of_the_tables_with_the_source_named():
 
 
 def test_paper_figures_in_our_units_for_every_row_with_a_published_counterpart():
-    figures = reproduce.PAPER_FIGURES
+    figures = paper_tables.PAPER_FIGURES
     assert figures["table1"]["dpmm"]["pixel_auroc"] == (0.9621, 0.9546, 0.902)
     assert figures["table1"]["dpmm"]["ms_per_sample"] == (39, 35, 58)
     assert figures["table1"]["anomalydino"]["peak_memory_gb"] == (33.1, 6.9, 38.1)
@@ -65,7 +65,7 @@ def test_paper_figures_in_our_units_for_every_row_with_a_published_counterpart()
 
 
 def test_cells_carry_the_paper_figure_and_ours_minus_paper():
-    cells = reproduce.table_cells([_dataset("brats"), _dataset("resc")])
+    cells = paper_tables.table_cells([_dataset("brats"), _dataset("resc")])
     dpmm = _cell(cells, "table1", "brats", "dpmm", "pixel_auroc")
     assert dpmm["paper"] == 0.9621 and dpmm["difference"] == pytest.approx(0.90 - 0.9621)
     assert dpmm["paper_row"] == "DPMM (paper)" and dpmm["paper_significant"] is True  # † on BraTS and RESC
@@ -88,18 +88,18 @@ def test_cells_carry_the_paper_figure_and_ours_minus_paper():
     dice = _cell(cells, "table2", "brats", "anomalydino", "dice_fpr1")
     assert dice["paper"] == 0.5424 and dice["difference"] == pytest.approx(0.906 - 0.5424)
     assert _cell(cells, "table2", "brats", "patchcore-150", "dice_fpr5")["paper"] is None
-    assert all(c["paper"] is None for c in reproduce.table_cells([_dataset("brats")], foreground=True))
+    assert all(c["paper"] is None for c in paper_tables.table_cells([_dataset("brats")], foreground=True))
 
 
 def test_an_undefined_metric_has_a_paper_figure_but_no_difference():
     data = _dataset("liver")
     data["rows"][0]["pixel_aupr"] = float("nan")  # dpmm: no anomalous pixel
-    cell = _cell(reproduce.table_cells([data]), "table1", "liver", "dpmm", "pixel_aupr")
+    cell = _cell(paper_tables.table_cells([data]), "table1", "liver", "dpmm", "pixel_aupr")
     assert cell["paper"] == 0.0902 and cell["difference"] is None and math.isnan(cell["ours"])
 
 
 def test_a_data_set_absent_from_the_root_gives_no_rows_and_no_difference(tmp_path):
-    paths = reproduce.write_tables([_dataset("brats")], tmp_path)
+    paths = paper_tables.write_tables([_dataset("brats")], tmp_path)
     tables = json.loads(paths["json"].read_text())
     assert tables["not_found"] == ["Liver (BTCV + LiTS)", "RESC"]
     assert all(c["dataset"] == "brats" for t in tables["tables"].values() for c in t["cells"])
@@ -111,7 +111,7 @@ def test_a_data_set_absent_from_the_root_gives_no_rows_and_no_difference(tmp_pat
 
 
 def test_markdown_json_and_html_show_paper_and_difference(tmp_path):
-    paths = reproduce.write_tables([_dataset("brats"), _dataset("liver"), _dataset("resc")], tmp_path)
+    paths = paper_tables.write_tables([_dataset("brats"), _dataset("liver"), _dataset("resc")], tmp_path)
     markdown = paths["markdown"].read_text()
     table1 = markdown.split("## Table 1")[1].split("## Table 2")[0]
     header = next(line for line in table1.splitlines() if line.startswith("| method"))

@@ -9,7 +9,7 @@ from PIL import Image
 
 from normdino.cli import main
 from normdino.io.report import json_safe
-from normdino.evaluation.reproduce import PAPER_FIGURES
+from normdino.evaluation.paper_tables import PAPER_FIGURES
 from normdino.io.phantoms import make_phantom
 
 
