@@ -173,20 +173,27 @@ def run_row(name: str, params: dict, data: dict, pixel_shape: tuple[int, int] | 
 
 
 def header(title: str) -> str:
-    return f"\n### {title}\n\n| row | pixel AUROC | pixel AUPR | fit s | ms/image | state MB |\n|---|---|---|---|---|---|"
+    return (f"\n### {title}\n\n| row | pixel AUROC | pixel AUPR | fit s | ms/image | × first row | state MB | load avg |"
+            "\n|---|---|---|---|---|---|---|---|")
 
 
-def line(label: str, r: dict) -> str:
+def line(label: str, r: dict, baseline_ms: float) -> str:
     return (f"| {label} | {r['pixel_auroc']:.3f} | {r['pixel_aupr']:.3f} | {r['fit_s']:.1f} | "
-            f"{r['ms_per_image']:.1f} | {r['state_mb']:.2f} |")
+            f"{r['ms_per_image']:.1f} | {r['ms_per_image'] / baseline_ms:.2f} | {r['state_mb']:.2f} | "
+            f"{r['load_average']:.1f} |")
 
 
 def run_rows(rows: list, data: dict, pixel_shape, time_images: int) -> list[dict]:
-    """Run and print row by row (a slow row never hides the finished ones)."""
+    """Run and print row by row (a slow row never hides the finished ones).
+
+    The cores are shared, so each row also prints its ms/image as a ratio to the first row of the same run
+    and the 1-minute load average when it finished.
+    """
     results = []
     for label, name, params in rows:
         results.append(run_row(name, params, data, pixel_shape, time_images))
-        print(line(label, results[-1]), flush=True)
+        results[-1]["load_average"] = round(os.getloadavg()[0], 1)
+        print(line(label, results[-1], max(results[0]["ms_per_image"], 1e-3)), flush=True)
     return results
 
 
