@@ -24,7 +24,7 @@ RANKS = {
     "features": 2.0,
     "distributed": 2.5,  # collectives over token sets; the methods' EM uses them
     "methods": 3.0,
-    "detector_params": 4.0, "model_file": 4.1, "detector": 4.2, "config": 4.3, "torchrun": 4.4,
+    "detector_params": 4.0, "model_file": 4.1, "model_checks": 4.15, "detector": 4.2, "config": 4.3, "torchrun": 4.4,
     "evaluation": 5.0, "serving": 5.0, "workflows": 5.0,
     "demo": 6.0, "cli": 6.1, "__main__": 6.2,
 }

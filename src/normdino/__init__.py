@@ -13,8 +13,9 @@ lowest first, with the top-level helper modules where their imports put them:
 2. ``features``: the DINO backbone, its runtimes and the token cache; then ``distributed`` (collectives over
    token sets, identities without torchrun);
 3. ``methods``: the normative methods behind one interface, and scoring;
-4. the detector: ``detector_params``, ``model_file``, ``detector`` (``AnomalyDetector``), ``config``
-   (settings from the command line and YAML), ``torchrun`` (joining a job, sharing inputs);
+4. the detector: ``detector_params``, ``model_file``, ``model_checks`` (what loading a model checks),
+   ``detector`` (``AnomalyDetector``), ``config`` (settings from the command line and YAML), ``torchrun``
+   (joining a job, sharing inputs);
 5. ``evaluation``, ``serving``, ``workflows``: whole runs on top of the detector (they do not import each other);
 6. entry points: ``demo``, ``cli`` (one module per command), ``__main__``.
 """

@@ -16,7 +16,7 @@ def run(args) -> int:
     """Describe a model after checking it in full, exactly as predict does (a file info calls healthy loads)."""
     import numpy as np
 
-    from normdino.detector import read_checked_model
+    from normdino.model_checks import read_checked_model
 
     header, method, tensors = read_checked_model(args.model)
     if args.json:
