@@ -29,7 +29,7 @@ def fail(message: str) -> None:
 def tiny_model(root: Path) -> Path:
     """A tiny DPMM model (random 2-block DINOv2, 112 px) fitted on 64-px phantoms: no weights to download."""
     from normdino import AnomalyDetector
-    from normdino.features.backbone import save_random_backbone
+    from normdino.features.loading import save_random_backbone
     from normdino.io.phantoms import write_phantom_dataset
 
     backbone = save_random_backbone(root / "backbone", arch="dinov2_vits14", seed=0, tiny=True)
