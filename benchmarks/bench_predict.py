@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[os.cpu_count() or 1], help="torch threads tried")
     parser.add_argument("--volume-slices", type=int, default=155, help="slices of the NIfTI vs PNG comparison (0: skip)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the onnx int8 rows")
+    parser.add_argument("--only-all", action="store_true", help="only the 'predict (all outputs)' rows (a quick before/after)")
     parser.add_argument("--extra", default="", help="extra options for every predict command, e.g. '--batch-size 1'")
     parser.add_argument("--data", type=Path, default=DATA, help="lgg-flair root (default ../shared/data/lgg-flair)")
     parser.add_argument("--random-init", action="store_true",
@@ -194,6 +195,7 @@ def main() -> None:
     paths = [str(p) for p in images[: args.n]]
     model = fit_model(work, images, args.random_init)
     extra = args.extra.split()
+    args.no_onnx = args.no_onnx or args.only_all
     if not args.no_onnx:  # export and quantise once, outside the timings (the graph is cached per weights)
         run_predict(model, paths[:1], work / "warm-onnx", "--runtime", "onnx", "--precision", "int8")
     volume = None
@@ -221,6 +223,8 @@ def main() -> None:
                 print(f"  backbone {threads} threads batch {batch:<4}{1000 * seconds:14.0f} ms/image", flush=True)
         for src, mark in trees:
             record("predict (all outputs)" + mark, run_predict(model, paths, work / f"out-all{mark}", *extra, src=src))
+            if args.only_all:
+                continue
             record("API predict" + mark, _run_child("api", str(model), *paths, src=src)["seconds"])
             record("predict --no-overlays" + mark, run_predict(model, paths, work / f"out-no-overlays{mark}",
                                                                "--no-overlays", *extra, src=src))
