@@ -90,47 +90,57 @@ def bench_pixels(n_pixels: float, subsample: int, seed: int = 0) -> list[tuple[s
 def bench_bank(bank_images: int, n_queries: int, dim: int = 384, seed: int = 0) -> list[tuple[str, str]]:
     import torch
 
-    from normdino.methods.baselines import Coreset, MemoryBank
-    from normdino.methods.scoring import score_tokens
+    from normdino.features.tokens import Tokens, TokenSet
+    from normdino.methods.memory_bank import Coreset, MemoryBank
 
     g = torch.Generator().manual_seed(seed)
-    tokens_per_image = 1024
+    side = 32  # 1024 tokens per image, as a 448 x 448 image with 14-pixel patches
     rows = []
     rss0 = peak_rss_mb()
-    bank_tokens = torch.empty(bank_images * tokens_per_image, dim)
-    for i in range(0, bank_tokens.shape[0], 1 << 18):
-        chunk = torch.randn(min(1 << 18, bank_tokens.shape[0] - i), dim, generator=g)
-        bank_tokens[i:i + chunk.shape[0]] = chunk / chunk.norm(dim=1, keepdim=True)
-    queries = torch.randn(n_queries, tokens_per_image, dim, generator=g)
-    queries /= queries.norm(dim=2, keepdim=True)
-    bank = MemoryBank().fit(bank_tokens)
-    rss_bank = peak_rss_mb()
+    # the training tokens as the token store keeps them: float16 (N, L=1, h, w, D), one layer
+    patches = np.empty((bank_images, 1, side, side, dim), dtype=np.float16)
+    flat = patches.reshape(-1, dim)
+    for i in range(0, flat.shape[0], 1 << 18):
+        chunk = torch.randn(min(1 << 18, flat.shape[0] - i), dim, generator=g)
+        flat[i:i + chunk.shape[0]] = (chunk / chunk.norm(dim=1, keepdim=True)).half().numpy()
+    train = TokenSet(patches, [(side * 14, side * 14)] * bank_images)
+    queries = torch.randn(n_queries, side, side, dim, generator=g)
+    queries /= queries.norm(dim=-1, keepdim=True)
+    batches = [Tokens(q[None]) for q in queries]  # batch 1: (1, L=1, h, w, D) float32
+    rss_store = peak_rss_mb()
     t0 = time.perf_counter()
-    for q in queries:
-        bank.score(q)
+    bank = MemoryBank().fit(train)
+    bank_fit_s = time.perf_counter() - t0
+    rss_bank = peak_rss_mb()
+    bank.patch_scores(batches[0])  # warm-up (thread pool, allocator), as for the prototypes below
+    t0 = time.perf_counter()
+    for tokens in batches:
+        bank.patch_scores(tokens)
     bank_ms = (time.perf_counter() - t0) / n_queries * 1e3
     rss_score = peak_rss_mb()
-    n_bank, bank_mb = bank.n_prototypes_, bank.bank_.numel() * 4 / 2**20
-    del bank  # free the normalised copy before the coreset makes its own
+    n_bank, bank_mb = bank.n_prototypes, bank.scoring_bytes() / 2**20
+    del bank  # free the normalised float32 bank before the coreset makes its own
 
     t0 = time.perf_counter()
-    coreset = Coreset(n=150).fit(bank_tokens)
+    coreset = Coreset(coreset_size="150").fit(train)
     coreset_s = time.perf_counter() - t0
-    prototypes = coreset.bank_
+    rss_coreset = peak_rss_mb()
     repeats = 50
-    score_tokens(queries[0], prototypes)
+    coreset.patch_scores(batches[0])
     t0 = time.perf_counter()
     for _ in range(repeats):
-        for q in queries:
-            score_tokens(q, prototypes)
+        for tokens in batches:
+            coreset.patch_scores(tokens)
     proto_ms = (time.perf_counter() - t0) / (repeats * n_queries) * 1e3
     rows += [
-        ("memory bank", f"{n_bank:,} tokens x {dim} ({bank_mb:.0f} MB float32)"),
+        ("token store (float16)", f"{bank_images} images x {side * side} tokens x {dim} ({patches.nbytes / 2**20:.0f} MB)"),
+        ("memory bank (MemoryBank)", f"{n_bank:,} tokens x {dim} ({bank_mb:.0f} MB float32), fit {bank_fit_s:.1f} s"),
         ("bank scoring, batch 1", f"{bank_ms:.0f} ms/image (mean of {n_queries})"),
-        ("150-prototype scoring, batch 1", f"{proto_ms:.2f} ms/image (mean of {repeats * n_queries})"),
-        ("speed ratio bank / 150 prototypes", f"{bank_ms / proto_ms:,.0f}x"),
-        ("greedy coreset of 150 (projection 128)", f"{coreset_s:.1f} s to select"),
-        ("peak RSS: start / bank built / after scoring", f"{rss0:.0f} / {rss_bank:.0f} / {rss_score:.0f} MB"),
+        (f"{coreset.n_prototypes}-prototype scoring, batch 1", f"{proto_ms:.2f} ms/image (mean of {repeats * n_queries})"),
+        (f"speed ratio bank / {coreset.n_prototypes} prototypes", f"{bank_ms / proto_ms:,.0f}x"),
+        ("greedy coreset of 150 (Coreset, projection 128)", f"{coreset_s:.1f} s to fit (bank copy + selection), {coreset.scoring_bytes() / 2**10:.0f} KB"),
+        ("peak RSS: start / store / bank fitted / after scoring / coreset fitted",
+         f"{rss0:.0f} / {rss_store:.0f} / {rss_bank:.0f} / {rss_score:.0f} / {rss_coreset:.0f} MB"),
     ]
     return rows
 
