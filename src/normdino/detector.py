@@ -3,6 +3,9 @@
 Any registered method (``dpmm``, ``anomalydino``, ``patchcore-150``, ``himatch`` ...) fits, saves, loads
 and predicts through this one class; the model file records the method's name, hyper-parameters and
 learned tensors and rebuilds it through the registry.
+
+At ~550 lines it is one idea: the estimator (fit, calibration, predict, save, load) and the small result type
+it yields. What loading checks beyond the schema lives in ``model_checks``, the settings in ``detector_params``.
 """
 
 from __future__ import annotations
