@@ -180,6 +180,20 @@ def infer_arch(state: dict[str, torch.Tensor], path: Path) -> str:
 # ---------------------------------------------------------------------------------------------- key maps
 
 
+class _KeyMapping:
+    """Official tensors renamed to the hub layout (``out``), remembering which official keys were used."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = state
+        self.out: dict[str, torch.Tensor] = {}
+        self.used: set[str] = set()
+
+    def take(self, old: str, new: str) -> None:
+        if old in self.state:
+            self.out[new] = self.state[old]
+            self.used.add(old)
+
+
 def _split_qkv(tensor: torch.Tensor, hidden: int, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if tensor.shape[0] != 3 * hidden:
         raise ModelFileError(f"{key} has shape {tuple(tensor.shape)}, expected {3 * hidden} rows (query, key, value).")
@@ -188,13 +202,8 @@ def _split_qkv(tensor: torch.Tensor, hidden: int, key: str) -> tuple[torch.Tenso
 
 def convert_dinov2(state: dict[str, torch.Tensor], hidden: int) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Official DINOv2 tensors -> Hugging Face hub layout; returns the converted tensors and the official keys used."""
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-
-    def take(old: str, new: str) -> None:
-        if old in state:
-            out[new] = state[old]
-            used.add(old)
+    mapping = _KeyMapping(state)
+    take, out, used = mapping.take, mapping.out, mapping.used
 
     take("cls_token", "embeddings.cls_token")
     take("mask_token", "embeddings.mask_token")
@@ -228,13 +237,8 @@ def convert_dinov2(state: dict[str, torch.Tensor], hidden: int) -> tuple[dict[st
 
 def convert_dinov3(state: dict[str, torch.Tensor], hidden: int) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Official DINOv3 tensors -> Hugging Face hub layout; returns the converted tensors and the official keys used."""
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-
-    def take(old: str, new: str) -> None:
-        if old in state:
-            out[new] = state[old]
-            used.add(old)
+    mapping = _KeyMapping(state)
+    take, out, used = mapping.take, mapping.out, mapping.used
 
     take("cls_token", "embeddings.cls_token")
     take("mask_token", "embeddings.mask_token")
