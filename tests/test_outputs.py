@@ -491,8 +491,14 @@ def test_a_signal_during_predict_leaves_a_summary_marked_partial(signal_name, co
     import signal
 
     _stop_after_two_rows(monkeypatch, lambda: os.kill(os.getpid(), getattr(signal, signal_name)))
+    # Ctrl-C as an interactive shell gives it: a process started in the background of a script inherits SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     out = tmp_path / "out"
-    assert main(["predict", str(model), *map(str, _test_images(data)), "-o", str(out), "-q"]) == code
+    try:
+        assert main(["predict", str(model), *map(str, _test_images(data)), "-o", str(out), "-q"]) == code
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
     assert capsys.readouterr().err.strip().splitlines()[-1] in ("normdino: stopped by SIGTERM", "normdino: interrupted")
     _assert_partial_and_clean(out, reason)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI's handler is gone after the run
