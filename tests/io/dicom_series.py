@@ -11,6 +11,23 @@ IOP = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PID-0042", "PatientBirthDate": "19700101", "PatientSex": "F"}
 
 
+def _instance(sop_class: str, patient: dict | None):
+    """A new instance of ``sop_class`` (file meta, new SOP instance UID) with the patient module filled in."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    for key, value in (PATIENT if patient is None else patient).items():
+        setattr(ds, key, value)
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    return ds
+
+
 def write_series(folder: Path, pixels: np.ndarray, *, study_uid: str | None = None, series_uid: str | None = None,
                  frame_of_reference_uid: str | None = None, modality: str = "MR", description: str = "AX FLAIR",
                  series_number: int = 3, origin=(-100.0, -80.0, 30.0), spacing=(0.7, 0.8), step: float = 2.5,
@@ -19,8 +36,7 @@ def write_series(folder: Path, pixels: np.ndarray, *, study_uid: str | None = No
                  ) -> list[Path]:
     """Write ``pixels[:, :, k]`` (int16, or uint16 with ``unsigned``, ``bits_stored`` of 16 used) as instance k of
     one series (files named in shuffled order); the paths by k."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+    from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
     rows, cols, n = pixels.shape
@@ -34,16 +50,7 @@ def write_series(folder: Path, pixels: np.ndarray, *, study_uid: str | None = No
     paths = []
     for k in range(n):
         position = np.asarray(origin, dtype=float) + k * step * normal
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        for key, value in (PATIENT if patient is None else patient).items():
-            setattr(ds, key, value)
-        ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds = _instance(sop_class, patient)
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
         ds.FrameOfReferenceUID = frame_of_reference_uid
@@ -76,18 +83,10 @@ def write_series(folder: Path, pixels: np.ndarray, *, study_uid: str | None = No
 
 def write_sr(path: Path, study_uid: str, patient: dict | None = None) -> Path:
     """A basic text structured report (no pixels) of ``study_uid``."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.dataset import Dataset
+    from pydicom.uid import BasicTextSRStorage, generate_uid
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = BasicTextSRStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    for key, value in (PATIENT if patient is None else patient).items():
-        setattr(ds, key, value)
-    ds.SOPClassUID, ds.SOPInstanceUID = BasicTextSRStorage, meta.MediaStorageSOPInstanceUID
+    ds = _instance(BasicTextSRStorage, patient)
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = "SR", 99, 1, "Report"
     ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20240102", "101500", "1", "ACC42"
