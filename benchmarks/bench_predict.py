@@ -114,20 +114,23 @@ def bench_images(n: int, work: Path, data: Path = DATA) -> list[Path]:
     return sorted((Path(root) / "train" / "good").glob("*.png"))[:n]
 
 
-def fit_model(work: Path, images: list[Path], random_init: bool = False) -> Path:
-    """A small dpmm model on random ViT-S/14 weights at 448 px (its prototypes do not change the timing).
-
-    The weights are saved to a folder and loaded from it (``from_pretrained``), as real weights are; with
-    ``random_init`` the model says ``random`` and every process draws the weights again (seconds of start-up).
-    """
-    from normdino.detector import AnomalyDetector
+def save_weights(work: Path, random_init: bool = False) -> str:
+    """Random ViT-S/14 weights saved to a folder and loaded from it (``from_pretrained``), as real weights are;
+    with ``random_init`` the model says ``random`` and every process draws the weights again (seconds of start-up)."""
     from normdino.features.loading import save_random_backbone
 
-    backbone = "random" if random_init else str(save_random_backbone(work / "vits14-random"))
+    return "random" if random_init else str(save_random_backbone(work / "vits14-random"))
+
+
+def fit_model(folder: Path, images: list[Path], backbone: str) -> Path:
+    """A small dpmm model at 448 px in ``folder`` (its prototypes do not change the timing)."""
+    from normdino.detector import AnomalyDetector
+
     detector = AnomalyDetector(backbone=backbone, image_size=448, epochs=2, n_components=32, cache_dir=None,
                                progress=False)
     detector.fit(images[:8], images[8:12])
-    return detector.save(work / "model.normdino")
+    folder.mkdir(parents=True, exist_ok=True)
+    return detector.save(folder / "model.normdino")
 
 
 def write_volume(paths: list[Path], target: Path) -> None:
@@ -180,6 +183,9 @@ def main() -> None:
         if kind == "backbone":
             batches, threads, paths = rest[0], int(rest[1]), rest[2:]
             print(json.dumps(child_backbone(model, paths, [int(b) for b in batches.split(",")], threads)))
+        elif kind == "fit":
+            weights, paths = rest[0], [Path(p) for p in rest[1:]]
+            print(json.dumps(str(fit_model(Path(model), paths, weights))))
         else:
             print(json.dumps(child_api(model, rest)))
         return
@@ -193,7 +199,8 @@ def main() -> None:
     os.environ.setdefault("NORMDINO_RUNTIME_CACHE", str(work / "runtimes"))
     images = bench_images(max(args.n, 12, args.volume_slices), work, args.data)
     paths = [str(p) for p in images[: args.n]]
-    model = fit_model(work, images, args.random_init)
+    weights = save_weights(work, args.random_init)
+    model = fit_model(work, images, weights)
     extra = args.extra.split()
     args.no_onnx = args.no_onnx or args.only_all
     if not args.no_onnx:  # export and quantise once, outside the timings (the graph is cached per weights)
@@ -214,14 +221,20 @@ def main() -> None:
         print(f"  {name:<34}{value:9.2f} s", flush=True)
 
     trees = [(None, "")] + ([(args.compare_src.resolve(), " [before]")] if args.compare_src else [])
+    models = {None: model}
+    for src, mark in trees[1:]:  # each tree fits its own model: another version may name the weights otherwise
+        models[src] = Path(_run_child("fit", str(work / "model-before"), weights, *map(str, images[:12]), src=src))
+        if not args.no_onnx:
+            run_predict(models[src], paths[:1], work / "warm-onnx", "--runtime", "onnx", "--precision", "int8", src=src)
     for rep in range(args.reps):
         print(f"round {rep + 1}/{args.reps}, load average {os.getloadavg()}", flush=True)
         for threads in args.threads:
-            per_image = _run_child("backbone", str(model), ",".join(map(str, args.batches)), str(threads), *paths)
+            per_image = _run_child("backbone", str(models[None]), ",".join(map(str, args.batches)), str(threads), *paths)
             for batch, seconds in per_image.items():
                 backbone.setdefault(f"{threads} threads, batch {batch}", []).append(seconds)
                 print(f"  backbone {threads} threads batch {batch:<4}{1000 * seconds:14.0f} ms/image", flush=True)
         for src, mark in trees:
+            model = models[src]
             record("predict (all outputs)" + mark, run_predict(model, paths, work / f"out-all{mark}", *extra, src=src))
             if args.only_all:
                 continue

@@ -104,7 +104,8 @@ def check_backbone_architecture(path, spec: dict, backbone: Any, default_arch: s
 
 def check_same_backbone(path, spec: dict, backbone, overridden: bool) -> None:
     """Refuse other weights than the model was fitted with (unless overridden); warn on another precision/runtime."""
-    if weights_identity(backbone.identifier) != weights_identity(spec["identifier"]):
+    saved = weights_identity(spec["identifier"])
+    if weights_identity(backbone.identifier) != saved and not _fitted_before_plain_vit(backbone, saved):
         message = (f"{path} was fitted with backbone {spec['name']} ({spec['identifier']}), but the backbone "
                    f"loaded now is {backbone.identifier}")
         if not overridden:
@@ -117,12 +118,23 @@ def check_same_backbone(path, spec: dict, backbone, overridden: bool) -> None:
                         "by the difference in tokens", path, key, saved, now)
 
 
+def _fitted_before_plain_vit(backbone: Any, saved: str) -> bool:
+    """True when the model file names these weights as normdino did before it ran DINOv2 itself (hashed as
+    transformers' module): such files keep loading."""
+    before = getattr(backbone, "identifier_before_plain_vit", lambda: None)()
+    if before is None or weights_identity(before) != saved:
+        return False
+    log.info("the model file names backbone %s as earlier normdino versions did; the weights are the same",
+             backbone.name)
+    return True
+
+
 def weights_identity(identifier: str) -> str:
     """The part of a backbone identifier that names the weights and geometry: not precision, runtime or versions.
 
     A model fitted on a GPU in bf16, or under another torch, still loads; a warning says what differs.
     """
-    volatile = ("precision=", "runtime=", "transformers=", "torch=")
+    volatile = ("precision=", "runtime=", "transformers=", "impl=", "torch=")
     return "|".join(part for part in identifier.split("|") if not part.startswith(volatile))
 
 

@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from normdino.errors import InputError, ModelFileError, WeightsNotFoundError
+from normdino.features import vit
 from normdino.features.loading import (RANDOM_MARKER, SUPPORTED_MODEL_TYPES, build_random_model, load_model,
                                        weights_fingerprint)
 from normdino.features.runtimes import (
@@ -111,12 +112,17 @@ class Backbone:
         is_random: bool = False,
         runtime: str = "torch",
         precision: str | None = None,
+        transformers_model: Callable[[], torch.nn.Module] | None = None,
     ) -> None:
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelFileError(
                 f"{name} is a {config.model_type!r} model; normdino supports {', '.join(SUPPORTED_MODEL_TYPES)}."
             )
+        if config.model_type in vit.PLAIN_MODEL_TYPES and not isinstance(model, vit.DinoV2):
+            model = vit.from_transformers(model)  # one forward pass for every DINOv2, whoever built it
+            config = model.config
+        self.transformers_model = transformers_model
         self.device = resolve_device(device)
         self.model = model.eval().requires_grad_(False).to(self.device)
         self.config = config
@@ -162,7 +168,7 @@ class Backbone:
         model, name = load_model(name_or_path)
         is_random = bool(getattr(model.config, RANDOM_MARKER, False))
         return cls(model, name, image_size, layers, normalize, device, is_random=is_random, runtime=runtime,
-                   precision=precision)
+                   precision=precision, transformers_model=lambda: load_model(name_or_path, plain=False)[0])
 
     @classmethod
     def random(
@@ -171,7 +177,8 @@ class Backbone:
         """The architecture of ``arch`` with seeded random weights, for tests and timing only."""
         model = build_random_model(arch, seed, tiny)
         name = f"random{'-tiny' if tiny else ''}-{arch}-seed{seed}"
-        return cls(model, name, is_random=True, **kwargs)
+        return cls(model, name, is_random=True, transformers_model=lambda: build_random_model(arch, seed, tiny),
+                   **kwargs)
 
     # ------------------------------------------------------------------ geometry and keys
     def grid_shape(self) -> tuple[int, int]:
@@ -203,14 +210,22 @@ class Backbone:
         """Key of everything that changes the tokens: architecture and weights (every byte), resolution, layers,
         normalisation, precision, runtime, preprocessing and the library versions; the model's name or folder is
         not part of it, so moving a model folder keeps its cached tokens."""
-        import transformers
+        return self._identifier(self.weights_digest)
 
+    def identifier_before_plain_vit(self) -> str | None:
+        """The identifier model files written before normdino ran DINOv2 itself recorded: the weights hashed as
+        transformers' module (loads transformers: seconds, for those files only), or None for DINOv3."""
+        if not isinstance(self.model, vit.DinoV2) or self.transformers_model is None:
+            return None
+        return self._identifier(weights_fingerprint(self.transformers_model()))
+
+    def _identifier(self, weights_digest: str) -> str:
         layers = ",".join(map(str, self.layers))
         return (
-            f"{self.config.model_type}|weights={self.weights_digest}|size={self.image_size}|layers={layers}"
+            f"{self.config.model_type}|weights={weights_digest}|size={self.image_size}|layers={layers}"
             f"|normalize={self.normalize}|precision={getattr(self, 'precision', None)}{self._precision_mode()}"
             f"|runtime={getattr(self, 'runtime', None)}|prep={PREPROCESSING_VERSION}"
-            f"|transformers={transformers.__version__}|torch={torch.__version__}"
+            f"|{vit.implementation(self.model)}|torch={torch.__version__}"
         )
 
     # ------------------------------------------------------------------ computation

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import torch
 
 from normdino.errors import InputError, ModelFileError, WeightsNotFoundError
+from normdino.features import vit
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,9 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 (32 hex) of the architecture config and of every state_dict tensor's name, dtype, shape and bytes.
 
     Every byte counts, so one changed value anywhere gives another fingerprint. Tensors are hashed on a few
-    threads (hashlib releases the GIL); ViT-S/14 takes ~0.1 s on one core.
+    threads (hashlib releases the GIL); ViT-S/14 takes ~0.1 s on one core. A DINOv2 run by normdino
+    (normdino.features.vit) hashes its architecture fields and the hub's tensor names, which no transformers
+    release changes; a transformers module (DINOv3) hashes transformers' full config and names.
     """
     config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _CONFIG_NOT_HASHED}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
@@ -172,24 +175,25 @@ def imported_folder(alias: str, store: str | os.PathLike | None = None) -> Path 
     return folder if (folder / WEIGHTS_RECORD).is_file() and (folder / "model.safetensors").is_file() else None
 
 
-def load_model(name_or_path: str | os.PathLike) -> tuple[torch.nn.Module, str]:
+def load_model(name_or_path: str | os.PathLike, plain: bool = True) -> tuple[torch.nn.Module, str]:
     """Resolve an alias, local folder, .safetensors file or hub name into an fp32 model and a display name.
 
     An alias (or its hub name) whose weights were imported with ``normdino weights import`` loads from the
-    offline store (normdino.features.weights) under the hub name, before any hub lookup.
+    offline store (normdino.features.weights) under the hub name, before any hub lookup. DINOv2 weights in
+    safetensors load as a normdino.features.vit.DinoV2 unless ``plain`` is False (then as transformers' module).
     """
     text = str(name_or_path)
     alias = text if text in ALIASES else next((a for a, repo in ALIASES.items() if repo == text), None)
     if alias is not None and (folder := imported_folder(alias)) is not None:  # `normdino weights import`: offline
-        return _load_local_dir(folder), ALIASES[alias]
+        return _load_local_dir(folder, plain), ALIASES[alias]
     name = ALIASES.get(text, text)
     path = Path(name).expanduser()
     if path.is_dir():
-        return _load_local_dir(path), str(path)
+        return _load_local_dir(path, plain), str(path)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ModelFileError(f"{path} is not a .safetensors file; pass a model folder, a .safetensors file or a hub name.")
-        return _load_safetensors(path), str(path)
+        return _load_safetensors(path, plain), str(path)
     if isinstance(name_or_path, os.PathLike) or _looks_like_path(text):
         raise WeightsNotFoundError(f"Backbone weights {path} do not exist; pass an existing folder or .safetensors file.")
     if "/" not in name:
@@ -197,7 +201,7 @@ def load_model(name_or_path: str | os.PathLike) -> tuple[torch.nn.Module, str]:
             f"Backbone {text!r} is neither a known alias ({', '.join(ALIASES)}), an existing path, "
             "nor a hub repo id such as 'facebook/dinov2-small'."
         )
-    return _load_from_hub(name), name
+    return _load_from_hub(name, plain), name
 
 
 def _looks_like_path(text: str) -> bool:
@@ -231,15 +235,41 @@ def _read_config(folder: Path):
     return config
 
 
-def _load_local_dir(folder: Path) -> torch.nn.Module:
-    """A ``save_pretrained`` folder -> model."""
+def _plain_config(folder: Path, weights: str = "model.safetensors") -> vit.ViTConfig | None:
+    """The folder's config when normdino runs it without transformers (DINOv2 weights in safetensors), else None."""
+    file = folder / "config.json"
+    if not file.is_file():
+        raise ModelFileError(f"{folder} has no config.json; save the backbone with save_pretrained or pass a hub name.")
+    try:
+        model_type = json.loads(file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ModelFileError(f"{file} is not a valid transformers config ({err}).") from err
+    if model_type not in vit.PLAIN_MODEL_TYPES or not (folder / weights).is_file():
+        return None
+    return vit.ViTConfig.from_file(file)
+
+
+def _load_local_dir(folder: Path, plain: bool = True) -> torch.nn.Module:
+    """A ``save_pretrained`` folder -> model (DINOv2 without transformers' modelling code, see normdino.features.vit)."""
+    config = _plain_config(folder) if plain else None
+    if config is not None:
+        return vit.load_folder(folder, config)
     return _from_folder(folder, _read_config(folder), str(folder))
 
 
-def _load_safetensors(file: Path) -> torch.nn.Module:
+def _load_safetensors(file: Path, plain: bool = True) -> torch.nn.Module:
     """A .safetensors file beside its config.json -> model, through transformers' own key conversion."""
     from safetensors import SafetensorError, safe_open
 
+    config = _plain_config(file.parent, file.name) if plain and (file.parent / "config.json").is_file() else None
+    if config is not None:
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ModelFileError(f"{file} is not a readable safetensors file ({err}).") from err
+        return vit.build(config, tensors, str(file))
     config = _read_config(file.parent)
     try:
         with safe_open(str(file), framework="pt"):
@@ -298,7 +328,7 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-def _load_from_hub(repo: str) -> torch.nn.Module:
+def _load_from_hub(repo: str, plain: bool = True) -> torch.nn.Module:
     """A hub repo id -> model, from the local cache first; one clear sentence when that is impossible."""
     from transformers import AutoConfig
 
@@ -308,6 +338,9 @@ def _load_from_hub(repo: str) -> torch.nn.Module:
         if "dinov3" in repo.lower() else ""
     )
     local_hint = "or pass a local folder saved with save_pretrained (or a .safetensors file beside its config.json)"
+    cached = _cached_hub_folder(repo) if plain else None
+    if cached is not None:
+        return cached
     attempts = [True] if _offline() else [True, False]
     for local_only in attempts:
         if not local_only and not _hub_reachable():
@@ -332,6 +365,19 @@ def _load_from_hub(repo: str) -> torch.nn.Module:
         f"Weights of {repo!r} are not in the local Hugging Face cache and {reason}: download them once on a machine "
         f"with internet, {local_hint}.{gated_hint}"
     )
+
+
+def _cached_hub_folder(repo: str) -> torch.nn.Module | None:
+    """A DINOv2 whose config.json and model.safetensors are in the local hub cache, loaded without transformers."""
+    from huggingface_hub import try_to_load_from_cache
+
+    files = [try_to_load_from_cache(repo, name) for name in ("config.json", "model.safetensors")]
+    if not all(isinstance(file, str) for file in files):
+        return None
+    folder = Path(files[0]).parent
+    if Path(files[1]).parent != folder or (plain := _plain_config(folder)) is None:
+        return None
+    return vit.load_folder(folder, plain)
 
 
 def _error_chain(err: BaseException) -> Iterator[BaseException]:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from normdino.errors import InputError, ModelFileError
+from normdino.features.vit import implementation
 from normdino.files import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -212,11 +213,10 @@ def cache_root() -> Path:
     return Path(base) / "normdino" / "runtimes"
 
 
-def export_key(weights_digest: str, model_type: str, image_size: int, layers: Sequence[int], precision: str) -> str:
+def export_key(weights_digest: str, model_type: str, image_size: int, layers: Sequence[int], precision: str,
+               forward_implementation: str) -> str:
     """Key of one exported graph: weights, geometry, precision and every library version that shapes the file."""
-    import transformers
-
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    versions = {"torch": torch.__version__, "forward": forward_implementation}
     for module in ("onnx", "onnxruntime"):
         with contextlib.suppress(ImportError):
             versions[module] = __import__(module).__version__
@@ -233,7 +233,7 @@ def exported_onnx(
 ) -> Path:
     """Path of the ONNX graph of ``model`` at ``precision`` (fp32 or int8), exporting it once if it is not cached."""
     root = cache_root() if root is None else Path(root)
-    key = export_key(weights_digest, model.config.model_type, image_size, layers, precision)
+    key = export_key(weights_digest, model.config.model_type, image_size, layers, precision, implementation(model))
     target = root / f"{key}.onnx"
     if target.is_file():
         return target
