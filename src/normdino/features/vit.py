@@ -106,14 +106,26 @@ class _Embeddings(nn.Module):
         self.position_embeddings = nn.Parameter(torch.zeros(1, side * side + 1, config.hidden_size))
         self.patch_size = config.patch_size
         self.antialias = bool(config.num_register_tokens)  # transformers antialiases only with registers
+        self._resized: dict[tuple, torch.Tensor] = {}  # per input size: the weights are frozen
 
     def interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Position embeddings for an input of height x width pixels: bicubic from the trained grid."""
+        """Position embeddings for an input of height x width pixels: bicubic from the trained grid (computed
+        once per size, device and dtype; a few ms per image otherwise)."""
         positions = self.position_embeddings
         trained = positions.shape[1] - 1
-        if not torch.jit.is_tracing() and embeddings.shape[1] - 1 == trained and height == width:
+        if torch.jit.is_tracing():
+            return self._resize(height, width)
+        if embeddings.shape[1] - 1 == trained and height == width:
             return positions
-        side, dim = int(math.isqrt(trained)), positions.shape[-1]
+        key = (height, width, positions.device, positions.dtype, positions.data_ptr())
+        if key not in self._resized:
+            with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, whatever mode called first
+                self._resized = {key: self._resize(height, width)}
+        return self._resized[key]
+
+    def _resize(self, height: int, width: int) -> torch.Tensor:
+        positions = self.position_embeddings
+        side, dim = int(math.isqrt(positions.shape[1] - 1)), positions.shape[-1]
         grid = positions[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
         grid = F.interpolate(grid.to(torch.float32), size=(height // self.patch_size, width // self.patch_size),
                              mode="bicubic", align_corners=False, antialias=self.antialias).to(positions.dtype)

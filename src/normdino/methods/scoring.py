@@ -11,7 +11,6 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 
 from normdino.errors import InputError
 
@@ -142,6 +141,8 @@ def smooth(pixel_map: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian smoothing of a pixel map (sigma in pixels of the original image; 0 leaves it unchanged)."""
     if sigma <= 0:
         return pixel_map
+    from scipy.ndimage import gaussian_filter  # only when smoothing: scipy.ndimage costs ~0.3 s at start-up
+
     return gaussian_filter(pixel_map, sigma=sigma, mode="nearest").astype(np.float32, copy=False)
 
 
