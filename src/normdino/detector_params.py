@@ -23,6 +23,7 @@ DETECTOR_PARAMS: tuple[Param, ...] = (
     Param("val_fraction", float, "fraction of training sources held out for calibration when no --val is given",
           minimum=0.0, maximum=0.9),
     Param("batch_size", int, "images per backbone forward pass (None or 'auto': the measured best for the device "
-          "and runtime, normdino.features.runtimes.AUTO_BATCH_SIZES)", minimum=1),
+          "and runtime: one image per core for torch on a CPU, see normdino.features.runtimes.auto_batch_size)",
+          minimum=1),
     Param("seed", int, "random seed (few-shot image choice, coreset start, mixture initialisation)"),
 )

@@ -239,3 +239,35 @@ def test_onnx_int8_tokens_do_not_depend_on_the_batch(tiny_dinov2_dir, runtime_ca
         alone = run(pixels[:1])
         for batch in (2, 4):
             torch.testing.assert_close(run(pixels[:batch])[:1], alone, atol=0, rtol=0)
+
+
+def test_image_parallel_runs_each_image_alone_in_worker_threads():
+    """One single-threaded forward per image in workers: the result of each image run alone, in order, with the
+    worker's context (autocast is per thread) and the caller's thread count untouched."""
+    seen: list[tuple[str, int, bool]] = []
+
+    def run(pixels: torch.Tensor) -> torch.Tensor:
+        import threading
+
+        seen.append((threading.current_thread().name, torch.get_num_threads(), torch.is_autocast_enabled("cpu")))
+        return pixels.sum(dim=(2, 3))[:, None] * torch.arange(1, 3)[None, :, None]  # (B, 2, 3)
+
+    threads = torch.get_num_threads()
+    parallel = runtimes.image_parallel_runner(run, 2, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    pixels = _pixels(0, 8, batch=5)
+    out = parallel(pixels)
+    assert torch.equal(out, torch.cat([run(image) for image in pixels.split(1)]))
+    workers = [s for s in seen[:5]]
+    assert all(name.startswith("normdino-forward") and n == 1 and autocast for name, n, autocast in workers)
+    assert torch.get_num_threads() == threads
+    seen.clear()
+    parallel(pixels[:1])  # fewer images than workers: the calling thread, its threads, the context still entered
+    assert seen == [(seen[0][0], threads, True)] and not seen[0][0].startswith("normdino-forward")
+
+
+def test_cpu_tokens_do_not_depend_on_the_batch(tiny_dinov2_reg_dir):
+    """torch on a CPU runs a batch one image per core: each image's tokens equal its batch-of-one tokens."""
+    backbone = Backbone.from_pretrained(tiny_dinov2_reg_dir, image_size=SIZE, layers=LAYERS)
+    pixels = _pixels(4, backbone.image_size, batch=5)
+    alone = torch.cat([backbone.encode(image).patch_tokens for image in pixels.split(1)])
+    assert torch.equal(backbone.encode(pixels).patch_tokens, alone)

@@ -30,7 +30,7 @@ from normdino.features import vit
 from normdino.features.loading import (RANDOM_MARKER, SUPPORTED_MODEL_TYPES, build_random_model, load_model,
                                        weights_fingerprint)
 from normdino.features.runtimes import (
-    Runner, check_supported, graph_runner, hidden_tokens, resolve_precision, torch_int8_model,
+    Runner, check_supported, graph_runner, hidden_tokens, image_parallel_runner, resolve_precision, torch_int8_model,
 )
 from normdino.io.reading import read_image
 from normdino.parallel import default_workers, ordered_map
@@ -340,8 +340,8 @@ class Backbone:
         return contextlib.nullcontext()
 
     def _build_runner(self) -> Runner | None:
-        """None for torch fp32 (and bf16 autocast on a CPU); torch bf16 on a GPU and torch INT8 run a converted copy;
-        onnx/openvino load a cached export.
+        """None for torch fp32 on a GPU (bf16 there runs a converted copy); on a CPU torch runs images side by side
+        (fp32, bf16 autocast, or a converted INT8 copy); onnx/openvino load a cached export.
 
         ``self.model`` stays the fp32 model in every case, so the weights digest and derived backbones see it.
         """
@@ -352,10 +352,13 @@ class Backbone:
                 # ViT-S/B at batch 64), token cosine to fp32 0.99995 instead of 0.99999
                 weights_bf16 = bf16_copy(self.model)
                 return lambda pixels: hidden_tokens(weights_bf16, pixels.to(torch.bfloat16), layers).float()
-            if self.precision != "int8":
+            if self.device.type != "cpu":
                 return None
-            quantised = torch_int8_model(self.model)
-            return lambda pixels: hidden_tokens(quantised, pixels, layers).float()
+            model = torch_int8_model(self.model) if self.precision == "int8" else self.model
+            context = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if self.precision == "bf16" \
+                else contextlib.nullcontext
+            return image_parallel_runner(lambda pixels: hidden_tokens(model, pixels, layers).float(),
+                                         torch.get_num_threads(), context)
         return graph_runner(self.runtime, self.precision, self.model, self.weights_digest, self.image_size,
                             self.layers)
 

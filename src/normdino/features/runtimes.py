@@ -65,14 +65,14 @@ INSTALL_HINT = "install it with `pip install 'normdino[fast]'` (onnxruntime, onn
 
 # ---------------------------------------------------------------------- choosing
 #: Images per forward pass when none is given (``batch_size=None`` or ``"auto"``), by device type and runtime.
-#: A table from measurement, not a constant: on the 2-core AVX2 CPU torch fp32 is ~15 % faster per image at batch
-#: 1 than at 8 (its GEMMs already fill the cores; larger batches only add memory traffic), ONNX Runtime runs a batch
-#: image-parallel on single-threaded sessions and gains up to batch 8 (1.53x at 4, 1.62x at 8 over torch at the
-#: same batch), OpenVINO's LATENCY mode is tuned for one image; on an H200 ViT-S/14 at 448 px reaches its rate
-#: (3 031 images/s in bf16) at batch 64 (benchmarks/bench_runtimes.py, bench_gpu.py, bench_predict.py).
-#: The batch size never changes a token beyond float rounding (ONNX Runtime: not at all, each image runs alone).
+#: A table from measurement, not a constant. torch on a CPU is not in it: it runs a batch one image per core
+#: (image_parallel_runner), so its batch is the number of torch threads (1.5-2x per image over one image spread
+#: across 2 EPYC cores). ONNX Runtime runs a batch image-parallel on single-threaded sessions and gains up to
+#: batch 8 (1.53x at 4, 1.62x at 8 over torch at the same batch), OpenVINO's LATENCY mode is tuned for one image;
+#: on an H200 ViT-S/14 at 448 px reaches its rate (3 031 images/s in bf16) at batch 64
+#: (benchmarks/bench_runtimes.py, bench_gpu.py, bench_predict.py).
+#: The batch size never changes a token beyond float rounding (on a CPU not at all: each image runs alone).
 AUTO_BATCH_SIZES: dict[tuple[str, str], int] = {
-    ("cpu", "torch"): 1,
     ("cpu", "onnx"): 8,
     ("cpu", "openvino"): 1,
     ("cuda", "torch"): 64,
@@ -82,8 +82,11 @@ DEFAULT_AUTO_BATCH_SIZE = 8
 
 
 def auto_batch_size(device: torch.device | str, runtime: str = "torch") -> int:
-    """The measured best batch size for ``device`` and ``runtime`` (see ``AUTO_BATCH_SIZES``; 8 when untabled)."""
+    """The measured best batch size for ``device`` and ``runtime``: one image per torch thread for torch on a CPU,
+    else ``AUTO_BATCH_SIZES`` (8 when untabled)."""
     kind = torch.device(device).type if not isinstance(device, torch.device) else device.type
+    if (kind, str(runtime)) == ("cpu", "torch"):
+        return max(1, torch.get_num_threads())
     return AUTO_BATCH_SIZES.get((kind, str(runtime)), DEFAULT_AUTO_BATCH_SIZE)
 
 
@@ -319,6 +322,33 @@ def torch_int8_model(model: torch.nn.Module) -> torch.nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=False).eval()
+
+
+def image_parallel_runner(run: Runner, workers: int,
+                          context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Runner:
+    """``run`` over a batch's images side by side: ``workers`` threads, each running one image single-threaded.
+
+    On a CPU one forward per core is faster than one forward spread over all cores: each of a ViT's many parallel
+    sections waits for its slowest thread, worst when other jobs share the cores (2-core EPYC: 1.5-2x per image,
+    benchmarks/bench_predict.py). torch releases Python's lock in its kernels. Every image runs alone, so its
+    tokens never depend on the batch; batches smaller than ``workers`` run whole on the calling thread.
+    ``context`` (e.g. bf16 autocast) is entered in the worker, as autocast and inference mode are per thread.
+    """
+    workers = max(1, int(workers))
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="normdino-forward", initializer=torch.set_num_threads,
+                              initargs=(1,)) if workers > 1 else None  # set per thread: the caller keeps its own
+
+    def run_here(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), context():
+            return run(pixels)
+
+    def run_batch(pixels: torch.Tensor) -> torch.Tensor:
+        images = pixels.split(1)
+        if pool is None or len(images) < workers:
+            return run_here(pixels)
+        return torch.cat(list(pool.map(run_here, images)))
+
+    return run_batch
 
 
 def onnx_runner(path: Path, threads: int) -> Runner:
