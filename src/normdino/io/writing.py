@@ -365,8 +365,8 @@ class PredictionWriter:
         """Maps (16-bit PNG + .npy), mask PNG and overlay PNG for each 2D image.
 
         ``on_image(path, image, prediction)``, if given, sees each image and its prediction (e.g. for a viewer).
-        Threads read each batch's images, and encode the PNGs of earlier images while the model runs on the
-        next batch; rows are recorded in input order all the same.
+        Threads read the next batches' images and encode the PNGs of earlier images while the model runs on
+        this batch; rows are recorded in input order all the same.
         """
         paths = [Path(p) for p in paths]
         self.assign_names(paths)
@@ -396,9 +396,13 @@ class PredictionWriter:
                         on_image(path, *payload)
                 bar.update(1)
 
+            readable = [path for path, size in sizes.items() if not isinstance(size, str)]
+            batch_size = self.detector.effective_batch_size
+            reads = ordered_map(_read_or_error, readable, max(1, workers), ahead=2 * batch_size + 1)  # read ahead
             try:
-                for batch in _batches_by_pixels(list(sizes.items()), self.detector.effective_batch_size, BATCH_PIXELS):
-                    results = self._predict_batch([p for p, size in batch if not isinstance(size, str)], workers)
+                for batch in _batches_by_pixels(list(sizes.items()), batch_size, BATCH_PIXELS):
+                    paths = [p for p, size in batch if not isinstance(size, str)]
+                    results = self._predict_batch(paths, [next(reads) for _ in paths])
                     for path, size in batch:
                         outcome = InputError(size) if isinstance(size, str) else results[path]
                         if isinstance(outcome, BaseException):
@@ -411,19 +415,19 @@ class PredictionWriter:
                 while pending:
                     settle_oldest()
             finally:  # stopped early: let the writes under way end, and remove the files of unrecorded inputs
+                reads.close()
                 pool.shutdown(wait=True, cancel_futures=True)
                 for _, future, _ in pending:
                     if future is not None and not future.cancelled() and future.exception() is None:
                         _remove(future.result()[1])
 
-    def _predict_batch(self, paths: list[Path], workers: int = 0) -> dict[Path, tuple[np.ndarray, object] | BaseException]:
-        """(image, prediction) of each path, or the error that stops it; a batch that fails is retried image by image.
-
-        ``workers`` threads read the images.
-        """
+    def _predict_batch(self, paths: list[Path], read: list[np.ndarray | BaseException]
+                       ) -> dict[Path, tuple[np.ndarray, object] | BaseException]:
+        """(image, prediction) of each path from its image as read (or the error reading it), or the error that
+        stops it; a batch that fails is retried image by image."""
         results: dict[Path, tuple[np.ndarray, object] | BaseException] = {}
         images: dict[Path, np.ndarray] = {}
-        for path, image in zip(paths, ordered_map(_read_or_error, paths, workers)):
+        for path, image in zip(paths, read):
             if isinstance(image, BaseException):
                 results[path] = image
             else:
