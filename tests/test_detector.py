@@ -151,8 +151,9 @@ def test_model_file_errors(fitted, tmp_path):
         AnomalyDetector.load(tmp_path / "other.normdino")
 
 
-def test_dpmm_maps_and_thresholds_equal_those_recorded_before_the_method_interface(phantoms, tiny_dinov2_dir):
-    """tests/data/dpmm_regression.json was written by the detector before the move (see record_dpmm_regression.py)."""
+def test_dpmm_maps_and_thresholds_equal_those_recorded(phantoms, tiny_dinov2_dir):
+    """tests/data/dpmm_regression.json was written by tests/data/record_dpmm_regression.py: first before the method
+    interface, again when EM batches became whole images (issue 22; the first recording still held with row batches)."""
     import torch
 
     recorded = json.loads((Path(__file__).parent / "data" / "dpmm_regression.json").read_text())

@@ -1,4 +1,10 @@
-"""Recorded the DPMM regression numbers (tests/data/dpmm_regression.json) with the detector before the method interface (commit 23db06e + layout move). Kept to show how the numbers were made; the test reads the JSON."""
+"""Records the DPMM regression numbers (tests/data/dpmm_regression.json); the test reads the JSON.
+
+First recorded with the detector before the method interface (commit 23db06e + layout move); recorded again when
+the DPMM's EM batches became whole images read in one piece from the token store (issue 22): the old numbers
+still matched that code with the row batches (block_rows=1), so the new ones differ by the batches alone.
+    python tests/data/record_dpmm_regression.py /tmp/rec tests/data/dpmm_regression.json
+"""
 import json, sys, numpy as np, torch
 from pathlib import Path
 from normdino import AnomalyDetector
@@ -15,6 +21,6 @@ preds = d.predict(pngs(ph/"test"/"Ungood"/"img"), fpr=0.05)
 out = {"pixel_thresholds": d.pixel_thresholds_.tolist(), "image_thresholds": d.image_thresholds_.tolist(),
        "calibration_fprs": d.calibration_fprs_.tolist(),
        "patch_maps": [p.patch_map.tolist() for p in preds], "scores": [p.score for p in preds],
-       "best_epoch": d.best_epoch_, "n_prototypes": int(d.prototypes_.shape[0])}
+       "best_epoch": d.training_summary_["best_epoch"] - 1, "n_prototypes": int(d.method_.n_prototypes)}
 json.dump(out, open(sys.argv[2], "w"))
 print(out["best_epoch"], out["n_prototypes"], out["scores"])

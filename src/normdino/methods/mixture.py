@@ -7,8 +7,8 @@ size N x D x D or N x K x D is ever built. Weights live in log space, so no comp
 Why this module is longer than ~500 lines: it is one scikit-learn-style estimator, and its initialisation,
 E and M steps, sharded (torchrun) fit, scoring and (de)serialisation all read and write the same private
 state (means, Cholesky factors, stick ratios, running statistics). Splitting the class would turn that state
-into a public interface between modules; the scoring-only view (:class:`ActiveComponents`) and the batching
-helpers at the end are small and used only here.
+into a public interface between modules; the scoring-only view (:class:`ActiveComponents`) is small and used
+only here. How an epoch's batches are drawn and read from a token store lives in normdino.methods.batches.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 from normdino import distributed as dist
 from normdino.errors import InputError, ModelFileError
 from normdino.files import atomic_path, read_safetensors
+from normdino.methods.batches import READ_THREADS, BatchSource, batch_source, shard_layout
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +41,6 @@ EPS = 1e-12
 """The tiny constant of the M-step and stick equations (mu = S / (N + EPS), ...)."""
 RESP_FLOOR = 1e-30
 """Responsibilities below this are set to exactly zero (keeps matrix products free of subnormal numbers)."""
-EXACT_SHUFFLE_MAX_ROWS = 1 << 25
-"""Under torchrun, up to this many rows in all (32 768 images of 1024 tokens) the global batches are exactly a
-one-process fit's (every rank draws the global permutation, 8 bytes a row); above, each rank shuffles its own share."""
 KMEANS_PP_MAX_ROWS = 4096
 """k-means++ seeding draws from a random subsample of at most max(this, 4 K) rows of the first batch."""
 _LOG_RESP_FLOOR = math.log(RESP_FLOOR)
@@ -614,12 +613,19 @@ class DirichletProcessMixture:
         shuffle: bool = True,
         callback: Callable[[int, "DirichletProcessMixture"], bool | None] | None = None,
         distributed: bool = False,
+        block_rows: int = 1,
+        read_threads: int = READ_THREADS,
     ) -> "DirichletProcessMixture":
         """Run EM over X for some epochs, continuing from the current state if there is one (set_state, load, fit).
 
         X is an (N, D) tensor or array of any real dtype (a float16 np.memmap is read batch by batch), split into
         ceil(N / batch_size) near-equal batches of rows permuted per epoch; or a re-iterable of batches (a list is
         shuffled in batch order, other iterables are used as they come). callback(epoch, model) returning True stops.
+        ``block_rows`` > 1 draws an array's rows in contiguous blocks of that many rows (the blocks are permuted,
+        each batch holds about batch_size / block_rows of them, each read with one positional read of a memory
+        mapped file, ``read_threads`` at a time; see normdino.methods.batches) and, as such batches are not a
+        uniform sample of the rows, a new state is initialised from batch_size rows drawn from all of X.
+        ``read_seconds_`` is the time the last epoch spent waiting for its batches.
 
         ``distributed=True`` under torchrun: X is this rank's share of the data. Arrays are split into
         ceil(N_global / batch_size) parts on every rank, so the i-th parts of all ranks form a global batch of
@@ -633,11 +639,24 @@ class DirichletProcessMixture:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
         sync = distributed and dist.is_distributed()
-        batches = _batch_source(X, int(batch_size), _shard_layout(X) if sync else None)
+        batches = batch_source(X, int(batch_size), shard_layout(X) if sync else None, block_rows, read_threads)
+        if isinstance(batches, BatchSource) and batches.block_rows > 1 and getattr(self, "means_", None) is None:
+            sample = batches.sample(int(batch_size), _generator(self.seed, 3))
+            if sync:
+                self._initialise_shard(self._as_shard(sample))
+            else:
+                self._initialise(self._as_batch(sample))
         g = _generator(self.seed, 2, int(getattr(self, "n_iter_", 0)))
         for epoch in range(epochs):
             total, rows = 0.0, 0
-            for batch in batches(g if shuffle else None):
+            self.read_seconds_ = 0.0
+            epoch_batches = batches(g if shuffle else None)
+            while True:
+                started = time.perf_counter()
+                batch = next(epoch_batches, None)
+                self.read_seconds_ += time.perf_counter() - started
+                if batch is None:
+                    break
                 self.partial_fit(batch, distributed=sync)
                 n_rows = self.batch_rows_ if sync else len(batch)
                 total += self.log_likelihood_ * n_rows
@@ -811,61 +830,3 @@ def _logsumexp_columns(a: torch.Tensor) -> torch.Tensor:
     """
     top = a.amax(0, keepdim=True)
     return (a - top).clamp_min_(-87.0).exp_().sum(0).log_().add_(top.squeeze(0))
-
-
-def _shard_layout(X: Any) -> tuple[int, int] | None:
-    """(first global row of this rank's share, rows on all ranks) for an array X; None for lists of batches."""
-    if not isinstance(X, (torch.Tensor, np.ndarray)):
-        return None
-    counts = dist.all_gather_object(int(X.shape[0]) if X.ndim == 2 else 0)
-    if sum(counts) == 0:
-        raise InputError("X is empty on every rank (0 rows); pass at least one sample.")
-    return sum(counts[: dist.rank()]), sum(counts)
-
-
-def _batch_source(X: Any, batch_size: int, shard: tuple[int, int] | None = None) -> Callable[[torch.Generator | None], Iterator[Any]]:
-    """A function giving, per epoch, the batches of X (rows permuted with the generator, or in order without one).
-
-    ``shard`` = (first global row, global rows): X is a torchrun rank's contiguous share of a larger array.
-    Up to EXACT_SHUFFLE_MAX_ROWS global rows every rank draws the one-process permutation of all rows and
-    keeps its own rows of each batch, so the global batches are exactly those of a one-process fit; above
-    it (a global permutation would cost 8 bytes per row on every rank) each rank permutes its own rows into
-    as many batches. Parts may be empty.
-    """
-    if isinstance(X, (torch.Tensor, np.ndarray)):
-        if X.ndim != 2:
-            raise InputError(f"X must be a 2-D array of shape (n_samples, n_features), got shape {tuple(X.shape)}.")
-        n = X.shape[0]
-        if n == 0 and shard is None:
-            raise InputError("X is empty (0 rows); pass at least one sample.")
-        start, n_global = shard if shard is not None else (0, n)
-        n_batches = -(-n_global // batch_size)
-        exact = shard is not None and n_global <= EXACT_SHUFFLE_MAX_ROWS
-
-        def permutation(g: torch.Generator | None) -> torch.Tensor:
-            size = n_global if exact else n
-            return torch.randperm(size, generator=g) if g is not None else torch.arange(size)
-
-        def array_batches(g: torch.Generator | None) -> Iterator[Any]:
-            for part in torch.tensor_split(permutation(g), n_batches):
-                if exact:  # this rank's rows of the global batch, as local row numbers
-                    part = part[(part >= start) & (part < start + n)] - start
-                if len(part) == 0:
-                    yield X[:0]
-                elif g is None:  # contiguous rows: a plain slice, also for memory maps
-                    yield X[int(part[0]) : int(part[-1]) + 1]
-                else:  # rows of a batch in file order: sequential reads from a memory map, same batches for any X type
-                    rows = torch.sort(part).values
-                    yield X[rows] if isinstance(X, torch.Tensor) else X[rows.numpy()]
-
-        return array_batches
-    if isinstance(X, Sequence) and not isinstance(X, (str, bytes)):
-        def list_batches(g: torch.Generator | None) -> Iterator[Any]:
-            order = torch.randperm(len(X), generator=g).tolist() if g is not None else range(len(X))
-            for i in order:
-                yield X[i]
-
-        return list_batches
-    if isinstance(X, Iterable):
-        return lambda g: iter(X)
-    raise InputError(f"X must be an array, a tensor or an iterable of batches, got {type(X).__name__}.")
