@@ -1,22 +1,41 @@
-"""Does fit stream its token store? Peak memory of ``AnomalyDetector.fit`` on N and on 4N images.
+"""Does fit stream its token store? Peak memory on N and 4N images, the EM's read rate against the disk's, the EM step
+against the matrix products it needs.
 
-    python benchmarks/bench_fit_scale.py                 # N = 128 phantoms, 4N = 512; tiny random backbone, 448 px
-    python benchmarks/bench_fit_scale.py --n 64 --image-size 224
+    python benchmarks/bench_fit_scale.py                  # N = 128 phantoms, 4N = 512; 1-block ViT-S width, 448 px
+    python benchmarks/bench_fit_scale.py --n 32 --rounds 1 --layers 1 --image-size 224   # a quick run
 
-Each fit runs in a fresh process with a cold token cache (extraction, store, EM, calibration). The figure is the
-peak resident memory of the process (VmHWM), and its growth over the process's memory once torch, the method and
-the backbone are loaded; a fit that streams its store keeps the peak of 4N within 1.25x of N's. The store's size
-is printed beside it: a fit that held every token in memory would grow by about that much.
-Time is not the point here (a tiny backbone), so the shared cores do not matter.
+One run prints:
+1. Peak resident memory (VmHWM) of ``AnomalyDetector.fit`` on N and on 4N images, each in a fresh process with a
+   cold token cache (extraction, store, EM, calibration); a fit that streams its store keeps 4N within 1.25x of N.
+2. Read rates of the 4N token store (patches.npy), interleaved over ``--rounds`` rounds, each as a ratio to the
+   disk's sequential read of the same file in the same round. Cold = the file's pages evicted first
+   (fsync + posix_fadvise DONTNEED, no root needed); warm = from the page cache. Rows: the EM's batches of whole
+   images (this normdino: one positional read per image), and the single-row batches of earlier versions
+   (one gather through the memory map), over one epoch from a cold start (the store fits in memory: later
+   batches find pages earlier ones brought in) and with the pages evicted before every batch (a store much
+   larger than memory; the EM asks for the next batch's blocks ahead, and the eviction drops whatever of them
+   had already arrived). Then a whole fit again on the cached store with its pages evicted: the time its EM
+   waited for its batches in the first (cold) epoch, from the fit's own record (reads overlap the EM's compute,
+   so this rate can pass the disk's).
+3. The EM step (``partial_fit`` on a batch as the fit reads it, float16 -> float32 included) against the floor of
+   the four plain matrix products of the same shapes that a diagonal step needs (two K x D by D x N for the
+   E-step, two K x N by N x D for the statistics), interleaved, at the fit's shapes.
+The tokens come from a random ViT of ViT-S/14's width (D = 384) cut to ``--layers`` blocks, so rows have the
+real size (768 bytes) and extraction is fast; the cores are shared, so everything is a ratio within the run and
+``uptime`` is printed before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,20 +50,146 @@ def _vm(field: str) -> float:
     return float("nan")
 
 
-def child(images: str, backbone: str, image_size: int, cache: str, epochs: int) -> dict:
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (they must not be mapped by a live memory map to go)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def child(images: str, backbone: str, image_size: int, cache: str, epochs: int, components: int) -> dict:
     import torch  # noqa: F401 - loaded before the baseline is taken
 
     from normdino.detector import AnomalyDetector
     from normdino.features.backbone import Backbone  # noqa: F401
 
     paths = sorted(Path(images).glob("*.png"))
-    detector = AnomalyDetector(backbone=backbone, image_size=image_size, epochs=epochs, n_components=64,
+    detector = AnomalyDetector(backbone=backbone, image_size=image_size, epochs=epochs, n_components=components,
                                cache_dir=cache, progress=False)
     base = _vm("VmRSS")
     detector.fit(paths[: len(paths) * 9 // 10], paths[len(paths) * 9 // 10:])
     store = sum(f.stat().st_size for f in Path(cache).rglob("*") if f.is_file()) / 2**20
+    summary = detector.training_summary_
     return {"n": len(paths), "base_mb": base, "peak_mb": _vm("VmHWM"), "store_mb": store,
-            "tokens": detector.training_summary_["n_train_tokens"]}
+            "tokens": summary["n_train_tokens"], "em_seconds": summary.get("em_seconds"),
+            "em_read_seconds": summary.get("em_read_seconds"), "extraction_seconds": summary.get("extraction_seconds")}
+
+
+def run_child(folder: Path, backbone: Path, args: argparse.Namespace, cache: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", str(folder), str(backbone), str(args.image_size),
+                          str(cache), str(args.epochs), str(args.components)], check=True, capture_output=True,
+                         text=True, env={"PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def save_backbone(folder: Path, layers: int) -> Path:
+    """A random DINOv2 of ViT-S/14's width (384) with ``layers`` blocks, saved as real weights are."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=384, num_attention_heads=6, intermediate_size=1536, num_hidden_layers=layers,
+                          patch_size=14, image_size=518)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        Dinov2Model(config).eval().save_pretrained(folder)
+    return folder
+
+
+def sequential_mb_s(path: Path, cold: bool) -> float:
+    """The file read start to end in 16 MB reads; cold: its pages evicted first, warm: read once before."""
+    evict(path) if cold else sequential_mb_s(path, True)
+    buf = bytearray(16 << 20)
+    total = 0
+    started = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            total += n
+    return total / (time.perf_counter() - started) / 1e6
+
+
+def epoch_mb_s(path: Path, batch_rows: int, block_rows: int, seed: int, cold: bool, evict_each: bool,
+               max_batches: int | None = None) -> float:
+    """MB/s of the token rows one epoch's batches read (time spent reading only), as the EM reads them."""
+    import numpy as np
+    import torch
+
+    from normdino.methods.batches import iter_batches
+
+    gc.collect()  # no earlier map of the file left alive: mapped pages cannot be evicted
+    evict(path) if cold else sequential_mb_s(path, True)  # warm: the whole file read once before
+    g = torch.Generator().manual_seed(seed)
+    x = np.load(path, mmap_mode="r")
+    x = x.reshape(-1, x.shape[-1])
+    seconds, nbytes = 0.0, 0
+    if block_rows == 1 and evict_each:  # a map per batch: pages mapped by a live map cannot be evicted
+        parts = torch.tensor_split(torch.randperm(len(x), generator=g), -(-len(x) // batch_rows))
+        del x
+        for part in parts[:max_batches]:
+            evict(path)
+            m = np.load(path, mmap_mode="r")
+            m = m.reshape(-1, m.shape[-1])
+            started = time.perf_counter()
+            batch = m[torch.sort(part).values.numpy()]
+            seconds += time.perf_counter() - started
+            nbytes += batch.nbytes
+            del m, batch
+            gc.collect()
+        return nbytes / seconds / 1e6
+    batches = iter_batches(x, batch_rows, g, block_rows=block_rows)
+    for i in range(10**9):
+        if max_batches is not None and i >= max_batches:
+            break
+        if evict_each:  # positional reads map nothing, so the eviction holds
+            evict(path)
+        started = time.perf_counter()
+        batch = next(batches, None)
+        seconds += time.perf_counter() - started
+        if batch is None:
+            break
+        nbytes += batch.nbytes
+    return nbytes / seconds / 1e6
+
+
+def step_against_floor(path: Path, batch_rows: int, components: int, reps: int, threads: int) -> dict:
+    """Median EM step and median floor (the four products of its shapes, K = the components alive), interleaved."""
+    import numpy as np
+    import torch
+
+    from normdino.methods.mixture import DirichletProcessMixture
+
+    torch.set_num_threads(threads)
+    x = np.load(path, mmap_mode="r")
+    x = x.reshape(-1, x.shape[-1])
+    batch = np.array(x[:batch_rows])  # float16 rows as the fit reads them
+    model = DirichletProcessMixture(n_components=components)
+    for _ in range(3):
+        model.partial_fit(batch)
+    alive = int(torch.isfinite(model.log_weights_).sum())  # the E- and M-step products run over these
+    n, d = batch.shape
+    xs = torch.from_numpy(batch.astype(np.float32))
+    a = torch.randn(alive, d)
+    r = torch.rand(alive, n)
+    step, floor = [], []
+    for _ in range(reps):
+        started = time.perf_counter()
+        model.partial_fit(batch)
+        step.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        torch.mm(a, xs.T)  # E-step: precisions by xc^2 and scaled means by xc (K x D by D x N)
+        torch.mm(a, xs.T)
+        torch.mm(r, xs)  # statistics: responsibilities by xc and by xc^2 (K x N by N x D)
+        torch.mm(r, xs)
+        floor.append(time.perf_counter() - started)
+    ratios = [s / f for s, f in zip(step, floor)]
+    return {"n": n, "d": d, "k": components, "alive": alive, "step_ms": 1e3 * statistics.median(step),
+            "floor_ms": 1e3 * statistics.median(floor), "ratio": statistics.median(ratios), "threads": threads}
 
 
 def main() -> None:
@@ -52,18 +197,22 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=128, help="images of the small fit (the large one has 4x)")
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--components", type=int, default=500, help="K of the mixture (the paper's 500)")
+    parser.add_argument("--layers", type=int, default=1, help="blocks of the random ViT-S-width backbone")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the read-rate measurements")
+    parser.add_argument("--step-reps", type=int, default=15)
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        images, backbone, size, cache, epochs = args.child
-        print(json.dumps(child(images, backbone, int(size), cache, int(epochs))))
+        images, backbone, size, cache, epochs, components = args.child
+        print(json.dumps(child(images, backbone, int(size), cache, int(epochs), int(components))))
         return
     sys.path.insert(0, str(ROOT / "src"))
-    from normdino.features.loading import save_random_backbone
     from normdino.io.phantoms import write_phantom_dataset
 
+    print(f"start: {uptime()}")
     work = Path(tempfile.mkdtemp(prefix="normdino-bench-fit-scale-"))
-    backbone = save_random_backbone(work / "tiny", tiny=True)
+    backbone = save_backbone(work / "backbone", args.layers)
     data = write_phantom_dataset(work / "data", n_train=4 * args.n, n_valid=1, n_test_normal=0, n_test_anomalous=0,
                                  size=64)
     all_images = sorted((data / "train" / "good").glob("*.png"))
@@ -73,11 +222,11 @@ def main() -> None:
         folder.mkdir()
         for p in all_images[:n]:
             (folder / p.name).symlink_to(p)
-        out = subprocess.run([sys.executable, __file__, "--child", str(folder), str(backbone), str(args.image_size),
-                              str(work / f"cache{n}"), str(args.epochs)], check=True, capture_output=True, text=True,
-                             env={"PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"tiny random DINOv2 at {args.image_size} px, {args.epochs} EM epochs, K = 64, cold token cache")
+        results.append(run_child(folder, backbone, args, work / f"cache{n}"))
+    grid = args.image_size // 14
+    batch_rows = 12 * grid * grid
+    print(f"\nrandom DINOv2 of ViT-S width (D = 384), {args.layers} block(s), {args.image_size} px ({grid * grid} tokens "
+          f"per image), {args.epochs} EM epochs, K = {args.components}, batches of 12 images, cold token cache")
     print("| images | train tokens | token store MB | RSS after load MB | peak RSS MB | peak growth MB |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in results:
@@ -87,6 +236,64 @@ def main() -> None:
     print(f"\npeak RSS, 4x the images: {large['peak_mb'] / small['peak_mb']:.2f}x; growth over the loaded process: "
           f"{(large['peak_mb'] - large['base_mb']) / max(1e-9, small['peak_mb'] - small['base_mb']):.2f}x "
           f"(store {large['store_mb'] / max(1e-9, small['store_mb']):.1f}x)")
+
+    cache = work / f"cache{4 * args.n}"
+    store = max(cache.glob("tokens-*/patches.npy"), key=lambda p: p.stat().st_size)  # the training shard
+    mb = store.stat().st_size / 1e6
+    block = grid * grid
+    cases = {
+        "disk, sequential 16 MB reads, cold": lambda: sequential_mb_s(store, True),
+        "EM, image blocks, one epoch from cold": lambda: epoch_mb_s(store, batch_rows, block, 1, True, False),
+        "EM, image blocks, evicted before each batch": lambda: epoch_mb_s(store, batch_rows, block, 2, True, True),
+        "earlier EM, single rows, one epoch from cold": lambda: epoch_mb_s(store, batch_rows, 1, 1, True, False),
+        "earlier EM, single rows, evicted before each batch (8 batches)":
+            lambda: epoch_mb_s(store, batch_rows, 1, 2, True, True, max_batches=8),
+        "disk, sequential, warm (page cache)": lambda: sequential_mb_s(store, False),
+        "EM, image blocks, warm (page cache)": lambda: epoch_mb_s(store, batch_rows, block, 3, False, False),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in cases}
+    ratios: dict[str, list[float]] = {name: [] for name in cases}
+    fit_ratios, fit_rates = [], []
+    for _ in range(args.rounds):
+        measured = {name: case() for name, case in cases.items()}
+        cold = measured["disk, sequential 16 MB reads, cold"]
+        for name, value in measured.items():
+            rates[name].append(value)
+            ratios[name].append(value / cold)
+    # a whole fit on the cached store, its pages evicted: the EM's own read time in its first (cold) epoch
+    before = sequential_mb_s(store, True)
+    for f in cache.rglob("*.npy"):
+        evict(f)
+    refit = run_child(work / f"images{4 * args.n}", backbone, args, cache)
+    after = sequential_mb_s(store, True)
+    read = refit["em_read_seconds"]
+    fit_rates = [mb / read[0], mb / read[-1]]
+    fit_ratios = [fit_rates[0] / statistics.median([before, after])]
+
+    print(f"\nread rates of the 4N training store ({mb:.0f} MB, rows of 768 bytes), median of {args.rounds} "
+          f"interleaved round(s); ratio = to the cold sequential read of the same round")
+    print("| read | MB/s | ratio to the disk's sequential (cold) |")
+    print("|---|---:|---:|")
+    for name in cases:
+        print(f"| {name} | {statistics.median(rates[name]):.0f} | {statistics.median(ratios[name]):.2f} |")
+    print(f"| `fit` on the cached store, EM epoch 1 (cold; bytes / time waiting for batches; disk before/after "
+          f"{before:.0f}/{after:.0f} MB/s) | "
+          f"{fit_rates[0]:.0f} | {fit_ratios[0]:.2f} |")
+    print(f"| `fit` on the cached store, EM epoch {len(read)} (warm) | {fit_rates[1]:.0f} | |")
+    print(f"refit: EM {refit['em_seconds']:.1f} s, of which waiting for batches {sum(read):.2f} s (per epoch {read}); "
+          f"peak RSS {refit['peak_mb']:.0f} MB")
+
+    import torch
+
+    threads = torch.get_num_threads()
+    print(f"\nEM step at the fit's shapes, median of {args.step_reps} interleaved with the floor of its 4 matrix products")
+    print("| torch threads | N | D | K (alive) | step ms | floor ms | step / floor |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n_threads in sorted({1, threads}):
+        step = step_against_floor(store, batch_rows, args.components, args.step_reps, n_threads)
+        print(f"| {n_threads} | {step['n']} | {step['d']} | {step['k']} ({step['alive']}) | {step['step_ms']:.0f} | "
+              f"{step['floor_ms']:.0f} | {step['ratio']:.2f} |")
+    print(f"end: {uptime()}")
 
 
 if __name__ == "__main__":
