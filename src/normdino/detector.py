@@ -426,8 +426,13 @@ class AnomalyDetector:
         workers = default_workers(self.backbone_.device)
         batch_size = self.effective_batch_size
         loaded = ordered_map(load, enumerate(expand_images(images)), workers, ahead=max(2 * workers, 2 * batch_size))
-        for batch in _batches(loaded, batch_size):
-            maps = self.patch_maps(self._embed([pixels for _, pixels in batch])).float()
+
+        def embed(batch: list) -> tuple[list, Tokens]:
+            return batch, self._embed([pixels for _, pixels in batch])
+
+        # one thread runs the model on the next batch while this one is scored (a failure surfaces in turn)
+        for batch, tokens in ordered_map(embed, _batches(loaded, batch_size), workers=1, ahead=2):
+            maps = self.patch_maps(tokens).float()
             pixel_maps = scoring.batch_pixel_maps(maps, [shape for shape, _ in batch], self.sigma)
             for patch_map, pixels in zip(maps.cpu(), pixel_maps):
                 score = scoring.image_score(pixels, self.top_fraction)

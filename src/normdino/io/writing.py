@@ -19,7 +19,8 @@ Rules that keep results safe:
 * Memory is bounded: image sizes are read from the file headers before any work, images above
   ``max_megapixels`` are refused with one sentence, and batches hold at most ``BATCH_PIXELS`` pixels
   (or one image). Peak memory is at most about ``BYTES_PER_PIXEL`` bytes per pixel of the largest batch plus
-  ``FIXED_BYTES`` (and the model), so the default limit of 64 megapixels needs about 2.8 GB.
+  ``FIXED_BYTES`` (and the model), so the default limit of 64 megapixels needs about 2.8 GB; the next batch's
+  images, read while the model runs, add their own size (4 bytes per pixel of float32 gray, 12 of RGB).
 """
 
 from __future__ import annotations
@@ -396,13 +397,16 @@ class PredictionWriter:
                         on_image(path, *payload)
                 bar.update(1)
 
-            readable = [path for path, size in sizes.items() if not isinstance(size, str)]
-            batch_size = self.detector.effective_batch_size
-            reads = ordered_map(_read_or_error, readable, max(1, workers), ahead=2 * batch_size + 1)  # read ahead
+            batches = list(_batches_by_pixels(list(sizes.items()), self.detector.effective_batch_size, BATCH_PIXELS))
+
+            def read_batch(batch: list) -> tuple[list[Path], list]:
+                paths = [p for p, size in batch if not isinstance(size, str)]
+                return paths, list(ordered_map(_read_or_error, paths, workers))
+
+            reads = ordered_map(read_batch, batches, 1, ahead=2)  # the next batch is read while this one runs
             try:
-                for batch in _batches_by_pixels(list(sizes.items()), batch_size, BATCH_PIXELS):
-                    paths = [p for p, size in batch if not isinstance(size, str)]
-                    results = self._predict_batch(paths, [next(reads) for _ in paths])
+                for batch, (paths, images) in zip(batches, reads):
+                    results = self._predict_batch(paths, images)
                     for path, size in batch:
                         outcome = InputError(size) if isinstance(size, str) else results[path]
                         if isinstance(outcome, BaseException):
