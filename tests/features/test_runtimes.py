@@ -264,6 +264,19 @@ def test_image_parallel_runs_each_image_alone_in_worker_threads():
     parallel(pixels[:1])  # fewer images than workers: the calling thread, its threads, the context still entered
     assert seen == [(seen[0][0], threads, True)] and not seen[0][0].startswith("normdino-forward")
 
+    started_later: list[int] = []  # torch's default for new threads is the caller's again, not the workers' 1
+
+    def later() -> None:
+        torch.ones(100_000).sum()  # a thread takes the process default at its first parallel operation
+        started_later.append(torch.get_num_threads())
+
+    import threading
+
+    thread = threading.Thread(target=later)
+    thread.start()
+    thread.join()
+    assert started_later == [threads]
+
 
 def test_cpu_tokens_do_not_depend_on_the_batch(tiny_dinov2_reg_dir):
     """torch on a CPU runs a batch one image per core: each image's tokens equal its batch-of-one tokens."""

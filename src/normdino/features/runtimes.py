@@ -335,18 +335,25 @@ def image_parallel_runner(run: Runner, workers: int,
     ``context`` (e.g. bf16 autocast) is entered in the worker, as autocast and inference mode are per thread.
     """
     workers = max(1, int(workers))
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="normdino-forward", initializer=torch.set_num_threads,
-                              initargs=(1,)) if workers > 1 else None  # set per thread: the caller keeps its own
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="normdino-forward") if workers > 1 else None
 
     def run_here(pixels: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), context():
             return run(pixels)
 
+    def run_single_threaded(image: torch.Tensor) -> torch.Tensor:
+        torch.set_num_threads(1)  # this worker's OpenMP/MKL threads; also torch's default for threads started now
+        return run_here(image)
+
     def run_batch(pixels: torch.Tensor) -> torch.Tensor:
         images = pixels.split(1)
         if pool is None or len(images) < workers:
             return run_here(pixels)
-        return torch.cat(list(pool.map(run_here, images)))
+        caller_threads = torch.get_num_threads()
+        try:
+            return torch.cat(list(pool.map(run_single_threaded, images)))
+        finally:
+            torch.set_num_threads(caller_threads)  # the process default back as it was, for threads started later
 
     return run_batch
 
