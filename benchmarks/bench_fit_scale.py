@@ -8,7 +8,8 @@ One run prints:
 1. Peak resident memory (VmHWM) of ``AnomalyDetector.fit`` on N and on 4N images, each in a fresh process with a
    cold token cache (extraction, store, EM, calibration); a fit that streams its store keeps 4N within 1.25x of N.
 2. Read rates of the 4N token store (patches.npy), interleaved over ``--rounds`` rounds, each as a ratio to the
-   disk's sequential read of the same file in the same round. Cold = the file's pages evicted first
+   disk's sequential read of the same file in the same round (geometric mean of one at its start and one at
+   its end: the disk's rate drifts with other jobs' I/O). Cold = the file's pages evicted first
    (fsync + posix_fadvise DONTNEED, no root needed); warm = from the page cache. Rows: the EM's batches of whole
    images (this normdino: one positional read per image), and the single-row batches of earlier versions
    (one gather through the memory map), over one epoch from a cold start (the store fits in memory: later
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -199,7 +201,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--components", type=int, default=500, help="K of the mixture (the paper's 500)")
     parser.add_argument("--layers", type=int, default=1, help="blocks of the random ViT-S-width backbone")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the read-rate measurements")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the read-rate measurements")
     parser.add_argument("--step-reps", type=int, default=15)
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -256,7 +258,9 @@ def main() -> None:
     fit_ratios, fit_rates = [], []
     for _ in range(args.rounds):
         measured = {name: case() for name, case in cases.items()}
-        cold = measured["disk, sequential 16 MB reads, cold"]
+        # the disk's own rate drifts within minutes (other jobs' I/O): the round's baseline is the geometric mean
+        # of a cold sequential read at its start and one at its end
+        cold = math.sqrt(measured["disk, sequential 16 MB reads, cold"] * sequential_mb_s(store, True))
         for name, value in measured.items():
             rates[name].append(value)
             ratios[name].append(value / cold)
@@ -268,18 +272,18 @@ def main() -> None:
     after = sequential_mb_s(store, True)
     read = refit["em_read_seconds"]
     fit_rates = [mb / read[0], mb / read[-1]]
-    fit_ratios = [fit_rates[0] / statistics.median([before, after])]
+    fit_ratios = [fit_rates[0] / math.sqrt(before * after)]
 
     print(f"\nread rates of the 4N training store ({mb:.0f} MB, rows of 768 bytes), median of {args.rounds} "
           f"interleaved round(s); ratio = to the cold sequential read of the same round")
-    print("| read | MB/s | ratio to the disk's sequential (cold) |")
-    print("|---|---:|---:|")
+    print("| read | MB/s | ratio to the disk's sequential (cold) | lowest - highest ratio of a round |")
+    print("|---|---:|---:|---:|")
     for name in cases:
-        print(f"| {name} | {statistics.median(rates[name]):.0f} | {statistics.median(ratios[name]):.2f} |")
+        print(f"| {name} | {statistics.median(rates[name]):.0f} | {statistics.median(ratios[name]):.2f} | "
+              f"{min(ratios[name]):.2f} - {max(ratios[name]):.2f} |")
     print(f"| `fit` on the cached store, EM epoch 1 (cold; bytes / time waiting for batches; disk before/after "
-          f"{before:.0f}/{after:.0f} MB/s) | "
-          f"{fit_rates[0]:.0f} | {fit_ratios[0]:.2f} |")
-    print(f"| `fit` on the cached store, EM epoch {len(read)} (warm) | {fit_rates[1]:.0f} | |")
+          f"{before:.0f}/{after:.0f} MB/s) | {fit_rates[0]:.0f} | {fit_ratios[0]:.2f} | |")
+    print(f"| `fit` on the cached store, EM epoch {len(read)} (warm) | {fit_rates[1]:.0f} | | |")
     print(f"refit: EM {refit['em_seconds']:.1f} s, of which waiting for batches {sum(read):.2f} s (per epoch {read}); "
           f"peak RSS {refit['peak_mb']:.0f} MB")
 
