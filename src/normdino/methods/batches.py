@@ -10,6 +10,7 @@ The rows of a batch always come in file order, so a batch's bytes do not depend 
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -84,43 +85,57 @@ class BlockReader:
         self.X = X
         self.threads = max(1, int(threads))
         self.file = store_file(X) if isinstance(X, np.ndarray) else None
+        self._fd: int | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    @contextlib.contextmanager
+    def opened(self) -> Iterator["BlockReader"]:
+        """Keep the store file open and the reading threads alive over a series of reads (an epoch)."""
+        if self.file is None or self._fd is not None:
+            yield self
+            return
+        with open(self.file[0], "rb", buffering=0) as f, ThreadPoolExecutor(self.threads) as pool:
+            self._fd, self._pool = f.fileno(), pool
+            try:
+                yield self
+            finally:
+                self._fd = self._pool = None
 
     def read(self, ranges: Sequence[tuple[int, int]]) -> Any:
         X = self.X
         if self.file is None:
             parts = [X[a:b] for a, b in ranges]
             return parts[0] if len(parts) == 1 else (torch.cat(parts) if isinstance(X, torch.Tensor) else np.concatenate(parts))
-        name, base = self.file
         row_bytes = X.shape[1] * X.itemsize
         sizes = [b - a for a, b in ranges]
         out = np.empty((sum(sizes), X.shape[1]), dtype=X.dtype)
         starts = np.concatenate([[0], np.cumsum(sizes)])
-        with open(name, "rb", buffering=0) as f:
-            self._advise(f.fileno(), ranges)  # every block asked of the disk at once, then read in order
+        with self.opened():
+            fd, base = self._fd, self.file[1]
+            self._advise(ranges)  # every block asked of the disk at once, then read in order
 
             def read_one(i: int) -> None:
-                _read_exactly(f.fileno(), out[starts[i]: starts[i + 1]], base + ranges[i][0] * row_bytes)
+                _read_exactly(fd, out[starts[i]: starts[i + 1]], base + ranges[i][0] * row_bytes)
 
             if self.threads == 1 or len(ranges) == 1:
                 for i in range(len(ranges)):
                     read_one(i)
             else:
-                with ThreadPoolExecutor(min(self.threads, len(ranges))) as pool:
-                    list(pool.map(read_one, range(len(ranges))))
+                list(self._pool.map(read_one, range(len(ranges))))
         return out
 
     def prefetch(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Ask the disk for these rows now (a hint, no wait): the next batch arrives while the EM computes."""
         if self.file is not None and ranges:
-            with open(self.file[0], "rb", buffering=0) as f:
-                self._advise(f.fileno(), ranges)
+            with self.opened():
+                self._advise(ranges)
 
-    def _advise(self, fd: int, ranges: Sequence[tuple[int, int]]) -> None:
+    def _advise(self, ranges: Sequence[tuple[int, int]]) -> None:
         if not hasattr(os, "posix_fadvise"):
             return
         row_bytes = self.X.shape[1] * self.X.itemsize
         for a, b in ranges:
-            os.posix_fadvise(fd, self.file[1] + a * row_bytes, (b - a) * row_bytes, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(self._fd, self.file[1] + a * row_bytes, (b - a) * row_bytes, os.POSIX_FADV_WILLNEED)
 
 
 class BatchSource:
@@ -173,14 +188,15 @@ class BatchSource:
         order = torch.randperm(self.n_blocks, generator=g) if g is not None else torch.arange(self.n_blocks)
         parts = torch.tensor_split(order, self.n_batches)
         if self.block_rows > 1:
-            upcoming = self._local_ranges(torch.sort(parts[0]).values)
-            for i in range(len(parts)):
-                ranges = upcoming
-                batch = self.reader.read(ranges) if ranges else X[:0]
-                if i + 1 < len(parts):
-                    upcoming = self._local_ranges(torch.sort(parts[i + 1]).values)
-                    self.reader.prefetch(upcoming)
-                yield batch
+            with self.reader.opened():  # one open file and one set of reading threads for the epoch
+                upcoming = self._local_ranges(torch.sort(parts[0]).values)
+                for i in range(len(parts)):
+                    ranges = upcoming
+                    batch = self.reader.read(ranges) if ranges else X[:0]
+                    if i + 1 < len(parts):
+                        upcoming = self._local_ranges(torch.sort(parts[i + 1]).values)
+                        self.reader.prefetch(upcoming)
+                    yield batch
             return
         for part in parts:  # single rows: one gather in file order
             rows = part if g is None else torch.sort(part).values
