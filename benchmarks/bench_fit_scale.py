@@ -33,6 +33,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -203,6 +204,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=1, help="blocks of the random ViT-S-width backbone")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the read-rate measurements")
     parser.add_argument("--step-reps", type=int, default=15)
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (images, backbone, ~0.5 GB of token stores)")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -298,6 +300,10 @@ def main() -> None:
         print(f"| {n_threads} | {step['n']} | {step['d']} | {step['k']} ({step['alive']}) | {step['step_ms']:.0f} | "
               f"{step['floor_ms']:.0f} | {step['ratio']:.2f} |")
     print(f"end: {uptime()}")
+    if args.keep:
+        print(f"work folder kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
