@@ -2,6 +2,7 @@
 
     python benchmarks/bench_predict.py                      # 42 lgg-flair slices, 2 rounds, 155-slice volume
     python benchmarks/bench_predict.py --n 16 --reps 1 --volume-slices 0     # a quick look
+    python benchmarks/bench_predict.py --n 8 --batches 1 --reps 3 --volume-slices 155 --only-volume
 
 Every figure is a ratio to the backbone alone: the model's forward on already preprocessed images at its best
 batch size (and thread count) for the runtime in use (torch fp32 on a CPU), measured in the same run, between
@@ -15,7 +16,12 @@ Rows:
   API predict             ``AnomalyDetector.predict(paths)`` in a loaded process (load not timed)
   onnx int8 predict       ``--runtime onnx --precision int8`` (the exported graph is cached beforehand),
                           as a speed-up over the default command, with the correlation of its maps to fp32
-  volume vs PNG slices    a NIfTI volume of S slices against the same S slices as PNG files, per slice
+  volume vs PNG slices    a NIfTI volume of S slices against the same S slices as PNG files, per slice, each
+                          with every output; the two in alternating order round by round, and whether the
+                          volume's maps equal the PNG files' .npy maps bit for bit
+
+Beside wall seconds, each ``normdino predict`` process's CPU seconds (user + system, from the kernel): on
+shared cores they move less with the other jobs than wall time does.
 
 Random ViT-S/14 weights at 448 px (honest for time, meaningless for quality), saved once and loaded from
 that folder by every process as real weights are (``--random-init``: drawn again by each process instead). The cores may be shared:
@@ -91,13 +97,24 @@ def _env(src: Path | None = None) -> dict:
     return env
 
 
+#: CPU seconds (user + system) of each ``run_predict`` process, in call order: less swayed than wall time
+#: by another job on shared cores (though thread contention still inflates it).
+CPU_SECONDS: list[float] = []
+
+
 def run_predict(model: Path, inputs: list[str], out: Path, *extra: str, src: Path | None = None) -> float:
     """Wall seconds of one ``normdino predict`` process (start-up included), of this tree's code or of ``src``."""
+    import resource
+
     command = [sys.executable, "-m", "normdino", "predict", str(model), *inputs, "-o", str(out), "--overwrite",
                "-q", *extra]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(command, check=True, env=_env(src), stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return wall
 
 
 # ---------------------------------------------------------------------- set-up
@@ -144,6 +161,18 @@ def write_volume(paths: list[Path], target: Path) -> None:
     nib.save(nib.Nifti1Image(volume, np.eye(4)), target)
 
 
+def volume_maps_equal(volume_out: Path, png_out: Path) -> tuple[int, int]:
+    """(slices of the volume's NIfTI map equal to the .npy map of the same slice predicted as a PNG file, slices)."""
+    import csv
+
+    import nibabel as nib
+
+    maps = np.asarray(nib.load(next(volume_out.glob("*_anomaly.nii.gz"))).dataobj)
+    with open(png_out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))  # in input order, slice k = PNG k
+    return sum(np.array_equal(maps[:, :, k], np.load(png_out / row["anomaly_npy"])) for k, row in enumerate(rows)), len(rows)
+
+
 def correlation(folder_a: Path, folder_b: Path) -> tuple[float, float]:
     """(Pearson r over all pixels of every map, lowest per-image r) between the .npy maps of two runs."""
     a_files = sorted(folder_a.glob("*_anomaly.npy"))
@@ -168,6 +197,8 @@ def main() -> None:
     parser.add_argument("--volume-slices", type=int, default=155, help="slices of the NIfTI vs PNG comparison (0: skip)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the onnx int8 rows")
     parser.add_argument("--only-all", action="store_true", help="only the 'predict (all outputs)' rows (a quick before/after)")
+    parser.add_argument("--only-volume", action="store_true",
+                        help="only the backbone and the 'volume vs PNG slices' rows (needs --volume-slices > 0)")
     parser.add_argument("--extra", default="", help="extra options for every predict command, e.g. '--batch-size 1'")
     parser.add_argument("--data", type=Path, default=DATA, help="lgg-flair root (default ../shared/data/lgg-flair)")
     parser.add_argument("--random-init", action="store_true",
@@ -202,7 +233,9 @@ def main() -> None:
     weights = save_weights(work, args.random_init)
     model = fit_model(work, images, weights)
     extra = args.extra.split()
-    args.no_onnx = args.no_onnx or args.only_all
+    args.no_onnx = args.no_onnx or args.only_all or args.only_volume
+    if args.only_volume and not args.volume_slices:
+        parser.error("--only-volume needs --volume-slices > 0")
     if not args.no_onnx:  # export and quantise once, outside the timings (the graph is cached per weights)
         run_predict(model, paths[:1], work / "warm-onnx", "--runtime", "onnx", "--precision", "int8")
     volume = None
@@ -214,11 +247,16 @@ def main() -> None:
           f"load average at start {os.getloadavg()}, work folder {work}", flush=True)
 
     results: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     backbone: dict[str, list[float]] = {}
 
     def record(name: str, value: float) -> None:
         results.setdefault(name, []).append(value)
-        print(f"  {name:<34}{value:9.2f} s", flush=True)
+        line = f"  {name:<34}{value:9.2f} s"
+        if name != "API predict" and not name.startswith("API predict "):
+            cpu.setdefault(name, []).append(CPU_SECONDS[-1])
+            line += f"  (CPU {CPU_SECONDS[-1]:.2f} s)"
+        print(line, flush=True)
 
     trees = [(None, "")] + ([(args.compare_src.resolve(), " [before]")] if args.compare_src else [])
     models = {None: model}
@@ -235,21 +273,25 @@ def main() -> None:
                 print(f"  backbone {threads} threads batch {batch:<4}{1000 * seconds:14.0f} ms/image", flush=True)
         for src, mark in trees:
             model = models[src]
-            record("predict (all outputs)" + mark, run_predict(model, paths, work / f"out-all{mark}", *extra, src=src))
+            if not args.only_volume:
+                record("predict (all outputs)" + mark, run_predict(model, paths, work / f"out-all{mark}", *extra, src=src))
             if args.only_all:
                 continue
-            record("API predict" + mark, _run_child("api", str(model), *paths, src=src)["seconds"])
-            record("predict --no-overlays" + mark, run_predict(model, paths, work / f"out-no-overlays{mark}",
-                                                               "--no-overlays", *extra, src=src))
+            if not args.only_volume:
+                record("API predict" + mark, _run_child("api", str(model), *paths, src=src)["seconds"])
+                record("predict --no-overlays" + mark, run_predict(model, paths, work / f"out-no-overlays{mark}",
+                                                                   "--no-overlays", *extra, src=src))
             if not args.no_onnx:
                 record("predict onnx int8" + mark, run_predict(model, paths, work / f"out-onnx{mark}", "--runtime",
                                                                "onnx", "--precision", "int8", *extra, src=src))
-            if volume is not None:
-                record(f"predict {args.volume_slices} PNG slices{mark}",
-                       run_predict(model, volume_pngs, work / f"out-pngs{mark}", *extra, src=src))
-                record(f"predict NIfTI of {args.volume_slices} slices{mark}",
-                       run_predict(model, [str(volume)], work / f"out-volume{mark}", "--normalization", "dtype",
-                                   *extra, src=src))
+            if volume is not None:  # the two in alternating order, round by round (the load drifts)
+                pair = [lambda: record(f"predict {args.volume_slices} PNG slices{mark}",
+                                       run_predict(model, volume_pngs, work / f"out-pngs{mark}", *extra, src=src)),
+                        lambda: record(f"predict NIfTI of {args.volume_slices} slices{mark}",
+                                       run_predict(model, [str(volume)], work / f"out-volume{mark}", "--normalization",
+                                                   "dtype", *extra, src=src))]
+                for measure in (pair if rep % 2 == 0 else pair[::-1]):
+                    measure()
 
     best_config = min(backbone, key=lambda k: min(backbone[k]))
     base = min(backbone[best_config])  # seconds per image
@@ -258,13 +300,15 @@ def main() -> None:
     print(f"\nbackbone alone (ms/image; best / median of {args.reps} rounds)")
     for key, values in backbone.items():
         print(f"  {key:<26}{1000 * min(values):8.0f}{1000 * statistics.median(values):8.0f}")
-    print(f"\n| figure | best s | median s | ms/image | ratio to backbone best ({best_config}, {1000 * base:.0f} ms/image) |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| backbone best forward x {n} | {n * base:.2f} | | {1000 * base:.0f} | 1.00 |")
+    print(f"\n| figure | best s | median s | ms/image | ratio to backbone best ({best_config}, {1000 * base:.0f} ms/image) "
+          "| best CPU s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| backbone best forward x {n} | {n * base:.2f} | | {1000 * base:.0f} | 1.00 | |")
     for name, values in results.items():
         count = args.volume_slices if " slices" in name else n
+        cpu_text = f"{min(cpu[name]):.2f}" if name in cpu else ""
         print(f"| {name} | {min(values):.2f} | {statistics.median(values):.2f} | {1000 * min(values) / count:.0f} | "
-              f"{min(values) / (count * base):.2f} |")
+              f"{min(values) / (count * base):.2f} | {cpu_text} |")
     for _, mark in trees:
         print(f"\n{mark.strip() or '[this tree]'}")
         if not args.no_onnx:
@@ -273,9 +317,14 @@ def main() -> None:
             print(f"  onnx int8 vs default command, end to end: {default / onnx:.2f}x faster; maps vs fp32: "
                   f"Pearson r {r_all:.4f} over all pixels, lowest per image {r_min:.4f}")
         if volume is not None:
-            png, nii = (min(results[f"predict {args.volume_slices} PNG slices{mark}"]),
-                        min(results[f"predict NIfTI of {args.volume_slices} slices{mark}"]))
-            print(f"  NIfTI volume per-slice time / PNG slice time: {nii / png:.2f}")
+            png_name, nii_name = f"predict {args.volume_slices} PNG slices{mark}", f"predict NIfTI of {args.volume_slices} slices{mark}"
+            png, nii = min(results[png_name]), min(results[nii_name])
+            ratios = [v / p for v, p in zip(results[nii_name], results[png_name])]
+            cpu_ratios = [v / p for v, p in zip(cpu[nii_name], cpu[png_name])]
+            print(f"  NIfTI volume per-slice time / PNG slice time: {nii / png:.2f} (best vs best); per round "
+                  f"{', '.join(f'{r:.2f}' for r in ratios)}; CPU time per round {', '.join(f'{r:.2f}' for r in cpu_ratios)}")
+            equal, total = volume_maps_equal(work / f"out-volume{mark}", work / f"out-pngs{mark}")
+            print(f"  the volume's map equals the PNG files' .npy maps bit for bit on {equal} of {total} slices")
 
 
 if __name__ == "__main__":

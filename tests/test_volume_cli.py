@@ -267,3 +267,32 @@ def test_volume_maps_stream_through_the_detector_equal_to_each_slice_alone(volum
     with Volume.open(scan) as volume:
         for k, plane in volume.iter_slices(options):
             np.testing.assert_array_equal(maps[:, :, k], detector.predict_one(plane).pixel_map)
+
+
+def test_a_uint8_volume_gets_the_maps_and_masks_of_its_slices_predicted_as_png_files(tiny_dinov2_dir, tmp_path):
+    """The volume path changes no number: ``predict`` on a uint8 NIfTI (``--normalization dtype``) writes, slice
+    for slice, bit for bit the maps and masks that ``predict`` writes for the same slices as PNG files, at the same
+    batch size (another batch size may change the last bits; issue 22)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    volume = (np.stack([make_phantom(rng, size=40, lesions=k % 2)[0] for k in range(7)], axis=2) * 255).round()
+    volume = volume.astype(np.uint8)
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    for k in range(volume.shape[2]):
+        Image.fromarray(volume[:, :, k]).save(pngs / f"s{k}.png")
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "scan.nii.gz")
+    model = tmp_path / "png.normdino"
+    assert main(["fit", str(pngs), "-o", str(model), "--backbone", str(tiny_dinov2_dir), "--image-size", "28",
+                 "--epochs", "1", "--components", "4", "--no-cache", "--quiet"]) == 0
+    assert main(["predict", str(model), str(pngs), "-o", str(tmp_path / "png-out"), "--batch-size", "2",
+                 "--quiet"]) == 0
+    assert main(["predict", str(model), str(tmp_path / "scan.nii.gz"), "-o", str(tmp_path / "nii-out"),
+                 "--normalization", "dtype", "--batch-size", "2", "--quiet"]) == 0
+    maps = np.asarray(nib.load(tmp_path / "nii-out" / "scan_anomaly.nii.gz").dataobj)
+    masks = np.asarray(nib.load(tmp_path / "nii-out" / "scan_mask.nii.gz").dataobj)
+    assert maps.dtype == np.float32 and masks.dtype == np.uint8
+    for k in range(volume.shape[2]):
+        np.testing.assert_array_equal(maps[:, :, k], np.load(tmp_path / "png-out" / f"s{k}_anomaly.npy"))
+        np.testing.assert_array_equal(masks[:, :, k] * 255, np.asarray(Image.open(tmp_path / "png-out" / f"s{k}_mask.png")))
