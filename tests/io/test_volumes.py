@@ -218,6 +218,36 @@ def test_non_native_axis_through_blocked_scratch(tmp_path, monkeypatch, axis):
     np.testing.assert_array_equal(affine, nib.load(path).affine)
 
 
+@pytest.mark.parametrize("dtype, slope_inter", [(np.int16, None), (np.float32, None), (np.int16, (2.0, 1.0))])
+def test_axial_slices_free_each_slab_before_reading_the_next(tmp_path, monkeypatch, dtype, slope_inter):
+    """Along the stored axis the slices come slab by slab, and no slab is still held while the next one is read:
+    memory stays one slab whatever the volume's length (issue 22); the slices outlive their slabs unchanged."""
+    import weakref
+
+    from nibabel.arrayproxy import ArrayProxy
+
+    data = random_volume(seed=5).astype(dtype)
+    path = save_nifti(tmp_path / "scan.nii.gz", data, np.eye(4), slope_inter)
+    expected = nib.load(path).get_fdata().astype(np.float32)
+    monkeypatch.setattr(slabs, "SLAB_BYTES", 3 * 12 * 10 * np.dtype(dtype).itemsize)  # 3 planes per slab unscaled
+    read, held_at_read = [], []
+    real_getitem = ArrayProxy.__getitem__
+
+    def recording(self, key):
+        held_at_read.append(sum(ref() is not None for ref in read))
+        block = np.array(real_getitem(self, key))  # owns its memory: every view of the slab keeps this array alive
+        read.append(weakref.ref(block))
+        return block
+
+    monkeypatch.setattr(ArrayProxy, "__getitem__", recording)
+    with Volume.open(path) as volume:
+        slices = list(volume.iter_slices(SliceOptions(normalization="none")))
+    assert len(read) >= 3 and held_at_read == [0] * len(read)
+    assert [k for k, _ in slices] == list(range(8))
+    for k, plane in slices:
+        np.testing.assert_array_equal(plane, expected[:, :, k])
+
+
 def test_interleaved_axes_on_one_volume(tmp_path):
     data = random_volume(seed=7)
     with Volume.open(save_nifti(tmp_path / "scan.nii.gz", data, np.eye(4))) as volume:

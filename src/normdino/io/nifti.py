@@ -80,7 +80,11 @@ class NiftiSource:
         return (slice(None), slice(None), slice(start, stop)) + extra
 
     def iter_raw_planes(self, indices: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
-        """(k, plane k along the third axis) for sorted ``indices``, one slab (<= 32 MB as read) at a time."""
+        """(k, plane k along the third axis) for sorted ``indices``, one slab (<= 32 MB as read) at a time.
+
+        A plane is a view into its slab: copy what must outlive the next step, so the slab is freed before the
+        next one is read and memory stays one slab whatever the volume's length.
+        """
         nx, ny = self.shape4[:2]
         read_bytes = self.plane_bytes + (nx * ny * 8 if self.scaled else 0)  # raw slab + nibabel's scaled copy
         slab = max(1, slabs.SLAB_BYTES // max(1, read_bytes))
@@ -94,6 +98,7 @@ class NiftiSource:
                 block = block.astype(np.float32, copy=False)
             for offset_in_block in range(stop - start):
                 yield start + offset_in_block, block[:, :, offset_in_block]
+            del block  # before the next slab is read: one slab in memory, not two (planes must be copied to outlive it)
 
     def check_complete(self) -> None:
         """Refuse a file too short for its header's data (cheap: file size, or the gzip ISIZE trailer)."""

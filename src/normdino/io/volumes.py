@@ -240,7 +240,9 @@ class Volume:
         """(k, real-valued float32 slice k along ``axis``) for sorted ``indices``."""
         if axis == 2:
             for k, plane in self._source.iter_raw_planes(indices):
-                yield k, np.ascontiguousarray(self._source.scale(plane))
+                out = np.ascontiguousarray(self._source.scale(plane))
+                del plane  # a view into the source's slab: let the slab go before the next one is read
+                yield k, out
             return
         store = self._slice_store(axis)
         for k in indices:
