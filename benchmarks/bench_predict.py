@@ -2,7 +2,7 @@
 
     python benchmarks/bench_predict.py                      # 42 lgg-flair slices, 2 rounds, 155-slice volume
     python benchmarks/bench_predict.py --n 16 --reps 1 --volume-slices 0     # a quick look
-    python benchmarks/bench_predict.py --n 8 --batches 1 --reps 3 --volume-slices 155 --only-volume
+    python benchmarks/bench_predict.py --n 8 --batches 1 2 --reps 2 --volume-slices 155 --only-volume
 
 Every figure is a ratio to the backbone alone: the model's forward on already preprocessed images at its best
 batch size (and thread count) for the runtime in use (torch fp32 on a CPU), measured in the same run, between
