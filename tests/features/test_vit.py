@@ -58,13 +58,28 @@ def test_vit_s_at_448_px_equals_transformers_bit_for_bit(tmp_path):
         assert torch.equal(load_model(folder)[0](pixels).last_hidden_state, expected)
 
 
-def test_a_dinov2_loads_and_runs_without_transformers_modelling_code(tiny_dinov2_dir):
-    """The point of the module: start-up without ~3 s of transformers imports."""
+def _hub_cache_with(folder: Path, root: Path, repo: str = "facebook/dinov2-small") -> Path:
+    """A Hugging Face hub cache under ``root`` holding ``folder``'s config.json and model.safetensors as ``repo``."""
+    snapshot = root / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((folder / name).read_bytes())
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    return root
+
+
+@pytest.mark.parametrize("source", ["folder", "hub cache"])
+def test_a_dinov2_loads_and_runs_without_transformers_modelling_code(tiny_dinov2_dir, tmp_path, source):
+    """The point of the module: start-up without ~3 s of transformers imports, from a folder or the hub cache."""
+    name = str(tiny_dinov2_dir) if source == "folder" else "dinov2_vits14"
+    env = {"PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+           "HF_HUB_CACHE": str(_hub_cache_with(tiny_dinov2_dir, tmp_path / "hub")),
+           "NORMDINO_WEIGHTS_DIR": str(tmp_path / "no-store")}
     code = ("import sys, torch; from normdino.features.backbone import Backbone; "
-            f"b = Backbone.from_pretrained({str(tiny_dinov2_dir)!r}, image_size=56); b(torch.zeros(1, 3, 56, 56)); "
+            f"b = Backbone.from_pretrained({name!r}, image_size=56); b(torch.zeros(1, 3, 56, 56)); "
             "print(b.identifier); print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     identifier, modules = out.stdout.strip().splitlines()[-2:]
     assert modules == "[]"
     assert f"impl={vit.IMPLEMENTATION}" in identifier
@@ -146,13 +161,8 @@ def test_weights_in_the_hub_cache_load_without_transformers(tiny_dinov2_dir, tmp
     """A hub name whose config.json and model.safetensors are cached (as after a first download)."""
     from huggingface_hub import constants
 
-    snapshot = tmp_path / "hub" / "models--facebook--dinov2-small" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        (snapshot / name).write_bytes((tiny_dinov2_dir / name).read_bytes())
-    (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(_hub_cache_with(tiny_dinov2_dir, tmp_path / "hub")))
+    monkeypatch.setenv("NORMDINO_WEIGHTS_DIR", str(tmp_path / "no-store"))
     model, name = load_model("dinov2_vits14")
     assert isinstance(model, vit.DinoV2) and name == "facebook/dinov2-small"
     assert Backbone(model, name).weights_digest == Backbone.from_pretrained(tiny_dinov2_dir).weights_digest

@@ -258,7 +258,8 @@ def _load_local_dir(folder: Path, plain: bool = True) -> torch.nn.Module:
 
 
 def _load_safetensors(file: Path, plain: bool = True) -> torch.nn.Module:
-    """A .safetensors file beside its config.json -> model, through transformers' own key conversion."""
+    """A .safetensors file beside its config.json -> model (a DINOv2 directly, others through transformers' own key
+    conversion)."""
     from safetensors import SafetensorError, safe_open
 
     config = _plain_config(file.parent, file.name) if plain and (file.parent / "config.json").is_file() else None
@@ -330,6 +331,9 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
 
 def _load_from_hub(repo: str, plain: bool = True) -> torch.nn.Module:
     """A hub repo id -> model, from the local cache first; one clear sentence when that is impossible."""
+    cached = _cached_hub_model(repo) if plain else None
+    if cached is not None:  # before importing anything of transformers (~1-3 s)
+        return cached
     from transformers import AutoConfig
 
     gated_hint = (
@@ -338,9 +342,6 @@ def _load_from_hub(repo: str, plain: bool = True) -> torch.nn.Module:
         if "dinov3" in repo.lower() else ""
     )
     local_hint = "or pass a local folder saved with save_pretrained (or a .safetensors file beside its config.json)"
-    cached = _cached_hub_folder(repo) if plain else None
-    if cached is not None:
-        return cached
     attempts = [True] if _offline() else [True, False]
     for local_only in attempts:
         if not local_only and not _hub_reachable():
@@ -367,7 +368,7 @@ def _load_from_hub(repo: str, plain: bool = True) -> torch.nn.Module:
     )
 
 
-def _cached_hub_folder(repo: str) -> torch.nn.Module | None:
+def _cached_hub_model(repo: str) -> torch.nn.Module | None:
     """A DINOv2 whose config.json and model.safetensors are in the local hub cache, loaded without transformers."""
     from huggingface_hub import try_to_load_from_cache
 
