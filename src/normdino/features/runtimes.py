@@ -66,8 +66,8 @@ INSTALL_HINT = "install it with `pip install 'normdino[fast]'` (onnxruntime, onn
 # ---------------------------------------------------------------------- choosing
 #: Images per forward pass when none is given (``batch_size=None`` or ``"auto"``), by device type and runtime.
 #: A table from measurement, not a constant. torch on a CPU is not in it: it runs a batch one image per core
-#: (image_parallel_runner), so its batch is the number of torch threads (1.5-2x per image over one image spread
-#: across 2 EPYC cores). ONNX Runtime runs a batch image-parallel on single-threaded sessions and gains up to
+#: (image_parallel_runner), so its batch is the number of torch threads (on 2 EPYC cores 1.16x per image over one
+#: image spread across both when they are quiet, 2-2.5x when other jobs share them). ONNX Runtime runs a batch image-parallel on single-threaded sessions and gains up to
 #: batch 8 (1.53x at 4, 1.62x at 8 over torch at the same batch), OpenVINO's LATENCY mode is tuned for one image;
 #: on an H200 ViT-S/14 at 448 px reaches its rate (3 031 images/s in bf16) at batch 64
 #: (benchmarks/bench_runtimes.py, bench_gpu.py, bench_predict.py).
@@ -329,8 +329,8 @@ def image_parallel_runner(run: Runner, workers: int,
     """``run`` over a batch's images side by side: ``workers`` threads, each running one image single-threaded.
 
     On a CPU one forward per core is faster than one forward spread over all cores: each of a ViT's many parallel
-    sections waits for its slowest thread, worst when other jobs share the cores (2-core EPYC: 1.5-2x per image,
-    benchmarks/bench_predict.py). torch releases Python's lock in its kernels. Every image runs alone, so its
+    sections waits for its slowest thread, worst when other jobs share the cores (2-core EPYC, ViT-S/14 at 448 px:
+    367 against 425 ms per image quiet, 0.8 against 1.8-2.2 s under load; benchmarks/bench_predict.py). torch releases Python's lock in its kernels. Every image runs alone, so its
     tokens never depend on the batch; batches smaller than ``workers`` run whole on the calling thread.
     ``context`` (e.g. bf16 autocast) is entered in the worker, as autocast and inference mode are per thread.
     """
