@@ -401,7 +401,8 @@ class PredictionWriter:
 
             def read_batch(batch: list) -> tuple[list[Path], list]:
                 paths = [p for p, size in batch if not isinstance(size, str)]
-                return paths, list(ordered_map(_read_or_error, paths, workers))
+                # already off the model's thread: one reader reads inline, more read side by side
+                return paths, list(ordered_map(_read_or_error, paths, workers if workers > 1 else 0))
 
             reads = ordered_map(read_batch, batches, 1, ahead=2)  # the next batch is read while this one runs
             try:
