@@ -49,6 +49,19 @@ def test_colorize_ends_monotonic_clipping_and_nan():
         colorize(np.zeros(3), 1.0, 1.0)
 
 
+def test_drawing_an_overlay_imports_no_matplotlib(tmp_path):
+    """The 256-colour table is stored in the module: importing matplotlib cost each predict process ~0.15 s."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from normdino.io import rendering; "
+            "out = rendering.overlay_image(np.zeros((8, 8)), np.ones((8, 8)), np.eye(8, dtype=bool), 0.0, 1.0); "
+            "rendering.save_png(sys.argv[1], out); print('matplotlib' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o.png")], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "False"
+
+
 def test_mask_contour_is_the_inner_boundary():
     mask = np.zeros((9, 9), dtype=bool)
     mask[2:7, 3:8] = True
@@ -156,6 +169,66 @@ def test_map_png16_round_trip(tmp_path):
     save_png(tmp_path / "plain.png", np.zeros((2, 2), np.uint8))
     with pytest.raises(InputError, match="save_map_png16"):
         read_map_png16(tmp_path / "plain.png")
+
+
+def test_map_png16_values_in_blocks_with_nan_inf_and_a_constant_map(tmp_path, monkeypatch):
+    """The 16-bit values are the float64 formula's, in place block by block: NaN -> 0, -inf -> 0, inf -> 65535."""
+    import normdino.io.rendering as rendering
+
+    monkeypatch.setattr(rendering, "_MAP_BLOCK_PIXELS", 7)  # many blocks, the last one short
+    rng = np.random.default_rng(2)
+    scores = rng.uniform(-0.2, 1.2, (9, 13)).astype(np.float32)
+    scores[0, :4] = [np.nan, np.inf, -np.inf, 0.5]
+    for array, (lo, hi) in ((scores, (0.0, 1.0)), (np.full((4, 5), 0.3, np.float32), (0.1, 0.6)),
+                            (scores[:1], (-0.5, 2.0)), (scores[:, :1], (0.2, 0.3))):
+        save_map_png16(tmp_path / "m.png", array, lo, hi)
+        with Image.open(tmp_path / "m.png") as im:
+            raw = np.asarray(im)
+        t = np.nan_to_num(np.clip((array.astype(np.float64) - lo) / (hi - lo), 0.0, 1.0), nan=0.0)
+        np.testing.assert_array_equal(raw, np.rint(t * 65535).astype(np.uint16))
+    assert raw.shape == (9, 1)
+    save_map_png16(tmp_path / "m.png", scores, 0.0, 1.0)
+    with Image.open(tmp_path / "m.png") as im:
+        assert list(np.asarray(im)[0, :4]) == [0, 65535, 0, 32768]
+
+
+def _edge_scenes():
+    """(name, image, score map, mask, true mask) of images that stress the overlay's arithmetic and layout."""
+    rng = np.random.default_rng(3)
+    image, scores, pred, truth = _scene(size=48)
+    nan_map = scores.copy()
+    nan_map[::3, ::2] = np.nan
+    nan_map[1, :5] = [np.inf, -np.inf, np.nan, 2.0, -1.0]
+    row = rng.random((1, 9)).astype(np.float32)
+    return [
+        ("scene", image, scores, pred, truth),
+        ("constant map", image, np.full(image.shape, 0.37), pred, None),
+        ("nan and inf in the map", image, nan_map, pred, truth),
+        ("tiny 1xN image", row, row * 0.8, row > 0.5, None),
+        ("tiny Nx1 image", row.T, row.T, None, row.T > 0.3),
+        ("empty mask", image, scores, np.zeros(image.shape, bool), None),
+        ("mask everywhere", image, scores, np.ones(image.shape, bool), np.ones(image.shape, bool)),
+        ("no masks", image, scores, None, None),
+        ("uint8 image", (image * 255).astype(np.uint8), scores, pred, None),
+        ("uint16 image with NaN-free map", (image * 65535).astype(np.uint16), scores, pred, truth),
+        ("float image with NaN and out-of-range values", np.where(pred, np.nan, image * 3 - 1), scores, pred, None),
+        ("RGB image", rng.random((40, 30, 3)).astype(np.float32), rng.random((40, 30)), None, rng.random((40, 30)) > 0.7),
+        ("patch-sized map", rng.random((96, 96)).astype(np.float32), rng.random((7, 7)), rng.random((96, 96)) > 0.9, None),
+        ("wide image at scale 1", rng.random((20, 300)).astype(np.float32), rng.random((20, 300)), None, None),
+    ]
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.0, 1.0, 0.3])
+def test_overlay_pixels_equal_the_plain_float_drawing(alpha):
+    """Every pixel equals the overlay drawn the plain way (float channels, one Pillow canvas): tests/io/overlay_reference."""
+    from tests.io.overlay_reference import reference_overlay
+
+    for name, image, scores, mask, truth in _edge_scenes():
+        for vmin, vmax in ((0.0, 1.0), (0.2, 0.25), (-3.0, 1e-3)):
+            out = overlay_image(image, scores, mask, vmin, vmax, alpha=alpha, true_mask=truth)
+            expected = reference_overlay(image, scores, mask, vmin, vmax, alpha=alpha, true_mask=truth)
+            assert out.shape == expected.shape and out.dtype == np.uint8, name
+            assert np.array_equal(out, expected), (name, vmin, vmax, int((out != expected).any(axis=2).sum()))
 
 
 def _parse_svg(text: str) -> ET.Element:

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont
 
 from normdino.errors import InputError
-from normdino.files import atomic_path
+from normdino.io import png
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +25,39 @@ _TEXT = (226, 228, 233)
 _MUTED = (150, 155, 166)
 #: 16-bit map PNGs store value = round((score - vmin) / (vmax - vmin) * 65535), clipped to 0..65535.
 PNG16_MAX = 65535
+#: Score-map pixels scaled at a time by ``scaled_levels`` (its float64 scratch: 8 MB).
+_MAP_BLOCK_PIXELS = 1 << 20
+
+
+#: matplotlib's inferno at 256 levels as RGB bytes in hex (a test checks it against matplotlib's own).
+_INFERNO_256 = (
+    "00000401000501010601010802010a02020c02020e03021004031204031405041706041907051b08051d09061f0a0722"
+    "0b07240c08260d08290e092b10092d110a30120a32140b34150b37160b39180c3c190c3e1b0c411c0c431e0c451f0c48"
+    "210c4a230c4c240c4f260c51280b53290b552b0b572d0b592f0a5b310a5c320a5e340a5f3609613809623909633b0964"
+    "3d09653e0966400a67420a68440a68450a69470b6a490b6a4a0c6b4c0c6b4d0d6c4f0d6c510e6c520e6d540f6d550f6d"
+    "57106e59106e5a116e5c126e5d126e5f136e61136e62146e64156e65156e67166e69166e6a176e6c186e6d186e6f196e"
+    "71196e721a6e741a6e751b6e771c6d781c6d7a1d6d7c1d6d7d1e6d7f1e6c801f6c82206c84206b85216b87216b88226a"
+    "8a226a8c23698d23698f24699025689225689326679526679727669827669a28659b29649d29649f2a63a02a63a22b62"
+    "a32c61a52c60a62d60a82e5fa92e5eab2f5ead305dae305cb0315bb1325ab3325ab43359b63458b73557b93556ba3655"
+    "bc3754bd3853bf3952c03a51c13a50c33b4fc43c4ec63d4dc73e4cc83f4bca404acb4149cc4248ce4347cf4446d04545"
+    "d24644d34743d44842d54a41d74b3fd84c3ed94d3dda4e3cdb503bdd513ade5238df5337e05536e15635e25734e35933"
+    "e45a31e55c30e65d2fe75e2ee8602de9612bea632aeb6429eb6628ec6726ed6925ee6a24ef6c23ef6e21f06f20f1711f"
+    "f1731df2741cf3761bf37819f47918f57b17f57d15f67e14f68013f78212f78410f8850ff8870ef8890cf98b0bf98c0a"
+    "f98e09fa9008fa9207fa9407fb9606fb9706fb9906fb9b06fb9d07fc9f07fca108fca309fca50afca60cfca80dfcaa0f"
+    "fcac11fcae12fcb014fcb216fcb418fbb61afbb81dfbba1ffbbc21fbbe23fac026fac228fac42afac62df9c72ff9c932"
+    "f9cb35f8cd37f8cf3af7d13df7d340f6d543f6d746f5d949f5db4cf4dd4ff4df53f4e156f3e35af3e55df2e661f2e865"
+    "f2ea69f1ec6df1ed71f1ef75f1f179f2f27df2f482f3f586f3f68af4f88ef5f992f6fa96f8fb9af9fc9dfafda1fcffa4"
+)
 
 
 @functools.lru_cache(maxsize=4)
 def _cached_lut(n: int) -> np.ndarray:
-    from matplotlib import colormaps
+    if n == 256:  # the overlays' table, stored: importing matplotlib costs every predict process ~0.15 s of CPU
+        lut = np.frombuffer(bytes.fromhex(_INFERNO_256), dtype=np.uint8).reshape(256, 3).copy()
+    else:
+        from matplotlib import colormaps
 
-    lut = np.rint(colormaps["inferno"](np.linspace(0.0, 1.0, n))[:, :3] * 255).astype(np.uint8)
+        lut = np.rint(colormaps["inferno"](np.linspace(0.0, 1.0, n))[:, :3] * 255).astype(np.uint8)
     lut.setflags(write=False)
     return lut
 
@@ -83,12 +109,34 @@ def normalize(score_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     return np.nan_to_num(np.clip(t, 0.0, 1.0), nan=0.0)
 
 
+def scaled_levels(score_map: np.ndarray, vmin: float, vmax: float, levels: int, dtype=np.uint16) -> np.ndarray:
+    """Integer levels of scores: round(clip((s − vmin) / (vmax − vmin), 0, 1) · levels), NaN → 0, as ``dtype``.
+
+    The numbers of ``np.rint(normalize(s, vmin, vmax) * levels)`` (float64 throughout), computed in place in blocks
+    of ``_MAP_BLOCK_PIXELS``, so the float64 scratch stays ~8 MB for any map.
+    """
+    _check_range(vmin, vmax, "scaled_levels")
+    a = np.asarray(score_map)
+    out = np.empty(a.shape, dtype=dtype)
+    flat_in, flat_out = a.reshape(-1), out.reshape(-1)
+    span = vmax - vmin
+    scratch = np.empty(min(a.size, _MAP_BLOCK_PIXELS), dtype=np.float64)
+    for start in range(0, a.size, _MAP_BLOCK_PIXELS):
+        t = scratch[: min(_MAP_BLOCK_PIXELS, a.size - start)]
+        np.subtract(flat_in[start : start + len(t)], vmin, out=t, dtype=np.float64)
+        np.divide(t, span, out=t)
+        np.fmax(t, 0.0, out=t)  # fmax/fmin ignore NaN: NaN -> 0, as nan_to_num after clip
+        np.fmin(t, 1.0, out=t)
+        np.multiply(t, levels, out=t)
+        np.rint(t, out=t)
+        flat_out[start : start + len(t)] = t
+    return out
+
+
 def colorize(score_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     """Map scores to (…, 3) uint8 colours: vmin and below → black, vmax and above → pale yellow; NaN → black."""
     _check_range(vmin, vmax, "colorize")
-    lut = _cached_lut(256)
-    index = np.rint(normalize(score_map, vmin, vmax) * (len(lut) - 1)).astype(np.intp)
-    return lut[index]
+    return np.take(_cached_lut(256), scaled_levels(score_map, vmin, vmax, 255, np.uint8), axis=0)
 
 
 def mask_contour(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
@@ -104,8 +152,8 @@ def mask_contour(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
     return region & ~inner
 
 
-def _gray_rgb(image: np.ndarray) -> np.ndarray:
-    """An image as float (H, W, 3) in [0, 1]: accepts gray (H, W) or RGB (H, W, 3), float in [0, 1] or uint8/uint16."""
+def _unit_image(image: np.ndarray) -> np.ndarray:
+    """An image as float32 in [0, 1], gray (H, W) or colour (H, W, 3): accepts float in [0, 1] or uint8/uint16."""
     a = np.asarray(image)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
@@ -115,11 +163,12 @@ def _gray_rgb(image: np.ndarray) -> np.ndarray:
         a = a / 255.0
     elif a.dtype == np.uint16:
         a = a / 65535.0
-    a = np.nan_to_num(np.clip(a.astype(np.float32), 0.0, 1.0))  # float32: overlays need no more, at half the memory
-    return np.repeat(a[:, :, None], 3, axis=2) if a.ndim == 2 else a
+    return np.nan_to_num(np.clip(a.astype(np.float32), 0.0, 1.0))  # float32: overlays need no more
 
 
+@functools.lru_cache(maxsize=8)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's default font at ``size`` pixels, loaded once (loading parses the font file)."""
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError, ImportError):  # Pillow without FreeType: fixed bitmap font
@@ -162,7 +211,28 @@ def _resize(a: np.ndarray, shape: tuple[int, int], resample: int) -> np.ndarray:
 
 
 def _upscale_mask(mask: np.ndarray, scale: int) -> np.ndarray:
-    return np.repeat(np.repeat(np.asarray(mask).astype(bool), scale, axis=0), scale, axis=1)
+    m = np.asarray(mask).astype(bool, copy=False)
+    return m if scale == 1 else np.repeat(np.repeat(m, scale, axis=0), scale, axis=1)
+
+
+def _as_uint8(panel: np.ndarray) -> np.ndarray:
+    """A float32 panel in [0, 1] as uint8: round(panel · 255), computed in place (``panel`` is scratch)."""
+    np.multiply(panel, np.float32(255.0), out=panel)
+    np.rint(panel, out=panel)
+    return panel.astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _heat_terms(alpha: float) -> np.ndarray:
+    """alpha · colour / 255 for each of the 256 colours, float32 (256, 3): the heat map's share of a blend."""
+    terms = alpha * (_cached_lut(256) / np.float32(255.0))
+    terms.setflags(write=False)
+    return terms
+
+
+def _contour_value(color: tuple[int, int, int]) -> np.ndarray:
+    """The uint8 pixel a contour colour becomes on a panel (float32 colour / 255, rounded back)."""
+    return _as_uint8((np.array(color) / 255.0).astype(np.float32))
 
 
 def _fmt(value: float) -> str:
@@ -189,8 +259,8 @@ def overlay_image(
     _check_range(vmin, vmax, "overlay_image")
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"overlay_image: alpha={alpha!r} must lie in [0, 1].")
-    rgb = _gray_rgb(image)
-    h, w = rgb.shape[:2]
+    unit = _unit_image(image)  # gray images stay one plane: the three channels of each panel are equal
+    h, w = unit.shape[:2]
     scores = np.asarray(score_map, dtype=np.float32)
     if scores.ndim != 2:
         raise InputError(f"overlay_image: score_map of shape {scores.shape} must be 2-D.")
@@ -202,22 +272,26 @@ def overlay_image(
     ph, pw = layout.panel_shape
     s = layout.scale
 
-    base = _resize(rgb, (ph, pw), Image.Resampling.BICUBIC).clip(0.0, 1.0)
-    heat = colorize(_resize(scores, (ph, pw), Image.Resampling.BILINEAR), vmin, vmax) / np.float32(255.0)
-    blended = (1.0 - alpha) * base + alpha * heat
-    panels = [base, blended]
+    base = _resize(unit, (ph, pw), Image.Resampling.BICUBIC).clip(0.0, 1.0)
+    gray = base.ndim == 2
+    # Heat map panel: (1 − alpha) · image + alpha · colour / 255 in float32, the colour's share from a table.
+    index = scaled_levels(_resize(scores, (ph, pw), Image.Resampling.BILINEAR), vmin, vmax, 255, np.uint8)
+    blended = np.take(_heat_terms(float(alpha)), index, axis=0)
+    kept = (1.0 - alpha) * base
+    blended += kept[:, :, None] if gray else kept
+    panels = [_as_uint8(base), _as_uint8(blended)]  # base is not used as float any more
     if has_masks:
-        contours = base.copy()
+        contours = np.repeat(panels[0][:, :, None], 3, axis=2) if gray else panels[0].copy()
         thickness = 1 if s <= 2 else 2
         for m, color in ((true_mask, TRUTH_COLOR), (mask, PREDICTED_COLOR)):
             if m is not None:
-                contours[mask_contour(_upscale_mask(m, s), thickness)] = np.array(color) / 255.0
+                contours[mask_contour(_upscale_mask(m, s), thickness)] = _contour_value(color)
         panels.append(contours)
 
     canvas = np.empty(layout.shape, dtype=np.uint8)  # filled row-wise: 60x faster than broadcasting an RGB triple
     canvas.reshape(layout.shape[0], -1)[:] = np.tile(np.asarray(_BACKGROUND, dtype=np.uint8), layout.shape[1])
     for (top, left), panel in zip(layout.panels, panels, strict=True):
-        canvas[top : top + ph, left : left + pw] = np.rint(panel * 255.0).astype(np.uint8)
+        canvas[top : top + ph, left : left + pw] = panel[:, :, None] if panel.ndim == 2 else panel
 
     # Colour bar under the heat map panel.
     top, left = layout.panels[1]
@@ -268,7 +342,8 @@ def as_uint_image(array: np.ndarray) -> np.ndarray:
     return a
 
 
-PNG_COMPRESS_LEVEL = 1  # zlib level 1: ~4x faster than the default 6 for ~10-20 % larger files; prediction writes many
+#: zlib level of every PNG normdino writes (see normdino.io.png: one "up" row filter, zlib level 1).
+PNG_COMPRESS_LEVEL = png.COMPRESS_LEVEL
 
 
 def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -276,8 +351,7 @@ def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
     a = as_uint_image(array)
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)) or (a.dtype == np.uint16 and a.ndim != 2):
         raise InputError(f"save_png: array of shape {a.shape} and dtype {a.dtype} is not an image for {path}.")
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(a)).save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    png.write_png(path, a)
 
 
 def save_map_png16(path: str | os.PathLike, score_map: np.ndarray, vmin: float, vmax: float) -> None:
@@ -290,16 +364,9 @@ def save_map_png16(path: str | os.PathLike, score_map: np.ndarray, vmin: float, 
     a = np.asarray(score_map)
     if a.ndim != 2:
         raise InputError(f"save_map_png16: score map of shape {a.shape} for {path} must be 2-D.")
-    values = np.empty(a.shape, dtype=np.uint16)
-    rows = max(1, (1 << 20) // max(1, a.shape[1]))  # ~1 M pixels at a time: float64 scratch stays ~8 MB
-    for top in range(0, a.shape[0], rows):
-        values[top:top + rows] = np.rint(normalize(a[top:top + rows], vmin, vmax) * PNG16_MAX)
-    info = PngImagePlugin.PngInfo()
-    info.add_text("normdino:vmin", repr(float(vmin)))
-    info.add_text("normdino:vmax", repr(float(vmax)))
-    info.add_text("normdino:scale", "score = vmin + value / 65535 * (vmax - vmin)")
-    with atomic_path(path) as tmp:
-        Image.fromarray(values).save(tmp, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
+    text = {"normdino:vmin": repr(float(vmin)), "normdino:vmax": repr(float(vmax)),
+            "normdino:scale": "score = vmin + value / 65535 * (vmax - vmin)"}
+    png.write_png(path, scaled_levels(a, vmin, vmax, PNG16_MAX), text)
 
 
 def read_map_png16(path: str | os.PathLike) -> tuple[np.ndarray, float, float]:
