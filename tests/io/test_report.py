@@ -200,6 +200,8 @@ def _edge_scenes():
     nan_map[::3, ::2] = np.nan
     nan_map[1, :5] = [np.inf, -np.inf, np.nan, 2.0, -1.0]
     row = rng.random((1, 9)).astype(np.float32)
+    levels = rng.integers(0, 256, image.shape).astype(np.float32) / np.float32(255.0)
+    big_levels = rng.integers(0, 256, (200, 180)).astype(np.float32) / np.float32(255.0)
     return [
         ("scene", image, scores, pred, truth),
         ("constant map", image, np.full(image.shape, 0.37), pred, None),
@@ -210,6 +212,12 @@ def _edge_scenes():
         ("mask everywhere", image, scores, np.ones(image.shape, bool), np.ones(image.shape, bool)),
         ("no masks", image, scores, None, None),
         ("uint8 image", (image * 255).astype(np.uint8), scores, pred, None),
+        ("8-bit levels as read_image gives them, at scale 1", big_levels, rng.random((200, 180)) * 0.4,
+         rng.random((200, 180)) > 0.8, rng.random((200, 180)) > 0.9),
+        ("8-bit levels, no masks", big_levels, np.full((200, 180), np.nan), None, None),
+        ("8-bit levels upscaled", levels, scores, pred, truth),
+        ("8-bit levels, tiny 1xN", levels[:1, :5], scores[:1, :5], None, None),
+        ("8-bit levels upscaled, NaN map", levels[:20, :20], nan_map[:20, :20], pred[:20, :20], None),
         ("uint16 image with NaN-free map", (image * 65535).astype(np.uint16), scores, pred, truth),
         ("float image with NaN and out-of-range values", np.where(pred, np.nan, image * 3 - 1), scores, pred, None),
         ("RGB image", rng.random((40, 30, 3)).astype(np.float32), rng.random((40, 30)), None, rng.random((40, 30)) > 0.7),
@@ -219,9 +227,14 @@ def _edge_scenes():
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.0, 1.0, 0.3])
-def test_overlay_pixels_equal_the_plain_float_drawing(alpha):
-    """Every pixel equals the overlay drawn the plain way (float channels, one Pillow canvas): tests/io/overlay_reference."""
+def test_overlay_pixels_equal_the_plain_float_drawing(alpha, monkeypatch):
+    """Every pixel equals the overlay drawn the plain way (float channels, one Pillow canvas): tests/io/overlay_reference.
+    Images of 8-bit levels take the blend table, the others the float blend: both are covered."""
+    import normdino.io.rendering as rendering
     from tests.io.overlay_reference import reference_overlay
+
+    tables = []
+    monkeypatch.setattr(rendering, "_blend_table", lambda a, real=rendering._blend_table: tables.append(a) or real(a))
 
     for name, image, scores, mask, truth in _edge_scenes():
         for vmin, vmax in ((0.0, 1.0), (0.2, 0.25), (-3.0, 1e-3)):
@@ -229,6 +242,7 @@ def test_overlay_pixels_equal_the_plain_float_drawing(alpha):
             expected = reference_overlay(image, scores, mask, vmin, vmax, alpha=alpha, true_mask=truth)
             assert out.shape == expected.shape and out.dtype == np.uint8, name
             assert np.array_equal(out, expected), (name, vmin, vmax, int((out != expected).any(axis=2).sum()))
+    assert 0 < len(tables) < 3 * len(_edge_scenes())
 
 
 def _parse_svg(text: str) -> ET.Element:

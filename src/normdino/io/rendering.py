@@ -215,11 +215,14 @@ def _upscale_mask(mask: np.ndarray, scale: int) -> np.ndarray:
     return m if scale == 1 else np.repeat(np.repeat(m, scale, axis=0), scale, axis=1)
 
 
-def _as_uint8(panel: np.ndarray) -> np.ndarray:
-    """A float32 panel in [0, 1] as uint8: round(panel · 255), computed in place (``panel`` is scratch)."""
+def _as_uint8(panel: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """A float32 panel in [0, 1] as uint8 (into ``out`` if given): round(panel · 255); ``panel`` is scratch."""
     np.multiply(panel, np.float32(255.0), out=panel)
     np.rint(panel, out=panel)
-    return panel.astype(np.uint8)
+    if out is None:
+        return panel.astype(np.uint8)
+    np.copyto(out, panel, casting="unsafe")
+    return out
 
 
 @functools.lru_cache(maxsize=8)
@@ -228,6 +231,20 @@ def _heat_terms(alpha: float) -> np.ndarray:
     terms = alpha * (_cached_lut(256) / np.float32(255.0))
     terms.setflags(write=False)
     return terms
+
+
+#: The float32 gray levels of 8-bit images as normdino reads them (k / 255).
+_LEVELS = np.arange(256, dtype=np.float32) / np.float32(255.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _blend_table(alpha: float) -> np.ndarray:
+    """The heat-map panel's uint8 pixel for every 8-bit gray level k and colour i, row k · 256 + i (65536, 3):
+    the per-pixel float32 steps, round(((1 − alpha) · k / 255 + alpha · colour / 255) · 255), done once."""
+    blended = _heat_terms(alpha)[None, :, :] + ((1.0 - alpha) * _LEVELS)[:, None, None]
+    table = _as_uint8(blended).reshape(-1, 3)
+    table.setflags(write=False)
+    return table
 
 
 def _contour_value(color: tuple[int, int, int]) -> np.ndarray:
@@ -259,6 +276,7 @@ def overlay_image(
     _check_range(vmin, vmax, "overlay_image")
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"overlay_image: alpha={alpha!r} must lie in [0, 1].")
+    alpha = float(alpha)  # a Python float: the blend is computed in float32
     unit = _unit_image(image)  # gray images stay one plane: the three channels of each panel are equal
     h, w = unit.shape[:2]
     scores = np.asarray(score_map, dtype=np.float32)
@@ -276,22 +294,28 @@ def overlay_image(
     gray = base.ndim == 2
     # Heat map panel: (1 − alpha) · image + alpha · colour / 255 in float32, the colour's share from a table.
     index = scaled_levels(_resize(scores, (ph, pw), Image.Resampling.BILINEAR), vmin, vmax, 255, np.uint8)
-    blended = np.take(_heat_terms(float(alpha)), index, axis=0)
-    kept = (1.0 - alpha) * base
-    blended += kept[:, :, None] if gray else kept
-    panels = [_as_uint8(base), _as_uint8(blended)]  # base is not used as float any more
-    if has_masks:
-        contours = np.repeat(panels[0][:, :, None], 3, axis=2) if gray else panels[0].copy()
-        thickness = 1 if s <= 2 else 2
-        for m, color in ((true_mask, TRUTH_COLOR), (mask, PREDICTED_COLOR)):
-            if m is not None:
-                contours[mask_contour(_upscale_mask(m, s), thickness)] = _contour_value(color)
-        panels.append(contours)
 
     canvas = np.empty(layout.shape, dtype=np.uint8)  # filled row-wise: 60x faster than broadcasting an RGB triple
     canvas.reshape(layout.shape[0], -1)[:] = np.tile(np.asarray(_BACKGROUND, dtype=np.uint8), layout.shape[1])
-    for (top, left), panel in zip(layout.panels, panels, strict=True):
-        canvas[top : top + ph, left : left + pw] = panel[:, :, None] if panel.ndim == 2 else panel
+    views = [canvas[top : top + ph, left : left + pw] for top, left in layout.panels]
+    image8 = _as_uint8(base.copy())
+    views[0][:] = image8[:, :, None] if gray else image8
+    if gray and np.array_equal(_LEVELS[image8], base):  # 8-bit gray levels, as images are read: blend by table
+        combined = image8.astype(np.uint16)
+        combined <<= 8
+        combined |= index
+        np.take(_blend_table(alpha), combined, axis=0, out=views[1], mode="clip")
+    else:
+        blended = np.take(_heat_terms(alpha), index, axis=0)
+        kept = (1.0 - alpha) * base
+        blended += kept[:, :, None] if gray else kept
+        _as_uint8(blended, out=views[1])
+    if has_masks:  # the image with the masks' contours over it
+        views[2][:] = views[0]
+        thickness = 1 if s <= 2 else 2
+        for m, color in ((true_mask, TRUTH_COLOR), (mask, PREDICTED_COLOR)):
+            if m is not None:
+                views[2][mask_contour(_upscale_mask(m, s), thickness)] = _contour_value(color)
 
     # Colour bar under the heat map panel.
     top, left = layout.panels[1]
@@ -300,9 +324,6 @@ def overlay_image(
     bar_left = left + (pw - bar_w) // 2
     canvas[bar_top : bar_top + 8, bar_left : bar_left + bar_w] = colorize(np.linspace(0.0, 1.0, bar_w), 0.0, 1.0)[None]
 
-    pil = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(pil)
-    title_font, small = _font(14), _font(11)
     if titles is None:
         third = {
             (True, False): "Predicted mask",
@@ -310,11 +331,11 @@ def overlay_image(
             (True, True): "Predicted vs truth",
         }.get((mask is not None, true_mask is not None), "")
         titles = ("Image", "Anomaly score", third)
-    for (top, left), title in zip(layout.panels, titles, strict=False):
-        draw.text((left + pw / 2, top - 8), title, fill=_TEXT, font=title_font, anchor="ms")
+    items: list[tuple] = [("text", left + pw / 2, top - 8, title, _TEXT, 14, "ms")
+                          for (top, left), title in zip(layout.panels, titles, strict=False)]
     label_y = bar_top + 4
-    draw.text((bar_left - 5, label_y), _fmt(vmin), fill=_MUTED, font=small, anchor="rm")
-    draw.text((bar_left + bar_w + 5, label_y), _fmt(vmax), fill=_MUTED, font=small, anchor="lm")
+    items += [("text", bar_left - 5, label_y, _fmt(vmin), _MUTED, 11, "rm"),
+              ("text", bar_left + bar_w + 5, label_y, _fmt(vmax), _MUTED, 11, "lm")]
     if has_masks:
         top, left = layout.panels[2]
         entries = [
@@ -322,13 +343,94 @@ def overlay_image(
             for m, c, n in ((mask, PREDICTED_COLOR, "predicted"), (true_mask, TRUTH_COLOR, "truth"))
             if m is not None
         ]
-        widths = [22 + draw.textlength(name, font=small) for _, name in entries]
+        widths = [22 + _text_length(name, 11) for _, name in entries]
         x = left + (pw - (sum(widths) + 14 * (len(entries) - 1))) / 2
         for (color, name), width in zip(entries, widths, strict=True):
-            draw.line([(x, label_y), (x + 16, label_y)], fill=color, width=3)
-            draw.text((x + 22, label_y), name, fill=_MUTED, font=small, anchor="lm")
+            items.append(("line", x, label_y, x + 16, label_y, color, 3))
+            items.append(("text", x + 22, label_y, name, _MUTED, 11, "lm"))
             x += width + 14
-    return np.asarray(pil)
+    _draw_items(canvas, items)
+    return canvas
+
+
+# ---------------------------------------------------------------------- text and lines on small patches
+
+
+def _draw_item(draw: ImageDraw.ImageDraw, item: tuple) -> None:
+    """Draw one ("text", x, y, text, fill, font size, anchor) or ("line", x0, y0, x1, y1, fill, width)."""
+    if item[0] == "text":
+        _, x, y, text, fill, size, anchor = item
+        draw.text((x, y), text, fill=fill, font=_font(size), anchor=anchor)
+    else:
+        _, x0, y0, x1, y1, fill, width = item
+        draw.line([(x0, y0), (x1, y1)], fill=fill, width=width)
+
+
+def _item_box(item: tuple, shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) of the pixels an item can touch, padded and clipped to the canvas; None when
+    the font gives no reliable box (Pillow without FreeType): then the item is drawn on the whole canvas."""
+    pad = 4
+    if item[0] == "text":
+        _, x, y, text, _, size, anchor = item
+        bbox = _text_bbox(text, size, anchor)
+        if bbox is None:
+            return None
+        x0, y0, x1, y1 = bbox
+        xs, ys = (x + x0, x + x1, x), (y + y0, y + y1, y)
+    else:
+        _, ax, ay, bx, by, _, width = item
+        xs, ys = (ax - width, bx + width, ax, bx), (ay - width, by + width, ay, by)
+    left, top = max(0, math.floor(min(xs)) - pad), max(0, math.floor(min(ys)) - pad)
+    right, bottom = min(shape[1], math.ceil(max(xs)) + pad), min(shape[0], math.ceil(max(ys)) + pad)
+    if min(xs) < 0 or min(ys) < 0:  # Pillow truncates coordinates toward zero: keep negative ones unmoved
+        left, top = 0, 0
+    return (left, top, right, bottom) if right > left and bottom > top else (0, 0, 0, 0)
+
+
+@functools.lru_cache(maxsize=256)
+def _text_bbox(text: str, size: int, anchor: str) -> tuple[float, float, float, float] | None:
+    """The box of ``text`` around its anchor point in the default font; None without FreeType."""
+    font = _font(size)
+    return font.getbbox(text, anchor=anchor) if isinstance(font, ImageFont.FreeTypeFont) else None
+
+
+@functools.lru_cache(maxsize=256)
+def _drawn_patch(item: tuple, shape: tuple[int, int, int], pixels: bytes) -> bytes:
+    """The RGB bytes of a patch holding ``pixels`` after ``item`` is drawn on it (in the patch's coordinates)."""
+    patch = Image.frombytes("RGB", (shape[1], shape[0]), pixels)
+    _draw_item(ImageDraw.Draw(patch), item)
+    return patch.tobytes()
+
+
+def _draw_items(canvas: np.ndarray, items: Sequence[tuple]) -> None:
+    """Draw text and lines on an RGB uint8 canvas in place, in order, exactly as Pillow draws them on the whole.
+
+    Each item is drawn on a copy of the small patch it can touch (moved by whole pixels, so Pillow's sub-pixel
+    placement is unchanged) and written back; a patch drawn once is reused (titles and labels repeat from image
+    to image), which saves the text rendering and the conversions of the whole canvas to and from Pillow.
+    """
+    boxes = [_item_box(item, canvas.shape) for item in items]
+    if any(box is None for box in boxes):
+        pil = Image.fromarray(canvas)
+        draw = ImageDraw.Draw(pil)
+        for item in items:
+            _draw_item(draw, item)
+        canvas[:] = np.asarray(pil)
+        return
+    for item, (left, top, right, bottom) in zip(items, boxes, strict=True):
+        if right <= left or bottom <= top:
+            continue
+        region = canvas[top:bottom, left:right]
+        moved = (item[0], item[1] - left, item[2] - top, *item[3:]) if item[0] == "text" else \
+            (item[0], item[1] - left, item[2] - top, item[3] - left, item[4] - top, *item[5:])
+        drawn = _drawn_patch(moved, region.shape, region.tobytes())
+        region[:] = np.frombuffer(drawn, dtype=np.uint8).reshape(region.shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _text_length(text: str, size: int) -> float:
+    """The advance width of ``text`` in the default font at ``size`` (as ImageDraw.textlength gives it on RGB)."""
+    return ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=_font(size))
 
 
 def as_uint_image(array: np.ndarray) -> np.ndarray:
