@@ -2,6 +2,7 @@
 
     python benchmarks/bench_outputs.py --results RESULTS             # the maps of an earlier ``normdino predict``
     python benchmarks/bench_outputs.py --results RESULTS --compare-src /tmp/main/src   # ratios against a tree
+    python benchmarks/bench_outputs.py --results RESULTS --compare-src /tmp/main/src --also-zlib
     python benchmarks/bench_outputs.py                               # synthetic maps over lgg-flair slices
 
 On 2 cores busy with the model's forward, every millisecond of CPU spent on an image's files shows up in the
@@ -17,9 +18,10 @@ wall time of ``normdino predict``; this prints those milliseconds per image and 
 
 Each tree runs in its own process (``PYTHONPATH=<src>``), the trees alternating round after round; a figure is
 the CPU time of the writing thread (``time.thread_time``: it moves less with other jobs on shared cores than
-wall time does), best and median over the rounds, ms per image. With ``--compare-src`` the two trees' files
-are compared afterwards: decoded PNG pixels and PNG text chunks equal, .npy files byte-identical, and the
-bytes per image of each kind of file.
+wall time does), best and median over the rounds, ms per image. With ``--compare-src`` the trees' files are
+compared afterwards: decoded PNG pixels and PNG text chunks equal, .npy files byte-identical, and the bytes per
+image of each kind of file. ``--also-zlib``: this tree once more with ISA-L hidden (``isal`` not importable),
+i.e. as installed without the ``fast`` extra, where PNGs are deflated by zlib.
 
 ``--results``: a folder written by ``normdino predict`` (its scores.csv names each input, .npy map and mask;
 its summary.json the colour and map ranges). Without it: lgg-flair validation slices (or generated images)
@@ -80,8 +82,10 @@ def load_inputs(results: Path | None, n: int) -> list[dict]:
 # ---------------------------------------------------------------------- one tree (a child process)
 
 
-def child(results: Path | None, n: int, out: Path) -> dict:
+def child(results: Path | None, n: int, out: Path, hide_isal: bool = False) -> dict:
     """ms of thread CPU time per image for each part (one pass), and one set of files written into ``out``."""
+    if hide_isal:
+        sys.modules["isal"] = None  # type: ignore[assignment]  # import isal now fails, as without the extra
     from normdino.io import rendering, writing
 
     items = load_inputs(results, n)
@@ -114,7 +118,9 @@ def child(results: Path | None, n: int, out: Path) -> dict:
         for i, item in enumerate(items):
             parts[part](i, item)
         ms[part] = (time.thread_time() - start) / len(items) * 1e3
-    return {"ms": ms, "n": len(items), "shape": list(items[0]["image"].shape), "overlay": list(overlays[0].shape)}
+    deflate = getattr(sys.modules.get("normdino.io.png"), "DEFLATE", "pillow")
+    return {"ms": ms, "n": len(items), "shape": list(items[0]["image"].shape), "overlay": list(overlays[0].shape),
+            "deflate": deflate}
 
 
 # ---------------------------------------------------------------------- comparing two trees' files
@@ -145,9 +151,11 @@ def compare_files(new: Path, old: Path) -> dict:
 # ---------------------------------------------------------------------- parent
 
 
-def run_child(src: Path, args, out: Path) -> dict:
+def run_child(src: Path, args, out: Path, hide_isal: bool) -> dict:
     env = dict(os.environ, PYTHONPATH=str(src), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, __file__, "--child", "--n", str(args.n), "--child-out", str(out)]
+    if hide_isal:
+        cmd.append("--hide-isal")
     if args.results is not None:
         cmd += ["--results", str(args.results)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -160,46 +168,54 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=42, help="images")
     parser.add_argument("--rounds", type=int, default=5, help="rounds (each tree once per round, alternating)")
     parser.add_argument("--compare-src", type=Path, default=None, help="another tree's src folder (the baseline)")
+    parser.add_argument("--also-zlib", action="store_true", help="this tree again without ISA-L (zlib deflate)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--hide-isal", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.results, args.n, args.child_out)))
+        print(json.dumps(child(args.results, args.n, args.child_out, args.hide_isal)))
         return
 
-    trees = {"new": ROOT / "src"}
+    trees = {"new": (ROOT / "src", False)}
+    if args.also_zlib:
+        trees["new-zlib"] = (ROOT / "src", True)
     if args.compare_src is not None:
-        trees["old"] = args.compare_src.resolve()
+        trees["old"] = (args.compare_src.resolve(), False)
     folder = Path(tempfile.mkdtemp(prefix="bench_outputs_files_"))
-    print(f"load before: {os.getloadavg()[0]:.2f}  trees: " + ", ".join(f"{k}={v}" for k, v in trees.items()))
+    print(f"load before: {os.getloadavg()[0]:.2f}  trees: " + ", ".join(f"{k}={v[0]}" for k, v in trees.items()))
     runs: dict[str, list[dict]] = {k: [] for k in trees}
     for r in range(args.rounds):
         order = list(trees) if r % 2 == 0 else list(reversed(trees))
         for key in order:
-            runs[key].append(run_child(trees[key], args, folder / key))
+            runs[key].append(run_child(trees[key][0], args, folder / key, trees[key][1]))
     first = runs["new"][0]
     print(f"{first['n']} images of shape {tuple(first['shape'])}, overlay {tuple(first['overlay'])}, "
-          f"{args.rounds} rounds; ms of CPU per image (best / median over rounds)")
-    header = f"{'output':<15}" + "".join(f"{k + ' best':>11}{k + ' med':>10}" for k in trees)
-    print(header + ("   old/new (best, median)" if "old" in trees else ""))
+          f"{args.rounds} rounds; deflate: " + ", ".join(f"{k} {runs[k][0]['deflate']}" for k in trees))
+    print("ms of CPU per image, best / median over the rounds" + ("; old/x: the old tree's best over x's best"
+                                                                  if "old" in trees else ""))
+    others = [k for k in trees if k != "old"]
+    header = f"{'output':<15}" + "".join(f"{k + ' best':>15}{k + ' med':>14}" for k in trees)
+    print(header + "".join(f"{'old/' + k:>14}" for k in others if "old" in trees))
     for part in PARTS:
         line = f"{part:<15}"
-        stats = {}
+        best = {}
         for key in trees:
             values = [run["ms"][part] for run in runs[key]]
-            stats[key] = (min(values), statistics.median(values))
-            line += f"{stats[key][0]:>11.2f}{stats[key][1]:>10.2f}"
+            best[key] = min(values)
+            line += f"{best[key]:>15.2f}{statistics.median(values):>14.2f}"
         if "old" in trees:
-            line += f"   {stats['old'][0] / stats['new'][0]:.2f}x, {stats['old'][1] / stats['new'][1]:.2f}x"
+            line += "".join(f"{best['old'] / best[k]:>13.2f}x" for k in others)
         print(line)
     if "old" in trees:
-        check = compare_files(folder / "new", folder / "old")
-        print(f"files: decoded pixels, PNG text and .npy bytes identical to the old tree's: {check['same']}"
-              + (f" ({check['why']})" if "why" in check else ""))
-        for kind, (new_bytes, old_bytes) in check["sizes"].items():
-            n = first["n"]
-            print(f"  {kind:<15} bytes/image new {new_bytes / n:>9.0f}  old {old_bytes / n:>9.0f}  "
-                  f"new/old {new_bytes / max(1, old_bytes):.3f}")
+        n = first["n"]
+        for key in others:
+            check = compare_files(folder / key, folder / "old")
+            print(f"{key}: decoded pixels, PNG text and .npy bytes identical to the old tree's: {check['same']}"
+                  + (f" ({check['why']})" if "why" in check else ""))
+            for kind, (new_bytes, old_bytes) in check["sizes"].items():
+                print(f"  {kind:<15} bytes/image {key} {new_bytes / n:>9.0f}  old {old_bytes / n:>9.0f}  "
+                      f"{key}/old {new_bytes / max(1, old_bytes):.3f}")
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
 
