@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from normdino.files import atomic_path, atomic_write_text
+from normdino.files import atomic_file, atomic_path, atomic_write_text
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
@@ -34,3 +34,20 @@ def test_a_failed_block_leaves_neither_the_file_nor_a_temporary(tmp_path):
             tmp.write_bytes(b"half")
             raise RuntimeError("stopped half-way")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_atomic_file_appears_complete_with_the_umask_permissions_or_not_at_all(tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    with atomic_file(tmp_path / "sub" / "a.bin") as f:
+        f.write(b"first")
+        assert not (tmp_path / "sub" / "a.bin").exists()  # not under its name before the block ends
+    assert (tmp_path / "sub" / "a.bin").read_bytes() == b"first"
+    assert stat.S_IMODE((tmp_path / "sub" / "a.bin").stat().st_mode) == 0o666 & ~mask
+    with pytest.raises(RuntimeError, match="half-way"):
+        with atomic_file(tmp_path / "sub" / "a.bin") as f:
+            f.write(b"second, half")
+            raise RuntimeError("stopped half-way")
+    assert (tmp_path / "sub" / "a.bin").read_bytes() == b"first"  # the earlier file is untouched
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["a.bin"]  # no temporary file left

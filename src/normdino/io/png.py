@@ -20,7 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
-from normdino.files import atomic_path
+from normdino.files import atomic_file
 
 try:  # ISA-L's deflate: the same zlib format, several times faster
     from isal import isal_zlib as _deflate
@@ -117,7 +117,7 @@ def write_png(path: str | os.PathLike, array: np.ndarray, text: Mapping[str, str
     """Write a PNG file of ``array`` atomically (temporary file, then rename), streaming (see ``png_chunks``)."""
     chunks = png_chunks(array, text, filter_type, level)
     first = next(chunks)  # the array is checked before any file is made
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         f.write(first)
         for chunk in chunks:
             f.write(chunk)

@@ -44,7 +44,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from normdino.errors import InputError, OutputError
-from normdino.files import atomic_path, atomic_write_text, check_writable_folder, describe_write_error
+from normdino.files import atomic_file, atomic_write_text, check_writable_folder, describe_write_error
 from normdino.io import rendering
 from normdino.io.index_page import write_index
 from normdino.io.reading import check_megapixels
@@ -76,7 +76,7 @@ STRIP_SIDE = 192
 
 def save_npy(path: Path, array: np.ndarray) -> None:
     """Write a .npy file atomically, straight to disk (no in-memory copy)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         np.save(f, array)
 
 
