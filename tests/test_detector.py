@@ -365,3 +365,66 @@ def test_maps_do_not_depend_on_the_batch_size_beyond_float_rounding(fitted, phan
         fitted.batch_size = batch_size
     for a, b in zip(one, eight):
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)
+
+
+# ---------------------------------------------------------------------- the prediction stream
+
+
+def _images_of(phantoms):
+    return [np.asarray(Image.open(p), dtype=np.float32) / 255.0
+            for p in _pngs(phantoms / "test" / "Ungood" / "img") + _pngs(phantoms / "test" / "good" / "img")]
+
+
+def _assert_same_prediction(a, b):
+    np.testing.assert_array_equal(a.pixel_map, b.pixel_map)
+    np.testing.assert_array_equal(a.patch_map, b.patch_map)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    assert (a.score, a.threshold, a.is_anomalous, a.fpr) == (b.score, b.threshold, b.is_anomalous, b.fpr)
+
+
+def test_predict_batches_gives_each_batch_what_predict_gives_it_in_order(fitted, phantoms):
+    """Batches of the caller's sizes (empty ones too) come back in order, each equal bit for bit to predict()
+    on that batch: the pipeline that runs the next batch's model during this one's scoring changes nothing."""
+    images = _images_of(phantoms)
+    sizes = [2, 0, 1, 3, 0]
+    assert sum(sizes) == len(images)
+    starts = np.cumsum([0, *sizes])
+    batches = [images[a:b] for a, b in zip(starts, starts[1:])]
+    streamed = list(fitted.predict_batches(iter(batches), fpr=0.1))
+    assert [len(out) for out in streamed] == sizes
+    for batch, out in zip(batches, streamed):
+        for alone, got in zip(fitted.predict(batch, fpr=0.1) if batch else [], out):
+            _assert_same_prediction(alone, got)
+
+
+def test_an_image_that_cannot_be_preprocessed_gets_its_error_in_its_place(fitted, phantoms):
+    images = _images_of(phantoms)[:3]
+    bad = images[1] * 255.0  # values above 1: refused, never clipped
+    out = list(fitted.predict_batches([[images[0], bad, images[2]]]))[0]
+    assert isinstance(out[1], InputError) and "must lie in [0, 1]" in str(out[1])
+    for image, got in zip([images[0], images[2]], [out[0], out[2]]):
+        _assert_same_prediction(fitted.predict([image])[0], got)
+    with pytest.raises(InputError, match=r"must lie in \[0, 1\]"):  # the API raises it, after what came before it
+        list(fitted.iter_predict([images[0], bad]))
+
+
+def test_a_batch_that_fails_in_the_model_is_retried_image_by_image(fitted, phantoms, monkeypatch):
+    """Memory short for a batch of 3 but not for one image: each image is predicted alone, and an image that
+    fails even alone gets the error, the others their predictions (``retry=False``: the batch's error for all)."""
+    images = _images_of(phantoms)[:4]
+    expected = [fitted.predict([image])[0] for image in images]
+    real = fitted._embed
+    poisoned = images[2]
+
+    def short_of_memory(pixels):
+        if len(pixels) > 1 or torch.equal(pixels[0], fitted.backbone_.preprocess(poisoned)):
+            raise MemoryError
+        return real(pixels)
+
+    monkeypatch.setattr(fitted, "_embed", short_of_memory)
+    first, second = fitted.predict_batches([images[:3], images[3:]])
+    assert isinstance(first[2], MemoryError)
+    for want, got in zip(expected[:2] + expected[3:], first[:2] + second):
+        _assert_same_prediction(want, got)
+    (whole,) = fitted.predict_batches([images[:2]], retry=False)
+    assert all(isinstance(outcome, MemoryError) for outcome in whole)

@@ -200,6 +200,34 @@ def test_an_input_that_fails_half_written_leaves_no_orphans(detector, data, tmp_
     assert not list((tmp_path / "out").glob(f"{images[1].stem}_*"))  # its map, .npy and mask were removed
 
 
+def test_a_batch_short_of_memory_is_predicted_image_by_image(detector, data, tmp_path, monkeypatch):
+    """The model runs out of memory on the batch of 4 and on the third image alone: that image gets a skipped
+    row saying so, and the others get their maps, equal to predicting each alone."""
+    import torch
+
+    images = _test_images(data)
+    expected = {p.name: detector.predict([p])[0].pixel_map for p in images}
+    real = detector._embed
+    poisoned = detector.backbone_.preprocess(np.asarray(Image.open(images[2]), dtype=np.float32) / 255.0)
+
+    def short_of_memory(pixels):
+        if len(pixels) > 1 or torch.equal(pixels[0], poisoned):
+            raise MemoryError
+        return real(pixels)
+
+    monkeypatch.setattr(detector, "_embed", short_of_memory)
+    monkeypatch.setattr(detector, "batch_size", 4)
+    writer = PredictionWriter(detector, tmp_path / "out", progress=False)
+    writer.write_images(images)
+    writer.finish()
+    rows = _rows(tmp_path / "out")
+    assert [r["status"] for r in rows] == ["ok", "ok", "skipped", "ok"]
+    assert "memory" in rows[2]["message"] and not list((tmp_path / "out").glob(f"{images[2].stem}_*"))
+    for path, row in zip(images, rows):
+        if row["status"] == "ok":
+            np.testing.assert_array_equal(np.load(tmp_path / "out" / row["anomaly_npy"]), expected[path.name])
+
+
 @pytest.mark.parametrize("writers", [1, 4])
 def test_disk_full_during_predict_is_one_sentence(model, data, tmp_path, monkeypatch, capsys, writers):
     import errno
@@ -278,9 +306,16 @@ class _NegativeScores:
     def image_threshold(self, fpr):
         return self._detector.image_threshold(fpr) + self._shift
 
+    def _shifted(self, p):
+        return dataclasses.replace(p, pixel_map=p.pixel_map + np.float32(self._shift), score=p.score + self._shift,
+                                   threshold=p.threshold + self._shift)
+
     def predict(self, images, fpr=None):
-        return [dataclasses.replace(p, pixel_map=p.pixel_map + np.float32(self._shift), score=p.score + self._shift,
-                                    threshold=p.threshold + self._shift) for p in self._detector.predict(images, fpr=fpr)]
+        return [self._shifted(p) for p in self._detector.predict(images, fpr=fpr)]
+
+    def predict_batches(self, batches, fpr=None, retry=True):
+        for outcomes in self._detector.predict_batches(batches, fpr=fpr, retry=retry):
+            yield [self._shifted(p) for p in outcomes]
 
 
 def test_negative_scores_get_a_valid_colour_range_and_exact_png_maps(detector, data, tmp_path):
@@ -346,6 +381,10 @@ class _FullSizeMaps:
             preds.append(dataclasses.replace(template, pixel_map=pixel_map, mask=pixel_map > template.threshold,
                                              score=float(pixel_map.max())))
         return preds
+
+    def predict_batches(self, batches, fpr=None, retry=True):
+        for images in batches:
+            yield self.predict(images, fpr=fpr)
 
 
 def _numpy_peak_of_predicting(detector, folder, size):

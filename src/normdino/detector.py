@@ -412,33 +412,108 @@ class AnomalyDetector:
 
     def iter_predict(self, images: Iterable[ImageLike], fpr: float | None = None) -> Iterator[Prediction]:
         """Like :meth:`predict`, yielding one :class:`Prediction` at a time in input order (bounded memory)."""
-        self._check_fitted()
-        fpr = self.default_fpr if fpr is None else fpr
-        pixel_threshold, image_threshold = self.pixel_threshold(fpr), self.image_threshold(fpr)
         from normdino.io.inputs import expand_images
 
-        def load(item: tuple[int, ImageLike]) -> tuple[tuple[int, ...], torch.Tensor]:
-            position, image = item
-            array = _checked(image, position) if isinstance(image, np.ndarray) else _read(image)
-            return array.shape[:2], self.backbone_.preprocess(array)
+        batches = _batches(expand_images(images), self.effective_batch_size)
+        for outcomes in self.predict_batches(batches, fpr=fpr, retry=False):
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                yield outcome
 
-        # threads read and preprocess the next images while the model scores this batch
+    def predict_batches(self, batches: Iterable[Sequence[ImageLike]], fpr: float | None = None, retry: bool = True
+                        ) -> Iterator[list[Prediction | InputError | MemoryError]]:
+        """The predictions of each batch of images, in order, for batches the caller sized (e.g. by pixels).
+
+        One pipeline for the whole stream: threads read and preprocess the next images and a thread runs the model
+        on the next batch while this one is scored, so the model never waits between batches. An image that
+        cannot be read or predicted gets its error (InputError, MemoryError) in its place; a batch that fails in
+        the model or in scoring is run again image by image, so only the image at fault gets the error
+        (``retry=False``: every image of that batch gets it).
+        """
+        self._check_fitted()
+        fpr = self.default_fpr if fpr is None else fpr
+        thresholds = self.pixel_threshold(fpr), self.image_threshold(fpr)
         workers = default_workers(self.backbone_.device)
-        batch_size = self.effective_batch_size
-        loaded = ordered_map(load, enumerate(expand_images(images)), workers, ahead=max(2 * workers, 2 * batch_size))
+        ahead = max(2 * workers, 2 * self.effective_batch_size)
+        failures = (InputError, MemoryError)
 
-        def embed(batch: list) -> tuple[list, Tokens]:
-            return batch, self._embed([pixels for _, pixels in batch])
+        def items() -> Iterator[tuple[int, ImageLike | None]]:
+            # (batch length, image) for each image; an empty batch passes as one (0, None) so it is yielded too
+            position = 0
+            for batch in batches:
+                batch = list(batch)
+                if not batch:
+                    yield 0, None
+                for image in batch:
+                    yield len(batch), (position, image)
+                    position += 1
 
+        def load(item: tuple[int, Any]) -> tuple[int, tuple[tuple[int, ...], torch.Tensor] | Exception | None]:
+            size, entry = item
+            if entry is None:
+                return size, None
+            position, image = entry
+            try:
+                array = _checked(image, position) if isinstance(image, np.ndarray) else _read(image)
+                return size, (array.shape[:2], self.backbone_.preprocess(array))
+            except failures as err:
+                return size, err
+
+        def regroup(loaded: Iterable[tuple[int, Any]]) -> Iterator[list]:
+            batch: list = []
+            for size, entry in loaded:
+                if size == 0:
+                    yield []
+                    continue
+                batch.append(entry)
+                if len(batch) == size:
+                    yield batch
+                    batch = []
+
+        def embed(batch: list) -> tuple[list, Tokens | Exception | None]:
+            ready = [entry for entry in batch if not isinstance(entry, Exception)]
+            try:
+                return batch, (self._embed([pixels for _, pixels in ready]) if ready else None)
+            except failures as err:
+                return batch, err
+
+        loaded = ordered_map(load, items(), workers, ahead=ahead)
         # one thread runs the model on the next batch while this one is scored (a failure surfaces in turn)
-        for batch, tokens in ordered_map(embed, _batches(loaded, batch_size), workers=1, ahead=2):
-            maps = self.patch_maps(tokens).float()
-            pixel_maps = scoring.batch_pixel_maps(maps, [shape for shape, _ in batch], self.sigma)
-            for patch_map, pixels in zip(maps.cpu(), pixel_maps):
-                score = scoring.image_score(pixels, self.top_fraction)
-                yield Prediction(patch_map=patch_map.numpy(), pixel_map=pixels, score=score, fpr=fpr,
-                                 threshold=pixel_threshold, mask=pixels > pixel_threshold,
-                                 is_anomalous=bool(score > image_threshold))
+        for batch, tokens in ordered_map(embed, regroup(loaded), workers=1, ahead=2):
+            ready = [entry for entry in batch if not isinstance(entry, Exception)]
+            try:
+                if isinstance(tokens, Exception):
+                    raise tokens
+                scored = iter(self._score([shape for shape, _ in ready], tokens, fpr, *thresholds) if ready else [])
+            except failures as err:
+                if retry and len(ready) > 1:
+                    scored = iter([self._predict_alone(entry, fpr, thresholds, failures) for entry in ready])
+                else:
+                    scored = iter([err] * len(ready))
+            yield [entry if isinstance(entry, Exception) else next(scored) for entry in batch]
+
+    def _predict_alone(self, entry: tuple, fpr: float, thresholds: tuple[float, float], failures: tuple
+                       ) -> Prediction | Exception:
+        """One preprocessed image through the model and scoring on its own, or the error it raises."""
+        shape, pixels = entry
+        try:
+            return self._score([shape], self._embed([pixels]), fpr, *thresholds)[0]
+        except failures as err:
+            return err
+
+    def _score(self, shapes: list[tuple[int, ...]], tokens: Tokens, fpr: float, pixel_threshold: float,
+               image_threshold: float) -> list[Prediction]:
+        """The predictions of a batch of images of these (H, W) ``shapes`` from their tokens."""
+        maps = self.patch_maps(tokens).float()
+        pixel_maps = scoring.batch_pixel_maps(maps, shapes, self.sigma)
+        predictions = []
+        for patch_map, pixels in zip(maps.cpu(), pixel_maps):
+            score = scoring.image_score(pixels, self.top_fraction)
+            predictions.append(Prediction(patch_map=patch_map.numpy(), pixel_map=pixels, score=score, fpr=fpr,
+                                          threshold=pixel_threshold, mask=pixels > pixel_threshold,
+                                          is_anomalous=bool(score > image_threshold)))
+        return predictions
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:

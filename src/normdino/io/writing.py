@@ -405,9 +405,21 @@ class PredictionWriter:
                 return paths, list(ordered_map(_read_or_error, paths, workers if workers > 1 else 0))
 
             reads = ordered_map(read_batch, batches, 1, ahead=2)  # the next batch is read while this one runs
-            try:
+            # (batch, its images as read or their errors), in the order the detector's stream takes them
+            taken: deque[tuple[list, dict]] = deque()
+
+            def readable_batches() -> Iterator[list[np.ndarray]]:
                 for batch, (paths, images) in zip(batches, reads):
-                    results = self._predict_batch(paths, images)
+                    read = dict(zip(paths, images))
+                    taken.append((batch, read))
+                    yield [image for image in read.values() if not isinstance(image, BaseException)]
+
+            # one stream through the detector: the model runs on the next batch while this one is scored
+            stream = self.detector.predict_batches(readable_batches(), fpr=self.fpr)
+            try:
+                for outcomes in stream:
+                    batch, read = taken.popleft()
+                    results = self._batch_results(read, outcomes)
                     for path, size in batch:
                         outcome = InputError(size) if isinstance(size, str) else results[path]
                         if isinstance(outcome, BaseException):
@@ -420,35 +432,25 @@ class PredictionWriter:
                 while pending:
                     settle_oldest()
             finally:  # stopped early: let the writes under way end, and remove the files of unrecorded inputs
+                stream.close()
                 reads.close()
                 pool.shutdown(wait=True, cancel_futures=True)
                 for _, future, _ in pending:
                     if future is not None and not future.cancelled() and future.exception() is None:
                         _remove(future.result()[1])
 
-    def _predict_batch(self, paths: list[Path], read: list[np.ndarray | BaseException]
+    @staticmethod
+    def _batch_results(read: dict[Path, np.ndarray | BaseException], outcomes: list
                        ) -> dict[Path, tuple[np.ndarray, object] | BaseException]:
-        """(image, prediction) of each path from its image as read (or the error reading it), or the error that
-        stops it; a batch that fails is retried image by image."""
+        """(image, prediction) of each path of a batch, or the error of its reading or its prediction."""
+        predicted = iter(outcomes)
         results: dict[Path, tuple[np.ndarray, object] | BaseException] = {}
-        images: dict[Path, np.ndarray] = {}
-        for path, image in zip(paths, read):
+        for path, image in read.items():
             if isinstance(image, BaseException):
                 results[path] = image
             else:
-                images[path] = image
-        try:
-            preds = self.detector.predict(list(images.values()), fpr=self.fpr) if len(images) > 1 else None
-        except (InputError, MemoryError):
-            preds = None
-        if preds is not None:
-            results.update({path: (image, pred) for (path, image), pred in zip(images.items(), preds)})
-            return results
-        for path, image in images.items():  # one image, or find the image the batch failed on and keep the others
-            try:
-                results[path] = (image, self.detector.predict([image], fpr=self.fpr)[0])
-            except (InputError, MemoryError) as err:
-                results[path] = err
+                outcome = next(predicted)
+                results[path] = outcome if isinstance(outcome, BaseException) else (image, outcome)
         return results
 
     def _image_job(self, path: Path, image: np.ndarray, pred) -> "ImageJob":
