@@ -428,3 +428,13 @@ def test_a_batch_that_fails_in_the_model_is_retried_image_by_image(fitted, phant
         _assert_same_prediction(want, got)
     (whole,) = fitted.predict_batches([images[:2]], retry=False)
     assert all(isinstance(outcome, MemoryError) for outcome in whole)
+
+
+@pytest.mark.parametrize("groups", [([0.3, 0.1, 0.1],), ([], [0.5, 0.01], [0.01]), ([],), ([1e-4, 0.05], [0.05, 0.2])])
+def test_sorted_fprs_equal_numpy_unique(groups):
+    from normdino.detector import FPR_GRID, sorted_fprs
+
+    got = sorted_fprs(*groups)
+    want = np.unique(np.concatenate([np.asarray(g, dtype=np.float64) for g in groups]))
+    assert got.dtype == np.float64 and np.array_equal(got, want)
+    assert np.array_equal(FPR_GRID, np.unique(np.concatenate([np.geomspace(1e-4, 0.5, 240), [0.01, 0.05, 0.10]])))
