@@ -486,8 +486,12 @@ class AnomalyDetector:
                 return batch, err
 
         loaded = ordered_map(load, items(), workers, ahead=ahead)
-        # one thread runs the model on the next batch while this one is scored (a failure surfaces in turn)
-        for batch, tokens in ordered_map(embed, regroup(loaded), workers=1, ahead=2):
+        # the model runs on the next batch while this one is scored (a failure surfaces in turn)
+        # On a CPU two batches are in the model at once: its threads run one image each (image_parallel_runner),
+        # so they take the next batch's images as soon as they are free instead of waiting for the batch's
+        # slowest image; the files of earlier images are written meanwhile on the same cores.
+        overlap = 2 if self.backbone_.device.type == "cpu" else 1
+        for batch, tokens in ordered_map(embed, regroup(loaded), workers=overlap, ahead=overlap + 1):
             ready = [entry for entry in batch if not isinstance(entry, Exception)]
             try:
                 if isinstance(tokens, Exception):

@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
     predict.add_argument("--backbone", default=None, help="where to load the backbone weights from, if not the name saved in the model")
     predict.add_argument("--batch-size", type=batch_size, default=None,
                          help="images per backbone forward pass (default auto: the measured best for the device and "
-                              "runtime, 1 for torch on a CPU, 8 for onnx, 64 on a GPU)")
+                              "runtime: one image per core for torch on a CPU, 8 for onnx, 64 on a GPU)")
     predict.add_argument("--overwrite", action="store_true",
                          help="replace the results of an earlier predict in OUTPUT (without it, a folder that already "
                               "holds files is refused, so no earlier result is ever lost)")
