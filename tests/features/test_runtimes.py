@@ -284,3 +284,30 @@ def test_cpu_tokens_do_not_depend_on_the_batch(tiny_dinov2_reg_dir):
     pixels = _pixels(4, backbone.image_size, batch=5)
     alone = torch.cat([backbone.encode(image).patch_tokens for image in pixels.split(1)])
     assert torch.equal(backbone.encode(pixels).patch_tokens, alone)
+
+
+def test_image_parallel_callers_at_once_leave_the_thread_count_as_it_was():
+    """Two threads run batches through one runner at once (as a CPU predict does): every result is its own
+    images', and afterwards the caller and threads started later have the process's thread count, not 1."""
+    import threading
+
+    threads = torch.get_num_threads()
+    parallel = runtimes.image_parallel_runner(lambda pixels: pixels.sum(dim=(2, 3))[:, None], 2)
+    batches = [_pixels(seed, 8, batch=3) for seed in range(6)]
+    results: dict[int, torch.Tensor] = {}
+
+    def call(k: int) -> None:
+        results[k] = parallel(batches[k])
+
+    callers = [threading.Thread(target=call, args=(k,)) for k in range(len(batches))]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    for k, batch in enumerate(batches):
+        assert torch.equal(results[k], batch.sum(dim=(2, 3))[:, None])
+    started_later: list[int] = []
+    later = threading.Thread(target=lambda: (torch.ones(100_000).sum(), started_later.append(torch.get_num_threads())))
+    later.start()
+    later.join()
+    assert torch.get_num_threads() == threads and started_later == [threads]

@@ -333,8 +333,11 @@ def image_parallel_runner(run: Runner, workers: int,
     367 against 425 ms per image quiet, 0.8 against 1.8-2.2 s under load; benchmarks/bench_predict.py). torch releases Python's lock in its kernels. Every image runs alone, so its
     tokens never depend on the batch; batches smaller than ``workers`` run whole on the calling thread.
     ``context`` (e.g. bf16 autocast) is entered in the worker, as autocast and inference mode are per thread.
+    Several threads may call it at once (a CPU predict keeps two batches in the model); each restores torch's
+    default thread count to the one of when the runner was made, never to a worker's 1 it might have read.
     """
     workers = max(1, int(workers))
+    process_threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(workers, thread_name_prefix="normdino-forward") if workers > 1 else None
 
     def run_here(pixels: torch.Tensor) -> torch.Tensor:
@@ -349,11 +352,10 @@ def image_parallel_runner(run: Runner, workers: int,
         images = pixels.split(1)
         if pool is None or len(images) < workers:
             return run_here(pixels)
-        caller_threads = torch.get_num_threads()
         try:
             return torch.cat(list(pool.map(run_single_threaded, images)))
         finally:
-            torch.set_num_threads(caller_threads)  # the process default back as it was, for threads started later
+            torch.set_num_threads(process_threads)  # the process default back as it was, for threads started later
 
     return run_batch
 
