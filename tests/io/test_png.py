@@ -60,6 +60,8 @@ ARRAYS = {
     "one row": lambda rng: rng.integers(0, 256, (1, 40, 3), dtype=np.uint8),
     "one column": lambda rng: rng.integers(0, 65536, (30, 1), dtype=np.uint16),
     "one pixel": lambda rng: np.array([[7]], dtype=np.uint8),
+    "gray16 big-endian": lambda rng: rng.integers(0, 65536, (6, 9)).astype(">u2"),
+    "gray16 not contiguous": lambda rng: rng.integers(0, 65536, (8, 12), dtype=np.uint16)[::2, ::3],
     "constant": lambda rng: np.full((20, 20, 3), 200, dtype=np.uint8),
 }
 
@@ -82,7 +84,7 @@ def test_files_decode_to_the_array_with_valid_chunks(name, filter_type, deflate,
     height, width = array.shape[:2]
     bpp = array.itemsize * (array.shape[2] if array.ndim == 3 else 1)
     rows = _unfilter(raw, height, width * bpp, bpp)
-    expected = array.astype(">u2").view(np.uint8) if array.dtype == np.uint16 else array
+    expected = array.astype(">u2").view(np.uint8) if array.dtype.itemsize == 2 else array
     np.testing.assert_array_equal(rows, expected.reshape(height, -1))
     assert {line[0] for line in np.frombuffer(raw, np.uint8).reshape(height, -1)} == {filter_type}
     assert data == png.encode_png(array, {"normdino:vmin": "0.25"}, filter_type=filter_type)

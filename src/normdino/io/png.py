@@ -47,7 +47,7 @@ def _chunk(kind: bytes, data: bytes | memoryview = b"") -> bytes:
 
 def _rows(array: np.ndarray) -> np.ndarray:
     """The image as (rows, bytes per row) uint8, in PNG's byte order (16-bit samples big-endian)."""
-    a = np.ascontiguousarray(array, dtype=">u2" if array.dtype == np.uint16 else np.uint8)
+    a = np.ascontiguousarray(array, dtype=">u2" if array.dtype.itemsize == 2 else np.uint8)
     return a.view(np.uint8).reshape(a.shape[0], -1)
 
 
@@ -81,14 +81,15 @@ def png_chunks(array: np.ndarray, text: Mapping[str, str] | None = None, filter_
     uint16; ``text``: tEXt chunks (Latin-1 keyword -> value), written before the image data."""
     a = np.asarray(array)
     channels = 1 if a.ndim == 2 else (a.shape[2] if a.ndim == 3 else 0)
-    if channels not in _COLOR_TYPES or a.dtype not in (np.uint8, np.uint16) or (a.dtype == np.uint16 and channels != 1):
+    wide = a.dtype.kind == "u" and a.dtype.itemsize == 2  # uint16 in either byte order
+    if channels not in _COLOR_TYPES or not (a.dtype == np.uint8 or wide) or (wide and channels != 1):
         raise ValueError(f"PNG: an array of shape {a.shape} and dtype {a.dtype} is not a gray, RGB or RGBA image.")
     if filter_type not in (FILTER_NONE, FILTER_SUB, FILTER_UP):
         raise ValueError(f"PNG filter type {filter_type!r} is not one of none (0), sub (1), up (2).")
     height, width = a.shape[:2]
     if height == 0 or width == 0:
         raise ValueError(f"PNG: an image of shape {a.shape} has no pixels.")
-    depth = 16 if a.dtype == np.uint16 else 8
+    depth = 16 if wide else 8
     yield _SIGNATURE
     yield _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, _COLOR_TYPES[channels], 0, 0, 0))
     for key, value in (text or {}).items():

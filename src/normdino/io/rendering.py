@@ -474,7 +474,7 @@ def save_map_png16(path: str | os.PathLike, score_map: np.ndarray, vmin: float, 
         raise InputError(f"save_map_png16: score map of shape {a.shape} for {path} must be 2-D.")
     text = {"normdino:vmin": repr(float(vmin)), "normdino:vmax": repr(float(vmax)),
             "normdino:scale": "score = vmin + value / 65535 * (vmax - vmin)"}
-    png.write_png(path, scaled_levels(a, vmin, vmax, PNG16_MAX), text)
+    png.write_png(path, scaled_levels(a, vmin, vmax, PNG16_MAX, np.dtype(">u2")), text)  # PNG byte order: no copy
 
 
 def read_map_png16(path: str | os.PathLike) -> tuple[np.ndarray, float, float]:
