@@ -245,6 +245,33 @@ def test_overlay_pixels_equal_the_plain_float_drawing(alpha, monkeypatch):
     assert 0 < len(tables) < 3 * len(_edge_scenes())
 
 
+def test_overlays_drawn_by_many_threads_at_once_equal_the_plain_drawing():
+    """The fonts and drawn labels are shared between writer threads: drawing at once must change no pixel."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.io.overlay_reference import reference_overlay
+
+    rng = np.random.default_rng(4)
+    jobs = [(rng.random((24 + i % 5, 30)).astype(np.float32), rng.random((24 + i % 5, 30)), 0.01 * i, 0.5 + 0.37 * i)
+            for i in range(48)]  # new labels (vmin, vmax) and sizes: most patches are drawn, not reused
+
+    def draw(job):
+        image, scores, vmin, vmax = job
+        return overlay_image(image, scores, scores > 0.7, vmin, vmax, true_mask=scores > 0.9)
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            at_once = list(pool.map(draw, jobs))
+    finally:
+        sys.setswitchinterval(old_interval)
+    for (image, scores, vmin, vmax), out in zip(jobs, at_once):  # against fonts and text of its own, drawn serially
+        np.testing.assert_array_equal(out, reference_overlay(image, scores, scores > 0.7, vmin, vmax,
+                                                             true_mask=scores > 0.9))
+
+
 def _parse_svg(text: str) -> ET.Element:
     root = ET.fromstring(text)
     assert root.tag == SVG + "svg"

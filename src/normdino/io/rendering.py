@@ -6,6 +6,7 @@ import functools
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -166,6 +167,11 @@ def _unit_image(image: np.ndarray) -> np.ndarray:
     a = a.astype(np.float32)  # float32: overlays need no more
     np.fmax(a, 0.0, out=a)  # clip to [0, 1] with NaN -> 0 (fmax and fmin ignore NaN)
     return np.fmin(a, 1.0, out=a)
+
+
+#: The fonts are loaded once and shared by the writer threads; FreeType faces are not safe to use from two
+#: threads at once, so every use holds this lock (text is drawn once per run and reused, so it never waits long).
+_FONT_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=8)
@@ -366,7 +372,8 @@ def _draw_item(draw: ImageDraw.ImageDraw, item: tuple) -> None:
     """Draw one ("text", x, y, text, fill, font size, anchor) or ("line", x0, y0, x1, y1, fill, width)."""
     if item[0] == "text":
         _, x, y, text, fill, size, anchor = item
-        draw.text((x, y), text, fill=fill, font=_font(size), anchor=anchor)
+        with _FONT_LOCK:
+            draw.text((x, y), text, fill=fill, font=_font(size), anchor=anchor)
     else:
         _, x0, y0, x1, y1, fill, width = item
         draw.line([(x0, y0), (x1, y1)], fill=fill, width=width)
@@ -397,7 +404,10 @@ def _item_box(item: tuple, shape: tuple[int, ...]) -> tuple[int, int, int, int] 
 def _text_bbox(text: str, size: int, anchor: str) -> tuple[float, float, float, float] | None:
     """The box of ``text`` around its anchor point in the default font; None without FreeType."""
     font = _font(size)
-    return font.getbbox(text, anchor=anchor) if isinstance(font, ImageFont.FreeTypeFont) else None
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        return None
+    with _FONT_LOCK:
+        return font.getbbox(text, anchor=anchor)
 
 
 @functools.lru_cache(maxsize=256)
@@ -436,7 +446,8 @@ def _draw_items(canvas: np.ndarray, items: Sequence[tuple]) -> None:
 @functools.lru_cache(maxsize=64)
 def _text_length(text: str, size: int) -> float:
     """The advance width of ``text`` in the default font at ``size`` (as ImageDraw.textlength gives it on RGB)."""
-    return ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=_font(size))
+    with _FONT_LOCK:
+        return ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=_font(size))
 
 
 def as_uint_image(array: np.ndarray) -> np.ndarray:
