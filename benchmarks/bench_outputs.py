@@ -21,7 +21,7 @@ the CPU time of the writing thread (``time.thread_time``: it moves less with oth
 wall time does), best and median over the rounds, ms per image. With ``--compare-src`` the trees' files are
 compared afterwards: decoded PNG pixels and PNG text chunks equal, .npy files byte-identical, and the bytes per
 image of each kind of file. ``--also-zlib``: this tree once more with ISA-L hidden (``isal`` not importable),
-i.e. as installed without the ``fast`` extra, where PNGs are deflated by zlib.
+i.e. as installed where ``isal`` has no wheel, where PNGs are deflated by zlib.
 
 ``--results``: a folder written by ``normdino predict`` (its scores.csv names each input, .npy map and mask;
 its summary.json the colour and map ranges). Without it: lgg-flair validation slices (or generated images)

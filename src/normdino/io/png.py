@@ -6,8 +6,8 @@ same filter, computed with numpy, and the result is deflated in blocks of rows, 
 bounded for any image size. Any PNG reader decodes the files to exactly the array given; on prediction outputs
 the "up" filter makes files within a few percent of Pillow's (smaller for 16-bit maps).
 
-Deflate: ISA-L's (package ``isal``, in the ``fast`` extra) when installed, ~4x faster than zlib at level 1 for
-files as small; else zlib's level 1. The two make different bytes for the same pixels; one installation always
+Deflate: ISA-L's (package ``isal``, a dependency where it has wheels: x86-64 and ARM64) when installed, ~4x
+faster than zlib at level 1 for files as small; else zlib's level 1. The two make different bytes for the same pixels; one installation always
 makes the same bytes.
 """
 
@@ -26,7 +26,7 @@ try:  # ISA-L's deflate: the same zlib format, several times faster
     from isal import isal_zlib as _deflate
 
     DEFLATE = "isal"
-except ImportError:  # pragma: no cover - without the fast extra
+except ImportError:  # pragma: no cover - platforms without an isal wheel
     _deflate = zlib
     DEFLATE = "zlib"
 
