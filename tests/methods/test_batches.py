@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from normdino.errors import InputError
 from normdino.features.tokens import TokenSet
-from normdino.methods.batches import iter_batches, store_file
+from normdino.methods import batches as batches_module
+from normdino.methods.batches import BatchSource, BlockReader, iter_batches, store_file
 from normdino.methods.dpmm import DPMM
 from normdino.methods.mixture import DirichletProcessMixture, _generator
 
@@ -149,3 +153,147 @@ def test_a_copy_on_write_map_is_read_through_the_map_with_its_private_changes(tm
     assert store_file(private) is None
     batches = list(iter_batches(private, 20, torch.Generator().manual_seed(0), block_rows=10))
     assert all(np.all(b[:, 1] == 7) for b in batches)
+
+
+def _direct_io_works(path) -> bool:
+    """Whether the file system of ``path`` takes O_DIRECT reads (tmpfs and some others refuse them)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    try:
+        os.preadv(fd, [batches_module.huge_page_buffer(batches_module.DIRECT_ALIGN)], 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def small_direct_buffers(monkeypatch):
+    """Direct reads through 8 KB buffers: a block of more than ~8 KB is read in several pieces."""
+    monkeypatch.setattr(batches_module, "DIRECT_BUFFER_BYTES", 2 * batches_module.DIRECT_ALIGN)
+
+
+@pytest.mark.parametrize("block_rows,batch_size", [(700, 1400), (1, 500), (2046, 2047), (1000, 1)])
+def test_direct_reads_give_the_page_cache_batches_bit_for_bit(tmp_path, small_direct_buffers, block_rows, batch_size):
+    x = _numbered(2047, 5)  # rows of 10 bytes after a 128-byte header: no block starts on an aligned offset
+    store = _store(tmp_path, x)
+    if not _direct_io_works(tmp_path / "tokens.npy"):
+        pytest.skip("this file system refuses O_DIRECT")
+    source = BatchSource(store, batch_size, block_rows=block_rows, direct=True)
+    buffered = BatchSource(store, batch_size, block_rows=block_rows, direct=False)
+    assert source.reader.direct and not buffered.reader.direct
+    g, h = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    for _ in range(2):
+        direct_batches = list(source(g))
+        assert source.reader._fd is None  # the epoch closed the file and its threads
+        cached_batches = list(buffered(h))
+        assert len(direct_batches) == len(cached_batches) > 0
+        assert all(np.array_equal(a, b) for a, b in zip(direct_batches, cached_batches))
+        rows = np.concatenate([b[:, 0] for b in direct_batches]).astype(np.int64)
+        assert np.array_equal(np.bincount(rows, minlength=2047), np.ones(2047, dtype=np.int64))
+        assert all(np.array_equal(b, x[b[:, 0].astype(np.int64)]) for b in direct_batches)
+
+
+def test_direct_reads_of_edge_ranges_return_exactly_their_rows(tmp_path, small_direct_buffers):
+    x = _numbered(2000, 7)  # 14-byte rows, 28 000 bytes of rows after the header: the file ends mid-page
+    store = _store(tmp_path, x)
+    if not _direct_io_works(tmp_path / "tokens.npy"):
+        pytest.skip("this file system refuses O_DIRECT")
+    reader = BlockReader(store, threads=3, direct=True)
+    cases = [[(0, 1)], [(1999, 2000)], [(0, 2000)], [(3, 5), (5, 9)], [(1500, 1990), (2, 3), (1990, 2000)],
+             [(292, 293), (585, 586)]]  # single rows across the 4 KB page boundaries of the file
+    with reader.opened():
+        assert reader._direct_fd is not None
+        for ranges in cases:
+            expected = np.concatenate([x[a:b] for a, b in ranges])
+            assert np.array_equal(reader.read(ranges), expected), ranges
+
+
+def test_the_read_ahead_is_taken_by_the_read_of_the_same_ranges_only(tmp_path, monkeypatch):
+    x = _numbered(400, 4)
+    store = _store(tmp_path, x)
+    for direct in (False, True) if _direct_io_works(tmp_path / "tokens.npy") else (False,):
+        reader = BlockReader(store, threads=2, direct=direct)
+        reads = []
+        original = reader._read_file
+        monkeypatch.setattr(reader, "_read_file", lambda ranges: reads.append(list(ranges)) or original(ranges))
+        with reader.opened():
+            reader.prefetch([(10, 20), (30, 40)])
+            assert np.array_equal(reader.read([(10, 20), (30, 40)]), np.concatenate([x[10:20], x[30:40]]))
+            assert reads == [[(10, 20), (30, 40)]]  # read once, ahead
+            reader.prefetch([(50, 60)])
+            assert np.array_equal(reader.read([(0, 5)]), x[0:5])  # not the read-ahead's rows
+            assert np.array_equal(reader.read([(50, 60)]), x[50:60])  # read again: the read-ahead was let go
+        assert reads[1:] == [[(50, 60)], [(0, 5)], [(50, 60)]]
+
+
+def test_an_epoch_left_with_a_batch_read_ahead_closes_its_file(tmp_path):
+    store = _store(tmp_path, _numbered(300))
+    source = BatchSource(store, 30, block_rows=10)
+    epoch = source(torch.Generator().manual_seed(0))
+    first = next(epoch)
+    assert source.reader._pending is not None and len(first) == 30
+    epoch.close()
+    assert source.reader._fd is None and source.reader._pending is None
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_store_truncated_while_read_says_so(tmp_path, direct):
+    store = _store(tmp_path, _numbered(1000, 8))
+    if direct and not _direct_io_works(tmp_path / "tokens.npy"):
+        pytest.skip("this file system refuses O_DIRECT")
+    reader = BlockReader(store, direct=direct)
+    os.truncate(tmp_path / "tokens.npy", 128 + 500 * 16)
+    assert np.array_equal(reader.read([(0, 400)]), np.asarray(store[:400]))
+    with pytest.raises(InputError, match="truncated"):
+        reader.read([(450, 600)])
+
+
+def test_direct_reads_are_chosen_for_a_store_over_half_the_available_memory(tmp_path, monkeypatch):
+    assert batches_module.wants_direct_reads(600, 1000) == hasattr(os, "O_DIRECT")
+    assert not batches_module.wants_direct_reads(500, 1000)
+    assert not batches_module.wants_direct_reads(10**12, None)  # memory unknown: the page cache
+    store = _store(tmp_path, _numbered(100))
+    monkeypatch.setattr(batches_module, "memory_available", lambda: 2 * store.nbytes)
+    assert not BlockReader(store).direct
+    monkeypatch.setattr(batches_module, "memory_available", lambda: 2 * store.nbytes - 2)
+    assert BlockReader(store).direct == hasattr(os, "O_DIRECT")
+    assert not BlockReader(np.array(store)).direct  # not a file
+    if sys.platform.startswith("linux"):
+        monkeypatch.undo()
+        assert batches_module.memory_available() > 0
+
+
+def test_a_file_system_refusing_direct_reads_falls_back_to_the_page_cache(tmp_path, monkeypatch):
+    x = _numbered(500, 4)
+    store = _store(tmp_path, x)
+    real_open = os.open
+
+    def refuse_direct(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse_direct)
+    source = BatchSource(store, 100, block_rows=20, direct=True)
+    batches = list(source(torch.Generator().manual_seed(1)))
+    assert not source.reader.direct
+    expected = list(BatchSource(np.array(x), 100, block_rows=20)(torch.Generator().manual_seed(1)))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, expected)) and len(batches) == len(expected) == 5
+
+
+def test_fit_reading_directly_is_the_same_model(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    x = torch.nn.functional.normalize(torch.randn(6, 5, generator=g)[torch.randint(6, (900,), generator=g)]
+                                      + 0.05 * torch.randn(900, 5, generator=g), dim=1).to(torch.float16).numpy()
+    store = _store(tmp_path, x)
+    cached = DirichletProcessMixture(n_components=8, seed=1).fit(store, epochs=2, batch_size=180, block_rows=45)
+    monkeypatch.setattr(batches_module, "wants_direct_reads", lambda store_bytes, available: True)
+    direct = DirichletProcessMixture(n_components=8, seed=1).fit(store, epochs=2, batch_size=180, block_rows=45)
+    a, b = cached.to_tensors(), direct.to_tensors()
+    assert all(torch.equal(a[k], b[k]) for k in a)
