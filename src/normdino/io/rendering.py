@@ -312,22 +312,30 @@ def overlay_image(
             views[0][:, :, channel] = image8
     else:
         views[0][:] = image8
-    if gray and np.array_equal(_LEVELS[image8], base):  # 8-bit gray levels, as images are read: blend by table
+    eight_bit = gray and np.array_equal(_LEVELS[image8[:1]], base[:1]) and np.array_equal(_LEVELS[image8], base)
+    if eight_bit:  # 8-bit gray levels, as images are read (the first row decides most others): blend by table
         combined = image8.astype(np.uint16)
         combined <<= 8
         combined |= index
         views[1][:] = np.take(_blend_table(alpha), combined, axis=0)
+    elif gray:  # channel planes (3, H, W): adding the image's share broadcasts over whole planes
+        planes = np.take(_heat_terms(alpha).T.copy(), index, axis=1)
+        planes += (1.0 - alpha) * base
+        planes = _as_uint8(planes)
+        for channel in range(3):
+            views[1][:, :, channel] = planes[channel]
     else:
         blended = np.take(_heat_terms(alpha), index, axis=0)
-        kept = (1.0 - alpha) * base
-        blended += kept[:, :, None] if gray else kept
+        blended += (1.0 - alpha) * base
         _as_uint8(blended, out=views[1])
     if has_masks:  # the image with the masks' contours over it
         views[2][:] = views[0]
         thickness = 1 if s <= 2 else 2
         for m, color in ((true_mask, TRUTH_COLOR), (mask, PREDICTED_COLOR)):
             if m is not None:
-                views[2][mask_contour(_upscale_mask(m, s), thickness)] = _contour_value(color)
+                contour, value = mask_contour(_upscale_mask(m, s), thickness), _contour_value(color)
+                for channel in range(3):  # a masked copy per channel: ~4x faster than boolean indexing here
+                    np.copyto(views[2][:, :, channel], value[channel], where=contour)
 
     # Colour bar under the heat map panel.
     top, left = layout.panels[1]
