@@ -4,6 +4,7 @@
     python benchmarks/bench_outputs.py --results RESULTS --compare-src /tmp/main/src   # ratios against a tree
     python benchmarks/bench_outputs.py --results RESULTS --compare-src /tmp/main/src --also-zlib
     python benchmarks/bench_outputs.py                               # synthetic maps over lgg-flair slices
+    python benchmarks/bench_outputs.py --side 1500 --n 4 --compare-src /tmp/main/src     # other image sizes
 
 On 2 cores busy with the model's forward, every millisecond of CPU spent on an image's files shows up in the
 wall time of ``normdino predict``; this prints those milliseconds per image and per output:
@@ -24,8 +25,8 @@ image of each kind of file. ``--also-zlib``: this tree once more with ISA-L hidd
 i.e. as installed where ``isal`` has no wheel, where PNGs are deflated by zlib.
 
 ``--results``: a folder written by ``normdino predict`` (its scores.csv names each input, .npy map and mask;
-its summary.json the colour and map ranges). Without it: lgg-flair validation slices (or generated images)
-with smooth synthetic maps and thresholded masks.
+its summary.json the colour and map ranges). Without it: lgg-flair validation slices (or generated images;
+``--side N``: random 8-bit images of N x N pixels) with smooth synthetic maps and thresholded masks.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ PARTS = ("anomaly png16", "anomaly npy", "mask png", "overlay draw", "overlay pn
 # ---------------------------------------------------------------------- inputs
 
 
-def load_inputs(results: Path | None, n: int) -> list[dict]:
+def load_inputs(results: Path | None, n: int, side: int | None = None) -> list[dict]:
     """(image, map, mask, ranges) of ``n`` images: from a predict results folder, or synthetic maps."""
     from PIL import Image
 
@@ -66,10 +67,13 @@ def load_inputs(results: Path | None, n: int) -> list[dict]:
                  "map_range": tuple(summary["png_map_range"]), "color_range": tuple(summary["overlay_color_range"])}
                 for r in rows]
     rng = np.random.default_rng(0)
-    paths = sorted(DATA.glob("*.png"))[:n]
+    paths = [] if side else sorted(DATA.glob("*.png"))[:n]
     items = []
     for i in range(n):
-        image = read_image(paths[i]) if i < len(paths) else rng.random((256, 256), dtype=np.float32)
+        if i < len(paths):
+            image = read_image(paths[i])
+        else:  # 8-bit levels, as read_image gives them
+            image = rng.integers(0, 256, (side or 256,) * 2).astype(np.float32) / np.float32(255.0)
         h, w = image.shape[:2]
         coarse = rng.random((h // 14 + 1, w // 14 + 1)).astype(np.float32)
         smooth = np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.Resampling.BILINEAR))
@@ -82,13 +86,13 @@ def load_inputs(results: Path | None, n: int) -> list[dict]:
 # ---------------------------------------------------------------------- one tree (a child process)
 
 
-def child(results: Path | None, n: int, out: Path, hide_isal: bool = False) -> dict:
+def child(results: Path | None, n: int, out: Path, hide_isal: bool = False, side: int | None = None) -> dict:
     """ms of thread CPU time per image for each part (one pass), and one set of files written into ``out``."""
     if hide_isal:
         sys.modules["isal"] = None  # type: ignore[assignment]  # import isal now fails, as without the extra
     from normdino.io import rendering, writing
 
-    items = load_inputs(results, n)
+    items = load_inputs(results, n, side)
     scratch = Path(tempfile.mkdtemp(prefix="bench_outputs_"))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -156,6 +160,8 @@ def run_child(src: Path, args, out: Path, hide_isal: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", "--n", str(args.n), "--child-out", str(out)]
     if hide_isal:
         cmd.append("--hide-isal")
+    if args.side:
+        cmd += ["--side", str(args.side)]
     if args.results is not None:
         cmd += ["--results", str(args.results)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -166,6 +172,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=None, help="a normdino predict results folder (real maps)")
     parser.add_argument("--n", type=int, default=42, help="images")
+    parser.add_argument("--side", type=int, default=None, help="synthetic N x N images instead of lgg-flair slices")
     parser.add_argument("--rounds", type=int, default=5, help="rounds (each tree once per round, alternating)")
     parser.add_argument("--compare-src", type=Path, default=None, help="another tree's src folder (the baseline)")
     parser.add_argument("--also-zlib", action="store_true", help="this tree again without ISA-L (zlib deflate)")
@@ -174,7 +181,7 @@ def main() -> None:
     parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.results, args.n, args.child_out, args.hide_isal)))
+        print(json.dumps(child(args.results, args.n, args.child_out, args.hide_isal, args.side)))
         return
 
     trees = {"new": (ROOT / "src", False)}
