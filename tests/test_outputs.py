@@ -228,6 +228,50 @@ def test_a_batch_short_of_memory_is_predicted_image_by_image(detector, data, tmp
             np.testing.assert_array_equal(np.load(tmp_path / "out" / row["anomaly_npy"]), expected[path.name])
 
 
+def test_images_held_ahead_of_the_model_stay_within_stream_pixels(detector, data, tmp_path, monkeypatch):
+    """The CLI's stream through the detector ends every STREAM_PIXELS: at most that many pixels, the next two
+    batches read ahead and the writes in flight are between reading and settling, never the whole folder; the
+    rows and maps are those of one stream over everything."""
+    import normdino.io.writing as writing
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sources = _test_images(data)
+    for k in range(40):
+        shutil.copy(sources[k % len(sources)], folder / f"{k:02d}.png")
+    images = sorted(folder.glob("*.png"))
+    pixels = int(np.prod(Image.open(images[0]).size))
+    monkeypatch.setattr(detector, "batch_size", 2)
+    real_read = writing._read_or_error
+    counts = {"read": 0, "settled": 0, "most": 0}
+
+    def counting_read(path):
+        counts["read"] += 1
+        counts["most"] = max(counts["most"], counts["read"] - counts["settled"])
+        return real_read(path)
+
+    def settled(*_):
+        counts["settled"] += 1
+
+    monkeypatch.setattr(writing, "_read_or_error", counting_read)
+    outputs = {}
+    for name, stream_pixels in (("whole", 10**9), ("segments", 2 * pixels)):
+        monkeypatch.setattr(writing, "STREAM_PIXELS", stream_pixels)
+        counts.update(read=0, settled=0, most=0)
+        writer = PredictionWriter(detector, tmp_path / name, progress=False)
+        writer.write_images(images, on_image=settled)
+        writer.finish()
+        outputs[name] = (_rows(tmp_path / name), counts["most"])
+    (whole, most_whole), (segments, most_segments) = outputs["whole"], outputs["segments"]
+    in_flight = 2  # writes: 2 x one writer thread beside a CPU model
+    assert most_segments <= 2 + 2 * 2 + in_flight < most_whole  # one batch's pixels, two batches read ahead
+    assert [r["input"] for r in segments] == [str(p) for p in images] and len(whole) == len(segments) == 40
+    for a, b in zip(whole, segments):
+        assert a["score"] == b["score"]
+        np.testing.assert_array_equal(np.load(tmp_path / "whole" / a["anomaly_npy"]),
+                                      np.load(tmp_path / "segments" / b["anomaly_npy"]))
+
+
 @pytest.mark.parametrize("writers", [1, 4])
 def test_disk_full_during_predict_is_one_sentence(model, data, tmp_path, monkeypatch, capsys, writers):
     import errno

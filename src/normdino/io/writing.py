@@ -19,8 +19,9 @@ Rules that keep results safe:
 * Memory is bounded: image sizes are read from the file headers before any work, images above
   ``max_megapixels`` are refused with one sentence, and batches hold at most ``BATCH_PIXELS`` pixels
   (or one image). Peak memory is at most about ``BYTES_PER_PIXEL`` bytes per pixel of the largest batch plus
-  ``FIXED_BYTES`` (and the model), so the default limit of 64 megapixels needs about 2.8 GB; the next batch's
-  images, read while the model runs, add their own size (4 bytes per pixel of float32 gray, 12 of RGB).
+  ``FIXED_BYTES`` (and the model), so the default limit of 64 megapixels needs about 2.8 GB; the images read
+  ahead of the model, at most ``STREAM_PIXELS`` pixels and the next batch, add their own size (4 bytes per pixel
+  of float32 gray, 12 of RGB).
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ RANDOM_WARNING = ("The backbone has RANDOM weights: these maps, scores and verdi
 FIXED_BYTES = 200_000_000
 #: A batch holds at most this many pixels, or one image.
 BATCH_PIXELS = 16_000_000
+#: The images of a run of batches at most this many pixels in all go through the detector as one stream (the
+#: model runs on the next batches while one is scored); a larger image's stream ends with it, so the images held
+#: ahead of the model stay bounded.
+STREAM_PIXELS = 16_000_000
 #: Overlay panels are drawn at most this many pixels on their long side (they are for looking at, not measuring).
 OVERLAY_MAX_SIDE = 1024
 #: Volumes: how many top-scoring slices the strip shows, and their side in pixels.
@@ -141,6 +146,14 @@ def _batches_by_pixels(items: Sequence[tuple[Path, tuple[int, int] | str]], max_
         pixels += size
     if batch:
         yield batch
+
+
+def _segments(batches: Sequence[list[tuple[Path, tuple[int, int] | str]]], max_pixels: int) -> Iterator[list[list]]:
+    """Consecutive runs of batches of at most ``max_pixels`` pixels in all (a larger batch goes alone)."""
+    weighed = [(batch, (1, sum(size[0] * size[1] for _, size in batch if not isinstance(size, str))))
+               for batch in batches]
+    for run in _batches_by_pixels(weighed, max(1, len(weighed)), max_pixels):
+        yield [batch for batch, _ in run]
 
 
 def _is_output_error(err: OSError, out_dir: Path) -> bool:
@@ -408,31 +421,36 @@ class PredictionWriter:
             # (batch, its images as read or their errors), in the order the detector's stream takes them
             taken: deque[tuple[list, dict]] = deque()
 
-            def readable_batches() -> Iterator[list[np.ndarray]]:
-                for batch, (paths, images) in zip(batches, reads):
+            def readable(segment: list) -> Iterator[list[np.ndarray]]:
+                for batch in segment:
+                    paths, images = next(reads)
                     read = dict(zip(paths, images))
                     taken.append((batch, read))
                     yield [image for image in read.values() if not isinstance(image, BaseException)]
 
-            # one stream through the detector: the model runs on the next batch while this one is scored
-            stream = self.detector.predict_batches(readable_batches(), fpr=self.fpr)
+            stream = None
             try:
-                for outcomes in stream:
-                    batch, read = taken.popleft()
-                    results = self._batch_results(read, outcomes)
-                    for path, size in batch:
-                        outcome = InputError(size) if isinstance(size, str) else results[path]
-                        if isinstance(outcome, BaseException):
-                            pending.append((path, None, outcome))
-                        else:
-                            job = self._image_job(path, *outcome)
-                            pending.append((path, pool.submit(_write_image_job, job), outcome))
-                        while len(pending) > in_flight:
-                            settle_oldest()
+                # a stream through the detector per segment: the model runs on the next batches while this one
+                # is scored, and the images it holds ahead of the model stay within STREAM_PIXELS
+                for segment in _segments(batches, STREAM_PIXELS):
+                    stream = self.detector.predict_batches(readable(segment), fpr=self.fpr)
+                    for outcomes in stream:
+                        batch, read = taken.popleft()
+                        results = self._batch_results(read, outcomes)
+                        for path, size in batch:
+                            outcome = InputError(size) if isinstance(size, str) else results[path]
+                            if isinstance(outcome, BaseException):
+                                pending.append((path, None, outcome))
+                            else:
+                                job = self._image_job(path, *outcome)
+                                pending.append((path, pool.submit(_write_image_job, job), outcome))
+                            while len(pending) > in_flight:
+                                settle_oldest()
                 while pending:
                     settle_oldest()
             finally:  # stopped early: let the writes under way end, and remove the files of unrecorded inputs
-                stream.close()
+                if stream is not None:
+                    stream.close()
                 reads.close()
                 pool.shutdown(wait=True, cancel_futures=True)
                 for _, future, _ in pending:
