@@ -283,7 +283,7 @@ def build(config: ViTConfig, tensors: Mapping[str, torch.Tensor], source: str) -
                              f"config.json ({len(missing)} tensors missing, e.g. {missing[0]!r}).")
     state = {}
     for key, meta in expected.items():
-        tensor = tensors.get(key, torch.zeros(meta.shape))
+        tensor = tensors[key] if key in tensors else torch.zeros(meta.shape)  # only an unused mask_token is absent
         if tuple(tensor.shape) != tuple(meta.shape):
             raise ModelFileError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, but the config.json "
                                  f"architecture needs {tuple(meta.shape)}.")
