@@ -25,8 +25,8 @@ image of each kind of file. ``--also-zlib``: this tree once more with ISA-L hidd
 i.e. as installed where ``isal`` has no wheel, where PNGs are deflated by zlib.
 
 ``--results``: a folder written by ``normdino predict`` (its scores.csv names each input, .npy map and mask;
-its summary.json the colour and map ranges). Without it: lgg-flair validation slices (or generated images;
-``--side N``: random 8-bit images of N x N pixels) with smooth synthetic maps and thresholded masks.
+its summary.json the colour and map ranges). Without it: lgg-flair validation slices (random 8-bit images where
+absent; ``--side N``: resized to N x N and kept 8-bit) with smooth synthetic maps and thresholded masks.
 """
 
 from __future__ import annotations
@@ -67,13 +67,16 @@ def load_inputs(results: Path | None, n: int, side: int | None = None) -> list[d
                  "map_range": tuple(summary["png_map_range"]), "color_range": tuple(summary["overlay_color_range"])}
                 for r in rows]
     rng = np.random.default_rng(0)
-    paths = [] if side else sorted(DATA.glob("*.png"))[:n]
+    paths = sorted(DATA.glob("*.png"))[:n]
     items = []
     for i in range(n):
         if i < len(paths):
             image = read_image(paths[i])
         else:  # 8-bit levels, as read_image gives them
             image = rng.integers(0, 256, (side or 256,) * 2).astype(np.float32) / np.float32(255.0)
+        if side and image.shape[:2] != (side, side):  # the slice resized, as if read from an 8-bit file that size
+            plane = Image.fromarray(image, mode="F").resize((side, side), Image.Resampling.BICUBIC)
+            image = np.rint(np.clip(np.asarray(plane), 0, 1) * 255).astype(np.float32) / np.float32(255.0)
         h, w = image.shape[:2]
         coarse = rng.random((h // 14 + 1, w // 14 + 1)).astype(np.float32)
         smooth = np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.Resampling.BILINEAR))
@@ -172,7 +175,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=None, help="a normdino predict results folder (real maps)")
     parser.add_argument("--n", type=int, default=42, help="images")
-    parser.add_argument("--side", type=int, default=None, help="synthetic N x N images instead of lgg-flair slices")
+    parser.add_argument("--side", type=int, default=None, help="the slices resized to N x N (8-bit levels)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds (each tree once per round, alternating)")
     parser.add_argument("--compare-src", type=Path, default=None, help="another tree's src folder (the baseline)")
     parser.add_argument("--also-zlib", action="store_true", help="this tree again without ISA-L (zlib deflate)")
