@@ -132,8 +132,9 @@ def main() -> None:
     finally:
         if temp is not None:
             os.unlink(temp.name)
-    print(f"\n{path.name if args.file else 'temp file'}: cold sequential reads {statistics.median(sequential):.0f} MB/s "
-          f"median ({min(sequential):.0f}-{max(sequential):.0f}); random reads, median of {args.rounds} round(s)")
+    name = path.name if args.file else "temp file"
+    print(f"\n{name}: cold sequential reads {statistics.median(sequential):.0f} MB/s median "
+          f"({min(sequential):.0f}-{max(sequential):.0f}); random reads, median of {args.rounds} round(s)")
     print("| read into | size | in flight | MB/s | x sequential (cold) | lowest - highest |")
     print("|---|---:|---:|---:|---:|---:|")
     for case in cases:
