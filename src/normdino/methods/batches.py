@@ -5,9 +5,9 @@ Rows are drawn in contiguous blocks of ``block_rows`` rows (the DPMM: one block 
 batches, and each block is read with one positional read of the store file (several in flight) instead of one
 page fault per row, the next batch read ahead by a thread while the EM computes. A store that fits in half the
 available memory is read through the page cache (it stays there for the next epochs); a larger one directly
-(O_DIRECT into huge-page buffers): its pages would not survive until the next epoch, and a (virtual) disk reads
-random blocks into contiguous memory about as fast as it reads the file in order, the page cache's single pages
-at about half that (benchmarks/bench_fit_scale.py).
+(O_DIRECT into huge-page buffers): its pages would not survive until the next epoch, and the virtual disk
+measured reads random blocks into contiguous memory about as fast as it reads the file in order, into the page
+cache's single pages at 0.4-0.8 of that (benchmarks/bench_disk_reads.py, benchmarks/bench_fit_scale.py).
 ``block_rows=1`` draws single rows (a uniform random subset of the rows per batch, gathered from the array).
 The rows of a batch always come in file order, so a batch's bytes do not depend on how it was read.
 """
@@ -97,9 +97,9 @@ def wants_direct_reads(store_bytes: int, available: int | None) -> bool:
 
 
 def huge_page_buffer(nbytes: int) -> np.ndarray:
-    """``nbytes`` (a multiple of 2 MB) of anonymous memory aligned to 2 MB and advised to use huge pages: a direct
-    read into physically contiguous memory is one segment per 2 MB for the disk instead of one per 4 KB page,
-    which a virtual disk serves up to ~1.5x faster (benchmarks/bench_fit_scale.py); plain pages where refused."""
+    """``nbytes`` of anonymous memory starting on a 2 MB boundary, advised to use huge pages: a direct read into
+    physically contiguous memory is one segment per 2 MB for the disk instead of one per 4 KB page, which the
+    virtual disk measured serves ~1.5x faster (benchmarks/bench_disk_reads.py); plain pages where refused."""
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         with contextlib.suppress(OSError):
