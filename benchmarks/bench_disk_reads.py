@@ -32,14 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from normdino.methods.batches import huge_page_buffer  # noqa: E402
 
-
-def evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fit_scale import evict  # noqa: E402  (drops a file's pages from the page cache)
 
 
 def sequential_mb_s(path: Path) -> float:
