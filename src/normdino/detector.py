@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 ImageLike = Union[str, Path, np.ndarray]
 
 DEFAULT_FPRS = (0.01, 0.05, 0.10)
-# Calibration keeps the healthy score quantiles on this grid of FPRs, so any FPR can be asked for at predict time.
+
+
 def sorted_fprs(*groups: Sequence[float]) -> np.ndarray:
     """The distinct FPRs of ``groups``, ascending, as float64 (``np.unique`` without the ~80 ms import of
     numpy.ma it triggers, which every ``normdino predict`` paid at start-up)."""
@@ -43,7 +44,10 @@ def sorted_fprs(*groups: Sequence[float]) -> np.ndarray:
     return values[np.concatenate([[True], values[1:] != values[:-1]])] if values.size else values
 
 
+# Calibration keeps the healthy score quantiles on this grid of FPRs, so any FPR can be asked for at predict time.
 FPR_GRID = sorted_fprs(np.geomspace(1e-4, 0.5, 240), DEFAULT_FPRS)
+#: Errors that stop one image's prediction but not the others' (predict_batches gives them in the image's place).
+_FAILURES = (InputError, MemoryError)
 _MAX_CALIBRATION_PIXELS = 50_000_000
 #: Images per forward pass of a fit when no batch size is given: a fixed number, as before ``auto`` existed,
 #: because tokens may differ in the last bits between batch sizes and a refit must give the same model.
@@ -443,7 +447,6 @@ class AnomalyDetector:
         thresholds = self.pixel_threshold(fpr), self.image_threshold(fpr)
         workers = default_workers(self.backbone_.device)
         ahead = max(2 * workers, 2 * self.effective_batch_size)
-        failures = (InputError, MemoryError)
 
         def items() -> Iterator[tuple[int, ImageLike | None]]:
             # (batch length, image) for each image; an empty batch passes as one (0, None) so it is yielded too
@@ -464,7 +467,7 @@ class AnomalyDetector:
             try:
                 array = _checked(image, position) if isinstance(image, np.ndarray) else _read(image)
                 return size, (array.shape[:2], self.backbone_.preprocess(array))
-            except failures as err:
+            except _FAILURES as err:
                 return size, err
 
         def regroup(loaded: Iterable[tuple[int, Any]]) -> Iterator[list]:
@@ -478,39 +481,36 @@ class AnomalyDetector:
                     yield batch
                     batch = []
 
-        def embed(batch: list) -> tuple[list, Tokens | Exception | None]:
+        def embed(batch: list) -> tuple[list, list, Tokens | Exception | None]:
             ready = [entry for entry in batch if not isinstance(entry, Exception)]
             try:
-                return batch, (self._embed([pixels for _, pixels in ready]) if ready else None)
-            except failures as err:
-                return batch, err
+                return batch, ready, (self._embed([pixels for _, pixels in ready]) if ready else None)
+            except _FAILURES as err:
+                return batch, ready, err
 
         loaded = ordered_map(load, items(), workers, ahead=ahead)
-        # the model runs on the next batch while this one is scored (a failure surfaces in turn)
-        # On a CPU two batches are in the model at once: its threads run one image each (image_parallel_runner),
-        # so they take the next batch's images as soon as they are free instead of waiting for the batch's
-        # slowest image; the files of earlier images are written meanwhile on the same cores.
+        # The model runs on the next batch while this one is scored (a failure surfaces in turn). On a CPU two
+        # batches are in the model at once: its threads run one image each (image_parallel_runner), so they take
+        # the next batch's images as soon as they are free instead of waiting for the batch's slowest image.
         overlap = 2 if self.backbone_.device.type == "cpu" else 1
-        for batch, tokens in ordered_map(embed, regroup(loaded), workers=overlap, ahead=overlap + 1):
-            ready = [entry for entry in batch if not isinstance(entry, Exception)]
+        for batch, ready, tokens in ordered_map(embed, regroup(loaded), workers=overlap, ahead=overlap + 1):
             try:
                 if isinstance(tokens, Exception):
                     raise tokens
                 scored = iter(self._score([shape for shape, _ in ready], tokens, fpr, *thresholds) if ready else [])
-            except failures as err:
+            except _FAILURES as err:
                 if retry and len(ready) > 1:
-                    scored = iter([self._predict_alone(entry, fpr, thresholds, failures) for entry in ready])
+                    scored = iter([self._predict_alone(entry, fpr, thresholds) for entry in ready])
                 else:
                     scored = iter([err] * len(ready))
             yield [entry if isinstance(entry, Exception) else next(scored) for entry in batch]
 
-    def _predict_alone(self, entry: tuple, fpr: float, thresholds: tuple[float, float], failures: tuple
-                       ) -> Prediction | Exception:
+    def _predict_alone(self, entry: tuple, fpr: float, thresholds: tuple[float, float]) -> Prediction | Exception:
         """One preprocessed image through the model and scoring on its own, or the error it raises."""
         shape, pixels = entry
         try:
             return self._score([shape], self._embed([pixels]), fpr, *thresholds)[0]
-        except failures as err:
+        except _FAILURES as err:
             return err
 
     def _score(self, shapes: list[tuple[int, ...]], tokens: Tokens, fpr: float, pixel_threshold: float,
