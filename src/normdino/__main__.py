@@ -1,8 +1,6 @@
 """``python -m normdino`` runs the command line; this is also what ``torchrun -m normdino`` starts on every rank."""
 
-import sys
-
-from normdino.cli import main
+from normdino.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

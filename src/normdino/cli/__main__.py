@@ -1,8 +1,6 @@
 """``python -m normdino.cli`` runs the command line (as ``python -m normdino`` does)."""
 
-import sys
-
-from normdino.cli import main
+from normdino.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
