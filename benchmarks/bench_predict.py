@@ -7,7 +7,8 @@
 Every figure is a ratio to the backbone alone: the model's forward on already preprocessed images at its best
 batch size (and thread count) for the runtime in use (torch fp32 on a CPU), measured in the same run, between
 the other measurements, on the same images. ``normdino predict`` is timed as a whole process (start-up,
-model load, reading, scoring, every output, report), as a user runs it, with its default settings.
+model load, reading, scoring, every output, report), as a user runs it, with its default settings: byte-compiled
+code (as pip installs it, even where PYTHONDONTWRITEBYTECODE is set) and a fresh output folder each time.
 
 Rows:
   backbone best           forward only, best of --batches x --threads (per-batch figures are printed too)
@@ -32,8 +33,10 @@ is printed. Images: lgg-flair validation slices from ../shared/data, or generate
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -108,6 +111,7 @@ def run_predict(model: Path, inputs: list[str], out: Path, *extra: str, src: Pat
 
     command = [sys.executable, "-m", "normdino", "predict", str(model), *inputs, "-o", str(out), "--overwrite",
                "-q", *extra]
+    shutil.rmtree(out, ignore_errors=True)  # a fresh folder, as a user's first run (not timed)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(command, check=True, env=_env(src), stdout=subprocess.DEVNULL)
@@ -228,6 +232,10 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="normdino-bench-predict-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("NORMDINO_RUNTIME_CACHE", str(work / "runtimes"))
+    # Every process runs byte-compiled code, as an installed package does (pip compiles it), even where
+    # PYTHONDONTWRITEBYTECODE is set: compiling normdino's sources costs every process ~0.1 s.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix = str(work / "pycache")
     images = bench_images(max(args.n, 12, args.volume_slices), work, args.data)
     paths = [str(p) for p in images[: args.n]]
     weights = save_weights(work, args.random_init)
@@ -259,6 +267,8 @@ def main() -> None:
         print(line, flush=True)
 
     trees = [(None, "")] + ([(args.compare_src.resolve(), " [before]")] if args.compare_src else [])
+    for src, _ in trees:
+        compileall.compile_dir(src or ROOT / "src", quiet=1)
     models = {None: model}
     for src, mark in trees[1:]:  # each tree fits its own model: another version may name the weights otherwise
         models[src] = Path(_run_child("fit", str(work / "model-before"), weights, *map(str, images[:12]), src=src))
@@ -271,7 +281,7 @@ def main() -> None:
             for batch, seconds in per_image.items():
                 backbone.setdefault(f"{threads} threads, batch {batch}", []).append(seconds)
                 print(f"  backbone {threads} threads batch {batch:<4}{1000 * seconds:14.0f} ms/image", flush=True)
-        for src, mark in trees:
+        for src, mark in (trees if rep % 2 == 0 else trees[::-1]):  # either tree first, round by round
             model = models[src]
             if not args.only_volume:
                 record("predict (all outputs)" + mark, run_predict(model, paths, work / f"out-all{mark}", *extra, src=src))
