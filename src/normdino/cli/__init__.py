@@ -30,8 +30,6 @@ COMMANDS = {"fit": fit, "predict": predict, "info": info, "demo": demo, "evaluat
 """Command name -> its module (``add_parser``, ``run``), in the order ``normdino --help`` lists them."""
 ESTIMATOR_COMMANDS = ("fit", "bench")
 """Commands whose parser gets every method's hyper-parameters (this imports torch, so only when they run)."""
-TORCH_FREE_COMMANDS = ("weights",)
-"""Commands that never import torch (every other one does, so :func:`entry` imports it up front)."""
 
 
 def build_parser(estimator_options: bool = False) -> argparse.ArgumentParser:
@@ -109,7 +107,7 @@ def entry() -> None:
     half of what the 1.10x aimed at allows a 42-image predict beyond the model's time on 2 cores):
 
     - torch is imported with Python's cycle collector paused, and what the import made is frozen
-      (``gc.freeze``): its ~1e6 objects live as long as the process, so the three full passes the import
+      (``gc.freeze``): its ~250 000 objects live as long as the process, so the three full passes the import
       would trigger, and every later pass over them, are wasted work (~0.12 s);
     - the process ends as Python's exit does (threads joined, exit handlers run, outputs flushed) but without
       the teardown that then frees those objects one by one (~0.3 s): every file is closed and renamed by
@@ -117,9 +115,8 @@ def entry() -> None:
     """
     gc.disable()
     try:
-        args = parse_args()
-        if args.command not in TORCH_FREE_COMMANDS:
-            import torch  # noqa: F401  (the import above)
+        args = parse_args()  # usage errors and --help end here, without torch
+        import torch  # noqa: F401  (every command uses it)
         gc.freeze()
     finally:
         gc.enable()
