@@ -103,8 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> None:
     """The ``normdino`` program (console script, ``python -m normdino``): :func:`main` in a process of its own.
 
-    Two things only a whole process may do, which take ~0.45 s off every command (a fifth of a 2-image predict,
-    half of what the 1.10x aimed at allows a 42-image predict beyond the model's time on 2 cores):
+    Two things only the owner of a whole process may do, which take ~0.45 s off every command (a fifth of a
+    2-image predict; at 42 images on 2 cores, 3 % of the model's own time):
 
     - torch is imported with Python's cycle collector paused, and what the import made is frozen
       (``gc.freeze``): its ~250 000 objects live as long as the process, so the three full passes the import
