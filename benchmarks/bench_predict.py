@@ -319,6 +319,13 @@ def main() -> None:
         cpu_text = f"{min(cpu[name]):.2f}" if name in cpu else ""
         print(f"| {name} | {min(values):.2f} | {statistics.median(values):.2f} | {1000 * min(values) / count:.0f} | "
               f"{min(values) / (count * base):.2f} | {cpu_text} |")
+    # The cores' speed drifts over a run: each round's figure against the backbone's best of the same round too.
+    round_base = [min(values[r] for values in backbone.values()) for r in range(args.reps)]
+    print("\nper round, against the backbone's best of that round (the drift of the cores cancels):")
+    for name, values in results.items():
+        count = args.volume_slices if " slices" in name else n
+        ratios = [v / (count * b) for v, b in zip(values, round_base)]
+        print(f"  {name:<34} {' '.join(f'{r:.3f}' for r in ratios)}   median {statistics.median(ratios):.3f}")
     for _, mark in trees:
         print(f"\n{mark.strip() or '[this tree]'}")
         if not args.no_onnx:
