@@ -2,7 +2,9 @@
 
 One module per command (``normdino.cli.fit`` ...), each with ``add_parser(sub)`` and ``run(args)``: it parses,
 calls one library function, and prints. This module assembles the parser and maps errors to exit codes: every
-user error ends in one readable line on stderr and exit code 1; usage errors exit with 2.
+user error ends in one readable line on stderr and exit code 1; usage errors exit with 2. :func:`main` runs a
+command line and returns its exit code; :func:`entry`, the ``normdino`` program, also starts and ends the
+process quickly.
 """
 
 from __future__ import annotations
