@@ -306,6 +306,9 @@ def main() -> None:
     best_config = min(backbone, key=lambda k: min(backbone[k]))
     base = min(backbone[best_config])  # seconds per image
     n = len(paths)
+
+    def images_in(row: str) -> int:
+        return args.volume_slices if " slices" in row else n
     print(f"\nload average at the end {os.getloadavg()}")
     print(f"\nbackbone alone (ms/image; best / median of {args.reps} rounds)")
     for key, values in backbone.items():
@@ -315,7 +318,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     print(f"| backbone best forward x {n} | {n * base:.2f} | | {1000 * base:.0f} | 1.00 | |")
     for name, values in results.items():
-        count = args.volume_slices if " slices" in name else n
+        count = images_in(name)
         cpu_text = f"{min(cpu[name]):.2f}" if name in cpu else ""
         print(f"| {name} | {min(values):.2f} | {statistics.median(values):.2f} | {1000 * min(values) / count:.0f} | "
               f"{min(values) / (count * base):.2f} | {cpu_text} |")
@@ -323,7 +326,7 @@ def main() -> None:
     round_base = [min(values[r] for values in backbone.values()) for r in range(args.reps)]
     print("\nper round, against the backbone's best of that round (the drift of the cores cancels):")
     for name, values in results.items():
-        count = args.volume_slices if " slices" in name else n
+        count = images_in(name)
         ratios = [v / (count * b) for v, b in zip(values, round_base)]
         print(f"  {name:<34} {' '.join(f'{r:.3f}' for r in ratios)}   median {statistics.median(ratios):.3f}")
     for _, mark in trees:
