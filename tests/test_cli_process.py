@@ -73,12 +73,36 @@ def test_usage_errors_exit_as_argparse_says_with_the_collector_back_on(tmp_path)
     assert b"the following arguments are required" in done.stderr
 
 
-def test_the_real_program_predicts_and_exits_0(tmp_path):
+def test_the_real_program_predicts_and_exits_0_with_the_files_of_an_in_process_run(tmp_path, tiny_dinov2_dir):
+    """``python -m normdino predict`` (the quick exit) writes what ``main()`` writes in a process that lives on:
+    the same scores.csv and, for every image, the same map bytes; no file is lost at the exit."""
+    import numpy as np
+    from PIL import Image
+
+    from normdino import AnomalyDetector
+
+    rng = np.random.default_rng(3)
+    images = [(rng.random((48, 48)) * 255).astype(np.uint8) for _ in range(11)]
+    model = AnomalyDetector(backbone=str(tiny_dinov2_dir), image_size=56, n_components=4, epochs=1,
+                            progress=False).fit(images[:5], images[5:8]).save(tmp_path / "m.normdino")
+    inputs = []
+    for i, image in enumerate(images[8:]):
+        inputs.append(str(tmp_path / f"scan_{i}.png"))
+        Image.fromarray(image).save(inputs[-1])
     env = dict(os.environ, PYTHONPATH=str(SRC), HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-m", "normdino", "weights", "list", "--store", str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "normdino", "predict", str(model), *inputs, "-o",
+                           str(tmp_path / "process"), "-q"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert str(tmp_path) in done.stdout
+    assert cli.main(["predict", str(model), *inputs, "-o", str(tmp_path / "in-process"), "-q"]) == 0
+
+    written = sorted(p.name for p in (tmp_path / "in-process").iterdir())
+    assert sorted(p.name for p in (tmp_path / "process").iterdir()) == written
+    assert len([name for name in written if name.endswith("_anomaly.npy")]) == 3
+    csv = (tmp_path / "process" / "scores.csv").read_text()
+    assert csv == (tmp_path / "in-process" / "scores.csv").read_text() and csv.count("\n") == 4
+    for name in written:
+        if name.endswith((".npy", ".png")):
+            assert (tmp_path / "process" / name).read_bytes() == (tmp_path / "in-process" / name).read_bytes(), name
 
 
 @pytest.fixture
