@@ -278,6 +278,56 @@ def test_image_parallel_runs_each_image_alone_in_worker_threads():
     assert started_later == [threads]
 
 
+def test_a_new_worker_keeps_its_single_thread_when_another_thread_sets_the_count_mid_forward():
+    """torch gives a new thread its count at the thread's first parallel operation, from the process default:
+    a worker that set 1 and then met another caller's restore (the default back to 2) must still run on 1
+    (before the fix it ran on 2, and at some shapes its tokens changed in the last bits: a flaky test)."""
+    import threading
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        started, restored = threading.Barrier(3, timeout=30), threading.Event()
+        counts: list[int] = []
+
+        def run(pixels: torch.Tensor) -> torch.Tensor:
+            started.wait()  # both workers have set their 1
+            assert restored.wait(30)
+            counts.append(torch.get_num_threads())  # this worker's first parallel operation, as in a forward
+            return pixels.sum(dim=(2, 3))[:, None]
+
+        parallel = runtimes.image_parallel_runner(run, 2)
+        caller = threading.Thread(target=parallel, args=(_pixels(0, 8, batch=2),))
+        caller.start()
+        started.wait()
+        torch.set_num_threads(2)  # another caller's batch ends meanwhile and restores the process default
+        restored.set()
+        caller.join()
+        assert counts == [1, 1]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_batch_smaller_than_the_workers_runs_on_the_process_count_in_a_new_thread():
+    """A batch with fewer images than workers runs on the calling thread with the runner's thread count, also
+    when that thread is new and a worker's 1 is the process default at that moment."""
+    import threading
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        counts: list[int] = []
+        parallel = runtimes.image_parallel_runner(
+            lambda pixels: (counts.append(torch.get_num_threads()), pixels.sum(dim=(2, 3))[:, None])[1], 2)
+        torch.set_num_threads(1)  # a worker of another batch has just set its 1: the default for new threads
+        caller = threading.Thread(target=parallel, args=(_pixels(0, 8, batch=1),))
+        caller.start()
+        caller.join()
+        assert counts == [2]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cpu_tokens_do_not_depend_on_the_batch(tiny_dinov2_reg_dir):
     """torch on a CPU runs a batch one image per core: each image's tokens equal its batch-of-one tokens."""
     backbone = Backbone.from_pretrained(tiny_dinov2_reg_dir, image_size=SIZE, layers=LAYERS)

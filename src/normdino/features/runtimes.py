@@ -324,14 +324,29 @@ def torch_int8_model(model: torch.nn.Module) -> torch.nn.Module:
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=False).eval()
 
 
+def _pin_threads(count: int) -> None:
+    """Run this thread's torch operations on ``count`` threads from now on, whatever other threads set later.
+
+    torch gives a thread its count from the process default at the thread's first parallel operation, and
+    ``set_num_threads`` (from any thread) changes that default: a new thread that set its count and then started
+    a forward could still take another thread's count in the middle of it, which at some shapes changes the
+    last bits of the tokens. Asking for the count first makes that first operation happen here, before the set.
+    """
+    torch.get_num_threads()  # torch's per-thread start (at::internal::lazy_init_num_threads) happens here
+    torch.set_num_threads(count)
+
+
 def image_parallel_runner(run: Runner, workers: int,
                           context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Runner:
     """``run`` over a batch's images side by side: ``workers`` threads, each running one image single-threaded.
 
     On a CPU one forward per core is faster than one forward spread over all cores: each of a ViT's many parallel
     sections waits for its slowest thread, worst when other jobs share the cores (2-core EPYC, ViT-S/14 at 448 px:
-    367 against 425 ms per image quiet, 0.8 against 1.8-2.2 s under load; benchmarks/bench_predict.py). torch releases Python's lock in its kernels. Every image runs alone, so its
-    tokens never depend on the batch; batches smaller than ``workers`` run whole on the calling thread.
+    367 against 425 ms per image quiet, 0.8 against 1.8-2.2 s under load; benchmarks/bench_predict.py). torch
+    releases Python's lock in its kernels. Every image runs alone on one thread (pinned: :func:`_pin_threads`),
+    so its tokens depend neither on the batch nor on what other threads do meanwhile; batches smaller than
+    ``workers`` run whole on the calling thread at the runner's thread count (the same tokens for ViT-S/14 at
+    448 px; at some tiny shapes a matrix product's last bits change with the thread count).
     ``context`` (e.g. bf16 autocast) is entered in the worker, as autocast and inference mode are per thread.
     Several threads may call it at once (a CPU predict keeps two batches in the model); each restores torch's
     default thread count to the one of when the runner was made, never to a worker's 1 it might have read.
@@ -345,12 +360,13 @@ def image_parallel_runner(run: Runner, workers: int,
             return run(pixels)
 
     def run_single_threaded(image: torch.Tensor) -> torch.Tensor:
-        torch.set_num_threads(1)  # this worker's OpenMP/MKL threads; also torch's default for threads started now
+        _pin_threads(1)  # this worker's OpenMP/MKL threads; also torch's default for threads started now
         return run_here(image)
 
     def run_batch(pixels: torch.Tensor) -> torch.Tensor:
         images = pixels.split(1)
         if pool is None or len(images) < workers:
+            _pin_threads(process_threads)  # the caller may be a new thread, started while a worker's 1 was the default
             return run_here(pixels)
         try:
             return torch.cat(list(pool.map(run_single_threaded, images)))
